@@ -1,0 +1,36 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# torch 2.14.1 + torchvision 0.29.1 are the pair that installs offline here (a CUDA build that also runs on CPU).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m lightgen.demo
+
+bench: $(STAMP)
+	$(PY) bench/model_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

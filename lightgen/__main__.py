@@ -1,0 +1,3 @@
+from lightgen.cli import main
+
+main()

@@ -1,0 +1,21 @@
+"""LightGen network, diffusion head, sampling and inpainting — pure PyTorch."""
+
+from .config import PRESETS, ModelConfig, preset
+from .hub import count_parameters, from_pretrained, load_config, save_pretrained
+from .mar import LightGen
+from .sampling import generate, inpaint, masked_generation, pixel_mask_to_tokens
+
+__all__ = [
+    "PRESETS",
+    "LightGen",
+    "ModelConfig",
+    "count_parameters",
+    "from_pretrained",
+    "generate",
+    "inpaint",
+    "load_config",
+    "masked_generation",
+    "pixel_mask_to_tokens",
+    "preset",
+    "save_pretrained",
+]

@@ -1,0 +1,82 @@
+"""Weights on disk: ``config.json`` + ``model.safetensors`` (+ ``model_ema.safetensors``). No pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig
+from .mar import LightGen
+
+CONFIG_NAME, WEIGHTS_NAME, EMA_NAME = "config.json", "model.safetensors", "model_ema.safetensors"
+
+
+def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def save_pretrained(
+    model: LightGen, directory: str | os.PathLike, ema_state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the config, the raw weights and (optionally) EMA weights with the same keys."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    _save_state(model.state_dict(), d / WEIGHTS_NAME)
+    if ema_state is not None:
+        _save_state(ema_state, d / EMA_NAME)
+    (d / CONFIG_NAME).write_text(model.cfg.to_json() + "\n")
+    return d
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a saved model directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in model directory {directory!s}")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def from_pretrained(
+    directory: str | os.PathLike,
+    use_ema: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LightGen:
+    """Load a model for inference (eval mode); the EMA weights are used when present and ``use_ema``."""
+    d = Path(directory)
+    cfg = load_config(d)
+    weights = d / EMA_NAME if use_ema and (d / EMA_NAME).is_file() else d / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in model directory {d}")
+    model = LightGen(cfg)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.to(device=device, dtype=dtype).eval()
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters in total and per part of the network."""
+    parts = {
+        "encoder": ("z_proj", "encoder_", "buffer_tokens"),
+        "decoder": ("decoder_", "mask_token"),
+        "text_aligner": ("text_emb", "fake_latent"),
+        "cross": ("last_", "cross_"),
+        "diffusion_head": ("diffloss",),
+    }
+    out = {k: 0 for k in parts} | {"total": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        out["total"] += p.numel()
+        part = next((k for k, prefixes in parts.items() if name.startswith(prefixes)), None)
+        if part is None:
+            raise AssertionError(f"parameter {name} belongs to no part")
+        out[part] += p.numel()
+    return out

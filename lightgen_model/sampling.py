@@ -1,0 +1,172 @@
+"""Masked iterative generation and zero-shot inpainting (free functions over a ``LightGen``).
+
+One loop serves both: each sample has a set of tokens to generate (all of them for generation, the
+masked region for inpainting); in a random order, a cosine schedule reveals them over ``num_iter`` steps.
+Under CFG the image-only encoder/decoder runs once and only the cross stack and head see both branches,
+batched together; the cross stack and the head run only on the tokens predicted at that step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .mar import LightGen, gather_rows, select_rows
+from .rng import rand
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def _check(num_iter: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    if cfg < 0 or temperature <= 0:
+        raise ValueError(f"need cfg >= 0 and temperature > 0, got cfg={cfg}, temperature={temperature}")
+
+
+def reveal_counts(n: Tensor, remaining: Tensor, step: int, num_iter: int) -> Tensor:
+    """How many tokens stay unknown after ``step`` (MaskGIT cosine schedule, at least one revealed per
+    step while more than one remains, all revealed at the last step). n, remaining: (B,) long."""
+    if step >= num_iter - 1:
+        return torch.zeros_like(remaining)
+    keep = torch.floor(n.double() * math.cos(math.pi / 2 * (step + 1) / num_iter)).long()
+    keep = torch.maximum(torch.ones_like(keep), torch.minimum(remaining - 1, keep))
+    return torch.minimum(keep, remaining)
+
+
+@torch.no_grad()
+def masked_generation(
+    model: LightGen,
+    tokens: Tensor,
+    gen_mask: Tensor,
+    grid: tuple[int, int],
+    text: Tensor,
+    text_mask: Tensor | None = None,
+    num_iter: int = 64,
+    cfg: float = 4.0,
+    cfg_schedule: str = "linear",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+    batch_uncond: bool | None = None,
+) -> Tensor:
+    """Fill the positions ``gen_mask`` (B, L, True = generate) of ``tokens`` (B, L, C); the rest is kept
+    bit-identical. Returns new tokens (B, L, C). ``batch_uncond`` forces (True) or skips (False) the
+    unconditional branch; by default it runs when cfg != 1."""
+    _check(num_iter, cfg, cfg_schedule, temperature)
+    B, L, _ = tokens.shape
+    dev = tokens.device
+    tokens, gen_mask = tokens.clone(), gen_mask.to(dev).bool()
+    n = gen_mask.sum(1)  # (B,)
+    scores = torch.where(gen_mask, rand((B, L), generator, dev), torch.full_like(gen_mask, 2.0, dtype=torch.float))
+    rank = torch.argsort(torch.argsort(scores, dim=1), dim=1)  # rank[b, pos]: its place in the random order
+    ctx, ctx_mask = model.encode_text(text, text_mask)
+    use_cfg = cfg != 1.0 if batch_uncond is None else batch_uncond
+    if use_cfg:
+        ctx = torch.cat([ctx, model.null_context(ctx)])
+        ctx_mask = None if ctx_mask is None else torch.cat([ctx_mask, ctx_mask])
+    mask = gen_mask.clone()
+    for step in range(num_iter):
+        keep = reveal_counts(n, mask.sum(1), step, num_iter)
+        mask_next = rank < keep[:, None]
+        to_pred = mask & ~mask_next
+        if bool(to_pred.any()):
+            x = model.encode_decode(tokens, mask, grid)  # (B, L, Dd), text-independent
+            idx, valid = select_rows(to_pred)  # (B, m)
+            xs, pos = gather_rows(x, idx), model.cross_pos(grid, idx)
+            if use_cfg:
+                z = model.cross(torch.cat([xs, xs]), ctx, ctx_mask, torch.cat([pos, pos]))  # (2B, m, Dc)
+                z_c, z_u = z[:B][valid], z[B:][valid]  # (M, Dc) each
+                scale = _cfg_scale(cfg, cfg_schedule, n, keep)[:, None].expand_as(valid)[valid]
+                new = model.diffloss.sample(z_c, z_u, scale, temperature, generator)
+            else:
+                z = model.cross(xs, ctx, ctx_mask, pos)[valid]
+                new = model.diffloss.sample(z, None, 1.0, temperature, generator)
+            tokens[to_pred] = new.to(tokens.dtype)
+        mask = mask_next
+        if callback is not None:
+            callback(step, tokens)
+    return tokens
+
+
+def _cfg_scale(cfg: float, schedule: str, n: Tensor, keep: Tensor) -> Tensor:
+    """Per-sample guidance scale; 'linear' grows from 1 to cfg as tokens are revealed (Muse)."""
+    if schedule == "constant":
+        return torch.full(n.shape, float(cfg), device=n.device)
+    return 1.0 + (cfg - 1.0) * (n - keep).float() / n.clamp(min=1).float()
+
+
+def _resolve_grid(model: LightGen, resolution: int | tuple[int, int] | None) -> tuple[int, int]:
+    if resolution is None:
+        resolution = model.cfg.base_resolution
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return model.cfg.grid_for(h, w)
+
+
+@torch.no_grad()
+def generate(
+    model: LightGen,
+    text: Tensor,
+    text_mask: Tensor | None = None,
+    resolution: int | tuple[int, int] | None = None,
+    num_iter: int = 64,
+    cfg: float = 4.0,
+    cfg_schedule: str = "linear",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """Text-to-latents. text (B, Lt, text_dim) frozen-encoder states; resolution in pixels (int or (H, W)).
+    Returns normalised latents (B, C, H/stride, W/stride)."""
+    grid = _resolve_grid(model, resolution)
+    B, L = text.shape[0], grid[0] * grid[1]
+    p = next(model.parameters())
+    tokens = torch.zeros(B, L, model.cfg.token_dim, device=text.device, dtype=p.dtype)
+    gen_mask = torch.ones(B, L, dtype=torch.bool, device=text.device)
+    out = masked_generation(
+        model, tokens, gen_mask, grid, text, text_mask, num_iter, cfg, cfg_schedule, temperature, generator, callback
+    )
+    return model.unpatchify(out, grid)
+
+
+@torch.no_grad()
+def inpaint(
+    model: LightGen,
+    latents: Tensor,
+    token_mask: Tensor,
+    text: Tensor,
+    text_mask: Tensor | None = None,
+    num_iter: int = 64,
+    cfg: float = 4.0,
+    cfg_schedule: str = "linear",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Zero-shot inpainting. latents (B, C, H, W); token_mask (B, L) or (B, h, w), True = regenerate.
+    Tokens outside the mask come back bit-identical."""
+    grid = model.latent_grid(latents)
+    B, L = latents.shape[0], grid[0] * grid[1]
+    if token_mask.shape not in ((B, L), (B, *grid)):
+        raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not match batch {B} and grid {grid}")
+    tokens = model.patchify(latents)
+    out = masked_generation(
+        model, tokens, token_mask.reshape(B, L), grid, text, text_mask, num_iter, cfg, cfg_schedule,
+        temperature, generator,
+    )  # fmt: skip
+    return model.unpatchify(out, grid)
+
+
+def pixel_mask_to_tokens(mask: Tensor, pixels_per_token: int, threshold: float = 0.0) -> Tensor:
+    """(B, H, W) pixel mask (nonzero = regenerate) -> (B, h, w) token mask: a token is regenerated when
+    more than ``threshold`` of its pixels are masked."""
+    B, H, W = mask.shape
+    p = pixels_per_token
+    if H % p or W % p:
+        raise ValueError(f"mask size {H}x{W} is not a multiple of the token size {p} px")
+    frac = mask.float().reshape(B, H // p, p, W // p, p).mean(dim=(2, 4))
+    return frac > threshold

@@ -1,0 +1,1 @@
+"""ShapesWorld: a procedural teacher and a GenEval-style scorer that need no neural weights."""

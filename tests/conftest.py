@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models and inputs built in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightgen_model import LightGen, preset
+
+
+def wake_head(model: LightGen, std: float = 0.05) -> LightGen:
+    """Replace the zero-initialised AdaLN/output weights of the diffusion head by small random ones, so that
+    the head's output depends on its condition (at init it is exactly zero)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, p in model.diffloss.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture
+def debug_model() -> LightGen:
+    torch.manual_seed(0)
+    return wake_head(LightGen(preset("debug")))
+
+
+def cross_states(model: LightGen, tokens, mask, text, text_mask, grid):
+    """z for every position: encoder/decoder then the cross stack over the full grid."""
+    ctx, ctx_mask = model.encode_text(text, text_mask)
+    return model.cross(model.encode_decode(tokens, mask, grid), ctx, ctx_mask, model.cross_pos(grid))
+
+
+def make_text(B: int, Lt: int = 7, dim: int = 384, lengths: list[int] | None = None, seed: int = 0):
+    """Random text states (B, Lt, dim) and a padding mask with the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(B, Lt, dim, generator=g)
+    lengths = lengths or [Lt] * B
+    mask = torch.arange(Lt)[None] < torch.tensor(lengths)[:, None]
+    return text, mask

@@ -1,0 +1,180 @@
+"""The network: shapes, parameter counts, masking of padded text, the reference's block structure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightgen_model import LightGen, ModelConfig, count_parameters, preset
+from lightgen_model.layers import CrossBlock
+from tests.conftest import cross_states, make_text
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48), (64, 32), (16, 16)])
+def test_loss_is_finite_scalar_at_any_grid(debug_model: LightGen, size: tuple[int, int]) -> None:
+    lat = torch.randn(3, 3, *size)
+    text, mask = make_text(3, lengths=[7, 2, 5])
+    loss = debug_model(lat, text, mask)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in debug_model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_forward_keeps_dtype(debug_model: LightGen) -> None:
+    m = debug_model.to(torch.bfloat16)
+    lat = torch.randn(2, 3, 32, 48, dtype=torch.bfloat16)
+    text, mask = make_text(2)
+    loss = m(lat, text.bfloat16(), mask)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the head computes its loss in fp32
+    tokens = m.patchify(lat)
+    assert tokens.dtype == torch.bfloat16 and tokens.shape == (2, 8 * 12, 48)
+
+
+def test_patchify_roundtrip_non_square(debug_model: LightGen) -> None:
+    lat = torch.randn(2, 3, 32, 48)
+    tokens = debug_model.patchify(lat)
+    assert tokens.shape == (2, 96, 48)
+    assert torch.equal(debug_model.unpatchify(tokens, (8, 12)), lat)
+    # token (r, c) holds the pixels of rows 4r..4r+3 and columns 4c..4c+3
+    assert torch.equal(tokens[1, 1 * 12 + 2].reshape(3, 4, 4), lat[1, :, 4:8, 8:12])
+
+
+def test_lightgen_preset_parameter_count() -> None:
+    with torch.device("meta"):
+        m = LightGen(preset("lightgen"))
+    counts = count_parameters(m)
+    assert 0.70e9 <= counts["total"] <= 0.82e9
+    assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
+    assert counts["diffusion_head"] > 0.09e9  # 8 blocks of width 1536
+    with torch.device("meta"):
+        assert count_parameters(LightGen(preset("debug")))["total"] < 2e6
+
+
+def test_padded_text_has_no_effect(debug_model: LightGen) -> None:
+    tokens, tmask = torch.randn(2, 64, 48), torch.rand(2, 64) < 0.6
+    text, mask = make_text(2, lengths=[3, 7])
+    text2 = text.clone()
+    text2[0, 3:] = 100 * torch.randn(4, 384)  # only padding changes
+    ref = LightGen(debug_model.cfg.replace(text_key_mask=False))  # the reference: no key mask
+    ref.load_state_dict(debug_model.state_dict())
+    for m, same in ((debug_model, True), (ref, False)):
+        m.eval()
+        z1, z2 = (cross_states(m, tokens, tmask, t, mask, (8, 8)) for t in (text, text2))
+        assert torch.equal(z1[1], z2[1])  # the unpadded sample is untouched either way
+        assert torch.equal(z1[0], z2[0]) is same  # the reference is sensitive: proves the test can fail
+    m = debug_model.train()
+    losses = [m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), t, mask,
+                generator=torch.Generator().manual_seed(5)) for t in (text, text2)]  # fmt: skip
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_cross_block_residual_starts_from_normalised_query() -> None:
+    torch.manual_seed(0)
+    blk = CrossBlock(32, 4).eval()
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    q = blk.normq(x)
+    expect = q + blk.attn(q, blk.normkv(ctx))
+    expect = expect + blk.mlp(blk.norm2(expect))
+    assert torch.allclose(blk(x, ctx), expect, atol=1e-6)
+
+
+def test_loss_only_on_masked_tokens_and_cond_projected_once(debug_model: LightGen) -> None:
+    seen: dict[str, int] = {}
+    head = debug_model.diffloss
+    h1 = head.net.cond_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("cond", i[0].shape[0]))
+    h2 = head.net.input_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("input", i[0].shape[0]))
+    g = torch.Generator().manual_seed(3)
+    debug_model(torch.randn(2, 3, 32, 32), *make_text(2), generator=g)
+    h1.remove()
+    h2.remove()
+    g = torch.Generator().manual_seed(3)
+    ratio = debug_model.sample_mask_ratio(g)
+    n_mask = math.ceil(64 * ratio)
+    assert seen["cond"] == 2 * n_mask  # one condition projection per masked token
+    assert seen["input"] == 2 * n_mask * debug_model.cfg.diffusion_batch_mul  # noised `mul` times
+
+
+def test_mask_ratio_distribution() -> None:
+    m = LightGen(preset("debug", mask_ratio_min=0.7))
+    g = torch.Generator().manual_seed(0)
+    r = torch.tensor([m.sample_mask_ratio(g) for _ in range(4000)])
+    assert r.min() >= 0.7 and r.max() <= 1.0
+    # mean of a normal(1, 0.25) truncated to [0.7, 1]: 1 - 0.25 * (phi(0) - phi(-1.2)) / (0.5 - Phi(-1.2))
+    phi = lambda v: math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+    Phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))
+    expect = 1 - 0.25 * (phi(0) - phi(-1.2)) / (0.5 - Phi(-1.2))
+    assert abs(r.mean().item() - expect) < 0.005
+
+
+def test_positional_interpolation_keeps_axes_for_non_square_grids(debug_model: LightGen) -> None:
+    h0, w0 = debug_model.cfg.base_grid
+    rows = torch.arange(h0).float()[:, None].expand(h0, w0)
+    cols = torch.arange(w0).float()[None, :].expand(h0, w0)
+    table = torch.zeros(1, h0 * w0, 64)
+    table[0, :, 0], table[0, :, 1] = rows.reshape(-1), cols.reshape(-1)
+    out = debug_model.pos_embed(table, (4, 16)).reshape(4, 16, 64)
+    # channel 0 encodes the row: constant along each row, increasing down; channel 1 the column
+    assert torch.allclose(out[..., 0], out[..., :1, 0].expand(4, 16), atol=1e-5)
+    assert torch.allclose(out[..., 1], out[:1, :, 1].expand(4, 16), atol=1e-5)
+    assert (out[1:, 0, 0] > out[:-1, 0, 0]).all() and (out[0, 1:, 1] > out[0, :-1, 1]).all()
+    assert torch.equal(debug_model.pos_embed(table, (h0, w0)), table)
+
+
+def test_zero_visible_tokens_skip_the_encoder() -> None:
+    torch.manual_seed(0)
+    m = LightGen(preset("debug", buffer_size=0)).eval()
+    calls = []
+    m.encoder_blocks[0].register_forward_hook(lambda mod, i, o: calls.append(i[0].shape))
+    tokens = torch.randn(2, 64, 48)
+    out = m.encode_decode(tokens, torch.ones(2, 64, dtype=torch.bool), (8, 8))
+    assert calls == [] and torch.isfinite(out).all()
+    # with the tokens masked, their values cannot matter
+    assert torch.equal(out, m.encode_decode(tokens * 5, torch.ones(2, 64, dtype=torch.bool), (8, 8)))
+    m.encode_decode(tokens, torch.rand(2, 64) < 0.5, (8, 8))
+    assert len(calls) == 1
+
+
+def test_uneven_visible_counts_equal_per_sample_results(debug_model: LightGen) -> None:
+    """Padding the encoder for rows with fewer visible tokens gives each row its own unpadded result."""
+    m = debug_model.eval()
+    tokens = torch.randn(2, 64, 48)
+    mask = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)) < torch.tensor([[0.3], [0.8]])
+    both = m.encode_decode(tokens, mask, (8, 8))
+    for b in range(2):
+        alone = m.encode_decode(tokens[b : b + 1], mask[b : b + 1], (8, 8))
+        assert torch.allclose(both[b], alone[0], atol=1e-5)
+
+
+def test_config_rejects_unknown_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="unknown ModelConfig keys: \\['encoder_dimm'\\]"):
+        ModelConfig.from_dict({"encoder_dimm": 3})
+    with pytest.raises(ValueError, match="prediction"):
+        preset("debug", prediction="x0")
+    with pytest.raises(ValueError, match="not divisible"):
+        preset("debug", encoder_heads=3)
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        preset("nope")
+    with pytest.raises(ValueError, match="33x32"):
+        preset("debug").grid_for(33, 32)
+
+
+def test_overfitting_one_batch_drives_loss_down() -> None:
+    torch.manual_seed(0)
+    m = LightGen(preset("debug", text_drop_prob=0.0)).train()
+    g = torch.Generator().manual_seed(0)
+    color = torch.rand(4, 3, 1, 1, generator=g) * 2 - 1  # four smooth images: a color plus a vertical ramp
+    lat = (color + torch.linspace(-0.3, 0.3, 32)[None, None, :, None]).clamp(-1, 1).expand(4, 3, 32, 32).contiguous()
+    text, mask = make_text(4, lengths=[7, 5, 3, 6])
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss = m(lat, text, mask, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
+    assert last < first / 5, (first, last)
