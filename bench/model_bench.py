@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightgen_model import LightGen, generate, preset
 
+SDPA = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
 
 
@@ -116,6 +117,7 @@ def main() -> None:
     p.add_argument("--no-sample", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sdpa", default="auto", choices=["auto", *SDPA], help="restrict SDPA to one backend (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,10 +139,18 @@ def main() -> None:
     res["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res["compile"] = args.compile
     res["threads"] = torch.get_num_threads()
-    if not args.no_train:
-        res |= bench_train(model, args, args.device)
-    if not args.no_sample:
-        res |= bench_sample(model, args, args.device)
+    if args.sdpa != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        res["sdpa"] = args.sdpa
+        backend = sdpa_kernel([getattr(SDPBackend, SDPA[args.sdpa])])
+    else:
+        backend = contextlib.nullcontext()
+    with backend:
+        if not args.no_train:
+            res |= bench_train(model, args, args.device)
+        if not args.no_sample:
+            res |= bench_sample(model, args, args.device)
     print(json.dumps(res))
 
 

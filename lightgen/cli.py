@@ -6,7 +6,10 @@ import json
 
 import typer
 
+from shapesworld.cli import app as shapes_app
+
 app = typer.Typer(help="LightGen model commands.", no_args_is_help=True, add_completion=False)
+app.add_typer(shapes_app, name="shapes", help="ShapesWorld: prompts, teacher renders, GenEval-style scoring.")
 
 
 @app.callback()

@@ -7,7 +7,10 @@ noise depends on the resolution.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -216,4 +219,39 @@ class ShapesTeacher:
 
     def image(self, meta: dict[str, Any], seed: int) -> Image.Image:
         """Render one scene as a PIL RGB image."""
-        return Image.fromarray(self(meta, seed), mode="RGB")
+        return Image.fromarray(self(meta, seed))
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The teacher seed of one GenEval sample: independent streams per (run seed, prompt, sample)."""
+    return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1)[0])
+
+
+def render_folder(
+    records: list[dict[str, Any]], out: str | Path, resolution: int, samples: int = 4, seed: int = 0
+) -> int:
+    """Write renders in GenEval's layout: out/<00000>/metadata.jsonl and out/<00000>/samples/<0000>.png.
+
+    metadata.jsonl holds the record unchanged. Files are written atomically (tmp + rename), so a rerun
+    overwrites a partial folder cleanly. Returns the number of images written.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    teacher = ShapesTeacher(resolution)
+    for meta in records:
+        validate_metadata(meta)  # fail before writing anything
+    for p, meta in enumerate(records):
+        folder = Path(out) / f"{p:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "metadata.jsonl", lambda f, m=meta: f.write((json.dumps(m) + "\n").encode()))
+        for s in range(samples):
+            image = teacher.image(meta, sample_seed(seed, p, s))
+            _atomic_write(folder / "samples" / f"{s:04d}.png", lambda f, im=image: im.save(f, format="PNG"))
+    return len(records) * samples
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)

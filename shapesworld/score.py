@@ -7,14 +7,19 @@ Detection, in place of GenEval's Mask2Former + CLIP:
    whose bg->color segment is nearest, if that is within RESIDUAL and at least half-way (alpha >= 0.5);
 3. connected components of colored pixels (4-connectivity) smaller than MIN_AREA of the image, larger
    than MAX_AREA, of mixed colors (majority < PURITY) or elongated (aspect outside ASPECT) are dropped;
-4. a component's color is its majority pixel color; its shape is the nearest 16x16 template (mean
-   absolute difference of the bbox-normalized masks), and it is dropped if that distance > MAX_SHAPE_DIST;
-   confidence = 1 - distance orders objects of a class, as GenEval orders by detector confidence.
+4. a component's color is its majority pixel color. Its shape is found by analysis-by-synthesis on its
+   soft coverage map (the mixing weight of that color, so anti-aliased rims count fractionally): each
+   shape is re-drawn by the teacher's code with the observed area and centroid, sharp and slightly
+   blurred (BLURS), and the nearest one wins (L1 / area); over MAX_SHAPE_DIST it is no shape at all;
+5. confidence = 1 - distance / 2 orders objects of a class, as GenEval orders by detector confidence;
+   then GenEval's own rules (`evaluate`, `relative_position`) decide correctness.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,15 +27,16 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from shapesworld.render import CROSS_ARM, draw_shape
-from shapesworld.world import COLORS, SHAPES, validate_metadata
+from shapesworld.world import COLORS, SHAPES, read_jsonl, validate_metadata
 
 RESIDUAL = 60.0  # max RGB distance from a pixel to its bg->color segment
-MIN_AREA = 0.012  # min component area / image area (the teacher's smallest shape is ~0.035)
+MIN_AREA = 0.012  # min component area / image area (the teacher's smallest shape covers ~0.045)
 MAX_AREA = 0.6  # a component covering most of the image is a background change, not an object
-PURITY = 0.6
-ASPECT = (0.5, 2.0)
+PURITY = 0.6  # min share of a component's pixels in its majority color
+ASPECT = (0.5, 2.0)  # all shapes have square boxes; allow a generator's squash
 FIT_SIDE = 24  # shape fitting works on windows of at most this many pixels
-MAX_SHAPE_DIST = 0.5
+MAX_SHAPE_DIST = 0.4
+BLURS = (0.6, 1.2)  # Gaussian sigmas (in fitting-window pixels) tried on each candidate shape
 # Area of each shape / area of its box, for the teacher's drawing code.
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 2 * CROSS_ARM - CROSS_ARM**2}
 POSITION_THRESHOLD = 0.1  # GenEval's default
@@ -128,8 +134,8 @@ def _render_coverage(shape: str, box: tuple[float, ...], hw: tuple[int, int]) ->
     return np.asarray(canvas.reduce(ss), dtype=np.float32) / 255.0
 
 
-def classify_shape(cov: np.ndarray) -> tuple[str, float]:
-    """Nearest shape to a coverage window, by analysis-by-synthesis, and its distance.
+def shape_distances(cov: np.ndarray) -> dict[str, float]:
+    """Distance of a coverage window to each shape, by analysis-by-synthesis.
 
     For each shape, the box that matches the observed area and centroid is re-rendered and compared:
     distance = sum |observed - rendered| / observed area (0 = identical, 2 = disjoint). Windows larger
@@ -138,19 +144,20 @@ def classify_shape(cov: np.ndarray) -> tuple[str, float]:
     scale = max(1.0, max(cov.shape) / FIT_SIDE)
     if scale > 1:
         size = (max(1, round(cov.shape[1] / scale)), max(1, round(cov.shape[0] / scale)))
-        cov = np.asarray(Image.fromarray(cov.astype(np.float32), mode="F").resize(size, Image.BOX))
-    area = float(cov.sum())
+        cov = np.asarray(Image.fromarray(cov.astype(np.float32)).resize(size, Image.BOX))
+    area = max(float(cov.sum()), 1e-6)
     ys, xs = np.mgrid[: cov.shape[0], : cov.shape[1]] + 0.5
     cx, cy = float((cov * xs).sum() / area), float((cov * ys).sum() / area)
-    best, best_dist = SHAPES[0], np.inf
+    out = {}
     for shape in SHAPES:
         side = (area / FILL[shape]) ** 0.5
         by = cy - side / 6 if shape == "triangle" else cy  # a triangle's centroid is 2/3 down its box
         box = (cx - side / 2, by - side / 2, cx + side / 2, by + side / 2)
-        dist = float(np.abs(cov - _render_coverage(shape, box, cov.shape)).sum()) / area
-        if dist < best_dist:
-            best, best_dist = shape, dist
-    return best, best_dist
+        ideal = _render_coverage(shape, box, cov.shape)
+        # Also try blurred versions, so a soft (generated) image matches its shape rather than a rounder one.
+        fits = [ideal] + [ndimage.gaussian_filter(ideal, sigma, mode="constant") for sigma in BLURS]
+        out[shape] = min(float(np.abs(cov - fit).sum()) for fit in fits) / area
+    return out
 
 
 def detect_objects(image: Any) -> list[Detection]:
@@ -160,12 +167,16 @@ def detect_objects(image: Any) -> list[Detection]:
     labels = label_pixels(image, bg)
     comps, _ = ndimage.label(labels >= 0)
     total, names = labels.size, list(COLORS)
+    areas = np.bincount(comps.ravel())
+    areas[0] = 0  # background
+    # Noise makes thousands of specks: drop them on their area before touching their pixels.
+    keep = np.nonzero((areas >= MIN_AREA * total) & (areas <= MAX_AREA * total))[0]
+    slices = ndimage.find_objects(comps)
     found = []
-    for i, sl in enumerate(ndimage.find_objects(comps), start=1):
+    for i in keep:
+        sl = slices[i - 1]
         mask = comps[sl] == i
-        area = int(mask.sum())
-        if not MIN_AREA * total <= area <= MAX_AREA * total:
-            continue
+        area = int(areas[i])
         counts = np.bincount(labels[sl][mask], minlength=len(names))
         h, w = mask.shape
         if counts.max() < PURITY * area or not ASPECT[0] <= w / h <= ASPECT[1]:
@@ -174,7 +185,9 @@ def detect_objects(image: Any) -> list[Detection]:
         # A window padded by 2 px holds the anti-aliased rim; other components' pixels are masked out.
         win = tuple(slice(max(0, s.start - 2), s.stop + 2) for s in sl)
         cov = coverage(image[win], bg, color) * np.isin(comps[win], (0, i))
-        shape, dist = classify_shape(cov)
+        dists = shape_distances(cov)
+        shape = min(dists, key=dists.get)
+        dist = dists[shape]
         if dist > MAX_SHAPE_DIST:
             continue
         box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
@@ -214,7 +227,7 @@ def _check_include(req: dict[str, Any], found: list[Detection], groups: list) ->
                     f"{req['color']}; and {seen}"]  # fmt: skip
     if "position" in req:
         rel, target = req["position"]
-        if groups[target] is None:
+        if target >= len(groups) or groups[target] is None:  # GenEval would raise on a forward index
             return [f"no target for {cls} to be {rel}"]
         for obj in found:
             for other in groups[target]:
@@ -254,3 +267,108 @@ def score_image(image: Any, meta: dict[str, Any]) -> ImageScore:
     detections = detect_objects(image)
     correct, reason = evaluate(detections, meta)
     return ImageScore(correct, reason, detections)
+
+
+# --- GenEval folders ----------------------------------------------------------------------------------
+
+
+def read_sample(path: Path) -> np.ndarray:
+    """Load one sample PNG as (H, W, 3) uint8; ValueError naming the file if it is not square RGB >= 32 px."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+    if im.mode != "RGB":
+        raise ValueError(f"{path}: image mode {im.mode!r}, expected 'RGB'")
+    if im.width != im.height or im.width < 32:
+        raise ValueError(f"{path}: image size {im.width}x{im.height}, expected square and >= 32 px")
+    return np.asarray(im)
+
+
+def read_geneval_folder(path: str | Path) -> list[tuple[dict[str, Any], list[Path]]]:
+    """(metadata, sample paths) per prompt folder of a GenEval layout, in folder order."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    prompts = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
+        meta_file = folder / "metadata.jsonl"
+        if not meta_file.is_file():
+            raise ValueError(f"{meta_file}: missing")
+        metas = read_jsonl(meta_file)
+        if len(metas) != 1:
+            raise ValueError(f"{meta_file}: expected one JSON object, found {len(metas)}")
+        # GenEval's own reader takes <digits>.png only; anything else in samples/ is not a sample.
+        samples = sorted(p for p in (folder / "samples").glob("*.png") if p.stem.isdigit())
+        if not samples:
+            raise ValueError(f"{folder / 'samples'}: no <digits>.png samples")
+        prompts.append((metas[0], samples))
+    if not prompts:
+        raise ValueError(f"{root}: no GenEval prompt folders (<00000>/metadata.jsonl + samples/)")
+    return prompts
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """GenEval's summary of per-image results: image, prompt and per-task accuracies, task-mean overall.
+
+    As in GenEval's summary_scores.py, prompts are grouped by their metadata JSON, tasks are listed in
+    order of first appearance, and the overall score is the unweighted mean of the task accuracies.
+    """
+    prompts: dict[str, bool] = {}
+    tasks: dict[str, list[bool]] = {}
+    for r in results:
+        key = json.dumps(r["metadata"])
+        prompts[key] = prompts.get(key, False) or r["correct"]
+        tasks.setdefault(r["tag"], []).append(r["correct"])
+    per_task = {tag: {"accuracy": sum(v) / len(v), "correct": sum(v), "total": len(v)} for tag, v in tasks.items()}
+    return {
+        "total_images": len(results),
+        "total_prompts": len(prompts),
+        "correct_images": sum(r["correct"] for r in results) / max(len(results), 1),
+        "correct_prompts": sum(prompts.values()) / max(len(prompts), 1),
+        "tasks": per_task,
+        "overall": float(np.mean([t["accuracy"] for t in per_task.values()])) if per_task else 0.0,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary exactly as GenEval's summary_scores.py prints it."""
+    lines = [
+        "Summary",
+        "=======",
+        f"Total images: {summary['total_images']}",
+        f"Total prompts: {summary['total_prompts']}",
+        f"% correct images: {summary['correct_images']:.2%}",
+        f"% correct prompts: {summary['correct_prompts']:.2%}",
+        "",
+        "Task breakdown",
+        "==============",
+    ]
+    for tag, t in summary["tasks"].items():
+        lines.append(f"{tag:<16} = {t['accuracy']:.2%} ({t['correct']} / {t['total']})")
+    lines += ["", f"Overall score (avg. over tasks): {summary['overall']:.5f}"]
+    return "\n".join(lines)
+
+
+def score_folder(path: str | Path, json_path: str | Path | None = None) -> dict[str, Any]:
+    """Score every sample of a GenEval-layout folder; write per-image results + summary as JSON.
+
+    The JSON goes to `json_path` (default `<path>/scores.json`): {"summary": ..., "images": [{"filename",
+    "tag", "prompt", "correct", "reason", "metadata", "detections"}, ...]}. Returns the summary.
+    """
+    results = []
+    for meta, samples in read_geneval_folder(path):
+        for sample in samples:
+            verdict = score_image(read_sample(sample), meta)
+            results.append({
+                "filename": str(sample), "tag": meta["tag"], "prompt": meta.get("prompt", ""),
+                "correct": verdict.correct, "reason": verdict.reason, "metadata": meta,
+                "detections": [d.as_dict() for d in verdict.detections],
+            })  # fmt: skip
+    summary = summarize(results)
+    out = Path(json_path) if json_path else Path(path) / "scores.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"summary": summary, "images": results}, indent=1))
+    tmp.replace(out)
+    return summary

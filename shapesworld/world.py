@@ -10,7 +10,9 @@ caption says so; the teacher honours it and the scorer ignores it, as GenEval's 
 from __future__ import annotations
 
 import itertools
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 # Shapes that stay distinct down to ~9 px: a disk, a full box, a half-filled box with its mass low
@@ -153,6 +155,22 @@ def mirror_relation(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate metadata records, one JSON object a line; errors name the file and line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                meta = json.loads(line)
+                validate_metadata(meta)
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+            records.append(meta)
+    return records
+
+
 def generate_prompts(
     n: int,
     seed: int,
@@ -168,7 +186,7 @@ def generate_prompts(
       paraphrase drawn from the full grammar (openers such as "an image showing", word-order swaps,
       synonyms, digits, "there are ...", relation inversions, and with probability 0.3 per object a
       size adjective that the teacher honours); otherwise it is the canonical GenEval prompt.
-      0 gives only canonical templates, 1 only paraphrases.
+      0 gives only canonical templates, 1 only paraphrases. The scenes drawn do not depend on it.
     - `scenes` caps the number of distinct scene metadata per category: a fixed, seed-chosen pool of
       `scenes` scenes is drawn once and records sample from it (None = the whole category, e.g. 360
       color_attr scenes). Small `scenes` with diversity 0 is the "many low-diversity captions" arm of
@@ -183,6 +201,8 @@ def generate_prompts(
     if scenes is not None and scenes < 1:
         raise ValueError(f"scenes must be >= 1 or None, got {scenes}")
     rng = random.Random(seed)
+    # Captions draw from their own stream, so the scene sequence is the same at every `diversity`.
+    caption_rng = random.Random(f"captions:{seed}")
     pools = {}
     for cat in cats:
         pool = enumerate_scenes(cat)
@@ -190,7 +210,8 @@ def generate_prompts(
     records = []
     for i in range(n):
         meta = _copy(rng.choice(pools[cats[i % len(cats)]]))
-        meta["caption"] = paraphrase(meta, rng) if rng.random() < diversity else meta["prompt"]
+        paraphrased = caption_rng.random() < diversity
+        meta["caption"] = paraphrase(meta, caption_rng) if paraphrased else meta["prompt"]
         records.append(meta)
     return records
 

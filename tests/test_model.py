@@ -178,3 +178,67 @@ def test_overfitting_one_batch_drives_loss_down() -> None:
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
     assert last < first / 5, (first, last)
+
+
+def test_lightgen_preset_matches_the_reference_checkpoint_layout() -> None:
+    """With the behaviour-changing fixes off, names and shapes are those of the reference's fluid_large."""
+    with torch.device("meta"):
+        m = LightGen(preset("lightgen", buffer_size=0, text_key_mask=False))
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    expect = {
+        "z_proj.weight": (1024, 64),
+        "encoder_pos_embed_learned": (1, 256, 1024),
+        "encoder_blocks.15.attn.qkv.weight": (3072, 1024),
+        "encoder_blocks.15.mlp.fc1.weight": (4096, 1024),
+        "decoder_embed.weight": (1024, 1024),
+        "mask_token": (1, 1, 1024),
+        "decoder_blocks.15.norm2.weight": (1024,),
+        "last_embed.weight": (1024, 1024),
+        "last_pos_embed_learned": (1, 256, 1024),
+        "fake_latent": (1, 1, 1024),
+        "text_emb.text_proj.linear_1.weight": (1024, 4096),
+        "text_emb.text_proj.linear_2.weight": (1024, 1024),
+        "text_emb.text_aligner.5.attn.proj.weight": (1024, 1024),
+        "text_emb.text_aligner_norm.weight": (1024,),
+        "cross_attn_blocks.15.normq.weight": (1024,),
+        "cross_attn_blocks.15.normkv.bias": (1024,),
+        "cross_attn_blocks.15.attn.query_linear.weight": (1024, 1024),
+        "cross_attn_blocks.15.attn.kv.weight": (2048, 1024),
+        "cross_attn_blocks.15.mlp.fc2.weight": (1024, 4096),
+        "cross_norm.weight": (1024,),
+        "diffloss.net.time_embed.mlp.0.weight": (1536, 256),
+        "diffloss.net.cond_embed.weight": (1536, 1024),
+        "diffloss.net.input_proj.weight": (1536, 64),
+        "diffloss.net.res_blocks.7.adaLN_modulation.1.weight": (4608, 1536),
+        "diffloss.net.final_layer.linear.weight": (128, 1536),  # eps and the variance range
+    }
+    for k, v in expect.items():
+        assert shapes.get(k) == v, (k, shapes.get(k))
+    prefixes = (
+        "z_proj",
+        "encoder_",
+        "decoder_",
+        "mask_token",
+        "last_",
+        "fake_latent",
+        "text_emb.",
+        "cross_",
+        "diffloss.net.",
+    )
+    assert all(k.startswith(prefixes) for k in shapes)
+    assert not any(k.startswith("encoder_blocks.16") or k.startswith("diffloss.net.res_blocks.8") for k in shapes)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    m = LightGen(preset("debug", text_drop_prob=0.0))
+    lat, (text, mask) = torch.randn(2, 3, 32, 32), make_text(2, lengths=[7, 3])
+    grads = []
+    for on in (False, True):
+        m.set_grad_checkpointing(on)
+        m.zero_grad()
+        m(lat, text, mask, generator=torch.Generator().manual_seed(0)).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

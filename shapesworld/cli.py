@@ -1,0 +1,80 @@
+"""`lightgen shapes ...`: ShapesWorld prompts, teacher renders in GenEval's layout, and scoring."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="ShapesWorld: procedural GenEval-style prompts, a teacher that renders them, and a scorer.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn bad input into a one-line message and exit code 2 instead of a traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def prompts(
+    n: int = typer.Option(..., "--n", min=1, help="Number of records."),
+    seed: int = typer.Option(0, help="Random seed (output is deterministic in it)."),
+    categories: str = typer.Option("", help="Comma-separated GenEval tags; empty = all six."),
+    diversity: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of captions paraphrased (0 = canonical)."),
+    scenes: int = typer.Option(0, min=0, help="Distinct scenes per category (0 = all)."),
+    out: Path = typer.Option(None, help="Output JSONL file (default: stdout)."),
+) -> None:
+    """Write GenEval-shaped scene metadata (+ a `caption`), one JSON object a line."""
+    from shapesworld.world import generate_prompts
+
+    with _user_errors():
+        cats = [c.strip() for c in categories.split(",") if c.strip()] or None
+        records = generate_prompts(n, seed, cats, diversity, scenes or None)
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            out.write_text(text)
+
+
+@app.command()
+def render(
+    metadata: Path = typer.Option(..., help="Metadata JSONL (from `prompts` or GenEval's file)."),
+    out: Path = typer.Option(..., help="Output folder, GenEval layout."),
+    resolution: int = typer.Option(64, help="Image side in pixels, 32..1024."),
+    samples: int = typer.Option(4, min=1, help="Images per prompt."),
+    seed: int = typer.Option(0, help="Random seed (output is deterministic in it)."),
+) -> None:
+    """Render every metadata line with the teacher into <out>/<00000>/{metadata.jsonl,samples/<0000>.png}."""
+    from shapesworld.render import render_folder
+    from shapesworld.world import read_jsonl
+
+    with _user_errors():
+        count = render_folder(read_jsonl(metadata), out, resolution, samples, seed)
+    typer.echo(f"wrote {count} images to {out}")
+
+
+@app.command()
+def score(
+    folder: Path = typer.Argument(..., help="A GenEval-layout folder of samples."),
+    json_out: Path = typer.Option(
+        None, "--json", help="Where to write per-image results (default <folder>/scores.json)."
+    ),
+) -> None:
+    """Score a GenEval-layout folder and print GenEval's summary."""
+    from shapesworld.score import format_summary, score_folder
+
+    with _user_errors():
+        summary = score_folder(folder, json_out)
+    typer.echo(format_summary(summary))
