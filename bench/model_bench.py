@@ -117,7 +117,9 @@ def main() -> None:
     p.add_argument("--no-sample", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--sdpa", default="auto", choices=["auto", *SDPA], help="restrict SDPA to one backend (default: torch's choice)")
+    p.add_argument(
+        "--sdpa", default="auto", choices=["auto", *SDPA], help="restrict SDPA to one backend (default: torch's choice)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +132,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = LightGen(cfg).to(args.device)
     if args.compile:
-        for blocks in (model.encoder_blocks, model.decoder_blocks, model.cross_attn_blocks, model.text_emb.text_aligner):
+        for blocks in (
+            model.encoder_blocks,
+            model.decoder_blocks,
+            model.cross_attn_blocks,
+            model.text_emb.text_aligner,
+        ):
             for blk in blocks:
                 blk.compile(dynamic=True)
         model.diffloss.net.compile(dynamic=True)

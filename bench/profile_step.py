@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import time
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -102,7 +102,9 @@ def main() -> None:
     print(f"\nTop {args.rows} GPU kernels by total time (per step):")
     for name, ts in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[: args.rows]:
         tot = sum(ts)
-        print(f"  {tot / 1e3 / args.steps:8.2f} ms  {100 * tot / total:5.1f}%  x{len(ts) // args.steps:<5d} {name[:110]}")
+        print(
+            f"  {tot / 1e3 / args.steps:8.2f} ms  {100 * tot / total:5.1f}%  x{len(ts) // args.steps:<5d} {name[:110]}"
+        )
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

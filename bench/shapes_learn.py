@@ -55,7 +55,9 @@ def build_pool(n: int, seed: int, res: int, enc: MiniLMStates, max_len: int, div
         states.append(s)
         masks.append(m)
     Lt = max(s.shape[1] for s in states)
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, 0, 0, Lt - t.shape[1]) if t.dim() == 3 else (0, Lt - t.shape[1]), value=v)
+    pad = lambda t, v: torch.nn.functional.pad(
+        t, (0, 0, 0, Lt - t.shape[1]) if t.dim() == 3 else (0, Lt - t.shape[1]), value=v
+    )
     return recs, lat, torch.cat([pad(s, 0.0) for s in states]), torch.cat([pad(m, False) for m in masks])
 
 
@@ -71,9 +73,24 @@ def evaluate(model: LightGen, recs, text, mask, args) -> dict:
         imgs = ((lat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         for rec, img in zip(recs[sl], imgs, strict=True):
             per[rec["tag"]].append(bool(score_image(img, rec).correct))
+        if args.save_grid and i == 0:
+            save_grid(imgs[:48], f"{args.save_grid}_{time.strftime('%H%M%S')}.png")
     model.train()
     acc = {k: float(np.mean(v)) for k, v in per.items()}
     return acc | {"overall": float(np.mean([acc[k] for k in acc]))}
+
+
+def save_grid(imgs: np.ndarray, path: str, cols: int = 8) -> None:
+    """(N, H, W, 3) uint8 -> one PNG grid with a 2-px gutter."""
+    from PIL import Image
+
+    n, h, w, _ = imgs.shape
+    rows = (n + cols - 1) // cols
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for k, im in enumerate(imgs):
+        r, c = divmod(k, cols)
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -101,6 +118,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-grid", default=None, help="path prefix for a PNG grid of samples at each evaluation")
+    p.add_argument("--save-model", default=None, help="directory to save the final model to")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals made CPU training up to 6x slower (BENCHMARKS.md)
@@ -117,7 +136,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     seen, step, losses = 0, 0, []
-    start, next_eval, train_s = time.time(), args.eval_every, 0.0
+    next_eval, train_s = args.eval_every, 0.0
     while True:
         idx = torch.randint(0, len(lat), (args.batch,), generator=g)
         Lt = int(mask[idx].sum(1).max())
@@ -141,6 +160,10 @@ def main() -> None:
             next_eval += args.eval_every
             if train_s / 60 >= args.minutes or not math.isfinite(losses[-1]):
                 break
+    if args.save_model:
+        from lightgen_model import save_pretrained
+
+        save_pretrained(model, args.save_model)
 
 
 if __name__ == "__main__":
