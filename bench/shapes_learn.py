@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--eval-every", type=float, default=2.5)
+    p.add_argument("--images", type=int, default=None, help="budget in training images instead of minutes")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluate every this many images (with --images)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -136,7 +138,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     seen, step, losses = 0, 0, []
-    next_eval, train_s = args.eval_every, 0.0
+    next_eval, train_s = (args.eval_images if args.images else args.eval_every), 0.0
     while True:
         idx = torch.randint(0, len(lat), (args.batch,), generator=g)
         Lt = int(mask[idx].sum(1).max())
@@ -152,13 +154,15 @@ def main() -> None:
         losses.append(loss.item())
         seen += args.batch
         step += 1
-        if train_s / 60 >= next_eval or train_s / 60 >= args.minutes:
+        progress = seen if args.images else train_s / 60
+        budget = args.images or args.minutes
+        if progress >= next_eval or progress >= budget:
             ev = evaluate(model, erecs, etext, emask, args)
             row = {"train_min": round(train_s / 60, 2), "images": seen, "img_per_s": round(seen / train_s, 1),
                    "loss": round(float(np.mean(losses[-50:])), 4), "params": n_params}  # fmt: skip
             print(json.dumps(row | {k: round(v, 3) for k, v in ev.items()}), flush=True)
-            next_eval += args.eval_every
-            if train_s / 60 >= args.minutes or not math.isfinite(losses[-1]):
+            next_eval += args.eval_images if args.images else args.eval_every
+            if progress >= budget or not math.isfinite(losses[-1]):
                 break
     if args.save_model:
         from lightgen_model import save_pretrained

@@ -149,11 +149,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_sampling_steps": 20, "prediction": "v", "buffer_size": 1,
         "vae": "pixel", "text_encoder": "minilm",
     },
-    # ShapesWorld on a CPU: 32-px canvas, 64 pixel tokens of 48 dims; chosen by measurement (BENCHMARKS.md)
+    # ShapesWorld on a CPU: 32-px canvas, 64 pixel tokens of 48 dims; chosen by measurement (BENCHMARKS.md):
+    # CPU training is FLOP-bound (~2.4 GFLOP/img at width 256 gave ~25 img/s), so width 128 x 2+2+2 blocks
     "shapes": {
         "latent_channels": 3, "vae_stride": 1, "patch_size": 4, "base_resolution": 32,
-        **_stack(256, 3, 4, 1), "text_dim": 384, "max_text_len": 32,
-        "head_width": 256, "head_depth": 3, "diffusion_batch_mul": 1,
+        **_stack(128, 2, 4, 1), "text_dim": 384, "max_text_len": 32,
+        "head_width": 128, "head_depth": 3, "diffusion_batch_mul": 1,
         "num_sampling_steps": 50, "prediction": "v", "buffer_size": 4,
         "mask_ratio_min": 0.5,
         "vae": "pixel", "text_encoder": "minilm",

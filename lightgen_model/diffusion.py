@@ -230,7 +230,9 @@ class DiffusionHead(nn.Module):
         table = self._time_table(sch.timestep_map)  # (S, W)
         if isinstance(cfg, Tensor):
             cfg = cfg.to(dev, torch.float32).reshape(-1, 1)
-        x = randn((M, self.token_dim), generator, dev)
+        # all noise in one draw: a CPU generator then costs one host-to-device copy, not one per step
+        noise = randn((sch.num_steps, M, self.token_dim), generator, dev)
+        x = noise[0]
         for i in reversed(range(sch.num_steps)):
             t = torch.full((M,), i, device=dev, dtype=torch.long)
             xin = x if z_uncond is None else torch.cat([x, x])
@@ -240,10 +242,7 @@ class DiffusionHead(nn.Module):
                 p_c, p_u = pred.chunk(2)
                 pred = p_u + cfg * (p_c - p_u)
                 var_out = None if var_out is None else var_out[:M]
-            mean = sch.posterior_mean(sch.predict_x0(x, t, pred, self.prediction), x, t)
+            x = sch.posterior_mean(sch.predict_x0(x, t, pred, self.prediction), x, t)
             if i > 0:
-                noise = randn(x.shape, generator, dev)
-                x = mean + torch.exp(0.5 * sch.model_logvar(t, var_out)) * noise * temperature
-            else:
-                x = mean
+                x = x + torch.exp(0.5 * sch.model_logvar(t, var_out)) * noise[i] * temperature
         return x
