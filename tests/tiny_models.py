@@ -1,0 +1,127 @@
+"""Tiny random-weight models saved to disk, so tests exercise the real `from_pretrained` loading code.
+
+Nothing here downloads anything: configs are built in code, weights are seeded random, and tokenizers are
+built in memory with the `tokenizers` library over a small vocabulary. Each builder takes well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Words of ShapesWorld-style captions, so test captions mostly hit real tokens (others map to the unk token).
+WORDS = [
+    *["a", "an", "the", "photo", "of", "image", "picture", "and", "with", "on", "in", "to", "is", "are"],
+    *["one", "two", "three", "four", "five", "six"],
+    *["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown", "gray"],
+    *["circle", "circles", "square", "squares", "triangle", "triangles", "star", "stars", "cross", "crosses"],
+    *["left", "right", "above", "below", "top", "bottom", "next", "side"],
+]
+
+
+def make_tiny_vae(dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny SD3.5-like `AutoencoderKL` (16 latent channels, stride 8, scale 1.5305, shift 0.0609) in `dir`."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplers -> stride 8
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,  # as in SD3.5's VAE
+            use_post_quant_conv=False,
+        )
+    out = Path(dir)
+    vae.save_pretrained(out)
+    return out
+
+
+def _save_tokenizer(out: Path, tok, specials: dict[str, str], max_len: int) -> None:
+    """Wrap a `tokenizers.Tokenizer` in the transformers fast tokenizer class and save it beside the model."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, **specials)
+    fast.save_pretrained(out)
+
+
+def _word_level(vocab_words: list[str], unk: str):
+    """A lower-casing, whitespace/punctuation-splitting word-level tokenizer over `vocab_words`."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab_words)}, unk_token=unk))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def make_tiny_t5(dir: str | Path, seed: int = 0, encoder_only: bool = True) -> Path:
+    """Save a tiny T5 (d_model 32, 2 layers) and a T5-like tokenizer (`<pad>`=0, `</s>`=1, `<unk>`=2, appends `</s>`).
+
+    `encoder_only=False` saves a full `T5ForConditionalGeneration`, the layout of the flan-T5 checkpoints.
+    """
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+
+    vocab = ["<pad>", "</s>", "<unk>", *WORDS]
+    cfg = T5Config(
+        vocab_size=len(vocab),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu",  # as in flan-T5
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = (T5EncoderModel if encoder_only else T5ForConditionalGeneration)(cfg)
+    out = Path(dir)
+    model.save_pretrained(out)
+    tok = _word_level(vocab, "<unk>")
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    _save_tokenizer(out, tok, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}, 512)
+    return out
+
+
+def make_tiny_bert(dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `BertModel` (hidden 32, 2 layers) and a BERT-like tokenizer (`[CLS] ... [SEP]`, `[PAD]`=0)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BertConfig, BertModel
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(cfg, add_pooling_layer=False)
+    out = Path(dir)
+    model.save_pretrained(out)
+    tok = _word_level(vocab, "[UNK]")
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+    _save_tokenizer(out, tok, {**specials, "mask_token": "[MASK]"}, 64)
+    return out
