@@ -1,0 +1,269 @@
+"""Reading inputs: webdataset `.tar` shards and folders of images with captions, as records with stable ids.
+
+Listing (`list_records`) only reads tar headers and directory entries and returns lightweight `Record`s that
+point at byte ranges (`Blob`); the bytes are read later, by whichever worker encodes the record
+(`BlobReader`), and captions are parsed there too (`parse_caption`), so a bad caption becomes a reject with
+a reason instead of an error at listing time.
+
+- tar: members grouped by key (the member path up to the first dot of its base name, the webdataset
+  convention); the image is the first of .jpg/.jpeg/.png/.webp, the caption the `.json` member's "caption"
+  (or "prompt", "text") field, else a `.txt` member. Keys with neither an image nor a caption are not samples.
+- folder (recursive) or image file: the caption comes from a `captions.jsonl` / `metadata.jsonl` line
+  ({"file_name": ..., "caption": ...}, paths relative to the jsonl) in the image's folder or an input folder,
+  else a sidecar `<stem>.txt`, else `<stem>.json`.
+Ids are `<path relative to the common parent of all sources>` (tars: without `.tar`, then `/<key>`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.images import RejectError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+FOLDER_IMAGE_EXTS = (*IMAGE_EXTS, "bmp", "tif", "tiff")
+CAPTION_KEYS = ("caption", "prompt", "text")
+JSONL_NAMES = ("captions.jsonl", "metadata.jsonl")
+FILE_KEYS = ("file_name", "file", "image")
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A byte range of a file (`size=-1`: the whole file)."""
+
+    path: str
+    offset: int = 0
+    size: int = -1
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input sample: stable id, its source file, where its image and caption bytes are.
+
+    `caption_kind` is "json" (an object with a caption field) or "txt"; `error` is a reason found while
+    listing (e.g. an unreadable tar), which makes the record a reject.
+    """
+
+    id: str
+    source: str
+    image: Blob | None
+    caption: Blob | None
+    caption_kind: str = ""
+    error: str = ""
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (records travel to workers as JSON, never pickled)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> Record:
+        """Inverse of `to_json`."""
+        blob = lambda b: Blob(**b) if b else None
+        return Record(d["id"], d["source"], blob(d["image"]), blob(d["caption"]), d["caption_kind"], d["error"])
+
+
+def _ext(name: str) -> str:
+    """Lower-case extension after the first dot of the base name ('a/b.x.json' -> 'x.json')."""
+    base = name.rsplit("/", 1)[-1]
+    return base.split(".", 1)[1].lower() if "." in base else ""
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """Files, folders and globs -> (tar files, image files), each sorted and without duplicates."""
+    if not inputs:
+        raise ValueError("no --input given")
+    tars: set[Path] = set()
+    images: set[Path] = set()
+    for raw in inputs:
+        spec = str(raw)
+        if any(c in spec for c in "*?["):
+            matches = [Path(p) for p in glob.glob(spec, recursive=True)]
+            if not matches:
+                raise FileNotFoundError(f"input glob matches nothing: {spec}")
+        else:
+            if not Path(spec).exists():
+                raise FileNotFoundError(f"input path does not exist: {spec}")
+            matches = [Path(spec)]
+        for path in matches:
+            _collect(path.resolve(), tars, images)
+    if not tars and not images:
+        raise ValueError(f"no .tar shards or images ({', '.join(FOLDER_IMAGE_EXTS)}) found in inputs: {list(inputs)}")
+    return sorted(tars), sorted(images)
+
+
+def _collect(path: Path, tars: set[Path], images: set[Path]) -> None:
+    """Add `path` (a file, or everything under a folder) to tars/images by extension."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)]
+    for f in files:
+        ext = f.suffix.lower().lstrip(".")
+        if ext == "tar":
+            tars.add(f)
+        elif ext in FOLDER_IMAGE_EXTS:
+            images.add(f)
+
+
+def _hidden(p: Path, root: Path) -> bool:
+    """True for dot files and files inside dot folders below `root`."""
+    return any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def list_records(inputs: Sequence[str | Path]) -> list[Record]:
+    """All input records in a deterministic order: tar shards (sorted) by member order, then images (sorted)."""
+    tars, images = expand_inputs(inputs)
+    parents = [p.parent for p in (*tars, *images)]
+    base = Path(os.path.commonpath(parents))
+    records: list[Record] = []
+    for tar in tars:
+        records.extend(_tar_records(tar, base))
+    records.extend(_image_records(images, base, [Path(str(i)).resolve() for i in inputs if Path(str(i)).is_dir()]))
+    return records
+
+
+def _rel(path: Path, base: Path) -> str:
+    """`path` relative to `base`, posix style."""
+    return path.relative_to(base).as_posix()
+
+
+def _tar_records(tar: Path, base: Path) -> list[Record]:
+    """Group a tar's members by key; a tar that cannot be listed to its end adds a `bad_tar` record."""
+    prefix = _rel(tar.with_name(tar.name[: -len(".tar")]), base)
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    error = ""
+    try:
+        with tarfile.open(tar, mode="r:") as tf:
+            for member in tf:
+                base_name = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and not base_name.startswith("."):
+                    key = member.name[: len(member.name) - len(base_name)] + base_name.split(".", 1)[0]
+                    groups.setdefault(key, {}).setdefault(_ext(member.name), member)
+            end = tf.offset
+        # tarfile stops quietly at a header cut short; anything but zero padding after the last member means
+        # samples were lost there.
+        if _has_data_after(tar, end):
+            error = f"bad_tar: {tar.name} has unreadable bytes after offset {end} (truncated or corrupt)"
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"bad_tar: cannot list {tar.name} past {len(groups)} keys: {type(e).__name__}: {e}"
+    records = [r for key, members in groups.items() if (r := _tar_record(f"{prefix}/{key}", str(tar), members))]
+    if error:
+        records.append(Record(f"{prefix}/<unreadable>", str(tar), None, None, "", error))
+    return records
+
+
+def _has_data_after(path: Path, offset: int) -> bool:
+    """Whether `path` holds a non-zero byte after `offset` (looks at the first MiB past it)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return any(f.read(1 << 20))
+
+
+def _tar_record(rid: str, source: str, members: dict[str, tarfile.TarInfo]) -> Record | None:
+    """The record of one key, or None if the key has neither an image nor a caption member.
+
+    Members are typed by their last suffix ("v2.png" is a png); the first image type in `IMAGE_EXTS` order wins,
+    and a json caption wins over a txt one.
+    """
+    by_type: dict[str, tarfile.TarInfo] = {}
+    for ext, member in members.items():
+        by_type.setdefault(ext.rsplit(".", 1)[-1], member)
+    image = next((by_type[e] for e in IMAGE_EXTS if e in by_type), None)
+    kind = next((e for e in ("json", "txt") if e in by_type), "")
+    if image is None and not kind:
+        return None
+    blob = lambda m: Blob(source, m.offset_data, m.size) if m is not None else None
+    return Record(rid, source, blob(image), blob(by_type.get(kind)), kind)
+
+
+def _image_records(images: list[Path], base: Path, folders: list[Path]) -> list[Record]:
+    """One record per image file with its caption from a jsonl line or a sidecar file."""
+    jsonl: dict[Path, Blob] = {}
+    for d in sorted({*folders, *(p.parent for p in images)}):
+        for name in JSONL_NAMES:
+            if (d / name).is_file():
+                for target, blob in _jsonl_lines(d / name):
+                    jsonl.setdefault(target, blob)
+    records = []
+    for img in images:
+        caption, kind = jsonl.get(img), "json"
+        if caption is None:
+            sidecar = next(
+                (img.with_suffix(f".{e}") for e in ("txt", "json") if img.with_suffix(f".{e}").is_file()), None
+            )
+            caption, kind = (Blob(str(sidecar)), sidecar.suffix[1:]) if sidecar else (None, "")
+        records.append(Record(_rel(img, base), str(img), Blob(str(img)), caption, kind))
+    return records
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[Path, Blob]]:
+    """(image path, byte range of its line) for each line of a captions jsonl that names a file."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+                name = next(obj[k] for k in FILE_KEYS if isinstance(obj.get(k), str))
+            except (ValueError, StopIteration, AttributeError):
+                name = None  # unparseable lines name no image; such an image falls back to sidecars
+            if name:
+                yield (path.parent / name).resolve(), Blob(str(path), offset, len(line))
+            offset += len(line)
+
+
+class BlobReader:
+    """Reads blobs, keeping files open while records of the same tar are read; use as a context manager."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, object] = {}
+
+    def read(self, blob: Blob) -> bytes:
+        """The bytes of `blob`; `RejectError("truncated")` if the file ends before the range does."""
+        if blob.size < 0:
+            return Path(blob.path).read_bytes()
+        f = self._files.get(blob.path)
+        if f is None:
+            if len(self._files) >= 8:
+                self.close()
+            f = self._files[blob.path] = open(blob.path, "rb")  # noqa: SIM115 (closed in close())
+        f.seek(blob.offset)
+        data = f.read(blob.size)
+        if len(data) < blob.size:
+            raise RejectError("truncated", f"{blob.path}: member ends after {len(data)} of {blob.size} bytes")
+        return data
+
+    def close(self) -> None:
+        """Close all open files."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def parse_caption(data: bytes, kind: str) -> str:
+    """A caption from a `.txt` or `.json` payload, stripped; `RejectError` if non-UTF-8, malformed or empty."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RejectError("bad_caption_encoding", f"caption is not UTF-8: {e}") from e
+    if kind == "json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RejectError("bad_caption_json", f"caption JSON does not parse: {e}") from e
+        value = next((obj[k] for k in CAPTION_KEYS if isinstance(obj, dict) and k in obj), None)
+        if not isinstance(value, str):
+            raise RejectError("missing_caption", f"caption JSON has no string field among {list(CAPTION_KEYS)}")
+        text = value
+    caption = text.strip()
+    if not caption:
+        raise RejectError("empty_caption", "caption is empty or only whitespace")
+    return caption

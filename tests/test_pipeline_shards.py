@@ -1,0 +1,290 @@
+"""Shared pipeline machinery: shard files, manifests, schema checks, input listing, the in-process runtime."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import runtime, shards
+from pipeline.images import RejectError
+from pipeline.schema import (
+    LATENT_SCHEMA,
+    IncompatibleShardsError,
+    check_compatible,
+    load_manifest,
+    moments_array,
+    shard_metadata,
+    text_arrays,
+    training_shards,
+)
+from pipeline.sources import BlobReader, Record, list_records, parse_caption
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with the given (name, payload) members, in order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def latent_rows(ids: list[str], text_lens: list[int], dim: int = 4, shape=(4, 2, 2)) -> pa.Table:
+    """A `LATENT_SCHEMA` table of random rows."""
+    rng = np.random.default_rng(0)
+    n, size = len(ids), int(np.prod(shape))
+    col = lambda arrays: pa.LargeListArray.from_arrays(
+        pa.array(np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)),
+        pa.array(np.concatenate(arrays), pa.float16()),
+    )
+    texts = [rng.standard_normal(n_tok * dim).astype(np.float16) for n_tok in text_lens]
+    data = {
+        "id": ids,
+        "caption": [f"caption {i}" for i in ids],
+        "resolution": [16] * n,
+        "moments_shape": [list(shape)] * n,
+        "moments": col([rng.standard_normal(size).astype(np.float16) for _ in ids]),
+        "moments_flip": col([rng.standard_normal(size).astype(np.float16) for _ in ids]),
+        "text_len": text_lens,
+        "text_emb": col(texts),
+        "vae": ["pixel"] * n,
+        "text_encoder": ["minilm"] * n,
+    }
+    return pa.table(data, schema=LATENT_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------ shards.py
+
+
+def test_plan_and_names():
+    assert shards.plan_shards(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert shards.plan_shards(0, 3) == []
+    assert shards.shard_name(7) == "part-00007.parquet" and shards.rejects_name(7) == "part-00007.rejects.parquet"
+    with pytest.raises(ValueError, match="shard-size"):
+        shards.plan_shards(5, 0)
+    assert shards.digest({"a": 1, "b": [2]}) == shards.digest({"b": [2], "a": 1}) != shards.digest({"a": 2})
+
+
+def test_shard_writer_commit_is_atomic_and_readable(tmp_path):
+    table = latent_rows(["a", "b", "c"], [3, 1, 2])
+    with shards.ShardWriter(tmp_path, 2, LATENT_SCHEMA, {"input_digest": "x"}) as w:
+        w.write(table.slice(0, 2))
+        w.write(table.slice(2))
+        # Before commit only a temporary file exists: a reader (or a resume) sees no shard.
+        assert not (tmp_path / "part-00002.parquet").exists()
+        assert shards.complete_shard_meta(tmp_path, 2) is None
+        result = w.commit(shards.rejects_table([{"id": "d", "source": "s", "reason": "empty_file", "detail": ""}]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00002.parquet", "part-00002.rejects.parquet"]
+    assert (result.rows, result.rejected) == (3, 1)
+    assert result.sha256 == shards.sha256_file(tmp_path / "part-00002.parquet")
+    back = pq.read_table(tmp_path / "part-00002.parquet")  # plain pyarrow
+    assert back.equals(table) and back.schema.equals(LATENT_SCHEMA, check_metadata=False)
+    assert shards.complete_shard_meta(tmp_path, 2) == {"input_digest": "x", "shard": 2}
+    assert shard_metadata(back.schema)["shard"] == 2
+    assert moments_array(back).shape == (3, 4, 2, 2) and moments_array(back).dtype == np.float16
+    assert [t.shape for t in text_arrays(back)] == [(3, 4), (1, 4), (2, 4)]
+
+
+def test_shard_writer_abort_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), shards.ShardWriter(tmp_path, 0, LATENT_SCHEMA, {}) as w:
+        w.write(latent_rows(["a"], [1]))
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_and_stale_files_are_cleaned(tmp_path):
+    for k in range(3):
+        with shards.ShardWriter(tmp_path, k, LATENT_SCHEMA, {"k": k}) as w:
+            w.commit(shards.rejects_table([]))
+    (tmp_path / "part-00001.rejects.parquet").unlink()  # a shard without its rejects is not complete
+    (tmp_path / "part-00003.parquet.tmp-123").write_bytes(b"partial")  # left by a killed writer
+    (tmp_path / "user-notes.txt").write_text("keep me")
+    assert shards.complete_shard_meta(tmp_path, 1) is None and shards.complete_shard_meta(tmp_path, 0) == {
+        "k": 0,
+        "shard": 0,
+    }
+    assert shards.clean_temporaries(tmp_path) == 1
+    shards.remove_outputs(tmp_path, keep_below=2)
+    assert shards.shard_indices(tmp_path) == [0, 1]
+    shards.remove_outputs(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["user-notes.txt"]
+
+
+def test_manifest_writer_and_merge_rejects(tmp_path):
+    for k, bad in enumerate([["x"], [], ["y", "z"]]):
+        with shards.ShardWriter(tmp_path, k, LATENT_SCHEMA, {}) as w:
+            w.write(latent_rows([f"{k}-a"], [1]))
+            rej = [{"id": i, "source": "s", "reason": "undecodable", "detail": "d"} for i in bad]
+            result = w.commit(shards.rejects_table(rej))
+    merged = shards.merge_rejects(tmp_path, range(3))
+    assert merged.column("id").to_pylist() == ["x", "y", "z"]
+    assert pq.read_table(tmp_path / "rejects.parquet").equals(merged)
+    mw = shards.ManifestWriter(tmp_path, {"format": "lightgen-latents", "schema_version": 1, "vae": "pixel"})
+    mw.add(result)
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is False
+    for k in (1, 0):
+        mw.add(shards.shard_result(tmp_path, k), write=False)
+    m = mw.write(complete=True, text_encoder="minilm")
+    assert [s["name"] for s in m["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert (m["rows"], m["rejected"], m["inputs"], m["rows_per_shard"]) == (3, 3, 6, [1, 1, 1])
+    assert mw.previous_entries()["part-00002.parquet"]["sha256"] == result.sha256
+
+
+# ------------------------------------------------------------------------------------------------ schema.py
+
+
+def test_check_compatible_names_each_mismatch(tmp_path):
+    manifest = {"format": "lightgen-latents", "schema_version": 1, "vae": "pixel", "text_encoder": "minilm"}
+    check_compatible(manifest, vae="pixel", text_encoder="minilm", require_complete=False)
+    with pytest.raises(IncompatibleShardsError) as e:
+        check_compatible({**manifest, "schema_version": 0, "complete": True}, vae="sd35-vae", text_encoder="minilm")
+    assert "schema version 0" in str(e.value) and "'pixel' != expected 'sd35-vae'" in str(e.value)
+    with pytest.raises(IncompatibleShardsError, match="has not finished"):
+        check_compatible(manifest, vae="pixel")
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "complete": True, "shards": [{"name": "p"}]}))
+    with pytest.raises(IncompatibleShardsError, match="missing"):
+        training_shards(tmp_path, vae="pixel", text_encoder="minilm")
+
+
+# ------------------------------------------------------------------------------------------------ sources.py
+
+
+def test_tar_grouping_ids_and_blobs(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_tar(
+        tmp_path / "a" / "00000.tar",
+        [
+            ("x/k1.jpg", b"IMG1"),
+            ("x/k1.json", b'{"caption": "one"}'),
+            ("k2.v2.png", b"IMG2"),  # key up to the first dot of the base name: "k2"
+            ("k2.v2.txt", b"two"),
+            ("k3.cls", b"7"),  # no image and no caption: not a sample
+            ("k4.json", b'{"caption": "orphan"}'),
+            ("k5.webp", b"IMG5"),
+        ],
+    )
+    write_tar(tmp_path / "b" / "00000.tar", [("k1.png", b"B"), ("k1.txt", b"b")])
+    recs = list_records([str(tmp_path / "*" / "*.tar")])
+    assert [r.id for r in recs] == ["a/00000/x/k1", "a/00000/k2", "a/00000/k4", "a/00000/k5", "b/00000/k1"]
+    assert [r.caption_kind for r in recs] == ["json", "txt", "json", "", "txt"]
+    assert recs[2].image is None and recs[3].caption is None
+    with BlobReader() as reader:
+        assert reader.read(recs[1].image) == b"IMG2" and reader.read(recs[0].caption) == b'{"caption": "one"}'
+    assert Record.from_json(json.loads(json.dumps(recs[0].to_json()))) == recs[0]
+    # The same inputs named differently (folder vs glob) give the same ids.
+    assert [r.id for r in list_records([tmp_path])] == [r.id for r in recs]
+
+
+def test_truncated_and_broken_tars(tmp_path):
+    path = write_tar(tmp_path / "t.tar", [("k1.png", b"A" * 4000), ("k1.txt", b"a"), ("k2.png", b"B" * 4000)])
+    data = path.read_bytes()
+    path.write_bytes(data[:6500])  # cut inside k2's payload
+    recs = list_records([path])
+    with BlobReader() as reader:
+        assert reader.read(recs[0].image) == b"A" * 4000
+        with pytest.raises(RejectError) as e:
+            reader.read(next(r for r in recs if r.id == "t/k2").image)
+    assert e.value.reason == "truncated"
+    path.write_bytes(data[:6000])  # cut inside k2's header: tarfile stops quietly, the lost tail is reported
+    assert [r.id for r in list_records([path])] == ["t/k1", "t/<unreadable>"]
+    assert list_records([path])[1].error.startswith("bad_tar")
+    (tmp_path / "junk.tar").write_bytes(b"\x00garbage" * 100)
+    (tmp_path / "t.tar").unlink()
+    junk = list_records([tmp_path / "junk.tar"])
+    assert len(junk) == 1 and junk[0].error.startswith("bad_tar")
+
+
+def test_folder_captions_jsonl_then_sidecars(tmp_path):
+    sub = tmp_path / "imgs" / "sub"
+    sub.mkdir(parents=True)
+    for name in ("a.png", "b.jpg", "c.png", "sub/d.png", "e.png"):
+        (tmp_path / "imgs" / name).write_bytes(b"x")
+    (tmp_path / "imgs" / "metadata.jsonl").write_bytes(
+        b'{"file_name": "a.png", "caption": "from jsonl"}\nnot json\n{"file_name": "sub/d.png", "text": "deep"}\n'
+    )
+    (tmp_path / "imgs" / "a.txt").write_text("sidecar loses to jsonl")
+    (tmp_path / "imgs" / "b.txt").write_text("b text")
+    (tmp_path / "imgs" / "c.json").write_text('{"caption": "c json"}')
+    (tmp_path / "imgs" / ".hidden.png").write_bytes(b"x")
+    recs = {r.id: r for r in list_records([tmp_path / "imgs"])}
+    assert sorted(recs) == ["a.png", "b.jpg", "c.png", "e.png", "sub/d.png"]
+    with BlobReader() as reader:
+        caption = lambda rid: parse_caption(reader.read(recs[rid].caption), recs[rid].caption_kind)
+        assert [caption(k) for k in ("a.png", "b.jpg", "c.png", "sub/d.png")] == [
+            "from jsonl",
+            "b text",
+            "c json",
+            "deep",
+        ]
+    assert recs["e.png"].caption is None
+
+
+def test_input_errors_name_the_bad_value(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist: .*nope"):
+        list_records([tmp_path / "nope"])
+    with pytest.raises(FileNotFoundError, match="glob matches nothing"):
+        list_records([str(tmp_path / "*.tar")])
+    with pytest.raises(ValueError, match="no .tar shards or images"):
+        list_records([tmp_path])
+
+
+@pytest.mark.parametrize(
+    "data,kind,reason",
+    [
+        (b"\xff\xfe", "txt", "bad_caption_encoding"),
+        (b'{"caption": "\xc3"}', "json", "bad_caption_encoding"),
+        (b"  \n", "txt", "empty_caption"),
+        (b'{"caption": "  "}', "json", "empty_caption"),
+        (b"{not json", "json", "bad_caption_json"),
+        (b'{"url": "x"}', "json", "missing_caption"),
+        (b'["a list"]', "json", "missing_caption"),
+    ],
+)
+def test_parse_caption_rejects(data, kind, reason):
+    with pytest.raises(RejectError) as e:
+        parse_caption(data, kind)
+    assert e.value.reason == reason
+
+
+def test_parse_caption_fields():
+    assert parse_caption(b' {"prompt": " a cat "} ', "json") == "a cat"
+    assert parse_caption("un café\n".encode(), "txt") == "un café"
+
+
+# ------------------------------------------------------------------------------------------------ runtime.py
+
+
+class _Double:
+    """A stage for the runtime tests: counts its constructions."""
+
+    built = 0
+
+    def __init__(self, k: int) -> None:
+        type(self).built += 1
+        self.k = k
+
+    def __call__(self, batch):
+        return {"x": list(batch["x"]), "y": [v * self.k for v in batch["x"]]}
+
+
+def test_map_stage_in_process():
+    _Double.built = 0
+    rows = list(
+        runtime.map_stage(_Double, [{"x": i} for i in range(5)], constructor_kwargs={"k": 3}, workers=0, batch_size=2)
+    )
+    assert [(r["x"], r["y"]) for r in rows] == [(i, 3 * i) for i in range(5)]
+    assert _Double.built == 1  # one model load for the whole run
+    assert list(runtime.map_stage(_Double, [], constructor_kwargs={"k": 3}, workers=0)) == []
+    with pytest.raises(ValueError, match="workers"):
+        list(runtime.map_stage(_Double, [{"x": 1}], constructor_kwargs={"k": 1}, workers=-1))
