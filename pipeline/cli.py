@@ -14,7 +14,7 @@ app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_comp
 def _root() -> None:
     """LightGen data pipeline: build-captions, synthesize, encode-latents, build-dpo-pairs.
 
-    Stages land with the pipeline issues (4, 5, 7); encode-latents exists.
+    Stages land with the pipeline issues (4, 5, 7); build-captions, synthesize and encode-latents exist.
     """
 
 
@@ -51,4 +51,88 @@ def encode_latents(
     except (ValueError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    typer.echo(json.dumps(report))
+
+
+def _fail(e: Exception) -> None:
+    """A one-line error on stderr and exit code 2."""
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2) from None
+
+
+@app.command("build-captions")
+def build_captions(
+    input: list[str] = typer.Option(
+        [], "--input", help="JSONL / JSON / Parquet / CSV files, webdataset .tar, folders or globs (repeat)."
+    ),
+    output: Path = typer.Option(..., help="Output folder: caption shards, rejects, diversity.json, report, manifest."),
+    n: int = typer.Option(1000, help="Captions to select."),
+    field: str = typer.Option("caption", help="The record field / column holding the caption."),
+    shapes: int = typer.Option(0, help="Add N captions from the built-in ShapesWorld generator (with metadata)."),
+    shapes_diversity: float = typer.Option(1.0, help="ShapesWorld caption diversity in [0, 1] (paraphrase rate)."),
+    shapes_scenes: int = typer.Option(None, help="Distinct ShapesWorld scenes per category.", show_default="all"),
+    min_words: int = typer.Option(1, help="Remove captions with fewer words (too_short)."),
+    max_words: int = typer.Option(128, help="Remove captions with more words (too_long)."),
+    charset: str = typer.Option("any", help="Keep captions whose letters are: any, latin, ascii (bad_charset)."),
+    near_dup: bool = typer.Option(True, help="Remove near duplicates (MinHash over word n-grams)."),
+    near_dup_threshold: float = typer.Option(0.8, help="Word n-gram Jaccard similarity that makes a near duplicate."),
+    ngram: int = typer.Option(2, help="Word n-gram size of the near-duplicate shingles."),
+    embedder: str = typer.Option("minilm", help="Sentence embeddings for selection: minilm, hash (model-free)."),
+    select: str = typer.Option("cluster", help="Selection: cluster (k-means, even per cluster), farthest, random."),
+    clusters: int = typer.Option(64, help="k of the k-means over caption embeddings."),
+    shard_size: int = typer.Option(100_000, help="Captions per output shard."),
+    batch_size: int = typer.Option(256, help="Captions per embedding call."),
+    workers: int = typer.Option(0, help="Ray workers for the embeddings; 0 = in this process."),
+    ray_address: str = typer.Option(None, help="Join this Ray cluster.", show_default="start a local Ray"),
+    seed: int = typer.Option(0, help="Random seed (selection, k-means, ShapesWorld)."),
+    overwrite: bool = typer.Option(False, help="Replace earlier outputs; without it other settings are refused."),
+) -> None:
+    """Clean, de-duplicate and diversity-select captions into Parquet caption shards, with a diversity report."""
+    options = {k: v for k, v in locals().items() if k not in ("input", "output")}
+    from pipeline.captions import CaptionsConfig, format_table, run_build_captions
+
+    try:
+        report = run_build_captions(CaptionsConfig(inputs=input, output=str(output), **options))
+    except (ValueError, OSError) as e:
+        _fail(e)
+    typer.echo(format_table(report))
+    typer.echo(json.dumps({k: v for k, v in report.items() if k != "diversity"}))
+
+
+@app.command("synthesize")
+def synthesize(
+    input: list[str] = typer.Option(..., "--input", help="Caption shards (build-captions) or JSONL/Parquet/CSV files."),
+    output: Path = typer.Option(..., help="Output folder: webdataset .tar shards, rejects, report, manifest."),
+    teacher: str = typer.Option("shapes", help="flux, diffusers (any local T2I pipeline), shapes (ShapesWorld)."),
+    model: str = typer.Option(None, help="Local diffusers pipeline directory (flux, diffusers).", show_default="none"),
+    field: str = typer.Option("caption", help="The record field / column holding the caption."),
+    steps: int = typer.Option(28, help="Denoising steps (flux, diffusers)."),
+    guidance: float = typer.Option(3.5, help="Guidance scale (flux, diffusers)."),
+    resolution: int = typer.Option(512, help="Image side in pixels."),
+    max_sequence_length: int = typer.Option(512, help="T5 tokens per caption (Flux / SD3-like pipelines)."),
+    batch_size: int = typer.Option(4, help="Images per teacher call."),
+    shard_size: int = typer.Option(1000, help="Captions per output shard (the unit of resume)."),
+    workers: int = typer.Option(1, help="Ray workers, one teacher each; 0 = no Ray, draw in this process."),
+    gpus_per_worker: float = typer.Option(
+        None, help="GPUs per Ray worker.", show_default="the Ray cluster's GPUs shared evenly, at most 1 per worker"
+    ),
+    device: str = typer.Option("auto", help="auto (cuda if a worker sees a GPU), cpu, cuda[:N]."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."),
+    ray_address: str = typer.Option(None, help="Join this Ray cluster.", show_default="start a local Ray"),
+    seed: int = typer.Option(0, help="Run seed; each image's seed is a hash of it and the caption id."),
+    overwrite: bool = typer.Option(False, help="Replace earlier outputs in --output instead of resuming."),
+    post_filter: str = typer.Option("blank,nsfw", help="Reject outputs: comma-separated blank, nsfw; 'none' = off."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Teacher images for captions into webdataset .tar shards (image + .json), resumable, seeded per caption."""
+    options = {k: v for k, v in locals().items() if k not in ("input", "output", "quiet")}
+    from pipeline.synthesize import SynthConfig, run_synthesize
+
+    try:
+        report = run_synthesize(SynthConfig(inputs=input, output=str(output), progress=not quiet, **options))
+    except (ValueError, OSError) as e:
+        _fail(e)
+    typer.echo(
+        f"synthesize: {report['images_this_run']} images in {report['seconds']} s ({report['images_per_s']} images/s)"
+    )
     typer.echo(json.dumps(report))

@@ -8,10 +8,12 @@ made from the same inputs and config, recorded in the file's schema metadata) an
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import subprocess
+import tarfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,15 +25,17 @@ import pyarrow.parquet as pq
 from pipeline.schema import FLOAT16_COLUMNS, REJECT_SCHEMA, shard_metadata, with_metadata
 
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+TAR_SHARD_RE = re.compile(r"^part-(\d{5,})\.tar$")  # image shards (webdataset) of `synthesize`
 REJECTS_RE = re.compile(r"^part-(\d{5,})\.rejects\.parquet$")
 TMP_MARK = ".tmp-"
 REJECTS = "rejects.parquet"
 REPORT = "report.json"
+DIVERSITY = "diversity.json"  # build-captions' diversity report
 
 
-def shard_name(index: int) -> str:
-    """`part-00007.parquet` for shard 7."""
-    return f"part-{index:05d}.parquet"
+def shard_name(index: int, ext: str = "parquet") -> str:
+    """`part-00007.parquet` for shard 7 (`ext="tar"`: `part-00007.tar`)."""
+    return f"part-{index:05d}.{ext}"
 
 
 def rejects_name(index: int) -> str:
@@ -165,6 +169,77 @@ class ShardWriter:
             self.abort()
 
 
+class TarShardWriter:
+    """Stream samples into `part-NNNNN.tar` (webdataset layout) atomically; `commit(rejects)` publishes both.
+
+    The shard's metadata (inputs, config, row count) rides in the schema of its rejects file, since a tar has no
+    place for it that webdataset readers would not take for a sample. Members get fixed owners and times, so the
+    same samples always give the same bytes.
+    """
+
+    def __init__(self, out_dir: str | Path, index: int, meta: dict[str, Any]) -> None:
+        self.out_dir = Path(out_dir)
+        self.index = index
+        self.path = self.out_dir / shard_name(index, "tar")
+        self.tmp = _tmp_path(self.path)
+        self.meta = {**meta, "shard": index}
+        self.rows = 0
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in commit/abort)
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample: `{ext: payload}` become members `<key>.<ext>`."""
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self.rows += 1
+
+    def commit(self, rejects: pa.Table) -> ShardResult:
+        """Publish the rejects file (carrying the metadata), then the tar (its final name marks it complete)."""
+        self._tar.close()
+        meta = {**self.meta, "rows": self.rows}
+        write_table_atomic(self.out_dir / rejects_name(self.index), rejects.cast(with_metadata(rejects.schema, meta)))
+        _publish(self.tmp, self.path)
+        size = self.path.stat().st_size
+        return ShardResult(self.index, self.path.name, self.rows, len(rejects), size, sha256_file(self.path))
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        try:
+            self._tar.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def complete_tar_meta(out_dir: str | Path, index: int) -> dict[str, Any] | None:
+    """The metadata of tar shard `index` if it and its rejects file are complete, else None."""
+    out = Path(out_dir)
+    if not (out / shard_name(index, "tar")).is_file():
+        return None
+    try:
+        return shard_metadata(pq.read_schema(out / rejects_name(index))) or None
+    except (OSError, pa.ArrowInvalid, json.JSONDecodeError):
+        return None
+
+
+def tar_shard_result(out_dir: str | Path, index: int, known: dict[str, Any] | None = None) -> ShardResult:
+    """The `ShardResult` of a complete tar shard; reuses `known`'s checksum if size and rows match."""
+    out = Path(out_dir)
+    path = out / shard_name(index, "tar")
+    size, meta = path.stat().st_size, complete_tar_meta(out, index) or {}
+    rows, rejected = int(meta.get("rows", 0)), pq.read_metadata(out / rejects_name(index)).num_rows
+    if known and known.get("bytes") == size and known.get("rows") == rows and known.get("sha256"):
+        return ShardResult(index, path.name, rows, rejected, size, known["sha256"])
+    return ShardResult(index, path.name, rows, rejected, size, sha256_file(path))
+
+
 def complete_shard_meta(out_dir: str | Path, index: int) -> dict[str, Any] | None:
     """The metadata of shard `index` if it and its rejects file are complete and readable, else None."""
     out = Path(out_dir)
@@ -188,18 +263,24 @@ def shard_result(out_dir: str | Path, index: int, known: dict[str, Any] | None =
     return ShardResult(index, path.name, rows, rejected, size, sha256_file(path))
 
 
-def shard_indices(out_dir: str | Path) -> list[int]:
-    """Indices of all `part-NNNNN.parquet` files in `out_dir`."""
+def _shard_re(ext: str) -> re.Pattern:
+    """The shard-name pattern of `ext` ("parquet" or "tar")."""
+    return TAR_SHARD_RE if ext == "tar" else SHARD_RE
+
+
+def shard_indices(out_dir: str | Path, ext: str = "parquet") -> list[int]:
+    """Indices of all `part-NNNNN.parquet` (or `.tar`) files in `out_dir`."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in out.iterdir() if (m := SHARD_RE.match(p.name)))
+    return sorted(int(m.group(1)) for p in out.iterdir() if (m := _shard_re(ext).match(p.name)))
 
 
 def _ours(name: str) -> bool:
     """Whether a file name is one this module writes."""
     base = name.split(TMP_MARK)[0]
-    return bool(SHARD_RE.match(base) or REJECTS_RE.match(base)) or base in (REJECTS, REPORT, "manifest.json")
+    shard = SHARD_RE.match(base) or TAR_SHARD_RE.match(base) or REJECTS_RE.match(base)
+    return bool(shard) or base in (REJECTS, REPORT, "manifest.json", DIVERSITY)
 
 
 def clean_temporaries(out_dir: str | Path) -> int:
@@ -211,13 +292,13 @@ def clean_temporaries(out_dir: str | Path) -> int:
     return len(stale)
 
 
-def remove_outputs(out_dir: str | Path, keep_below: int = 0) -> None:
+def remove_outputs(out_dir: str | Path, keep_below: int = 0, ext: str = "parquet") -> None:
     """Delete this module's files in `out_dir`: all of them, or only shards with index >= `keep_below`."""
     out = Path(out_dir)
     if not out.is_dir():
         return
     for p in out.iterdir():
-        m = SHARD_RE.match(p.name) or REJECTS_RE.match(p.name)
+        m = _shard_re(ext).match(p.name) or REJECTS_RE.match(p.name)
         if (m and int(m.group(1)) >= keep_below) or (keep_below == 0 and _ours(p.name)):
             p.unlink(missing_ok=True)
 
@@ -280,13 +361,13 @@ class ManifestWriter:
         rejected = sum(s["rejected"] for s in shards)
         manifest = {
             **self.header,
-            **extra,
             "complete": complete,
             "rows": rows,
             "rejected": rejected,
             "inputs": rows + rejected,
             "rows_per_shard": [s["rows"] for s in shards],
             "shards": shards,
+            **extra,  # last: a stage whose removals are not per-shard (build-captions) states its own totals
         }
         write_json_atomic(self.path, manifest)
         return manifest

@@ -6,6 +6,7 @@ built in memory with the `tokenizers` library over a small vocabulary. Each buil
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -124,4 +125,92 @@ def make_tiny_bert(dir: str | Path, seed: int = 0) -> Path:
     tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
     _save_tokenizer(out, tok, {**specials, "mask_token": "[MASK]"}, 64)
+    return out
+
+
+CLIP_SPECIALS = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
+
+
+def _tiny_clip_tokenizer(vocab: list[str]):
+    """A CLIP-like fast tokenizer (`<|startoftext|> ... <|endoftext|>`, 77 tokens) over `vocab`, built in memory."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _word_level(vocab, "<|unk|>")
+    tok.post_processor = TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)]
+    )
+    specials = {"pad_token": "<|pad|>", "unk_token": "<|unk|>", "bos_token": "<|startoftext|>"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=77, eos_token="<|endoftext|>", **specials)
+
+
+def _tiny_flux_models(vocab_size: int):
+    """(transformer, CLIP text model, VAE) in the shapes of diffusers' own Flux pipeline tests."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,  # 1 latent channel packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # = T5 d_model
+        pooled_projection_dim=32,  # = CLIP projection dim
+        axes_dims_rope=[4, 4, 8],
+    )
+    clip_cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        max_position_embeddings=77,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    return transformer, CLIPTextModel(clip_cfg), vae
+
+
+def make_tiny_flux(dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random `FluxPipeline` (1+1 transformer blocks, 1-block VAE, tiny CLIP and T5) in `dir`.
+
+    Shapes follow diffusers' own Flux pipeline tests; tokenizers are built in memory over `WORDS`.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    out = Path(dir)
+    make_tiny_t5(out / "t5", seed=seed)
+    clip_vocab = [*CLIP_SPECIALS, *WORDS]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, clip, vae = _tiny_flux_models(len(clip_vocab))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=_tiny_clip_tokenizer(clip_vocab),
+        text_encoder_2=T5EncoderModel.from_pretrained(out / "t5"),
+        tokenizer_2=AutoTokenizer.from_pretrained(out / "t5"),
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out)
+    shutil.rmtree(out / "t5")  # the saved pipeline has its own copy in text_encoder_2 / tokenizer_2
     return out

@@ -1,0 +1,173 @@
+"""`build-captions`: sources, filters and de-duplication with exact counts, selection, the diversity report, CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import diversity as dv
+from pipeline.caption_sources import read_captions
+from pipeline.captions import CaptionsConfig, caption_id, run_build_captions
+from pipeline.cli import app
+
+NEAR_A = "a big blue square on the left side of a green triangle"
+NEAR_B = NEAR_A + " today"  # 11 of 12 word bigrams shared: Jaccard 11/12
+FAR = "a big blue square on the right side of a red circle"  # Jaccard 7/15 with NEAR_A: kept
+
+
+def write_sources(root: Path) -> tuple[list[Path], dict[str, int]]:
+    """One file of each kind with known problems -> (paths, expected removals by reason, before selection)."""
+    jsonl = root / "a.jsonl"
+    lines = [
+        {"caption": "a red circle"},
+        {"caption": "A  red\tcircle"},  # exact duplicate after normalisation
+        {"caption": "a red circle!"},  # exact duplicate: punctuation and case do not count
+        {"caption": "   "},  # empty
+        {"text": "no caption field"},  # missing_field
+        {"caption": 42},  # bad_record
+        {"caption": NEAR_A},
+    ]
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")  # + a bad_json line
+    with open(root / "b.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["caption", "other"], [NEAR_B, 1], [FAR, 2], ["x", 3], [" ".join(["word"] * 30), 4]])
+    pq.write_table(pa.table({"caption": ["красный круг", "a blue circle", "a red square"]}), root / "c.parquet")
+    with tarfile.open(root / "d.tar", "w") as tf:
+        for key, cap in [("k0", "a red square"), ("k1", "two green crosses")]:  # k0: exact dup of c.parquet
+            data = json.dumps({"caption": cap}).encode()
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    expected = {"empty": 1, "missing_field": 1, "bad_record": 1, "bad_json": 1, "exact_dup": 3, "near_dup": 1}
+    expected |= {"too_short": 1, "too_long": 1, "bad_charset": 1}
+    return [jsonl, root / "b.csv", root / "c.parquet", root / "d.tar"], expected
+
+
+def cfg(tmp_path: Path, inputs, **kw) -> CaptionsConfig:
+    base = dict(embedder="hash", clusters=2, min_words=2, max_words=20, charset="latin", n=100)
+    return CaptionsConfig([str(p) for p in inputs], str(tmp_path / "out"), **{**base, **kw})
+
+
+def test_filters_and_duplicates_exact_counts(tmp_path):
+    srcs, expected = write_sources(tmp_path)
+    report = run_build_captions(cfg(tmp_path, srcs))
+    kept = ["a red circle", NEAR_A, FAR, "a blue circle", "a red square", "two green crosses"]
+    assert report["removed_by_reason"] == expected
+    assert (report["inputs"], report["kept"], report["removed"]) == (17, len(kept), 11)
+    assert report["duplicates_removed"] == 4
+    out = tmp_path / "out"
+    t = pq.read_table(out / "part-00000.parquet")
+    assert t.column("caption").to_pylist() == kept  # input order, normalised
+    assert t.column("id").to_pylist() == [caption_id(c) for c in kept]
+    rej = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert len(rej) == 11 and sum(r["reason"] == "exact_dup" for r in rej) == 3
+    near = next(r for r in rej if r["reason"] == "near_dup")
+    assert near["id"] == caption_id(NEAR_B) and near["detail"].startswith(f"~ {caption_id(NEAR_A)} (jaccard 0.917)")
+    assert [r["source"] for r in rej if r["reason"] in ("bad_record", "bad_json")] == ["a.jsonl:6", "a.jsonl:8"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and (manifest["rows"], manifest["rejected"], manifest["inputs"]) == (6, 11, 17)
+    # Selecting 2 of the 6 adds exactly 4 not_selected; counts still add up.
+    again = run_build_captions(cfg(tmp_path, srcs, n=2, overwrite=True))
+    assert again["kept"] == 2 and again["removed_by_reason"] == {**expected, "not_selected": 4}
+    assert again["inputs"] == again["kept"] + again["removed"] == 17
+    with pytest.raises(ValueError, match="other settings.*--overwrite"):
+        run_build_captions(cfg(tmp_path, srcs, n=3))
+
+
+def test_near_duplicates_and_minhash():
+    texts = [NEAR_A, NEAR_B, FAR, NEAR_A.replace("green", "red"), "a red circle"]
+    # NEAR_A vs the green->red variant: bigrams "a green", "green triangle" differ -> 9 / 13.
+    assert dv.near_duplicates(texts, threshold=0.8) == {1: (0, pytest.approx(11 / 12))}
+    assert dv.near_duplicates(texts, threshold=0.6) == {1: (0, pytest.approx(11 / 12)), 3: (0, pytest.approx(9 / 13))}
+    a = np.arange(1, 65, dtype=np.uint64) * 7919
+    b = np.arange(64, dtype=np.uint64)
+    s1, s2 = dv.shingles(NEAR_A, 2), dv.shingles(NEAR_B, 2)
+    estimate = float((dv.minhash(s1, a, b) == dv.minhash(s2, a, b)).mean())
+    assert abs(estimate - 11 / 12) < 0.2  # MinHash estimates Jaccard
+
+
+def test_diversity_numbers_on_a_hand_made_set():
+    texts = ["a red circle", "a red square", "a blue circle"]
+    assert dv.distinct_ngrams(texts, 1) == pytest.approx(5 / 9)
+    assert dv.distinct_ngrams(texts, 2) == pytest.approx(5 / 6)
+    assert dv.distinct_ngrams(texts, 3) == 1.0
+    e = np.eye(3, dtype=np.float32)
+    assert dv.mean_pairwise_distance(e) == pytest.approx(1.0)
+    assert dv.mean_pairwise_distance(np.stack([e[0], e[0], e[1]])) == pytest.approx(2 / 3)
+    assert dv.coverage_radius(e, e[:1]) == pytest.approx(2 / 3)
+    assert dv.cluster_entropy(np.array([2, 2])) == pytest.approx(1.0) and dv.cluster_entropy(np.array([4, 0])) == 0
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    assert sorted(labels[dv.select_clusters(labels, 3, seed=0)]) == [0, 1, 2]
+    assert np.bincount(labels[dv.select_clusters(labels, 5, seed=1)]).tolist() == [3, 1, 1]
+    x = dv.l2_normalize(np.array([[1, 0], [0.99, 0.1], [0.98, -0.1], [-1, 0]], np.float32))
+    assert all(3 in dv.select_farthest(x, 2, seed=s) for s in range(5))  # the outlier is always taken
+
+
+def test_report_on_a_hand_made_set(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join(json.dumps({"caption": c}) for c in ["a red circle", "a red square", "a blue circle"]))
+    report = run_build_captions(CaptionsConfig([str(src)], str(tmp_path / "o"), n=3, embedder="hash", clusters=2))
+    sel = report["diversity"]["selected"]
+    assert (sel["captions"], sel["distinct_1"], sel["distinct_2"], sel["distinct_3"]) == (3, 0.5556, 0.8333, 1.0)
+    assert sum(sel["cluster_histogram"]) == 3 and sel["clusters_hit"] == 2
+    x = dv.hash_embed(["a red circle", "a red square", "a blue circle"])
+    assert sel["mean_pairwise_distance"] == round(dv.mean_pairwise_distance(x), 4)
+    assert sel["coverage_radius"] == 0.0  # everything selected covers the pool exactly
+    assert json.loads((tmp_path / "o" / "diversity.json").read_text()) == report["diversity"]
+
+
+def test_shapes_source_and_selection_beats_random(tmp_path):
+    report = run_build_captions(
+        CaptionsConfig([], str(tmp_path / "o"), n=60, shapes=600, embedder="hash", clusters=12, seed=3)
+    )
+    assert report["inputs"] == 600 and report["kept"] == 60
+    assert report["inputs"] == report["kept"] + report["removed"]
+    t = pq.read_table(tmp_path / "o" / "part-00000.parquet")
+    metas = [json.loads(m) for m in t.column("metadata").to_pylist()]
+    assert all(m["tag"] and m["include"] and "caption" not in m for m in metas)
+    div = report["diversity"]
+    assert div["selected"]["clusters_hit"] == 12 and div["selected"]["cluster_entropy"] > 0.99
+    assert div["selected"]["cluster_entropy"] > div["random_baseline"]["cluster_entropy"]
+    # Shapes records read back with their metadata (build-captions output is a valid input).
+    back = read_captions([tmp_path / "o"])
+    assert [r.caption for r in back] == t.column("caption").to_pylist() and all(r.metadata for r in back)
+
+
+runner = CliRunner()
+
+
+def test_cli_build_captions_and_errors(tmp_path):
+    srcs, _ = write_sources(tmp_path)
+    out = tmp_path / "cli"
+    args = ["build-captions", "--output", str(out), "--embedder", "hash", "--clusters", "2", "--n", "4"]
+    result = runner.invoke(app, [*args, "--input", str(srcs[0]), "--input", str(srcs[2])])
+    assert result.exit_code == 0, result.output
+    assert "distinct_2" in result.output and "not_selected" in result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["kept"] == 4
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"caption": " "}) + "\n")
+    for bad, message in [
+        (["--input", str(tmp_path / "missing.jsonl")], "does not exist: .*missing.jsonl"),
+        (["--input", str(srcs[2]), "--field", "prompt"], "unknown --field 'prompt'"),
+        (["--input", str(srcs[0]), "--field", "prompt"], "unknown --field 'prompt'"),
+        (["--input", str(tmp_path / "blank.jsonl")], "no captions left after cleaning 1 inputs"),
+        ([], "no captions: give --input"),
+        (["--input", str(srcs[0]), "--select", "best"], "unknown --select 'best'"),
+    ]:
+        result = runner.invoke(app, ["build-captions", *bad, "--output", str(tmp_path / "o")])
+        assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+        assert re.search(message, result.output) and len(result.output.strip().splitlines()) == 1, result.output
+    help_text = runner.invoke(app, ["build-captions", "--help"], terminal_width=200).output
+    for option in ["--input", "--output", "--n ", "--field", "--shapes", "--min-words", "--max-words", "--charset",
+                   "--near-dup-thresh", "--ngram", "--embedder", "--select", "--clusters", "--workers", "--seed"]:  # fmt: skip
+        assert option in help_text
+    assert "[default: cluster]" in help_text and "[default: 0.8]" in help_text
