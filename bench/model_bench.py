@@ -117,12 +117,14 @@ def main() -> None:
     p.add_argument("--no-sample", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--keep-denormals", action="store_true", help="CPU: do not flush denormals (they cost up to 6x)")
     p.add_argument(
         "--sdpa", default="auto", choices=["auto", *SDPA], help="restrict SDPA to one backend (default: torch's choice)"
     )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(not args.keep_denormals)
     cfg = preset(args.preset, grad_checkpointing=args.checkpointing)
     args.resolution = args.resolution or cfg.base_resolution
     args.max_text = args.max_text or cfg.max_text_len
@@ -146,6 +148,7 @@ def main() -> None:
     res["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res["compile"] = args.compile
     res["threads"] = torch.get_num_threads()
+    res["flush_denormal"] = not args.keep_denormals
     if args.sdpa != "auto":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
