@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=float, default=0.0, help="evaluate an EMA of the weights with this decay (0 = off)")
     p.add_argument("--save-grid", default=None, help="path prefix for a PNG grid of samples at each evaluation")
     p.add_argument("--save-model", default=None, help="directory to save the final model to")
     args = p.parse_args()
@@ -134,6 +135,9 @@ def main() -> None:
     erecs, _, etext, emask = build_pool(args.n_eval, 999_001, res, enc, cfg.max_text_len, 0.0, "prompt")
     print(json.dumps({"setup_s": round(time.time() - t0, 1), "config": {**parse_sets(args.set)}, "args": vars(args)}))
     model = LightGen(cfg).train()
+    ema = LightGen(cfg).eval() if args.ema else None
+    if ema is not None:
+        ema.load_state_dict(model.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
@@ -150,6 +154,9 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema)
         train_s += time.time() - ts
         losses.append(loss.item())
         seen += args.batch
@@ -157,7 +164,7 @@ def main() -> None:
         progress = seen if args.images else train_s / 60
         budget = args.images or args.minutes
         if progress >= next_eval or progress >= budget:
-            ev = evaluate(model, erecs, etext, emask, args)
+            ev = evaluate(ema if ema is not None else model, erecs, etext, emask, args)
             row = {"train_min": round(train_s / 60, 2), "images": seen, "img_per_s": round(seen / train_s, 1),
                    "loss": round(float(np.mean(losses[-50:])), 4), "params": n_params}  # fmt: skip
             print(json.dumps(row | {k: round(v, 3) for k, v in ev.items()}), flush=True)
@@ -167,7 +174,7 @@ def main() -> None:
     if args.save_model:
         from lightgen_model import save_pretrained
 
-        save_pretrained(model, args.save_model)
+        save_pretrained(model, args.save_model, ema_state=None if ema is None else ema.state_dict())
 
 
 if __name__ == "__main__":
