@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from tiny_models import make_tiny_t5, make_tiny_vae
+from tiny_models import make_tiny_t5, make_tiny_vae, write_tar
 from typer.testing import CliRunner
 
 from pipeline import encoders, runtime
@@ -63,16 +62,6 @@ def caption(seed: int, n: int = 5) -> str:
     """A caption of `n` words the tiny tokenizers know."""
     rng = np.random.default_rng(seed)
     return " ".join(rng.choice(WORDS, n))
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A webdataset-style tar of (name, payload) members."""
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def clean_tar(path: Path, n: int, start: int = 0) -> Path:

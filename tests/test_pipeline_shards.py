@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny_models import write_tar
 
 from pipeline import runtime, shards
 from pipeline.images import RejectError
@@ -25,16 +23,6 @@ from pipeline.schema import (
     training_shards,
 )
 from pipeline.sources import BlobReader, Record, list_records, parse_caption
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar with the given (name, payload) members, in order."""
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def latent_rows(ids: list[str], text_lens: list[int], dim: int = 4, shape=(4, 2, 2)) -> pa.Table:

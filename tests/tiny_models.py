@@ -6,7 +6,9 @@ built in memory with the `tokenizers` library over a small vocabulary. Each buil
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import torch
@@ -214,3 +216,13 @@ def make_tiny_flux(dir: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(out)
     shutil.rmtree(out / "t5")  # the saved pipeline has its own copy in text_encoder_2 / tokenizer_2
     return out
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A webdataset-style tar of (name, payload) members, in order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
