@@ -180,27 +180,49 @@ class DiffusionHead(nn.Module):
             return out[:, : self.token_dim], out[:, self.token_dim :]
         return out, None
 
-    def loss(self, target: Tensor, z: Tensor, mul: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """Mean hybrid loss over tokens. target (N, C) clean tokens, z (N, D) their conditions.
+    def loss(
+        self,
+        target: Tensor,
+        z: Tensor,
+        mul: int = 1,
+        generator: torch.Generator | None = None,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        reduction: str = "mean",
+        vlb: bool = True,
+    ) -> Tensor:
+        """Hybrid loss. target (N, C) clean tokens, z (N, D) their conditions.
 
-        Each token is noised ``mul`` times; its condition projection is computed once, before the repeat,
-        and the timestep embedding comes from a table over all T steps.
+        Each token is noised ``mul`` times (rows ordered repeat-major: row k*N + n is token n's k-th draw); its
+        condition projection is computed once, before the repeat, and the timestep embedding comes from a table
+        over all T steps. ``t`` (N*mul,) and ``noise`` (N*mul, C) may be given (DPO shares them between winner and
+        loser); ``reduction`` "none" returns the (N*mul,) per-draw losses; ``vlb=False`` keeps the MSE term only.
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         sch = self.train_schedule
         c = self.net.cond_embed(z).repeat(mul, 1)  # (N*mul, W)
         x0 = target.repeat(mul, 1).float()  # (N*mul, C)
         n = x0.shape[0]
-        t = randint(sch.num_steps, n, generator, x0.device)
-        noise = randn(tuple(x0.shape), generator, x0.device)
+        if t is None:
+            t = randint(sch.num_steps, n, generator, x0.device)
+        if noise is None:
+            noise = randn(tuple(x0.shape), generator, x0.device)
+        if t.shape != (n,) or noise.shape != x0.shape:
+            raise ValueError(
+                f"t {tuple(t.shape)} / noise {tuple(noise.shape)} do not match {n} draws of {x0.shape[1]} dims"
+            )
+        noise = noise.float()
         x_t = sch.q_sample(x0, t, noise)
         table = self._time_table(torch.arange(sch.num_steps, device=x0.device))  # (T, W)
         out = self.net(x_t.to(c.dtype), table[t] + c).float()
         pred, var_out = self._split(out)
         goal = noise if self.prediction == "eps" else sch.q_sample(noise, t, -x0)  # v = a*eps - s*x0
         loss = ((pred - goal) ** 2).mean(dim=1)
-        if var_out is not None:
+        if var_out is not None and vlb:
             loss = loss + self._vb_term(x0, x_t, t, pred.detach(), var_out)
-        return loss.mean()
+        return loss.mean() if reduction == "mean" else loss
 
     def _vb_term(self, x0: Tensor, x_t: Tensor, t: Tensor, pred: Tensor, var_out: Tensor) -> Tensor:
         """Variational bound in bits per dim; trains only the variance (the mean is detached)."""
@@ -220,9 +242,11 @@ class DiffusionHead(nn.Module):
         cfg: float | Tensor = 1.0,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Draw one token per condition row. z (M, D); with ``z_uncond`` (M, D) applies CFG with scale
-        ``cfg`` (scalar or (M,)) to the prediction, one network pass over both halves per step."""
+        ``cfg`` (scalar or (M,)) to the prediction, one network pass over both halves per step. ``noise``
+        (steps, M, C) replaces the draw from ``generator`` (per-row generators, see sampling.py)."""
         sch = self.sample_schedule
         M, dev = z.shape[0], z.device
         cond = z if z_uncond is None else torch.cat([z, z_uncond])
@@ -231,7 +255,10 @@ class DiffusionHead(nn.Module):
         if isinstance(cfg, Tensor):
             cfg = cfg.to(dev, torch.float32).reshape(-1, 1)
         # all noise in one draw: a CPU generator then costs one host-to-device copy, not one per step
-        noise = randn((sch.num_steps, M, self.token_dim), generator, dev)
+        if noise is None:
+            noise = randn((sch.num_steps, M, self.token_dim), generator, dev)
+        elif noise.shape != (sch.num_steps, M, self.token_dim):
+            raise ValueError(f"noise {tuple(noise.shape)} != (steps, M, C) = {(sch.num_steps, M, self.token_dim)}")
         x = noise[0]
         for i in reversed(range(sch.num_steps)):
             t = torch.full((M,), i, device=dev, dtype=torch.long)

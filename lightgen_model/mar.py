@@ -100,9 +100,13 @@ class LightGen(nn.Module):
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def _init_weights(self) -> None:
-        for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.last_pos_embed_learned):  # fmt: skip
+        tables = (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned, self.last_pos_embed_learned)
+        for p in (self.fake_latent, self.mask_token, *tables):
             nn.init.normal_(p, std=0.02)
+        if self.cfg.pos_embed_init == "sincos":  # still learned, but starting from a 2-D sin-cos table
+            with torch.no_grad():
+                for p in tables:
+                    p.copy_(sincos_table(p.shape[-1], self.cfg.base_grid)[None])
         if self.cfg.buffer_size:
             nn.init.normal_(self.buffer_tokens, std=0.02)
         for m in self.modules():
@@ -254,8 +258,14 @@ class LightGen(nn.Module):
         text: Tensor,
         text_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        draws: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """Diffusion loss on the masked tokens. latents (B, C, H, W) normalised; text (B, Lt, text_dim)."""
+        """Diffusion loss on the masked tokens. latents (B, C, H, W) normalised; text (B, Lt, text_dim).
+
+        With ``draws`` = (mask, t, noise) returns the per-sample losses of :meth:`sample_losses` instead (DPO;
+        through ``forward`` so that DDP / FSDP wrappers see the call)."""
+        if draws is not None:
+            return self.sample_losses(latents, text, text_mask, *draws)
         tokens = self.patchify(latents)  # (B, L, C)
         grid = self.latent_grid(latents)
         B, L, _ = tokens.shape
@@ -269,6 +279,47 @@ class LightGen(nn.Module):
         z = self.cross(gather_rows(x, idx), ctx, ctx_mask, self.cross_pos(grid, idx))  # (B, n_mask, Dc)
         target = gather_rows(tokens, idx)  # (B, n_mask, C)
         return self.diffloss.loss(target.flatten(0, 1), z.flatten(0, 1), self.cfg.diffusion_batch_mul, generator)
+
+    def sample_losses(
+        self,
+        latents: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None,
+        mask: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        vlb: bool = False,
+    ) -> Tensor:
+        """Per-sample diffusion loss (B,) with everything random given: the token mask (B, L) (same count per
+        row), timesteps t (mul, B, m) and noise (mul, B, m, C) for the m masked tokens. No caption dropout.
+        Diffusion-DPO evaluates winner and loser, policy and reference, under the same draws this way."""
+        tokens = self.patchify(latents)
+        grid = self.latent_grid(latents)
+        B = tokens.shape[0]
+        ctx, ctx_mask = self.encode_text(text, text_mask)
+        x = self.encode_decode(tokens, mask, grid)
+        idx, _ = select_rows(mask)
+        m = idx.shape[1]
+        z = self.cross(gather_rows(x, idx), ctx, ctx_mask, self.cross_pos(grid, idx))
+        target = gather_rows(tokens, idx)
+        mul = t.shape[0]
+        per = self.diffloss.loss(
+            target.flatten(0, 1), z.flatten(0, 1), mul, t=t.reshape(-1), noise=noise.reshape(mul * B * m, -1),
+            reduction="none", vlb=vlb,
+        )  # fmt: skip
+        return per.view(mul, B, m).mean(dim=(0, 2))
+
+
+def sincos_table(dim: int, grid: tuple[int, int]) -> Tensor:
+    """(h*w, dim) 2-D sine-cosine positions in raster order: the first half of the channels encodes the row,
+    the second half the column; each half is [sin(p*f_k), cos(p*f_k)] over frequencies f_k = 10000^(-k/(dim/4))."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {dim}")
+    h, w = grid
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w).reshape(-1, 1) * freqs
+    cols = torch.arange(w, dtype=torch.float64)[None, :].expand(h, w).reshape(-1, 1) * freqs
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
 
 
 def select_rows(sel: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 from .mar import LightGen, gather_rows, select_rows
-from .rng import rand
+from .rng import rand, randn
+
+# one generator for the whole batch, or one per row (a batch then equals each row generated alone)
+Generator = torch.Generator | list[torch.Generator] | None
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -51,7 +54,7 @@ def masked_generation(
     cfg: float = 4.0,
     cfg_schedule: str = "linear",
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callable[[int, Tensor], None] | None = None,
     batch_uncond: bool | None = None,
 ) -> Tensor:
@@ -63,7 +66,9 @@ def masked_generation(
     dev = tokens.device
     tokens, gen_mask = tokens.clone(), gen_mask.to(dev).bool()
     n = gen_mask.sum(1)  # (B,)
-    scores = torch.where(gen_mask, rand((B, L), generator, dev), torch.full_like(gen_mask, 2.0, dtype=torch.float))
+    gens = _row_generators(generator, B)
+    draw = rand((B, L), generator, dev) if gens is None else torch.cat([rand((1, L), g, dev) for g in gens])
+    scores = torch.where(gen_mask, draw, torch.full_like(gen_mask, 2.0, dtype=torch.float))
     rank = torch.argsort(torch.argsort(scores, dim=1), dim=1)  # rank[b, pos]: its place in the random order
     ctx, ctx_mask = model.encode_text(text, text_mask)
     use_cfg = cfg != 1.0 if batch_uncond is None else batch_uncond
@@ -83,15 +88,35 @@ def masked_generation(
                 z = model.cross(torch.cat([xs, xs]), ctx, ctx_mask, torch.cat([pos, pos]))  # (2B, m, Dc)
                 z_c, z_u = z[:B][valid], z[B:][valid]  # (M, Dc) each
                 scale = _cfg_scale(cfg, cfg_schedule, n, keep)[:, None].expand_as(valid)[valid]
-                new = model.diffloss.sample(z_c, z_u, scale, temperature, generator)
+                noise = _row_noise(gens, valid, model, dev)
+                new = model.diffloss.sample(z_c, z_u, scale, temperature, None if gens else generator, noise=noise)
             else:
                 z = model.cross(xs, ctx, ctx_mask, pos)[valid]
-                new = model.diffloss.sample(z, None, 1.0, temperature, generator)
+                noise = _row_noise(gens, valid, model, dev)
+                new = model.diffloss.sample(z, None, 1.0, temperature, None if gens else generator, noise=noise)
             tokens[to_pred] = new.to(tokens.dtype)
         mask = mask_next
         if callback is not None:
             callback(step, tokens)
     return tokens
+
+
+def _row_generators(generator: Generator, B: int) -> list[torch.Generator] | None:
+    if not isinstance(generator, (list, tuple)):
+        return None
+    if len(generator) != B:
+        raise ValueError(f"got {len(generator)} generators for a batch of {B}: give one per row, or one for all")
+    return list(generator)
+
+
+def _row_noise(gens: list[torch.Generator] | None, valid: Tensor, model: LightGen, dev: torch.device) -> Tensor | None:
+    """Head noise (steps, M, C) with each row's tokens drawn from that row's own generator (row-major order,
+    as ``z[valid]``): a batch then reproduces each row's single-image result."""
+    if gens is None:
+        return None
+    steps, C = model.diffloss.sample_schedule.num_steps, model.diffloss.token_dim
+    counts = valid.sum(1).tolist()
+    return torch.cat([randn((steps, int(c), C), g, dev) for g, c in zip(gens, counts, strict=True)], dim=1)
 
 
 def _cfg_scale(cfg: float, schedule: str, n: Tensor, keep: Tensor) -> Tensor:
@@ -118,7 +143,7 @@ def generate(
     cfg: float = 4.0,
     cfg_schedule: str = "linear",
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Text-to-latents. text (B, Lt, text_dim) frozen-encoder states; resolution in pixels (int or (H, W)).
@@ -145,7 +170,7 @@ def inpaint(
     cfg: float = 4.0,
     cfg_schedule: str = "linear",
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
 ) -> Tensor:
     """Zero-shot inpainting. latents (B, C, H, W); token_mask (B, L) or (B, h, w), True = regenerate.
     Tokens outside the mask come back bit-identical."""

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import cross_states, make_text
 
 from lightgen_model import LightGen, ModelConfig, count_parameters, preset
 from lightgen_model.layers import CrossBlock
-from tests.conftest import cross_states, make_text
 
 
 @pytest.mark.parametrize("size", [(32, 32), (32, 48), (64, 32), (16, 16)])
@@ -242,3 +242,19 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_sincos_position_init():
+    from lightgen_model.mar import sincos_table
+
+    t = sincos_table(8, (3, 4))
+    assert t.shape == (12, 8)
+    # raster order: row 1, column 2 is index 6; channel 0 = sin(row * 1), channel 4 = sin(col * 1)
+    assert t[6, 0].item() == pytest.approx(math.sin(1.0)) and t[6, 4].item() == pytest.approx(math.sin(2.0))
+    assert t[6, 2].item() == pytest.approx(math.cos(1.0)) and t[6, 6].item() == pytest.approx(math.cos(2.0))
+    m = LightGen(preset("debug", pos_embed_init="sincos"))
+    for p in (m.encoder_pos_embed_learned, m.decoder_pos_embed_learned, m.last_pos_embed_learned):
+        assert torch.equal(p[0], sincos_table(p.shape[-1], m.cfg.base_grid)) and p.requires_grad
+    assert not torch.equal(LightGen(preset("debug")).encoder_pos_embed_learned[0], sincos_table(64, (8, 8)))
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        preset("debug", pos_embed_init="rope")
