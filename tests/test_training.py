@@ -1,0 +1,285 @@
+"""The trainer: resume exactness, DDP / FSDP2 on two gloo processes, finetune init, refusals, damaged
+checkpoints, non-finite steps, data order."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_utils import PIXEL_LOGVAR, random_shards, write_latent_shards
+
+from training import checkpoint as ckpt_io
+from training import pretrain
+from training.config import load_config
+from training.data import ShardSet, latent_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["--config", str(ROOT / "conf/debug.yaml"), "log.sample_count=0"]
+
+
+def train(out: Path, shards: Path, *extra: str) -> dict:
+    return pretrain.main([*BASE, f"data.shards=[{shards}]", f"train.out_dir={out}", *extra])
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors")) | {
+        "ema." + k: v for k, v in load_file(str(ckpt / "model_ema.safetensors")).items()
+    }
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"tensors differ: {bad[:5]}"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return random_shards(tmp_path_factory.mktemp("data") / "shards", n=48, rows_per_shard=16)
+
+
+def test_resume_is_bit_exact(tmp_path, shards):
+    train(tmp_path / "straight", shards, "train.max_steps=14", "checkpoint.every_steps=100")
+    train(tmp_path / "split", shards, "train.max_steps=9", "checkpoint.every_steps=100")  # stops at 9
+    assert [d.name for d in ckpt_io.checkpoint_dirs(tmp_path / "split/checkpoints")] == ["step-00000009"]
+    summary = train(tmp_path / "split", shards, "train.max_steps=14", "checkpoint.every_steps=100")
+    assert summary["step"] == 14
+    assert_same(
+        weights(tmp_path / "straight/checkpoints/step-00000014"), weights(tmp_path / "split/checkpoints/step-00000014")
+    )
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")  # the loss curve, step by step
+    a = load_file(str(tmp_path / "straight/checkpoints/step-00000014/optimizer.safetensors"))
+    b = load_file(str(tmp_path / "split/checkpoints/step-00000014/optimizer.safetensors"))
+    assert_same(a, b)
+    # crossing an epoch boundary (3 batches of 16 rows per epoch... 6 steps of 8) is part of the comparison
+    state = json.loads((tmp_path / "split/checkpoints/step-00000014/state.json").read_text())
+    assert state["loader"] == {"epoch": 2, "index": 2}
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path, shards):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "training/pretrain.py"), *BASE, f"data.shards=[{shards}]",
+           f"train.out_dir={out}", "train.max_steps=100000", "checkpoint.every_steps=0", "log.every=1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = out / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text
+    assert "stopped by signal" in text
+    (ckpt,) = ckpt_io.checkpoint_dirs(out / "checkpoints")
+    k = int(ckpt.name.split("-")[1])
+    assert k >= 5 and ckpt_io.verify(ckpt) is None
+    assert not (out / "model").exists()  # an interrupted run does not export a final model
+    train(out, shards, f"train.max_steps={k + 3}")
+    train(tmp_path / "straight", shards, f"train.max_steps={k + 3}")
+    final = f"checkpoints/step-{k + 3:08d}"
+    assert_same(weights(out / final), weights(tmp_path / "straight" / final))
+    assert losses(out) == losses(tmp_path / "straight")
+
+
+def torchrun(out: Path, shards: Path, *extra: str) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "training/pretrain.py"), *BASE, f"data.shards=[{shards}]", f"train.out_dir={out}",
+           "data.batch_size=4", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resume_and_fsdp_agree(tmp_path, shards):
+    out = torchrun(tmp_path / "ddp", shards, "train.max_steps=6")
+    assert "2 process(es)" in out and "global batch 8" in out
+    torchrun(tmp_path / "ddp_split", shards, "train.max_steps=3")
+    torchrun(tmp_path / "ddp_split", shards, "train.max_steps=6")
+    ref = weights(tmp_path / "ddp/checkpoints/step-00000006")
+    assert_same(ref, weights(tmp_path / "ddp_split/checkpoints/step-00000006"))
+    torchrun(tmp_path / "fsdp", shards, "train.max_steps=6", "train.parallel=fsdp")
+    fsdp = weights(tmp_path / "fsdp/checkpoints/step-00000006")
+    assert ref.keys() == fsdp.keys()
+    for k in ref:
+        torch.testing.assert_close(fsdp[k], ref[k], rtol=0, atol=1e-6)
+    mid = weights(tmp_path / "ddp_split/checkpoints/step-00000003")
+    assert any(not torch.equal(mid[k], ref[k]) for k in ref)  # the resumed half really trained
+
+
+def test_rank_plans_are_disjoint_and_cover(tmp_path):
+    d = random_shards(tmp_path / "s", n=64, rows_per_shard=8)  # 8 shards
+    s = ShardSet([d])
+    for world in (1, 2, 3):
+        plans = [s.epoch_batches(0, r, world, 4, seed=1, window=2) for r in range(world)]
+        assert len({len(p) for p in plans}) == 1  # every rank runs the same number of steps
+        seen = np.concatenate([np.concatenate(p) for p in plans])
+        keys = {(int(a), int(b)) for a, b in seen}
+        assert len(keys) == len(seen)  # no row twice in an epoch
+        if world == 1:
+            assert len(keys) == 64
+    few = ShardSet([random_shards(tmp_path / "few", n=10, rows_per_shard=10)])  # 1 shard, 2 ranks: row-strided
+    a, b = (few.epoch_batches(0, r, 2, 2, seed=0, window=4) for r in range(2))
+    assert not {tuple(x) for x in np.concatenate(a)} & {tuple(x) for x in np.concatenate(b)}
+    e0, e1 = (np.concatenate(s.epoch_batches(e, 0, 1, 4, seed=1, window=2)) for e in (0, 1))
+    assert not np.array_equal(e0, e1)  # reshuffled every epoch
+
+
+def test_flip_and_posterior_sampling(tmp_path):
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)
+    logvar = np.full_like(mean, np.log(0.25))  # std 0.5
+    d = write_latent_shards(tmp_path / "s", np.concatenate([mean, logvar], 1),
+                            [np.ones((3, 4), np.float32)] * 8, ["c"] * 8, moments_flip=np.concatenate([-mean, logvar], 1))  # fmt: skip
+    s = ShardSet([d])
+    refs = np.array([[0, i] for i in range(8)])
+    g = torch.Generator().manual_seed(0)
+    b = latent_batch(s, refs, g, flip=False)
+    assert not b["flipped"].any()
+    resid = (b["latents"] - torch.from_numpy(mean).half().float()).std().item()
+    assert 0.4 < resid < 0.6  # a draw from the posterior, not its mean
+    flips = np.concatenate(
+        [latent_batch(s, refs, torch.Generator().manual_seed(i), flip=True)["flipped"] for i in range(20)]
+    )
+    assert 0.35 < flips.mean() < 0.65
+    assert b["text"].shape == (8, 3, 4) and b["text_mask"].all()
+
+
+def test_finetune_initialises_from_a_256_checkpoint_at_a_new_resolution(tmp_path, shards):
+    train(tmp_path / "base", shards, "train.max_steps=3")
+    big = random_shards(tmp_path / "big", n=16, res=64, rows_per_shard=8)
+    out = tmp_path / "ft"
+    train(out, big, f"model.init_from={tmp_path / 'base/model'}", "optim.lr_scale=0.1", "train.max_steps=0")
+    assert_same(weights(tmp_path / "base/model"), weights(out / "model"))  # 0 steps: exactly the loaded weights
+    train(out, big, "train.max_steps=2", "checkpoint.resume=never", f"model.init_from={tmp_path / 'base/model'}",
+          "optim.lr_scale=0.1", "optim.warmup_steps=0", f"train.out_dir={tmp_path / 'ft2'}")  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "ft2/metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-4])  # 0.1 x the base lr
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    cfg = json.loads((tmp_path / "ft2/model/config.json").read_text())
+    assert cfg["base_resolution"] == 32  # positional tables stay at the base grid and are interpolated to 16x16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"vae": "sd35-vae"}, "vae 'sd35-vae' != expected 'pixel'"),
+        ({"text_encoder": "t5"}, "text encoder 't5' != expected 'minilm'"),
+        ({"schema_version": 99}, "schema version 99"),
+        ({"complete": False}, "has not finished"),
+        ({"dim": 512}, "512-dim text states"),
+    ],
+)
+def test_mismatched_shards_are_refused(tmp_path, kwargs, message):
+    d = random_shards(tmp_path / "bad", n=8, **kwargs)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        train(tmp_path / "out", d, "train.max_steps=1")
+
+
+def test_multi_resolution_needs_consent(tmp_path):
+    a = random_shards(tmp_path / "a", n=16, res=32)
+    b = random_shards(tmp_path / "b", n=16, res=64)
+    args = [*BASE, f"data.shards=[{a},{b}]", f"train.out_dir={tmp_path / 'o'}", "train.max_steps=4"]
+    with pytest.raises(SystemExit, match="several resolutions"):
+        pretrain.main(args)
+    assert pretrain.main([*args, "data.allow_multi_resolution=true"])["step"] == 4
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path, shards, capsys):
+    out = tmp_path / "run"
+    train(out, shards, "train.max_steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=3")
+    c4, c8 = ckpt_io.checkpoint_dirs(out / "checkpoints")
+    with open(c8 / "model.safetensors", "r+b") as f:  # a torn write: half the file
+        f.truncate(f.seek(0, 2) // 2)
+    (out / "checkpoints" / ".tmp-step-00000012-1").mkdir()  # a partial directory of a crashed save
+    assert ckpt_io.verify(c8) is not None and ckpt_io.verify(c4) is None
+    train(out, shards, "train.max_steps=8")
+    text = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in text and "resuming from" in text and "step-00000004" in text
+    train(tmp_path / "straight", shards, "train.max_steps=8", "checkpoint.every_steps=4")
+    assert_same(weights(out / "checkpoints/step-00000008"), weights(tmp_path / "straight/checkpoints/step-00000008"))
+    # flipping one byte is caught by the CRC
+    raw = bytearray((c4 / "optimizer.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (c4 / "optimizer.safetensors").write_bytes(bytes(raw))
+    assert "CRC" in ckpt_io.verify(c4)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, shards, monkeypatch):
+    real = pretrain.PretrainTrainer.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, model, batch):
+        calls["n"] += 1
+        loss, extra = real(self, model, batch)
+        return (loss * float("nan") if calls["n"] in (3, 4) else loss), extra
+
+    monkeypatch.setattr(pretrain.PretrainTrainer, "loss", sometimes_nan)
+    monkeypatch.setattr(pretrain.Trainer, "_flops_per_image", lambda *a: None)
+    s = train(tmp_path / "a", shards, "train.max_steps=6")
+    assert s["step"] == 6 and s["nonfinite"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, False, False]
+    w = weights(tmp_path / "a/checkpoints/step-00000006")
+    assert all(torch.isfinite(v).all() for v in w.values())  # a skipped step never touches the weights
+
+    monkeypatch.setattr(pretrain.PretrainTrainer, "loss", lambda self, m, b: (real(self, m, b)[0] * float("inf"), {}))
+    with pytest.raises(RuntimeError, match="3 consecutive steps with a non-finite loss"):
+        train(tmp_path / "b", shards, "train.max_steps=10", "train.max_nonfinite=3")
+
+
+def test_config_errors_name_the_bad_key(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bacth_size'\]"):
+        load_config(ROOT / "conf/debug.yaml", ["data.bacth_size=3"])
+    with pytest.raises(ValueError, match="train.parallel"):
+        load_config(None, ["train.parallel=zero3"])
+    cfg = load_config(ROOT / "conf/debug.yaml", ["model.overrides.encoder_depth=3", "optim.betas=[0.9,0.99]"])
+    assert cfg.model.overrides == {"encoder_depth": 3} and cfg.optim.betas == [0.9, 0.99]
+    for p in sorted((ROOT / "conf").glob("*.yaml")):
+        load_config(p)  # every shipped preset parses and validates
+
+
+@pytest.mark.slow
+def test_loss_falls_on_a_tiny_shapesworld_set(tmp_path):
+    from pipeline.encoders import build_text_encoder
+    from shapesworld import ShapesTeacher, generate_prompts
+
+    recs = generate_prompts(64, seed=3)
+    imgs = ShapesTeacher(32).batch(recs, list(range(64)))
+    mean = imgs.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    moments = np.concatenate([mean, np.full_like(mean, PIXEL_LOGVAR)], 1)
+    texts = build_text_encoder("minilm")([r["caption"] for r in recs])
+    d = write_latent_shards(tmp_path / "sw", moments, texts, [r["caption"] for r in recs], rows_per_shard=32)
+    train(tmp_path / "run", d, "model.preset=shapes", "train.max_steps=120", "data.batch_size=16",
+          "data.flip=false", "checkpoint.every_steps=0", "optim.warmup_steps=10")  # fmt: skip
+    curve = losses(tmp_path / "run")
+    first, last = np.mean(curve[:10]), np.mean(curve[-20:])
+    assert last < 0.6 * first, (first, last)
+
+
+def test_sample_grid_and_tensorboard(tmp_path, shards):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    train(out, shards, "train.max_steps=2", "log.sample_count=5", "log.sample_steps=2", "log.tensorboard=true")
+    grid = Image.open(out / "samples/step-00000002.png")
+    assert grid.size == (5 * 34, 34)  # five 32-px samples with a 2-px gutter, one row
+    captions = json.loads((out / "samples/step-00000002.json").read_text())["captions"]
+    assert captions == [f"caption {i}" for i in range(5)]  # the fixed prompts: the first captions of the data
+    assert list((out / "tb").glob("events.out.tfevents.*"))

@@ -1,0 +1,222 @@
+"""Trainer configuration: YAML presets in `conf/` plus `section.key=value` overrides on the command line.
+
+A config has sections (model, data, optim, train, checkpoint, log; DPO adds dpo). Unknown sections or keys are
+errors that name the offending key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    preset: str = "shapes"  # a lightgen_model preset name (ignored when init_from is set)
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
+    init_from: str | None = None  # a model or checkpoint directory to start from (finetune, DPO)
+
+
+@dataclass
+class DataSection:
+    shards: list[str] = field(default_factory=list)  # training-shard directories (encode-latents outputs)
+    batch_size: int = 64  # per process and micro-step; global batch = batch_size * world * grad_accum
+    flip: bool = True  # use the stored horizontally flipped moments with p = 0.5 (off for left/right captions)
+    allow_multi_resolution: bool = False  # shard sets at several resolutions (batches never mix resolutions)
+    shuffle_window: int = 8  # shards whose rows are shuffled together (per epoch, per rank)
+    prefetch: int = 4  # batches prepared ahead
+    workers: int = 1  # threads preparing batches (raise on GPU machines: collation is CPU work)
+
+
+@dataclass
+class OptimSection:
+    blr: float = 1e-4  # base learning rate per 256 images of global batch
+    lr: float | None = None  # absolute learning rate; overrides blr when set
+    lr_scale: float = 1.0  # multiplies the resolved lr (0.1 for the 512-px finetune)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.02  # not on biases, norms, positional tables, learned tokens, the diffusion head
+    warmup_steps: int = 1000
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    schedule_steps: int | None = None  # cosine length; default max_steps, or (with train.budget_minutes) the steps
+    # the budget allows, estimated once from the first steps' speed and kept in the checkpoint
+    grad_clip: float = 3.0  # 0 disables
+    grad_accum: int = 1
+    ema_decay: float = 0.9999  # 0 disables the EMA
+    fused: bool | None = None  # fused AdamW; None = on CUDA when available
+
+
+@dataclass
+class TrainSection:
+    out_dir: str = "runs/train"
+    max_steps: int = 1000
+    budget_minutes: float | None = None  # also stop after this much training time (summed over resumes)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block)
+    compile: bool = False  # torch.compile each transformer block and the head
+    grad_checkpointing: bool = False
+    threads: int | None = None  # CPU threads per process (default: cores / local processes)
+    max_nonfinite: int = 20  # stop after this many consecutive non-finite steps
+    deterministic: bool = True  # CPU: deterministic kernels, so that resumed runs are bit-exact
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000  # 0 disables step-based checkpoints
+    every_minutes: float | None = None
+    keep_last: int = 3
+    resume: str = "auto"  # auto (newest valid checkpoint in out_dir) | never | a checkpoint directory
+
+
+@dataclass
+class LogSection:
+    every: int = 10  # stdout / TensorBoard interval in steps
+    tensorboard: bool = True
+    progress: bool = True  # a progress bar on the main process
+    sample_every: int = 0  # sample-grid interval in steps (0 = only at the end)
+    sample_count: int = 16  # grid of the first N captions of the data (fixed prompts)
+    sample_steps: int = 32  # masked-generation iterations
+    sample_cfg: float = 3.0
+    sample_temperature: float = 1.0
+    vae: str | None = None  # image tokenizer to decode grids with (default: the model config's `vae` name)
+
+
+@dataclass
+class DPOSection:
+    beta: float = 5000.0
+    pairs: list[str] = field(default_factory=list)  # pair-shard directories (build-dpo-pairs outputs)
+    reference_dtype: str = "float32"  # the frozen reference copy: float32 | bfloat16
+    reference_device: str = "same"  # same | cpu (offloaded; slower)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value."""
+        checks = [
+            (self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}"),
+            (self.data.shuffle_window >= 1, f"data.shuffle_window must be >= 1, got {self.data.shuffle_window}"),
+            (self.optim.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}"),
+            (self.optim.schedule in ("constant", "cosine"), f"optim.schedule: {self.optim.schedule!r}"),
+            (0.0 <= self.optim.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}"),
+            (len(self.optim.betas) == 2, f"optim.betas needs two values, got {self.optim.betas}"),
+            (self.train.max_steps >= 0, f"train.max_steps must be >= 0, got {self.train.max_steps}"),
+            (self.train.device in ("auto", "cpu", "cuda"), f"train.device: {self.train.device!r}"),
+            (self.train.precision in ("auto", "fp32", "bf16"), f"train.precision: {self.train.precision!r}"),
+            (self.train.parallel in ("ddp", "fsdp"), f"train.parallel: {self.train.parallel!r}"),
+            (self.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}"),
+            (self.log.every >= 1, f"log.every must be >= 1, got {self.log.every}"),
+            (self.dpo.reference_dtype in ("float32", "bfloat16"), f"dpo.reference_dtype: {self.dpo.reference_dtype!r}"),
+            (self.dpo.reference_device in ("same", "cpu"), f"dpo.reference_device: {self.dpo.reference_device!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _section_class(name: str) -> type:
+    return {
+        "model": ModelSection,
+        "data": DataSection,
+        "optim": OptimSection,
+        "train": TrainSection,
+        "checkpoint": CheckpointSection,
+        "log": LogSection,
+        "dpo": DPOSection,
+    }[name]
+
+
+def _coerce(key: str, annotation: str, value: Any) -> Any:
+    """YAML reads `1e-3` as a string and `1` as an int: make numbers of float fields floats, or fail clearly."""
+    if "float" not in annotation or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
+    return value
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Build and validate a config from nested dictionaries; unknown sections/keys raise ValueError."""
+    kwargs = {}
+    for sec, values in (d or {}).items():
+        if sec not in SECTIONS:
+            raise ValueError(f"unknown config section {sec!r}; sections are {sorted(SECTIONS)}")
+        cls = _section_class(sec)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {sec!r} must be a mapping, got {values!r}")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in config section {sec!r}; known: {sorted(known)}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        kwargs[sec] = cls(**{k: _coerce(f"{sec}.{k}", types[k], v) for k, v in values.items()})
+    cfg = TrainConfig(**kwargs)
+    if isinstance(cfg.data.shards, str):
+        cfg.data.shards = [cfg.data.shards]
+    if isinstance(cfg.dpo.pairs, str):
+        cfg.dpo.pairs = [cfg.dpo.pairs]
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` (value parsed as YAML; `model.overrides.encoder_depth=3` reaches one level deeper)."""
+    out = json.loads(json.dumps(d or {}))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(f"override key {key!r} must name a section and a key, e.g. optim.lr=1e-3")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: a config file must be a mapping of sections")
+    return from_dict(apply_overrides(d, overrides or []))

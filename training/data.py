@@ -1,0 +1,298 @@
+"""Reading training shards: deterministic, rank-strided, shuffled, resumable batches.
+
+The order of the data is a pure function of (seed, epoch, rank): each epoch permutes the shards; with at least as
+many shards as processes, rank r reads shards r, r + W, r + 2W, ... of that permutation (every rank reads only
+its own files), otherwise every rank reads all shards and keeps every W-th row. Rows are shuffled inside windows
+of `shuffle_window` consecutive shards. All ranks run the same number of steps per epoch (the smallest rank's
+count); a batch never mixes resolutions. The loader's position (epoch, batch index) is all a checkpoint needs
+to continue exactly; the per-batch randomness (flip, posterior sample) is seeded by that position as well.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATENT_COLUMNS = ("moments", "moments_flip")
+
+
+@dataclass
+class Shard:
+    path: Path
+    rows: int
+    resolution: int
+
+
+@dataclass
+class Decoded:
+    """One shard's columns as arrays: moments per column (N, 2C, h, w) float16, text rows, captions."""
+
+    moments: dict[str, np.ndarray]
+    text: np.ndarray  # (sum L, D) float16
+    text_start: np.ndarray  # (N + 1,) row offsets into `text`
+    captions: list[str]
+    extra: dict[str, list[Any]]
+
+    def text_row(self, i: int) -> np.ndarray:
+        return self.text[self.text_start[i] : self.text_start[i + 1]]
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (stable across processes and runs)."""
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0]
+        >> 1
+    )
+
+
+class ShardSet:
+    """The validated shards of one or more directories (encode-latents or build-dpo-pairs outputs)."""
+
+    def __init__(
+        self,
+        directories: list[str] | list[Path],
+        *,
+        vae: str | None = None,
+        text_encoder: str | None = None,
+        allow_multi_resolution: bool = False,
+        kind: str = "latents",
+        moment_columns: tuple[str, ...] = LATENT_COLUMNS,
+        extra_columns: tuple[str, ...] = (),
+    ) -> None:
+        from pipeline import schema  # pyarrow is imported only where shards are really read
+
+        if not directories:
+            raise ValueError("no shard directory given")
+        self.moment_columns, self.extra_columns = moment_columns, extra_columns
+        self.shards: list[Shard] = []
+        self.manifests = []
+        for d in directories:
+            if kind == "latents":
+                manifest, paths = schema.training_shards(d, vae=vae, text_encoder=text_encoder)
+            else:
+                manifest, paths = schema.pair_shards(d, vae=vae, text_encoder=text_encoder)
+            res = int(manifest.get("resolution") or manifest.get("config", {}).get("resolution") or 0)
+            entries = manifest["shards"]
+            for p, e in zip(paths, entries, strict=True):
+                if int(e["rows"]) > 0:
+                    self.shards.append(Shard(p, int(e["rows"]), res))
+            self.manifests.append(manifest)
+        if not self.shards:
+            raise schema.IncompatibleShardsError(f"the shard directories {list(map(str, directories))} hold no rows")
+        resolutions = sorted({s.resolution for s in self.shards})
+        if len(resolutions) > 1 and not allow_multi_resolution:
+            raise schema.IncompatibleShardsError(
+                f"shards at several resolutions {resolutions}: train one resolution at a time, or set "
+                "data.allow_multi_resolution=true"
+            )
+        self.resolutions = resolutions
+        self._cache: OrderedDict[int, Decoded] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cache_size = 16
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def decoded(self, i: int) -> Decoded:
+        """Shard i's arrays (an LRU cache keeps the shards of the current shuffle windows)."""
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+        import pyarrow.parquet as pq
+
+        from pipeline import schema
+
+        shard = self.shards[i]
+        table = pq.read_table(shard.path)
+        if len(table) != shard.rows:
+            raise schema.IncompatibleShardsError(f"{shard.path}: {len(table)} rows, the manifest says {shard.rows}")
+        moments = {c: schema.moments_array(table, c) for c in self.moment_columns}
+        lens = table.column("text_len").to_numpy().astype(np.int64)
+        col = table.column("text_emb").combine_chunks()
+        flat = col.values.to_numpy(zero_copy_only=False)
+        total = int(lens.sum())
+        if total == 0 or flat.size % total:
+            raise schema.IncompatibleShardsError(f"{shard.path}: text_emb sizes do not match text_len")
+        text = flat.reshape(total, flat.size // total)
+        start = np.concatenate([[0], np.cumsum(lens)])
+        extra = {c: table.column(c).to_pylist() for c in self.extra_columns}
+        dec = Decoded(moments, text, start, table.column("caption").to_pylist(), extra)
+        with self._lock:
+            self._cache[i] = dec
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return dec
+
+    def first_rows(self, n: int) -> list[tuple[int, int]]:
+        """(shard, row) of the first n rows in manifest order (fixed prompts for sample grids)."""
+        out = []
+        for si, s in enumerate(self.shards):
+            for r in range(s.rows):
+                if len(out) == n:
+                    return out
+                out.append((si, r))
+        return out
+
+    # -- order -------------------------------------------------------------------------------------
+    def _group(self, order: list[int], window: int) -> list[list[int]]:
+        groups: list[list[int]] = []
+        for i in order:
+            if (
+                groups
+                and len(groups[-1]) < window
+                and self.shards[groups[-1][0]].resolution == self.shards[i].resolution
+            ):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _rank_batches(self, epoch: int, rank: int, world: int, batch: int, seed: int, window: int) -> list[np.ndarray]:
+        perm = np.random.default_rng(seed_of(seed, epoch, 7)).permutation(len(self.shards)).tolist()
+        own = perm[rank::world] if len(self.shards) >= world else perm
+        batches: list[np.ndarray] = []
+        carry = np.zeros((0, 2), np.int64)
+        for w, group in enumerate(self._group(own, window)):
+            refs = np.concatenate(
+                [np.stack([np.full(self.shards[i].rows, i), np.arange(self.shards[i].rows)], 1) for i in group]
+            )
+            refs = refs[
+                np.random.default_rng(seed_of(seed, epoch, rank if len(self.shards) >= world else 0, w)).permutation(
+                    len(refs)
+                )
+            ]
+            if len(self.shards) < world:
+                refs = refs[rank::world]
+            if len(carry) and self.shards[int(carry[0, 0])].resolution != self.shards[group[0]].resolution:
+                carry = carry[:0]  # a batch never mixes resolutions: the partial batch is dropped
+            refs = np.concatenate([carry, refs])
+            n = len(refs) // batch
+            batches.extend(refs[k * batch : (k + 1) * batch] for k in range(n))
+            carry = refs[n * batch :]
+        return batches
+
+    def epoch_batches(self, epoch: int, rank: int, world: int, batch: int, seed: int, window: int) -> list[np.ndarray]:
+        """This rank's batches of (shard, row) references for `epoch`, cut to the count every rank reaches."""
+        counts = [
+            len(self._rank_batches(epoch, r, world, batch, seed, window)) if r != rank else None for r in range(world)
+        ]
+        mine = self._rank_batches(epoch, rank, world, batch, seed, window)
+        steps = min([len(mine)] + [c for c in counts if c is not None])
+        if steps == 0:
+            raise ValueError(
+                f"batch size {batch} x {world} processes is larger than the data ({self.rows} rows): no full batch"
+            )
+        return mine[:steps]
+
+
+def pad_text(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded (L_i, D) arrays -> (B, max L, D) float32 and a (B, max L) bool mask (True = real token)."""
+    L = max(r.shape[0] for r in rows)
+    D = rows[0].shape[1]
+    text = np.zeros((len(rows), L, D), np.float32)
+    for i, r in enumerate(rows):
+        text[i, : r.shape[0]] = r
+    mask = torch.arange(L)[None] < torch.tensor([r.shape[0] for r in rows])[:, None]
+    return torch.from_numpy(text), mask
+
+
+def sample_posterior(moments: np.ndarray, g: torch.Generator) -> torch.Tensor:
+    """(B, 2C, h, w) stored moments (mean ‖ logvar) -> one draw mean + exp(logvar / 2) * eps, float32."""
+    m = torch.from_numpy(moments.astype(np.float32))
+    mean, logvar = m.chunk(2, dim=1)
+    return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+
+
+def gather_moments(shards: ShardSet, refs: np.ndarray, column: str) -> np.ndarray:
+    return np.stack([shards.decoded(int(s)).moments[column][int(r)] for s, r in refs])
+
+
+def latent_batch(shards: ShardSet, refs: np.ndarray, g: torch.Generator, flip: bool) -> dict[str, Any]:
+    """A pretraining batch: posterior samples of the (possibly flipped) moments, padded text, captions."""
+    use_flip = (torch.rand(len(refs), generator=g) < 0.5).numpy() if flip else np.zeros(len(refs), bool)
+    moments = np.stack(
+        [
+            shards.decoded(int(s)).moments["moments_flip" if f else "moments"][int(r)]
+            for (s, r), f in zip(refs, use_flip, strict=True)
+        ]
+    )
+    latents = sample_posterior(moments, g)
+    text, mask = pad_text([shards.decoded(int(s)).text_row(int(r)) for s, r in refs])
+    captions = [shards.decoded(int(s)).captions[int(r)] for s, r in refs]
+    return {"latents": latents, "text": text, "text_mask": mask, "captions": captions, "flipped": use_flip}
+
+
+Collate = Callable[[ShardSet, np.ndarray, torch.Generator], dict[str, Any]]
+
+
+class Loader:
+    """Iterates batches from a position (epoch, index); `workers` threads prepare up to `prefetch` batches ahead,
+    handed out strictly in order (collation is numpy/torch work that releases the GIL)."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        collate: Collate,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        window: int = 8,
+        prefetch: int = 4,
+        workers: int = 1,
+        epoch: int = 0,
+        index: int = 0,
+    ) -> None:
+        self.shards, self.collate = shards, collate
+        self.batch_size, self.rank, self.world, self.seed, self.window = batch_size, rank, world, seed, window
+        self.prefetch, self.workers = max(1, prefetch), max(1, workers)
+        self.epoch, self.index = epoch, index  # position of the next batch to hand out
+        self.shards.cache_size = max(16, 2 * window + 2)
+        self._plans: dict[int, list[np.ndarray]] = {}
+        self.steps_per_epoch = len(self._plan(epoch))  # of the starting epoch (later epochs may differ slightly)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: self.shards.epoch_batches(epoch, self.rank, self.world, self.batch_size, self.seed, self.window)
+            }
+        return self._plans[epoch]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def _make(self, epoch: int, index: int, refs: np.ndarray) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(seed_of(self.seed, epoch, self.rank, index, 11))
+        return self.collate(self.shards, refs, g)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loader")
+        pending: deque = deque()
+        epoch, index = self.epoch, self.index
+        try:
+            while True:
+                while len(pending) < self.prefetch:
+                    plan = self._plan(epoch)
+                    last = index == len(plan) - 1
+                    pending.append((epoch, index, last, pool.submit(self._make, epoch, index, plan[index])))
+                    epoch, index = (epoch + 1, 0) if last else (epoch, index + 1)
+                e, i, last, fut = pending.popleft()
+                batch = fut.result()
+                self.epoch, self.index = (e + 1, 0) if last else (e, i + 1)
+                yield batch
+        finally:
+            for *_, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,93 @@
+"""AdamW with the reference's weight-decay exclusions, the lr schedule, and an EMA of the weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimSection
+
+NO_DECAY_NAMES = ("pos_embed", "mask_token", "buffer_tokens", "fake_latent")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weight matrices; no decay on biases, norms (1-D), positional tables, learned tokens
+    and the whole diffusion head (as the reference)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or any(k in name for k in NO_DECAY_NAMES) or "diffloss" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_lr(cfg: OptimSection, global_batch: int) -> float:
+    """lr = blr x global batch / 256 (or the absolute `lr`), times `lr_scale`."""
+    base = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
+    return base * cfg.lr_scale
+
+
+def lr_at(step: int, peak: float, cfg: OptimSection, total_steps: int) -> float:
+    """Linear warm-up to `peak`, then constant or cosine down to `min_lr_ratio * peak` at `total_steps`."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    span = max(1, total_steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection, lr: float, device: torch.device) -> torch.optim.AdamW:
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), fused=bool(fused) or None
+    )
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (fp32), keyed like `model.named_parameters()`.
+
+    With FSDP2 the tensors are the local shards (DTensors) and `state_dict` gathers them; with DDP only the
+    main process keeps an EMA (every rank's weights are equal)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            self.shadow = [p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = [p.detach() for _, p in model.named_parameters() if p.requires_grad]
+        if params and params[0].dtype == torch.float32:
+            torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
+        else:
+            for s, p in zip(self.shadow, params, strict=True):
+                s.lerp_(p.float(), 1.0 - self.decay)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ValueError(f"EMA state lacks {missing[:5]}")
+        with torch.no_grad():
+            for n, s in zip(self.names, self.shadow, strict=True):
+                src = state[n].to(device=s.device, dtype=s.dtype)
+                if hasattr(s, "to_local"):  # FSDP2 shard: take this rank's part of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    src = distribute_tensor(src, s.device_mesh, s.placements)
+                s.copy_(src)
+
+    def full(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) fp32 tensors by parameter name."""
+        return {
+            n: (s.full_tensor() if hasattr(s, "full_tensor") else s)
+            for n, s in zip(self.names, self.shadow, strict=True)
+        }
