@@ -21,6 +21,14 @@ One row per image, readable with plain pyarrow (`pyarrow.parquet.read_table`):
 | text_encoder | string | name of the text encoder that made `text_emb` |
 
 Example without this package: `m = np.asarray(t["moments"][i].values).reshape(t["moments_shape"][i].as_py())`.
+
+DPO pair shards (`build-dpo-pairs`, manifest `format` "lightgen-dpo-pairs", validated by `pair_shards`) use the same
+layout and encodings with one row per (winner, loser) pair: id, caption, resolution, moments_shape, text_len,
+text_emb, vae and text_encoder as above; `winner_moments` / `winner_moments_flip` (the kept source image) and
+`loser_moments` / `loser_moments_flip` (the image the current model drew for the caption), made by the same image
+tokenizer code as `moments`; `judge` (backend and model), `judge_answer` (raw text), `judge_score` (in [0, 1]),
+`loser_model` (checkpoint path @ config hash), `loser_seed` and `sampling` (the sampling settings as JSON).
+`moments_array(table, "winner_moments")` etc. read them.
 """
 
 from __future__ import annotations
@@ -64,6 +72,35 @@ REJECT_SCHEMA = pa.schema(
 # Parquet leaf columns holding float16 values: byte-stream-split makes their exponent bytes compressible.
 FLOAT16_COLUMNS = ("moments.list.element", "moments_flip.list.element", "text_emb.list.element")
 
+# ---- DPO pair shards (`build-dpo-pairs`) ----
+PAIR_SCHEMA_VERSION = 1
+PAIR_FORMAT = "lightgen-dpo-pairs"
+# The four moments columns of a pair row, each shaped like `moments_shape` (read them with `moments_array`).
+PAIR_MOMENTS_COLUMNS = ("winner_moments", "winner_moments_flip", "loser_moments", "loser_moments_flip")
+
+PAIR_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("resolution", pa.int32(), nullable=False),
+        pa.field("moments_shape", pa.list_(pa.int32(), 3), nullable=False),
+        *[pa.field(name, pa.large_list(pa.float16()), nullable=False) for name in PAIR_MOMENTS_COLUMNS],
+        pa.field("text_len", pa.int32(), nullable=False),
+        pa.field("text_emb", pa.large_list(pa.float16()), nullable=False),
+        pa.field("vae", pa.string(), nullable=False),
+        pa.field("text_encoder", pa.string(), nullable=False),
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("judge_answer", pa.string(), nullable=False),
+        pa.field("judge_score", pa.float32(), nullable=False),
+        pa.field("loser_model", pa.string(), nullable=False),
+        pa.field("loser_seed", pa.int64(), nullable=False),
+        pa.field("sampling", pa.string(), nullable=False),
+    ]
+)
+
+# Parquet leaf columns of the pair shards holding float16 values (byte-stream-split, as FLOAT16_COLUMNS).
+PAIR_FLOAT16_COLUMNS = (*(f"{name}.list.element" for name in PAIR_MOMENTS_COLUMNS), "text_emb.list.element")
+
 
 class IncompatibleShardsError(ValueError):
     """Shards that were made by other encoders, another schema version, or are incomplete."""
@@ -80,18 +117,23 @@ def shard_metadata(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def load_manifest(directory: str | Path) -> dict[str, Any]:
-    """Read `<directory>/manifest.json`; a clear error when it is missing or not a LightGen latents manifest."""
+def _read_manifest(directory: str | Path, expected_format: str, what: str) -> dict[str, Any]:
+    """Read `<directory>/manifest.json` and check its `format`; `what` names the directory kind in errors."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {directory}: not a training-shard directory, or the run never began")
+        raise FileNotFoundError(f"no {MANIFEST} in {directory}: not {what}, or the run never began")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IncompatibleShardsError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise IncompatibleShardsError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") != expected_format:
+        raise IncompatibleShardsError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")
     return manifest
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read `<directory>/manifest.json`; a clear error when it is missing or not a LightGen latents manifest."""
+    return _read_manifest(directory, FORMAT, "a training-shard directory")
 
 
 def check_compatible(
@@ -107,6 +149,20 @@ def check_compatible(
     `vae` / `text_encoder` are the names the trainer expects (`None` skips that check); they are the `name`
     attributes of the pipeline's encoders, e.g. "pixel", "minilm", "<model dir>-<config hash>".
     """
+    problems = _problems(manifest, vae, text_encoder, schema_version, require_complete, "encode-latents")
+    if problems:
+        raise IncompatibleShardsError("incompatible training shards: " + "; ".join(problems))
+
+
+def _problems(
+    manifest: dict[str, Any],
+    vae: str | None,
+    text_encoder: str | None,
+    schema_version: int,
+    require_complete: bool,
+    stage: str,
+) -> list[str]:
+    """Each mismatch between a manifest and what its reader expects, as a phrase."""
     problems = []
     if manifest.get("schema_version") != schema_version:
         problems.append(f"schema version {manifest.get('schema_version')!r} != expected {schema_version!r}")
@@ -115,9 +171,8 @@ def check_compatible(
     if text_encoder is not None and manifest.get("text_encoder") != text_encoder:
         problems.append(f"text encoder {manifest.get('text_encoder')!r} != expected {text_encoder!r}")
     if require_complete and not manifest.get("complete"):
-        problems.append("the run that wrote these shards has not finished (rerun encode-latents to resume it)")
-    if problems:
-        raise IncompatibleShardsError("incompatible training shards: " + "; ".join(problems))
+        problems.append(f"the run that wrote these shards has not finished (rerun {stage} to resume it)")
+    return problems
 
 
 def training_shards(
@@ -137,8 +192,39 @@ def training_shards(
     return manifest, paths
 
 
+def load_pair_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read a pair-shard directory's `manifest.json`; a clear error when it is missing or of another format."""
+    return _read_manifest(directory, PAIR_FORMAT, "a DPO pair-shard directory")
+
+
+def pair_shards(
+    directory: str | Path,
+    *,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    schema_version: int = PAIR_SCHEMA_VERSION,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Validate a DPO pair-shard directory: (manifest, shard paths in order) or `IncompatibleShardsError`.
+
+    Checks the format ("lightgen-dpo-pairs"), the schema version, the encoder names (`None` skips that check),
+    that the run finished and that every listed shard exists, as `training_shards` does for training shards.
+    """
+    manifest = load_pair_manifest(directory)
+    problems = _problems(manifest, vae, text_encoder, schema_version, True, "build-dpo-pairs")
+    if problems:
+        raise IncompatibleShardsError("incompatible DPO pair shards: " + "; ".join(problems))
+    paths = [Path(directory) / s["name"] for s in manifest["shards"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise IncompatibleShardsError(f"shards listed in the manifest are missing: {missing[:5]}")
+    return manifest, paths
+
+
 def moments_array(table: pa.Table, column: str = "moments") -> np.ndarray:
-    """The `moments` (or `moments_flip`) column as one (B, 2C, h, w) float16 array (all rows share a shape)."""
+    """The `moments` (or `moments_flip`) column as one (B, 2C, h, w) float16 array (all rows share a shape).
+
+    Also reads the pair shards' `winner_moments`, `winner_moments_flip`, `loser_moments`, `loser_moments_flip`.
+    """
     shapes = table.column("moments_shape").combine_chunks()
     shape = shapes[0].as_py() if len(table) else [0, 0, 0]
     values = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)

@@ -226,3 +226,87 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return path
+
+
+# Special tokens Qwen2.5-VL's processor and chat format need (names as in the released tokenizer).
+QWEN_SPECIALS = [
+    *["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    *["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+]
+# A chat template with the structure of Qwen2.5-VL's (no system prompt): an image part becomes the vision
+# placeholder the processor expands to one pad token per merged image patch.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_qwen25vl(dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random `Qwen2_5_VLForConditionalGeneration` (text: hidden 64, 2 layers; vision: 1 block of width
+    32, patch 14, merge 2) and its processor (`Qwen2VLImageProcessor` + an in-memory word-level tokenizer with
+    Qwen's special tokens and chat format) in `dir`, loadable with `AutoProcessor` / `from_pretrained`.
+
+    The vocabulary holds `WORDS` plus the tokens of judge answers ("score", ":", "/", digits 0-10, yes, no), so a
+    random model can emit parseable and unparseable answers alike.
+    """
+    from tokenizers import decoders
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    answer_words = ["score", ":", "/", ".", "yes", "no", *[str(i) for i in range(11)]]
+    vocab = [*QWEN_SPECIALS, "<unk>", *WORDS, *answer_words]
+    ids = {t: i for i, t in enumerate(vocab)}
+    tok = _word_level(vocab, "<unk>")
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=4096,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    text = dict(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},  # head_dim 16
+        bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0],
+    )  # fmt: skip
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    out = Path(dir)
+    model.save_pretrained(out)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
