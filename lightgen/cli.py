@@ -1,11 +1,13 @@
-"""`lightgen`: model, generation and evaluation commands."""
+"""`lightgen`: model, generation and evaluation commands (thin wrappers over ``lightgen.api`` and friends)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
+from shapesworld.cli import _user_errors
 from shapesworld.cli import app as shapes_app
 
 app = typer.Typer(help="LightGen model commands.", no_args_is_help=True, add_completion=False)
@@ -15,6 +17,32 @@ app.add_typer(shapes_app, name="shapes", help="ShapesWorld: prompts, teacher ren
 @app.callback()
 def _root() -> None:
     """LightGen: generate, inpaint, evaluate and inspect models; `lightgen shapes` for ShapesWorld."""
+
+
+# options shared by the commands that load a model
+MODEL = typer.Option(..., "--model", help="Model directory (config.json + model[_ema].safetensors).")
+VAE = typer.Option(None, help="Image tokenizer: 'pixel' or a local diffusers VAE dir (default: the config's vae).")
+TEXT = typer.Option(
+    None, help="Text encoder: 'minilm' or a local transformers dir (default: the config's text_encoder)."
+)
+DEVICE = typer.Option("auto", help="Device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+DTYPE = typer.Option("float32", help="dtype of the LightGen network: float32, bfloat16 or float16.")
+EMA = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the directory has them.")
+STEPS = typer.Option(64, min=1, help="Masked-generation iterations.")
+CFG = typer.Option(4.0, min=0.0, help="Classifier-free guidance scale (1 = off).")
+CFG_SCHEDULE = typer.Option("linear", help="Guidance schedule: linear (1 -> cfg as tokens appear) or constant.")
+TEMPERATURE = typer.Option(1.0, min=0.0, help="Temperature of the diffusion head's noise.")
+SEED = typer.Option(0, help="Random seed (the same seed and batch size give the same images).")
+
+
+def _pipeline(model: Path, vae: str | None, text_encoder: str | None, device: str, dtype: str, ema: bool):
+    """Load a LightGenPipeline (imports torch lazily so that `--help` stays fast)."""
+    from lightgen.api import LightGenPipeline, default_device
+
+    dev = default_device() if device == "auto" else device
+    return LightGenPipeline.from_pretrained(
+        model, vae=vae, text_encoder=text_encoder, device=dev, dtype=dtype, use_ema=ema
+    )
 
 
 @app.command("model-info")
@@ -39,6 +67,189 @@ def model_info(
     )
 
 
+@app.command("generate")
+def generate_cmd(
+    model: Path = MODEL,
+    prompt: list[str] = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
+    prompts: Path = typer.Option(None, help="Prompt file: one a line, or .jsonl objects (see --field)."),
+    field: str = typer.Option("prompt", help="Field holding the prompt in a .jsonl prompt file."),
+    out: Path = typer.Option(..., help="Output folder: 00000.png, 00001.png, ... and generation.json."),
+    resolution: int = typer.Option(None, help="Square image side in px (default: the model's base_resolution)."),
+    height: int = typer.Option(None, help="Image height in px (overrides --resolution)."),
+    width: int = typer.Option(None, help="Image width in px (overrides --resolution)."),
+    images_per_prompt: int = typer.Option(1, min=1, help="Images per prompt."),
+    steps: int = STEPS,
+    cfg: float = CFG,
+    cfg_schedule: str = CFG_SCHEDULE,
+    temperature: float = TEMPERATURE,
+    seed: int = SEED,
+    batch_size: int = typer.Option(8, min=1, help="Images per batch."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    vae: str = VAE,
+    text_encoder: str = TEXT,
+    ema: bool = EMA,
+) -> None:
+    """Generate images for prompts: PNGs plus generation.json (settings, the prompt of each file, images/s)."""
+    from lightgen.api import check_sampling
+    from lightgen.generate import read_prompts, run_generate
+
+    with _user_errors():
+        if bool(prompt) == (prompts is not None):
+            raise ValueError("give either --prompt (one or more) or --prompts FILE")
+        texts = list(prompt) if prompt else read_prompts(prompts, field)
+        check_sampling(steps, cfg, cfg_schedule, temperature)
+        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema)
+        res = run_generate(
+            pipe, texts, out, images_per_prompt=images_per_prompt, batch_size=batch_size, seed=seed, steps=steps,
+            cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, height=height or resolution,
+            width=width or resolution, record={"model": str(model)},
+        )  # fmt: skip
+    typer.echo(
+        f"wrote {len(res['images'])} images to {out} in {res['seconds']} s ({res['images_per_second']} images/s)"
+    )
+
+
+@app.command("inpaint")
+def inpaint_cmd(
+    model: Path = MODEL,
+    image: Path = typer.Option(..., help="Input image; its sides must be multiples of the model's token size."),
+    mask: Path = typer.Option(..., help="Mask image of the same size: white = regenerate, black = keep."),
+    prompt: str = typer.Option(..., help="What the masked region should show."),
+    out: Path = typer.Option(..., help="Output PNG (settings go to the .json beside it)."),
+    steps: int = STEPS,
+    cfg: float = CFG,
+    cfg_schedule: str = CFG_SCHEDULE,
+    temperature: float = TEMPERATURE,
+    seed: int = SEED,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    vae: str = VAE,
+    text_encoder: str = TEXT,
+    ema: bool = EMA,
+) -> None:
+    """Zero-shot inpainting: regenerate the white part of --mask; the rest is the input's tokenizer round trip."""
+    import torch
+    from PIL import Image
+
+    from lightgen.api import check_sampling
+
+    with _user_errors():
+        with Image.open(image) as im, Image.open(mask) as mk:
+            src, msk = im.convert("RGB"), mk.copy()
+        check_sampling(steps, cfg, cfg_schedule, temperature)
+        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema)
+        res = pipe.inpaint(
+            src, msk, prompt, num_inference_steps=steps, guidance_scale=cfg, guidance_schedule=cfg_schedule,
+            temperature=temperature, generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        res.images[0].save(out, format="PNG")
+        settings = {"model": str(model), "image": str(image), "mask": str(mask), "prompt": prompt, "steps": steps,
+                    "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "seed": seed,
+                    "dtype": dtype, "vae": pipe.vae.name, "text_encoder": pipe.text_encoder.name}  # fmt: skip
+        out.with_suffix(".json").write_text(json.dumps(settings, indent=1) + "\n")
+    typer.echo(f"wrote {out}")
+
+
+@app.command("geneval")
+def geneval_cmd(
+    model: Path = MODEL,
+    metadata: Path = typer.Option(..., help="GenEval evaluation_metadata.jsonl (or `lightgen shapes prompts` output)."),
+    out: Path = typer.Option(
+        ..., help="Output folder in GenEval's layout: <00000>/{metadata.jsonl,samples/<0000>.png}."
+    ),
+    samples: int = typer.Option(4, min=1, help="Images per prompt."),
+    resolution: int = typer.Option(None, help="Image side in px (default: the model's base_resolution)."),
+    steps: int = STEPS,
+    cfg: float = CFG,
+    cfg_schedule: str = CFG_SCHEDULE,
+    temperature: float = TEMPERATURE,
+    seed: int = SEED,
+    batch_size: int = typer.Option(16, min=1, help="Images per batch (batch_size // samples prompts at a time)."),
+    limit: int = typer.Option(None, min=1, help="Only the first N metadata lines."),
+    field: str = typer.Option("prompt", help="Metadata field used as the prompt (ShapesWorld also has 'caption')."),
+    overwrite: bool = typer.Option(False, help="Start over (otherwise a rerun skips finished prompt folders)."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    vae: str = VAE,
+    text_encoder: str = TEXT,
+    ema: bool = EMA,
+) -> None:
+    """Generate GenEval samples for every metadata line; resumable; `lightgen shapes score OUT` scores ShapesWorld."""
+    from lightgen.api import check_sampling
+    from lightgen.geneval import run_geneval
+
+    with _user_errors():
+        check_sampling(steps, cfg, cfg_schedule, temperature)
+        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema)
+        res = run_geneval(
+            pipe, metadata, out, samples=samples, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
+            temperature=temperature, resolution=resolution, seed=seed, batch_size=batch_size, limit=limit,
+            field=field, overwrite=overwrite,
+        )  # fmt: skip
+    speed = f", {res['images_per_second']} images/s" if res["images"] else ""
+    typer.echo(
+        f"{res['prompts']} prompts: {res['skipped']} already done, {res['generated']} generated "
+        f"({res['images']} images in {res['seconds']} s{speed}) -> {out}"
+    )
+
+
+@app.command("fid")
+def fid_cmd(
+    real: Path = typer.Option(..., help="Folder of reference images (searched recursively)."),
+    fake: Path = typer.Option(..., help="Folder of generated images (searched recursively, e.g. a GenEval folder)."),
+    inception_weights: Path = typer.Option(
+        None, envvar="LIGHTGEN_INCEPTION_WEIGHTS", help="Local pt_inception-2015-12-05 weights (.pth or .safetensors)."
+    ),
+    feature: int = typer.Option(2048, help="Inception feature layer: 64, 192, 768 or 2048 (the FID standard)."),
+    batch_size: int = typer.Option(50, min=1, help="Images per batch."),
+    device: str = DEVICE,
+    antialias: bool = typer.Option(False, help="Antialiased resize to 299 px (off = the original TF resize)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """Fréchet Inception Distance between two image folders (torchmetrics; Inception weights from a local file)."""
+    from lightgen.api import check_device, default_device
+    from lightgen.fid import run_fid
+
+    with _user_errors():
+        dev = default_device() if device == "auto" else str(check_device(device))
+        res = run_fid(real, fake, inception_weights, feature, batch_size, dev, antialias)
+        if json_out is not None:
+            json_out.write_text(json.dumps(res, indent=1) + "\n")
+    typer.echo(f"FID {res['fid']:.4f} ({res['real_images']} real, {res['fake_images']} fake images)")
+
+
+@app.command("convert-reference")
+def convert_reference_cmd(
+    checkpoint: Path = typer.Option(..., help="Reference checkpoint (checkpoint-last.pth)."),
+    out: Path = typer.Option(..., help="Output model directory (config.json + safetensors)."),
+    heads: int = typer.Option(None, min=1, help="Attention heads (default: from args.model, e.g. fluid_large = 16)."),
+    latent_channels: int = typer.Option(None, min=1, help="VAE latent channels (default: args.vae_embed_dim or 16)."),
+    patch_size: int = typer.Option(None, min=1, help="Token patch size (default: args.patch_size or 2)."),
+    vae_stride: int = typer.Option(None, min=1, help="VAE stride (default: args.vae_stride or 8)."),
+    vae_name: str = typer.Option(None, help="`vae` recorded in config.json (default: the lightgen preset's)."),
+    text_encoder_name: str = typer.Option(None, help="`text_encoder` recorded in config.json (default: preset's)."),
+) -> None:
+    """Convert a reference-implementation checkpoint to our layout (EMA weights preferred), loading it safely."""
+    from lightgen.convert import convert_reference
+    from lightgen_model import PRESETS
+
+    with _user_errors():
+        res = convert_reference(
+            checkpoint, out, heads, latent_channels, patch_size, vae_stride,
+            vae_name or PRESETS["lightgen"]["vae"], text_encoder_name or PRESETS["lightgen"]["text_encoder"],
+        )  # fmt: skip
+    typer.echo(
+        f"wrote {out}: {res['parameters']:,} parameters, weights {'+'.join(res['weights'])} "
+        f"(from_pretrained loads {res['loads']}), epoch {res['epoch']}"
+    )
+
+
 def main() -> None:
     """Entry point for ``python -m lightgen``."""
     app()
+
+
+if __name__ == "__main__":  # python -m lightgen.cli
+    main()

@@ -1,0 +1,328 @@
+"""Python API in the diffusers style: ``LightGenPipeline.from_pretrained(dir)(prompt).images``.
+
+The pipeline joins the three parts a saved model needs: the LightGen network (``lightgen_model``), the image
+tokenizer that maps pixels to its latents and back, and the frozen text encoder. Every ``lightgen`` command
+that makes images (generate, inpaint, geneval) calls this class, so the CLI and the API share one code path.
+
+    pipe = LightGenPipeline.from_pretrained("runs/model", device="cuda", dtype="bfloat16")
+    images = pipe("a red cube", num_inference_steps=64, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(0)).images
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from lightgen_model import LightGen, from_pretrained, generate, inpaint, load_config, pixel_mask_to_tokens
+from lightgen_model.sampling import CFG_SCHEDULES
+
+BUILTIN_VAES = ("pixel",)
+BUILTIN_TEXT_ENCODERS = ("minilm",)
+
+
+@dataclass
+class LightGenOutput:
+    """What a pipeline call returns: ``images`` (PIL, RGB) and the normalised ``latents`` (B, C, h, w)."""
+
+    images: list[Image.Image]
+    latents: Tensor
+
+
+def resolve_component(spec: str, model_dir: Path, builtins: Sequence[str], kind: str, option: str, given: bool) -> str:
+    """A built-in name or an existing local directory for a component named ``spec``.
+
+    ``given``: the name came from the caller (an override), not from the model's config.json. Relative paths are
+    tried from the working directory, then from the model directory (so a model may ship its tokenizer beside
+    its weights). Anything else is an error naming the value and the override option.
+    """
+    if spec in builtins:
+        return spec
+    if not spec:
+        raise ValueError(f"the model's config.json names no {kind}: pass {option} (one of {list(builtins)} or a path)")
+    for candidate in (Path(spec), model_dir / spec):
+        if candidate.exists():
+            return str(candidate)
+    if given:
+        raise ValueError(f"{kind} {spec!r} is neither one of {list(builtins)} nor an existing local directory")
+    raise ValueError(
+        f"{kind} {spec!r} (from {model_dir / 'config.json'}) is neither one of {list(builtins)} nor a local "
+        f"directory; weights are never downloaded: pass {option} PATH"
+    )
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    from pipeline.encoders import torch_dtype
+
+    return None if dtype is None else torch_dtype(dtype)
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a ValueError naming it when it cannot be used here (e.g. cuda without a GPU)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but no CUDA GPU is visible (use --device cpu)")
+    return dev
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) images in [-1, 1] -> PIL RGB images (values clamped, rounded to 8 bits)."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
+    return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def from_pil(image: Image.Image | np.ndarray) -> Tensor:
+    """A PIL image (any mode) or an (H, W, 3) uint8 array -> (1, 3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an RGB image or an (H, W, 3) uint8 array, got {arr.dtype} of shape {arr.shape}")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def mask_from_pil(mask: Image.Image | np.ndarray) -> Tensor:
+    """A mask image (white = regenerate; any mode, alpha ignored) or an (H, W) array -> (1, H, W) bool."""
+    arr = np.asarray(mask.convert("L")) if isinstance(mask, Image.Image) else np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a mask image or an (H, W) array, got shape {arr.shape}")
+    return torch.from_numpy(arr > (127 if arr.dtype == np.uint8 else 0.5))[None]
+
+
+def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
+    """Raise ValueError naming the first bad sampling setting (before any model is loaded)."""
+    if steps < 1:
+        raise ValueError(f"steps (num_inference_steps) must be >= 1, got {steps}")
+    if cfg < 0:
+        raise ValueError(f"cfg (guidance_scale) must be >= 0, got {cfg}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg schedule (guidance_schedule) must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _as_list(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    if not prompts:
+        raise ValueError("no prompt given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty or not a string: {p!r}")
+
+
+class LightGenPipeline:
+    """Text-to-image and zero-shot inpainting with a saved LightGen model, its image tokenizer and text encoder.
+
+    ``vae`` is an ``ImageTokenizer`` (``pipeline.encoders``: "pixel" or a diffusers ``AutoencoderKL``) and
+    ``text_encoder`` a ``TextEncoder`` ("minilm" or a transformers encoder); their shapes are checked against
+    the model's config.
+    """
+
+    def __init__(self, model: LightGen, vae: Any, text_encoder: Any) -> None:
+        cfg = model.cfg
+        if vae.latent_channels != cfg.latent_channels or vae.stride != cfg.vae_stride:
+            raise ValueError(
+                f"image tokenizer {vae.name!r} gives {vae.latent_channels} channels at stride {vae.stride}, the "
+                f"model expects latent_channels={cfg.latent_channels}, vae_stride={cfg.vae_stride}"
+            )
+        if text_encoder.dim != cfg.text_dim:
+            raise ValueError(
+                f"text encoder {text_encoder.name!r} gives {text_encoder.dim}-dim states, the model expects "
+                f"text_dim={cfg.text_dim}"
+            )
+        self.model, self.vae, self.text_encoder = model.eval(), vae, text_encoder
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        vae: str | Any | None = None,
+        text_encoder: str | Any | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        use_ema: bool = True,
+        component_dtype: str = "float32",
+    ) -> LightGenPipeline:
+        """Load ``config.json`` + weights (EMA when present) from a local directory.
+
+        ``vae`` / ``text_encoder``: a built-in name ("pixel", "minilm"), a local model directory, or an already
+        built object; by default the names in the model's config.json. ``dtype`` applies to the LightGen
+        network ("float32", "bfloat16", "float16"); the tokenizer and text encoder run in ``component_dtype``.
+        """
+        from pipeline.encoders import build_image_tokenizer, build_text_encoder
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"model directory does not exist: {d}")
+        cfg = load_config(d)
+        dev = str(check_device(device or default_device()))
+        if vae is None or isinstance(vae, str):
+            spec = resolve_component(vae or cfg.vae, d, BUILTIN_VAES, "image tokenizer", "--vae / vae=", bool(vae))
+            vae = build_image_tokenizer(spec, device=dev, dtype=component_dtype)
+        if text_encoder is None or isinstance(text_encoder, str):
+            spec = text_encoder or cfg.text_encoder
+            opt = "--text-encoder / text_encoder="
+            spec = resolve_component(spec, d, BUILTIN_TEXT_ENCODERS, "text encoder", opt, bool(text_encoder))
+            text_encoder = build_text_encoder(spec, device=dev, dtype=component_dtype, max_len=cfg.max_text_len)
+        model = from_pretrained(d, use_ema=use_ema, device=dev, dtype=_parse_dtype(dtype))
+        return cls(model, vae, text_encoder)
+
+    # -- text ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> text states (B, Lt, text_dim) in the model's dtype and a padding mask (B, Lt, True = token).
+
+        Models with ``text_key_mask`` attend only to real tokens, so rows are zero-padded to the longest.
+        Converted reference models (``text_key_mask=False``) attend to padding as the reference did, so a
+        transformers encoder's own states at padded positions up to ``max_text_len`` are used when available.
+        """
+        prompts = _as_list(prompts)
+        _check_prompts(prompts)
+        cfg = self.model.cfg
+        if not cfg.text_key_mask and hasattr(self.text_encoder, "tokenizer") and hasattr(self.text_encoder, "model"):
+            return self._encode_padded(prompts, cfg.max_text_len)
+        states = [torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in self.text_encoder(prompts)]
+        lengths = [s.shape[0] for s in states]
+        if min(lengths) == 0:
+            raise ValueError(f"the text encoder returned no token for prompt {prompts[lengths.index(0)]!r}")
+        text = torch.zeros(len(states), max(lengths), cfg.text_dim)  # (B, Lt, D)
+        for i, s in enumerate(states):
+            text[i, : s.shape[0]] = s
+        mask = torch.arange(text.shape[1])[None] < torch.tensor(lengths)[:, None]  # (B, Lt)
+        return text.to(self.device, self.dtype), mask.to(self.device)
+
+    def _encode_padded(self, prompts: list[str], max_len: int) -> tuple[Tensor, Tensor]:
+        enc = self.text_encoder.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        dev = self.text_encoder.device
+        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+        hidden = self.text_encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, max_len, D)
+        return hidden.to(self.device, self.dtype), mask.bool().to(self.device)
+
+    # -- images --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, H, W) float32 on the CPU, nominally in [-1, 1]."""
+        return self.vae.decode(latents.float()).float().cpu()
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised posterior means (B, C, h, w) float32 on the CPU."""
+        moments = self.vae(images)
+        return moments[:, : self.model.cfg.latent_channels].float()
+
+    def image_size(self, height: int | None, width: int | None, resolution: int | None) -> tuple[int, int]:
+        """(height, width) in pixels: the given sizes, else `resolution`, else the model's base resolution."""
+        base = resolution or self.model.cfg.base_resolution
+        h, w = height or base, width or base
+        self.model.cfg.grid_for(h, w)  # raises naming the size if it does not tile into tokens
+        return h, w
+
+    # -- text to image -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 64,
+        guidance_scale: float = 4.0,
+        guidance_schedule: str = "linear",
+        temperature: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        resolution: int | None = None,
+        num_images_per_prompt: int = 1,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, Tensor], None] | None = None,
+    ) -> LightGenOutput:
+        """Generate ``num_images_per_prompt`` images per prompt, ``batch_size`` images at a time (default: all).
+
+        Images come in prompt order (all images of prompt 0 first). ``generator`` (any device) drives all the
+        randomness: the same seed, prompts and batch size give the same images. ``height``/``width`` (or a square
+        ``resolution``) default to the model's ``base_resolution``; they must be multiples of
+        ``vae_stride * patch_size``. ``callback(step, tokens)`` runs after every sampling step.
+        """
+        if num_images_per_prompt < 1 or (batch_size is not None and batch_size < 1):
+            raise ValueError(
+                f"need num_images_per_prompt >= 1 and batch_size >= 1, got {num_images_per_prompt}, {batch_size}"
+            )
+        _check_prompts(_as_list(prompt))
+        prompts = [p for p in _as_list(prompt) for _ in range(num_images_per_prompt)]
+        check_sampling(num_inference_steps, guidance_scale, guidance_schedule, temperature)
+        size = self.image_size(height, width, resolution)
+        bs = batch_size or len(prompts)
+        latents = []
+        for i in range(0, len(prompts), bs):
+            text, mask = self.encode_prompt(prompts[i : i + bs])
+            lat = generate(self.model, text, mask, size, num_inference_steps, guidance_scale, guidance_schedule,
+                           temperature, generator, callback)  # fmt: skip
+            latents.append(lat)
+        lat = torch.cat(latents)
+        return LightGenOutput(to_pil(self.decode(lat)), lat)
+
+    # -- inpainting ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def inpaint(
+        self,
+        image: Image.Image | list[Image.Image],
+        mask_image: Image.Image | list[Image.Image],
+        prompt: str | list[str],
+        num_inference_steps: int = 64,
+        guidance_scale: float = 4.0,
+        guidance_schedule: str = "linear",
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> LightGenOutput:
+        """Regenerate the white part of ``mask_image`` (same size as ``image``) to match ``prompt``.
+
+        Every token with at least one masked pixel is regenerated; outside the mask the output equals the
+        tokenizer's round trip of the input (for the "pixel" tokenizer: the input itself). Lists of images,
+        masks and prompts are batched; a single one of any is repeated to the batch size.
+        """
+        check_sampling(num_inference_steps, guidance_scale, guidance_schedule, temperature)
+        images, masks, prompts = _as_list(image), _as_list(mask_image), _as_list(prompt)
+        B = max(len(images), len(masks), len(prompts))
+        for name, xs in (("image", images), ("mask_image", masks), ("prompt", prompts)):
+            if len(xs) not in (1, B):
+                raise ValueError(f"got {len(xs)} {name}s for a batch of {B}")
+        x = torch.cat([from_pil(im) for im in images]).expand(B, -1, -1, -1)  # (B, 3, H, W)
+        pix = torch.cat([mask_from_pil(m) for m in masks]).expand(B, -1, -1)  # (B, H, W)
+        H, W = x.shape[-2:]
+        if pix.shape[-2:] != (H, W):
+            raise ValueError(f"mask size {pix.shape[-1]}x{pix.shape[-2]} (WxH) differs from image size {W}x{H}")
+        p = self.model.cfg.pixels_per_token
+        if H % p or W % p:
+            raise ValueError(f"image size {W}x{H} (WxH) is not a multiple of the model's token size {p} px")
+        if not bool(pix.flatten(1).any(1).all()):
+            raise ValueError("mask has no white (regenerate) pixel")
+        clean = self.encode_image(x)  # (B, C, h, w)
+        tok_mask = pixel_mask_to_tokens(pix, p)  # (B, H/p, W/p)
+        text, tmask = self.encode_prompt(prompts * B if len(prompts) == 1 else prompts)
+        lat = inpaint(
+            self.model, clean.to(self.device, self.dtype), tok_mask.to(self.device), text, tmask,
+            num_iter=num_inference_steps, cfg=guidance_scale, cfg_schedule=guidance_schedule,
+            temperature=temperature, generator=generator,
+        )  # fmt: skip
+        out = torch.where(pix[:, None], self.decode(lat), self.decode(clean))  # paste the round trip outside
+        return LightGenOutput(to_pil(out), lat)

@@ -1,0 +1,188 @@
+"""`lightgen convert-reference`: a checkpoint of the public reference implementation -> our model directory.
+
+The reference saves ``torch.save({"model", "model_ema", "optimizer", "epoch", "scaler", "args"})`` with an
+argparse Namespace inside. It is read with ``torch.load(weights_only=True)``, allowing only that Namespace
+class; anything else in the pickle is refused. Parameter names are the same on both sides; the config is
+inferred from the tensor shapes (plus the few numbers only ``args`` holds) with the reference's behaviour
+kept: ``buffer_size=0``, ``text_key_mask=False`` (it attends to padded text) and ``interpolate_offset=0.1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightgen_model import PRESETS, LightGen, ModelConfig, count_parameters, save_pretrained
+
+# attention heads of the reference's model constructors (models/fluid_arbitrary.py), by args.model
+HEADS_BY_MODEL = {"fluid_base": 12, "fluid_large": 16, "fluid_huge": 16}
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, loaded safely (tensors, containers and argparse.Namespace only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint does not exist: {p}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise ValueError(f"{p}: cannot read the checkpoint: {str(e).splitlines()[0]}") from None
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except (pickle.UnpicklingError, EOFError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{p}: refused by torch.load(weights_only=True): {first}") from None
+    if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{p}: not a reference checkpoint (no 'model' or 'model_ema' entry; found {keys})")
+    return ckpt
+
+
+def clean_state(state: Any, name: str) -> dict[str, Tensor]:
+    """A state dict with DDP / torch.compile prefixes removed; ValueError if it is not a dict of tensors."""
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint entry {name!r} is not a state dict of tensors")
+    out = {}
+    for k, v in state.items():
+        for prefix in STRIP_PREFIXES:
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+def _depth(state: dict[str, Tensor], prefix: str) -> int:
+    idx = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    if idx != set(range(len(idx))):
+        raise ValueError(f"blocks {prefix}.* are not numbered 0..{len(idx) - 1}: {sorted(idx)}")
+    return len(idx)
+
+
+def _shape(state: dict[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise ValueError(f"checkpoint has no {key!r}: not a reference LightGen (FLUID) state dict")
+    return tuple(state[key].shape)
+
+
+def _pick(option: Any, args: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
+    """An explicit option, else the first of ``names`` present in the checkpoint's args, else ``default``."""
+    if option is not None:
+        return option
+    return next((args[n] for n in names if args.get(n) is not None), default)
+
+
+def infer_config(
+    state: dict[str, Tensor],
+    args: dict[str, Any],
+    heads: int | None = None,
+    latent_channels: int | None = None,
+    patch_size: int | None = None,
+    vae_stride: int | None = None,
+    vae: str = PRESETS["lightgen"]["vae"],
+    text_encoder: str = PRESETS["lightgen"]["text_encoder"],
+) -> ModelConfig:
+    """The ModelConfig of a reference state dict: widths and depths from shapes, the rest from args/options."""
+    enc_dim, token_dim = _shape(state, "z_proj.weight")
+    C = int(_pick(latent_channels, args, ("vae_embed_dim",), 16))
+    p = int(_pick(patch_size, args, ("patch_size",), 2))
+    stride = int(_pick(vae_stride, args, ("vae_stride",), 8))
+    if C * p * p != token_dim:
+        raise ValueError(
+            f"z_proj takes {token_dim}-dim tokens, but latent_channels={C} x patch_size={p}^2 = {C * p * p}: "
+            "pass --latent-channels / --patch-size"
+        )
+    L0 = _shape(state, "encoder_pos_embed_learned")[1]
+    g = math.isqrt(L0)
+    if g * g != L0:
+        raise ValueError(f"encoder_pos_embed_learned has {L0} positions, not a square grid")
+    n_heads = heads or next((int(args[n]) for n in ("num_heads", "encoder_num_heads") if args.get(n)), None)
+    n_heads = n_heads or HEADS_BY_MODEL.get(str(args.get("model")))
+    if n_heads is None:
+        raise ValueError(f"cannot tell the number of attention heads (args.model={args.get('model')!r}): pass --heads")
+    enc_depth = _depth(state, "encoder_blocks")
+    ratio = _shape(state, "encoder_blocks.0.mlp.fc1.weight")[0] / enc_dim if enc_depth else 4.0
+    head_width, head_in = _shape(state, "diffloss.net.input_proj.weight")
+    out_ch = _shape(state, "diffloss.net.final_layer.linear.weight")[0]
+    if out_ch not in (token_dim, 2 * token_dim):
+        raise ValueError(f"diffloss.net.final_layer.linear has {out_ch} outputs for {token_dim}-dim tokens")
+    stack = lambda name, dim, depth: {f"{name}_dim": dim, f"{name}_depth": depth, f"{name}_heads": n_heads}
+    return ModelConfig(
+        latent_channels=C, vae_stride=stride, patch_size=p, base_resolution=g * stride * p,
+        **stack("encoder", enc_dim, enc_depth),
+        **stack("decoder", _shape(state, "decoder_embed.weight")[0], _depth(state, "decoder_blocks")),
+        **stack("cross", _shape(state, "last_embed.weight")[0], _depth(state, "cross_attn_blocks")),
+        mlp_ratio=ratio, attn_dropout=float(args.get("attn_dropout", 0.1)),
+        proj_dropout=float(args.get("proj_dropout", 0.1)), buffer_size=0,
+        text_dim=_shape(state, "text_emb.text_proj.linear_1.weight")[1],
+        text_aligner_depth=_depth(state, "text_emb.text_aligner"), max_text_len=int(args.get("max_length") or 128),
+        text_drop_prob=float(args.get("text_drop_prob", 0.1)), text_key_mask=False,
+        mask_ratio_min=float(args.get("mask_ratio_min", 0.7)), head_width=head_width,
+        head_depth=_depth(state, "diffloss.net.res_blocks"),
+        diffusion_batch_mul=int(args.get("diffusion_batch_mul") or 4),
+        num_sampling_steps=int(args.get("num_sampling_steps") or 100), prediction="eps",
+        learn_sigma=out_ch == 2 * token_dim, interpolate_offset=0.1, vae=vae, text_encoder=text_encoder,
+    )  # fmt: skip
+
+
+def check_keys(state: dict[str, Tensor], model: LightGen, name: str) -> None:
+    """Raise ValueError naming every missing, unexpected or mis-shaped key of ``state`` for ``model``."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    shapes = [f"{k}: {tuple(state[k].shape)} != {want[k]}" for k in sorted(set(want) & set(state))
+              if tuple(state[k].shape) != want[k]]  # fmt: skip
+    problems = [
+        f"{len(xs)} {what}: {', '.join(xs[:20])}{' ...' if len(xs) > 20 else ''}"
+        for what, xs in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", shapes))
+        if xs
+    ]
+    if problems:
+        raise ValueError(f"checkpoint entry {name!r} does not fit the inferred model: " + "; ".join(problems))
+
+
+def _json_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def convert_reference(
+    checkpoint: str | Path,
+    out: str | Path,
+    heads: int | None = None,
+    latent_channels: int | None = None,
+    patch_size: int | None = None,
+    vae_stride: int | None = None,
+    vae: str = PRESETS["lightgen"]["vae"],
+    text_encoder: str = PRESETS["lightgen"]["text_encoder"],
+) -> dict[str, Any]:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``model_ema.safetensors``) to ``out``; returns a summary.
+
+    ``from_pretrained(out)`` then loads the EMA weights when the checkpoint had them.
+    """
+    ckpt = load_reference_checkpoint(checkpoint)
+    args = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else dict(ckpt.get("args") or {})
+    raw = clean_state(ckpt["model"], "model") if "model" in ckpt else None
+    ema = clean_state(ckpt["model_ema"], "model_ema") if "model_ema" in ckpt else None
+    cfg = infer_config(ema or raw, args, heads, latent_channels, patch_size, vae_stride, vae, text_encoder)
+    cfg.extra = {"converted_from": str(checkpoint), "epoch": ckpt.get("epoch"), "reference_args": _json_args(args)}
+    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
+        model = LightGen(cfg)
+    for name, state in (("model", raw), ("model_ema", ema)):
+        if state is not None:
+            check_keys(state, model, name)
+    model.load_state_dict(raw if raw is not None else ema, strict=True, assign=True)
+    save_pretrained(model, out, ema_state=ema if raw is not None else None)
+    return {
+        "out": str(out),
+        "weights": ["model"] * (raw is not None) + ["model_ema"] * (ema is not None),
+        "loads": "model_ema" if ema is not None else "model",
+        "parameters": count_parameters(model)["total"],
+        "epoch": ckpt.get("epoch"),
+        "config": cfg.to_dict(),
+    }
