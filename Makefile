@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # torch 2.14.1 + torchvision 0.29.1 are the pair that installs offline here (a CUDA build that also runs on CPU).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo ablation bench clean
 
 setup: $(STAMP)
 
@@ -26,19 +26,19 @@ test: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
-# Until the full chain exists (issue 9), the demo runs what exists: see README "Status of make demo".
-DEMO_MINUTES ?= 5
+# The whole LightGen chain on ShapesWorld, on the CPU (README "The demo"). Rerun to resume after Ctrl-C.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	mkdir -p runs/demo
-	$(VENV)/bin/lightgen model-info --preset shapes > runs/demo/model-info.json
-	$(VENV)/bin/lightgen shapes prompts --n 60 --seed 1 --out runs/demo/prompts.jsonl
-	$(VENV)/bin/lightgen shapes render --metadata runs/demo/prompts.jsonl --out runs/demo/teacher --resolution 32 --samples 2
-	$(VENV)/bin/lightgen shapes score runs/demo/teacher
-	$(PY) bench/shapes_learn.py --minutes $(DEMO_MINUTES) --eval-every $(DEMO_MINUTES) --temperature 0.5 --num-iter 64 \
-		--save-grid runs/demo/samples --save-model runs/demo/model
+	$(PY) -m lightgen.demo --out runs/demo $(DEMO_ARGS)
+
+# The paper's data ablation in miniature: few diverse vs many low-diversity captions, same budget.
+ABLATION_ARGS ?= --budget-minutes 6
+ablation: $(STAMP)
+	$(PY) -m lightgen.demo --ablation --out runs/ablation $(ABLATION_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/model_bench.py
+	$(PY) bench/train_bench.py --preset shapes
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
