@@ -198,8 +198,9 @@ class Demo:
 
 
 class Ablation(Demo):
-    """The paper's data ablation in miniature: the same pretraining budget on (a) few, diverse captions and (b) many
-    low-diversity captions (few scenes, no paraphrases); held-out scores side by side in <out>/ablation.json."""
+    """The paper's data ablation in miniature: the same pretraining budget on (a) few, diverse captions (every scene,
+    paraphrased) and (b) more, low-diversity captions (40 scenes per category, paraphrase rate 0.3; exact duplicates
+    are still removed, so (b) keeps what is distinct); held-out scores side by side in <out>/ablation.json."""
 
     def arm(self, name: str, n: int, extra: list[str]) -> dict[str, Any]:
         a, o = self.a, self.out / name
@@ -248,7 +249,7 @@ class Ablation(Demo):
             "budget_minutes": a.budget_minutes,
             "diverse": self.arm("diverse", diverse, ["--shapes-diversity", "1.0"]),
             "low_diversity": self.arm(
-                "low_diversity", low, ["--shapes-diversity", "0.0", "--shapes-scenes", str(a.ablation_scenes)]
+                "low_diversity", low, ["--shapes-diversity", "0.3", "--shapes-scenes", str(a.ablation_scenes)]
             ),
         }
         (self.out / "ablation.json").write_text(json.dumps(res, indent=1))
@@ -451,7 +452,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("DIVERSE", "LOW"),
         help="captions in the diverse and the low-diversity arm",
     )
-    p.add_argument("--ablation-scenes", type=int, default=8, help="distinct scenes per category in the low arm")
+    p.add_argument("--ablation-scenes", type=int, default=40, help="distinct scenes per category in the low arm")
     p.add_argument("--pairs", type=int, default=600, help="DPO pairs to build")
     p.add_argument("--num-iter", type=int, default=64, help="sampling iterations")
     p.add_argument("--cfg", type=float, default=3.0)

@@ -348,9 +348,10 @@ class Trainer:
                 if cfg.log.sample_every and step % cfg.log.sample_every == 0:
                     self._sample(model, ema, fsdp, sampler, mcfg, info, step, tb)
                 due_steps = cfg.checkpoint.every_steps and step - last_ckpt_step >= cfg.checkpoint.every_steps
-                due_time = (
-                    cfg.checkpoint.every_minutes and time.time() - last_ckpt_time >= 60 * cfg.checkpoint.every_minutes
-                )
+                due_time = False
+                if cfg.checkpoint.every_minutes:  # decided jointly: a rank alone in a checkpoint's barrier would hang
+                    late = time.time() - last_ckpt_time >= 60 * cfg.checkpoint.every_minutes
+                    due_time = D.all_reduce_max(float(late), info) > 0
                 if (due_steps or due_time) and step < total:
                     self._checkpoint(
                         model,
