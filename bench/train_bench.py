@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,11 +41,7 @@ class RandomShards(ShardSet):
         self.shards = [Shard(Path(f"random-{i}"), shard_rows, res) for i in range(n)]
         self.resolutions, self.manifests = [res], []
         self.shape, self.text_dim, self.text_len = (2 * channels, grid, grid), text_dim, text_len
-        self._cache, self.cache_size = {}, 16
-        import threading
-        from collections import OrderedDict
-
-        self._cache, self._lock = OrderedDict(), threading.Lock()
+        self._cache, self._lock, self.cache_size = OrderedDict(), threading.Lock(), 16
 
     def decoded(self, i: int) -> Decoded:
         with self._lock:
