@@ -60,7 +60,7 @@ def plain_loop(tars: list[Path], args) -> dict[str, float]:
     """The baseline: read, decode, crop, encode in batches; one process, no checks, nothing written."""
     import torch
 
-    from pipeline.encoders import build_image_tokenizer, build_text_encoder, encode_with_flip
+    from lightgen_model.encoders import build_image_tokenizer, build_text_encoder, encode_with_flip
     from pipeline.images import center_crop_resize, decode_image
 
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def warm_up(args) -> None:
     """Import the libraries and load the models once, so that neither contender pays the first import."""
     from transformers.utils import logging as hf_logging
 
-    from pipeline.encoders import build_image_tokenizer, build_text_encoder
+    from lightgen_model.encoders import build_image_tokenizer, build_text_encoder
 
     hf_logging.disable_progress_bar()
     build_image_tokenizer(args.vae)

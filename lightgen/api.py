@@ -60,7 +60,7 @@ def resolve_component(spec: str, model_dir: Path, builtins: Sequence[str], kind:
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    from pipeline.encoders import torch_dtype
+    from lightgen_model.encoders import torch_dtype
 
     return None if dtype is None else torch_dtype(dtype)
 
@@ -130,7 +130,7 @@ def _check_prompts(prompts: list[str]) -> None:
 class LightGenPipeline:
     """Text-to-image and zero-shot inpainting with a saved LightGen model, its image tokenizer and text encoder.
 
-    ``vae`` is an ``ImageTokenizer`` (``pipeline.encoders``: "pixel" or a diffusers ``AutoencoderKL``) and
+    ``vae`` is an ``ImageTokenizer`` (``lightgen_model.encoders``: "pixel" or a diffusers ``AutoencoderKL``) and
     ``text_encoder`` a ``TextEncoder`` ("minilm" or a transformers encoder); their shapes are checked against
     the model's config.
     """
@@ -169,7 +169,7 @@ class LightGenPipeline:
         built object; by default the names in the model's config.json. ``dtype`` applies to the LightGen
         network ("float32", "bfloat16", "float16"); the tokenizer and text encoder run in ``component_dtype``.
         """
-        from pipeline.encoders import build_image_tokenizer, build_text_encoder
+        from lightgen_model.encoders import build_image_tokenizer, build_text_encoder
 
         d = Path(directory)
         if not d.is_dir():

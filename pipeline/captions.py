@@ -96,7 +96,7 @@ class CaptionEmbedder:
     def __init__(self, embedder: str = "minilm", device: str = "auto") -> None:
         self.embedder = embedder
         if embedder == "minilm":
-            from pipeline.encoders import build_text_encoder
+            from lightgen_model.encoders import build_text_encoder
             from pipeline.teachers import resolve_device
 
             self.encoder = build_text_encoder("minilm", device=resolve_device(device))

@@ -174,7 +174,7 @@ def _vae_geometry(spec: str) -> tuple[int, int]:
     """(latent channels, stride) of an image tokenizer, from its config (no weights loaded)."""
     if spec == "pixel":
         return 3, 1
-    from pipeline.encoders import find_vae_dir
+    from lightgen_model.encoders import find_vae_dir
 
     cfg = json.loads((find_vae_dir(spec) / "config.json").read_text())
     return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
@@ -213,8 +213,8 @@ def _check_numbers(cfg: PairsConfig) -> None:
 
 def validate(cfg: PairsConfig) -> Resolved:
     """Check a config up front (errors name the bad value) and resolve what the checkpoint implies; no weights."""
+    from lightgen_model.encoders import image_tokenizer_name, text_encoder_name
     from lightgen_model.hub import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, load_config
-    from pipeline.encoders import image_tokenizer_name, text_encoder_name
 
     _check_numbers(cfg)
     if cfg.judge_backend not in BACKENDS:
@@ -745,8 +745,8 @@ class PairMakerStage:
     ) -> None:
         import torch
 
+        from lightgen_model.encoders import build_image_tokenizer, build_text_encoder, torch_dtype
         from lightgen_model.hub import from_pretrained
-        from pipeline.encoders import build_image_tokenizer, build_text_encoder, torch_dtype
 
         _quiet_hf()
         if device == "auto":
@@ -858,7 +858,7 @@ class PairMakerStage:
         """Kept (item, judgement) pairs -> (rows in `PAIR_SCHEMA`, rejects)."""
         import torch
 
-        from pipeline.encoders import encode_with_flip
+        from lightgen_model.encoders import encode_with_flip
 
         rejects: list[dict[str, str]] = []
         good: list[tuple[dict[str, Any], dict[str, Any], np.ndarray]] = []

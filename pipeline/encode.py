@@ -90,7 +90,7 @@ def _vae_stride(spec: str) -> int:
     """Downsampling factor of an image tokenizer, read from its config (no weights loaded)."""
     if spec == "pixel":
         return 1
-    from pipeline.encoders import find_vae_dir
+    from lightgen_model.encoders import find_vae_dir
 
     config = json.loads((find_vae_dir(spec) / "config.json").read_text())
     return 2 ** (len(config.get("block_out_channels", [0])) - 1)  # one downsampler per block but the last
@@ -142,7 +142,7 @@ class LatentEncoder:
     ) -> None:
         import torch
 
-        from pipeline.encoders import build_image_tokenizer, build_text_encoder
+        from lightgen_model.encoders import build_image_tokenizer, build_text_encoder
 
         torch.manual_seed(seed)
         _quiet_hf()
@@ -210,7 +210,7 @@ class LatentEncoder:
         """Records -> (rows in `LATENT_SCHEMA`, rejects); bad inputs and non-finite outputs become rejects."""
         import torch
 
-        from pipeline.encoders import encode_with_flip
+        from lightgen_model.encoders import encode_with_flip
 
         good: list[tuple[Record, str, np.ndarray]] = []
         rejects = []

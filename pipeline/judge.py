@@ -169,7 +169,7 @@ class Judge(Protocol):
 
 def _model_name(model: str) -> str:
     """`<directory name>-<config hash>` of a local model directory (the pipeline's encoder naming)."""
-    from pipeline.encoders import config_name
+    from lightgen_model.encoders import config_name
 
     model_dir = Path(model)
     if not (model_dir / "config.json").is_file():
@@ -192,7 +192,7 @@ def _device_dtype(device: str, dtype: str) -> tuple[str, Any]:
     """Resolve `auto` device (cuda when visible) and dtype (bfloat16 on a GPU, float32 on a CPU)."""
     import torch
 
-    from pipeline.encoders import torch_dtype
+    from lightgen_model.encoders import torch_dtype
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

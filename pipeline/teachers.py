@@ -68,7 +68,7 @@ class DiffusersTeacher:
         resolution: int = 512,
         max_sequence_length: int = 512,
     ) -> None:
-        from pipeline.encoders import torch_dtype
+        from lightgen_model.encoders import torch_dtype
 
         if not Path(model).is_dir() or not (Path(model) / "model_index.json").is_file():
             raise ValueError(f"--model {model!r} is not a local diffusers pipeline directory (no model_index.json)")

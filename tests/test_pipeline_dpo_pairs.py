@@ -22,8 +22,8 @@ from PIL import Image
 from tiny_models import make_tiny_bert, make_tiny_qwen25vl, write_tar
 from typer.testing import CliRunner
 
-from lightgen_model import LightGen, from_pretrained, generate, preset, save_pretrained
-from pipeline import encoders, shards
+from lightgen_model import LightGen, encoders, from_pretrained, generate, preset, save_pretrained
+from pipeline import shards
 from pipeline.captions import CaptionsConfig, run_build_captions
 from pipeline.cli import app
 from pipeline.dpo_pairs import PairsConfig, PairShardWriter, loser_seed, run_build_dpo_pairs

@@ -22,7 +22,8 @@ from PIL import Image
 from tiny_models import make_tiny_t5, make_tiny_vae, write_tar
 from typer.testing import CliRunner
 
-from pipeline import encoders, runtime
+from lightgen_model import encoders
+from pipeline import runtime
 from pipeline.cli import app
 from pipeline.encode import EncodeConfig, run_encode_latents
 from pipeline.images import center_crop_resize, decode_image

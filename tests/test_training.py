@@ -257,7 +257,7 @@ def test_config_errors_name_the_bad_key(tmp_path):
 
 @pytest.mark.slow
 def test_loss_falls_on_a_tiny_shapesworld_set(tmp_path):
-    from pipeline.encoders import build_text_encoder
+    from lightgen_model.encoders import build_text_encoder
     from shapesworld import ShapesTeacher, generate_prompts
 
     recs = generate_prompts(64, seed=3)

@@ -511,7 +511,7 @@ class Trainer:
         if not hasattr(self, "_dec"):
             self._dec = None
             try:
-                from pipeline.encoders import build_image_tokenizer
+                from lightgen_model.encoders import build_image_tokenizer
 
                 self._dec = build_image_tokenizer(spec)
             except Exception as e:  # grids are a convenience; a missing VAE must not stop training

@@ -3,7 +3,7 @@
 Image tokenizers return moments `(B, 2C, H/stride, W/stride)` float32 on CPU: the first C channels are the
 *normalised* posterior mean `(mean - shift) * scale`, the last C its log-variance `logvar + 2 log(scale)`, so that
 `mean + exp(0.5 * logvar) * eps` is a correctly normalised latent sample. Heavy libraries (diffusers,
-transformers) are imported inside constructors so that `import pipeline.encoders` stays cheap.
+transformers) are imported inside constructors so that `import lightgen_model.encoders` stays cheap.
 """
 
 from __future__ import annotations

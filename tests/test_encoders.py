@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_bert, make_tiny_t5, make_tiny_vae
 
-from pipeline.encoders import (
+from lightgen_model.encoders import (
     PIXEL_LOGVAR,
     DiffusersVAE,
     HFTextEncoder,
