@@ -31,6 +31,27 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device = "auto") -> str:
+    """`auto` -> `cuda` when this process sees a GPU, else `cpu`; other values are checked and passed through."""
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda[:N] or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested, but no CUDA GPU is visible (use cpu or auto)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """`auto` -> bfloat16 on a GPU, float32 elsewhere (bf16 matmuls are slow on CPUs); names parsed by `torch_dtype`."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return torch_dtype(dtype)
+
+
 def config_name(model_dir: Path, config_file: Path) -> str:
     """A stable encoder name: the model directory's name plus a short hash of its config (weights are not hashed)."""
     cfg = json.loads(config_file.read_text())
