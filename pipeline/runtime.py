@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -81,6 +81,43 @@ def resolve_gpus_per_worker(gpus_per_worker: float | None, workers: int) -> floa
             f"the Ray cluster has {gpus:g}"
         )
     return gpus_per_worker
+
+
+def map_tasks(
+    fn: Callable[..., Any],
+    args: Sequence[tuple],
+    *,
+    workers: int = 0,
+    address: str | None = None,
+    cpus_per_task: float = 1.0,
+    retries: int = 3,
+    quiet: bool = True,
+) -> Iterator[Any]:
+    """Call `fn(*a)` for each `a` in `args`; yield the results in completion order.
+
+    For phases whose work units are plain functions of small arguments (file paths, partition numbers) that write
+    their output to shared storage and return small metadata. `workers=0` runs them in this process, in order, with
+    no Ray import. Otherwise each call is a Ray task (at most `workers` in flight) retried up to `retries` times
+    when its worker dies, so `fn` must be idempotent (write atomically under deterministic names).
+    """
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0 = no Ray), got {workers}")
+    if workers == 0:
+        for a in args:
+            yield fn(*a)
+        return
+    import ray
+
+    init_ray(address, quiet=quiet)
+    remote = ray.remote(num_cpus=cpus_per_task, max_retries=retries, retry_exceptions=False)(fn)
+    pending: list[Any] = []
+    queue = list(args)
+    queue.reverse()
+    while queue or pending:
+        while queue and len(pending) < workers:
+            pending.append(remote.remote(*queue.pop()))
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
 
 
 def map_stage(
