@@ -8,6 +8,7 @@ respaced sampling); v-prediction is an option.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -30,12 +31,49 @@ def linear_betas(T: int) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
 
 
-def spaced_timesteps(T: int, n: int) -> list[int]:
-    """n evenly spaced timesteps of [0, T) including both ends (improved DDPM's respacing)."""
-    if n == 1:
-        return [T - 1]
-    stride = (T - 1) / (n - 1)
-    return sorted({round(i * stride) for i in range(n)})
+def space_timesteps(T: int, spec: int | str | Sequence[int]) -> list[int]:
+    """The timesteps of [0, T) a respaced schedule keeps, by the reference's rule (improved DDPM's
+    ``space_timesteps``): ``spec`` is a step count (int or "100"), comma-separated counts for equal sections of
+    [0, T) ("10,15,20": each section strided on its own), or "ddimN" (the integer stride giving exactly N steps).
+
+    In a section of ``size`` steps, ``n`` steps sit at ``round(k * (size - 1) / (n - 1))`` accumulated as a float
+    sum (as the reference does; Python's round-half-to-even), so both ends are kept; a one-step section keeps its
+    first step (for n = 1 that is timestep 0)."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("ddim"):
+            want = _int(text[len("ddim") :], spec)
+            for stride in range(1, T):
+                if len(range(0, T, stride)) == want:
+                    return list(range(0, T, stride))
+            raise ValueError(f"head steps {spec!r}: no integer stride gives exactly {want} of {T} timesteps")
+        counts = [_int(c, spec) for c in text.split(",")]
+    elif isinstance(spec, int):
+        counts = [spec]
+    else:
+        counts = [int(c) for c in spec]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"head steps {spec!r}: every section needs at least one step")
+    size_per, extra = divmod(T, len(counts))
+    start, steps = 0, []
+    for i, n in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < n:
+            raise ValueError(f"head steps {spec!r}: cannot take {n} steps from a section of {size} of {T} timesteps")
+        stride = 1.0 if n <= 1 else (size - 1) / (n - 1)
+        cur = 0.0
+        for _ in range(n):
+            steps.append(start + round(cur))
+            cur += stride
+        start += size
+    return sorted(set(steps))
+
+
+def _int(text: str, spec: object) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"head steps {spec!r}: expected a count, counts like '10,20' or 'ddimN'") from None
 
 
 class Schedule(nn.Module):
@@ -58,7 +96,9 @@ class Schedule(nn.Module):
             "sqrt_recipm1_acp": np.sqrt(1 / acp - 1),
             "post_coef1": betas * np.sqrt(acp_prev) / (1 - acp),
             "post_coef2": (1 - acp_prev) * np.sqrt(1 - betas) / (1 - acp),
-            "post_logvar": np.log(np.append(post_var[1], post_var[1:])),
+            # clipped: the posterior variance is 0 at t = 0; a one-step schedule never adds noise, so any
+            # finite value does there (the reference's table is empty and indexing it fails)
+            "post_logvar": np.log(np.append(post_var[1], post_var[1:]) if len(betas) > 1 else betas),
             "log_betas": np.log(betas),
         }
         for k, v in tables.items():
@@ -71,10 +111,11 @@ class Schedule(nn.Module):
         return self.betas.shape[0]
 
     @classmethod
-    def respaced(cls, betas: np.ndarray, n: int) -> Schedule:
-        """The schedule restricted to n of the original timesteps (betas recomputed from alpha-bar)."""
+    def respaced(cls, betas: np.ndarray, spec: int | str | Sequence[int]) -> Schedule:
+        """The schedule restricted to the timesteps ``space_timesteps(T, spec)`` keeps (betas recomputed from
+        alpha-bar)."""
         acp = np.cumprod(1 - betas)
-        use = spaced_timesteps(len(betas), n)
+        use = space_timesteps(len(betas), spec)
         kept = acp[use]
         new_betas = 1 - kept / np.append(1.0, kept[:-1])
         return cls(new_betas, use)
@@ -159,7 +200,7 @@ class DiffusionHead(nn.Module):
         width: int,
         depth: int,
         num_train_timesteps: int = 1000,
-        num_sampling_steps: int = 100,
+        num_sampling_steps: int | str = 100,
         schedule: str = "cosine",
         prediction: str = "eps",
         learn_sigma: bool = True,

@@ -83,6 +83,72 @@ def resolve_gpus_per_worker(gpus_per_worker: float | None, workers: int) -> floa
     return gpus_per_worker
 
 
+def _alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's alive nodes (ray.nodes() entries)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def worker_resources(workers: int, cpus_per_worker: float | None, gpus_per_worker: float | None) -> tuple[float, float]:
+    """(CPUs, GPUs) per actor: explicit values are checked; by default the workers are spread over the nodes and
+    each gets an equal share of the CPUs of the smallest node (at least one), and of the GPUs (at most one)."""
+    nodes = _alive_nodes()
+    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes] or [1.0]
+    cpus, gpus = _cluster_resources()
+    per_node = -(-workers // max(1, len(nodes)))
+    if cpus_per_worker is None:
+        cpus_per_worker = max(1.0, float(int(min(node_cpus) // per_node)))
+    elif cpus_per_worker * per_node > max(node_cpus):
+        raise ValueError(
+            f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} does not fit the cluster's nodes "
+            f"({len(nodes)} nodes, at most {max(node_cpus):g} CPUs each)"
+        )
+    return cpus_per_worker, resolve_gpus_per_worker(gpus_per_worker, workers)
+
+
+def _probe_visible(uri: str, name: str) -> bool:
+    """Whether file `name` exists in the output folder, as seen from the node this runs on."""
+    from pipeline.storage import Storage
+
+    return Storage(uri).exists(name)
+
+
+def check_shared_storage(uri: str) -> None:
+    """On a cluster of several nodes, check that every node sees the output folder (a local path on one node's
+    disk would scatter the shards); an error names the node that does not."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.storage import Storage
+
+    nodes = _alive_nodes()
+    if len(nodes) < 2:
+        return
+    store = Storage(uri)
+    store.makedirs()
+    probe = f".probe-{uuid.uuid4().hex}"
+    store.write_bytes(probe, b"lightgen")
+    try:
+        remote = ray.remote(num_cpus=0)(_probe_visible)
+        refs = {
+            n["NodeManagerAddress"] + "/" + n["NodeID"][:8]: remote.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(uri, probe)
+            for n in nodes
+        }
+        blind = [node for node, ref in refs.items() if not ray.get(ref)]
+    finally:
+        store.delete(probe)
+    if blind:
+        raise ValueError(
+            f"--output {uri} is not visible from node(s) {', '.join(blind)}: on a multi-node Ray cluster the output "
+            "must be storage every node sees (a shared mount, or a URI such as s3://bucket/path)"
+        )
+
+
 def map_tasks(
     fn: Callable[..., Any],
     args: Sequence[tuple],

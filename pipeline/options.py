@@ -1,0 +1,102 @@
+"""Stage configs and their command-line options, written once.
+
+A stage's config is a dataclass deriving from `StageConfig` (the run options every stage shares); each field
+declared with `opt(default, help)` becomes a `--flag` of the stage's command, with that default and help text
+(`command(...)` builds the typer command from the dataclass). A stage changes a shared default by redeclaring the
+field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+RUN_FIELDS = ("workers", "gpus_per_worker", "cpus_per_worker", "shard_size", "ray_address", "overwrite", "progress")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, show: str | None = None) -> Any:
+    """A config field with its command-line help (`flag`: the option name if not `--field-name`; `show`: the
+    default as shown in --help when the value itself says little, e.g. None)."""
+    meta = {"help": help, "flag": flag, "show": show}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StageConfig:
+    """The options every stage shares: inputs, output, and how the run is spread and resumed."""
+
+    inputs: list[str] = opt([], "Input files, folders or globs (repeat).", flag="--input")
+    output: str = opt("", "Output folder (or a pyarrow filesystem URI): shards, manifest.json, rejects, report.json.")
+    batch_size: int = opt(32, "Items per model call.")
+    shard_size: int = opt(1000, "Input items per output shard, where inputs can be split (the unit of resume).")
+    workers: int = opt(1, "Ray workers, one model copy each; 0 = no Ray, run in this process.")
+    gpus_per_worker: float | None = opt(
+        None, "GPUs per Ray worker.", show="the cluster's GPUs shared evenly, at most 1 per worker"
+    )
+    cpus_per_worker: float | None = opt(
+        None, "CPUs per Ray worker.", show="a node's CPUs shared by the workers placed on it"
+    )
+    ray_address: str | None = opt(None, "Join this Ray cluster.", show="start a local Ray")
+    seed: int = opt(0, "Random seed.")
+    overwrite: bool = opt(False, "Replace earlier outputs instead of resuming.")
+    progress: bool = opt(True, "Show a progress bar.", flag="--progress/--quiet")
+
+    def check(self) -> None:
+        """Checks every stage shares; errors name the bad value."""
+        if not self.output:
+            raise ValueError("--output is required")
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0 = no Ray), got {self.workers}")
+        for name in ("gpus_per_worker", "cpus_per_worker"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """The option declaration of a field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return ...
+
+
+def command(config_cls: type[StageConfig], run: Callable[[Any], None], doc: str) -> Callable[..., None]:
+    """A typer command function whose options are `config_cls`'s fields; it calls `run(config)`."""
+    import typer
+
+    hints = typing.get_type_hints(config_cls)
+    params = []
+    for f in dataclasses.fields(config_cls):
+        default = _default(f)
+        if f.name in ("inputs", "output"):
+            default = ...  # required on the command line
+        show = f.metadata.get("show")
+        option = typer.Option(
+            default, *_flag(f).split(" "), help=f.metadata.get("help", ""), show_default=show if show else True
+        )
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[f.name])
+        )
+
+    def cmd(**kwargs: Any) -> None:
+        run(config_cls(**kwargs))
+
+    cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    cmd.__doc__ = doc
+    return cmd
