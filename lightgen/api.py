@@ -22,8 +22,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lightgen_model import LightGen, from_pretrained, generate, inpaint, load_config, pixel_mask_to_tokens
-from lightgen_model.sampling import CFG_SCHEDULES
+from lightgen_model import LightGen, from_pretrained, generate, inpaint, load_config, pad_text, pixel_mask_to_tokens
+from lightgen_model.config import SamplingDefaults, check_sampling
+from lightgen_model.encoders import resolve_device, resolve_dtype
+
+__all__ = ["LightGenOutput", "LightGenPipeline", "check_sampling", "from_pil", "mask_from_pil", "to_pil"]
 
 BUILTIN_VAES = ("pixel",)
 BUILTIN_TEXT_ENCODERS = ("minilm",)
@@ -59,28 +62,6 @@ def resolve_component(spec: str, model_dir: Path, builtins: Sequence[str], kind:
     )
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    from lightgen_model.encoders import torch_dtype
-
-    return None if dtype is None else torch_dtype(dtype)
-
-
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The device, or a ValueError naming it when it cannot be used here (e.g. cuda without a GPU)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {str(device)!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested, but no CUDA GPU is visible (use --device cpu)")
-    return dev
-
-
 def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) images in [-1, 1] -> PIL RGB images (values clamped, rounded to 8 bits)."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
@@ -101,18 +82,6 @@ def mask_from_pil(mask: Image.Image | np.ndarray) -> Tensor:
     if arr.ndim != 2:
         raise ValueError(f"expected a mask image or an (H, W) array, got shape {arr.shape}")
     return torch.from_numpy(arr > (127 if arr.dtype == np.uint8 else 0.5))[None]
-
-
-def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
-    """Raise ValueError naming the first bad sampling setting (before any model is loaded)."""
-    if steps < 1:
-        raise ValueError(f"steps (num_inference_steps) must be >= 1, got {steps}")
-    if cfg < 0:
-        raise ValueError(f"cfg (guidance_scale) must be >= 0, got {cfg}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg schedule (guidance_schedule) must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -162,12 +131,15 @@ class LightGenPipeline:
         dtype: str | torch.dtype | None = None,
         use_ema: bool = True,
         component_dtype: str = "float32",
+        head_steps: int | str | None = None,
     ) -> LightGenPipeline:
         """Load ``config.json`` + weights (EMA when present) from a local directory.
 
         ``vae`` / ``text_encoder``: a built-in name ("pixel", "minilm"), a local model directory, or an already
-        built object; by default the names in the model's config.json. ``dtype`` applies to the LightGen
-        network ("float32", "bfloat16", "float16"); the tokenizer and text encoder run in ``component_dtype``.
+        built object; by default the names in the model's config.json. ``device``: "auto" (default: cuda when
+        visible), "cpu", "cuda[:N]". ``dtype`` applies to the LightGen network ("float32", "bfloat16", "float16",
+        "auto" = bfloat16 on a GPU; default: as stored); the tokenizer and text encoder run in ``component_dtype``.
+        ``head_steps`` replaces the config's ``num_sampling_steps`` (a count, "ddimN" or "a,b,...").
         """
         from lightgen_model.encoders import build_image_tokenizer, build_text_encoder
 
@@ -175,7 +147,7 @@ class LightGenPipeline:
         if not d.is_dir():
             raise FileNotFoundError(f"model directory does not exist: {d}")
         cfg = load_config(d)
-        dev = str(check_device(device or default_device()))
+        dev = resolve_device(device or "auto")
         if vae is None or isinstance(vae, str):
             spec = resolve_component(vae or cfg.vae, d, BUILTIN_VAES, "image tokenizer", "--vae / vae=", bool(vae))
             vae = build_image_tokenizer(spec, device=dev, dtype=component_dtype)
@@ -184,41 +156,37 @@ class LightGenPipeline:
             opt = "--text-encoder / text_encoder="
             spec = resolve_component(spec, d, BUILTIN_TEXT_ENCODERS, "text encoder", opt, bool(text_encoder))
             text_encoder = build_text_encoder(spec, device=dev, dtype=component_dtype, max_len=cfg.max_text_len)
-        model = from_pretrained(d, use_ema=use_ema, device=dev, dtype=_parse_dtype(dtype))
+        net_dtype = None if dtype is None else resolve_dtype(dtype, dev)
+        model = from_pretrained(d, use_ema=use_ema, device=dev, dtype=net_dtype, head_steps=head_steps)
         return cls(model, vae, text_encoder)
+
+    # -- sampling settings ---------------------------------------------------------------------------
+    def sampling_settings(
+        self,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
+    ) -> SamplingDefaults:
+        """The settings a call uses: the given ones, else the model's recorded defaults (``config.json``'s
+        ``sampling``: a converted reference model records the reference's constant cfg 4.0), else the library's."""
+        return self.model.cfg.sampling_defaults().replace(
+            steps=num_inference_steps, cfg=guidance_scale, cfg_schedule=guidance_schedule, temperature=temperature
+        )
 
     # -- text ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> text states (B, Lt, text_dim) in the model's dtype and a padding mask (B, Lt, True = token).
 
-        Models with ``text_key_mask`` attend only to real tokens, so rows are zero-padded to the longest.
-        Converted reference models (``text_key_mask=False``) attend to padding as the reference did, so a
-        transformers encoder's own states at padded positions up to ``max_text_len`` are used when available.
+        Through ``lightgen_model.pad_text``, as the trainer: models with ``text_key_mask`` get rows zero-padded to
+        the longest prompt; converted reference models (``text_key_mask=False``) get every prompt padded to
+        ``max_text_len`` with the text encoder's own states at the padded positions, as the reference did.
         """
         prompts = _as_list(prompts)
         _check_prompts(prompts)
-        cfg = self.model.cfg
-        if not cfg.text_key_mask and hasattr(self.text_encoder, "tokenizer") and hasattr(self.text_encoder, "model"):
-            return self._encode_padded(prompts, cfg.max_text_len)
-        states = [torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in self.text_encoder(prompts)]
-        lengths = [s.shape[0] for s in states]
-        if min(lengths) == 0:
-            raise ValueError(f"the text encoder returned no token for prompt {prompts[lengths.index(0)]!r}")
-        text = torch.zeros(len(states), max(lengths), cfg.text_dim)  # (B, Lt, D)
-        for i, s in enumerate(states):
-            text[i, : s.shape[0]] = s
-        mask = torch.arange(text.shape[1])[None] < torch.tensor(lengths)[:, None]  # (B, Lt)
+        text, mask = pad_text(captions=prompts, cfg=self.model.cfg, encoder=self.text_encoder)
         return text.to(self.device, self.dtype), mask.to(self.device)
-
-    def _encode_padded(self, prompts: list[str], max_len: int) -> tuple[Tensor, Tensor]:
-        enc = self.text_encoder.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
-        )
-        dev = self.text_encoder.device
-        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-        hidden = self.text_encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, max_len, D)
-        return hidden.to(self.device, self.dtype), mask.bool().to(self.device)
 
     # -- images --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,10 +212,10 @@ class LightGenPipeline:
     def __call__(
         self,
         prompt: str | list[str],
-        num_inference_steps: int = 64,
-        guidance_scale: float = 4.0,
-        guidance_schedule: str = "linear",
-        temperature: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
         height: int | None = None,
         width: int | None = None,
         resolution: int | None = None,
@@ -261,7 +229,8 @@ class LightGenPipeline:
         Images come in prompt order (all images of prompt 0 first). ``generator`` (any device) drives all the
         randomness: the same seed, prompts and batch size give the same images. ``height``/``width`` (or a square
         ``resolution``) default to the model's ``base_resolution``; they must be multiples of
-        ``vae_stride * patch_size``. ``callback(step, tokens)`` runs after every sampling step.
+        ``vae_stride * patch_size``. ``callback(step, tokens)`` runs after every sampling step. Sampling settings
+        left at None take the model's recorded defaults (see ``sampling_settings``).
         """
         if num_images_per_prompt < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError(
@@ -269,14 +238,14 @@ class LightGenPipeline:
             )
         _check_prompts(_as_list(prompt))
         prompts = [p for p in _as_list(prompt) for _ in range(num_images_per_prompt)]
-        check_sampling(num_inference_steps, guidance_scale, guidance_schedule, temperature)
+        st = self.sampling_settings(num_inference_steps, guidance_scale, guidance_schedule, temperature)
         size = self.image_size(height, width, resolution)
         bs = batch_size or len(prompts)
         latents = []
         for i in range(0, len(prompts), bs):
             text, mask = self.encode_prompt(prompts[i : i + bs])
-            lat = generate(self.model, text, mask, size, num_inference_steps, guidance_scale, guidance_schedule,
-                           temperature, generator, callback)  # fmt: skip
+            lat = generate(self.model, text, mask, size, st.steps, st.cfg, st.cfg_schedule, st.temperature, generator,
+                           callback)  # fmt: skip
             latents.append(lat)
         lat = torch.cat(latents)
         return LightGenOutput(to_pil(self.decode(lat)), lat)
@@ -288,19 +257,20 @@ class LightGenPipeline:
         image: Image.Image | list[Image.Image],
         mask_image: Image.Image | list[Image.Image],
         prompt: str | list[str],
-        num_inference_steps: int = 64,
-        guidance_scale: float = 4.0,
-        guidance_schedule: str = "linear",
-        temperature: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
         generator: torch.Generator | None = None,
     ) -> LightGenOutput:
         """Regenerate the white part of ``mask_image`` (same size as ``image``) to match ``prompt``.
 
         Every token with at least one masked pixel is regenerated; outside the mask the output equals the
         tokenizer's round trip of the input (for the "pixel" tokenizer: the input itself). Lists of images,
-        masks and prompts are batched; a single one of any is repeated to the batch size.
+        masks and prompts are batched; a single one of any is repeated to the batch size. Sampling settings left
+        at None take the model's recorded defaults.
         """
-        check_sampling(num_inference_steps, guidance_scale, guidance_schedule, temperature)
+        st = self.sampling_settings(num_inference_steps, guidance_scale, guidance_schedule, temperature)
         images, masks, prompts = _as_list(image), _as_list(mask_image), _as_list(prompt)
         B = max(len(images), len(masks), len(prompts))
         for name, xs in (("image", images), ("mask_image", masks), ("prompt", prompts)):
@@ -321,8 +291,8 @@ class LightGenPipeline:
         text, tmask = self.encode_prompt(prompts * B if len(prompts) == 1 else prompts)
         lat = inpaint(
             self.model, clean.to(self.device, self.dtype), tok_mask.to(self.device), text, tmask,
-            num_iter=num_inference_steps, cfg=guidance_scale, cfg_schedule=guidance_schedule,
-            temperature=temperature, generator=generator,
+            num_iter=st.steps, cfg=st.cfg, cfg_schedule=st.cfg_schedule, temperature=st.temperature,
+            generator=generator,
         )  # fmt: skip
         out = torch.where(pix[:, None], self.decode(lat), self.decode(clean))  # paste the round trip outside
         return LightGenOutput(to_pil(out), lat)

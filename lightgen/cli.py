@@ -26,23 +26,46 @@ TEXT = typer.Option(
     None, help="Text encoder: 'minilm' or a local transformers dir (default: the config's text_encoder)."
 )
 DEVICE = typer.Option("auto", help="Device: auto (cuda if available), cpu, cuda, cuda:1, ...")
-DTYPE = typer.Option("float32", help="dtype of the LightGen network: float32, bfloat16 or float16.")
+DTYPE = typer.Option("float32", help="dtype of the LightGen network: float32, bfloat16, float16 or auto (bf16 on GPU).")
 EMA = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the directory has them.")
-STEPS = typer.Option(64, min=1, help="Masked-generation iterations.")
-CFG = typer.Option(4.0, min=0.0, help="Classifier-free guidance scale (1 = off).")
-CFG_SCHEDULE = typer.Option("linear", help="Guidance schedule: linear (1 -> cfg as tokens appear) or constant.")
-TEMPERATURE = typer.Option(1.0, min=0.0, help="Temperature of the diffusion head's noise.")
+# sampling settings: None = the model's recorded default (config.json "sampling"), else the library's (shown)
+STEPS = typer.Option(None, min=1, help="Masked-generation iterations (default: the model's recorded one, else 64).")
+CFG = typer.Option(None, min=0.0, help="Classifier-free guidance scale, 1 = off (default: the model's, else 4.0).")
+CFG_SCHEDULE = typer.Option(
+    None,
+    help="Guidance schedule: linear (1 -> cfg as tokens appear), constant, or linear-reference (linear with the "
+    "reference code's last step, 1 + (cfg-1)(L-1)/L) (default: the model's, else linear).",
+)
+TEMPERATURE = typer.Option(
+    None, min=0.0, help="Temperature of the diffusion head's noise (default: the model's, else 1.0)."
+)
+HEAD_STEPS = typer.Option(
+    None, help="Diffusion-head sampling steps: N, 'ddimN' or 'a,b,...' (default: the config's num_sampling_steps)."
+)
 SEED = typer.Option(0, help="Random seed (the same seed and batch size give the same images).")
 
 
-def _pipeline(model: Path, vae: str | None, text_encoder: str | None, device: str, dtype: str, ema: bool):
-    """Load a LightGenPipeline (imports torch lazily so that `--help` stays fast)."""
-    from lightgen.api import LightGenPipeline, default_device
+def _check_given(steps: int | None, cfg: float | None, cfg_schedule: str | None, temperature: float | None) -> None:
+    """Check the sampling options given on the command line before a model is loaded."""
+    from lightgen_model import SamplingDefaults
 
-    dev = default_device() if device == "auto" else device
+    SamplingDefaults().replace(steps=steps, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature)
+
+
+def _head_steps(spec: str | None) -> int | str | None:
+    return int(spec) if spec is not None and spec.strip().isdigit() else spec
+
+
+def _pipeline(
+    model: Path, vae: str | None, text_encoder: str | None, device: str, dtype: str, ema: bool, head_steps: str | None
+):
+    """Load a LightGenPipeline (imports torch lazily so that `--help` stays fast)."""
+    from lightgen.api import LightGenPipeline
+
     return LightGenPipeline.from_pretrained(
-        model, vae=vae, text_encoder=text_encoder, device=dev, dtype=dtype, use_ema=ema
-    )
+        model, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype, use_ema=ema,
+        head_steps=_head_steps(head_steps),
+    )  # fmt: skip
 
 
 @app.command("model-info")
@@ -82,6 +105,7 @@ def generate_cmd(
     cfg: float = CFG,
     cfg_schedule: str = CFG_SCHEDULE,
     temperature: float = TEMPERATURE,
+    head_steps: str = HEAD_STEPS,
     seed: int = SEED,
     batch_size: int = typer.Option(8, min=1, help="Images per batch."),
     device: str = DEVICE,
@@ -91,15 +115,14 @@ def generate_cmd(
     ema: bool = EMA,
 ) -> None:
     """Generate images for prompts: PNGs plus generation.json (settings, the prompt of each file, images/s)."""
-    from lightgen.api import check_sampling
     from lightgen.generate import read_prompts, run_generate
 
     with _user_errors():
         if bool(prompt) == (prompts is not None):
             raise ValueError("give either --prompt (one or more) or --prompts FILE")
         texts = list(prompt) if prompt else read_prompts(prompts, field)
-        check_sampling(steps, cfg, cfg_schedule, temperature)
-        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema)
+        _check_given(steps, cfg, cfg_schedule, temperature)
+        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema, head_steps)
         res = run_generate(
             pipe, texts, out, images_per_prompt=images_per_prompt, batch_size=batch_size, seed=seed, steps=steps,
             cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, height=height or resolution,
@@ -121,6 +144,7 @@ def inpaint_cmd(
     cfg: float = CFG,
     cfg_schedule: str = CFG_SCHEDULE,
     temperature: float = TEMPERATURE,
+    head_steps: str = HEAD_STEPS,
     seed: int = SEED,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -129,25 +153,27 @@ def inpaint_cmd(
     ema: bool = EMA,
 ) -> None:
     """Zero-shot inpainting: regenerate the white part of --mask; the rest is the input's tokenizer round trip."""
+    import dataclasses
+
     import torch
     from PIL import Image
-
-    from lightgen.api import check_sampling
 
     with _user_errors():
         with Image.open(image) as im, Image.open(mask) as mk:
             src, msk = im.convert("RGB"), mk.copy()
-        check_sampling(steps, cfg, cfg_schedule, temperature)
-        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema)
+        _check_given(steps, cfg, cfg_schedule, temperature)
+        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema, head_steps)
+        st = pipe.sampling_settings(steps, cfg, cfg_schedule, temperature)
         res = pipe.inpaint(
-            src, msk, prompt, num_inference_steps=steps, guidance_scale=cfg, guidance_schedule=cfg_schedule,
-            temperature=temperature, generator=torch.Generator().manual_seed(seed),
+            src, msk, prompt, num_inference_steps=st.steps, guidance_scale=st.cfg, guidance_schedule=st.cfg_schedule,
+            temperature=st.temperature, generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         res.images[0].save(out, format="PNG")
-        settings = {"model": str(model), "image": str(image), "mask": str(mask), "prompt": prompt, "steps": steps,
-                    "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature, "seed": seed,
-                    "dtype": dtype, "vae": pipe.vae.name, "text_encoder": pipe.text_encoder.name}  # fmt: skip
+        settings = {"model": str(model), "image": str(image), "mask": str(mask), "prompt": prompt,
+                    **dataclasses.asdict(st), "head_steps": pipe.model.cfg.num_sampling_steps, "seed": seed,
+                    "dtype": str(pipe.dtype).removeprefix("torch."), "vae": pipe.vae.name,
+                    "text_encoder": pipe.text_encoder.name}  # fmt: skip
         out.with_suffix(".json").write_text(json.dumps(settings, indent=1) + "\n")
     typer.echo(f"wrote {out}")
 
@@ -165,6 +191,7 @@ def geneval_cmd(
     cfg: float = CFG,
     cfg_schedule: str = CFG_SCHEDULE,
     temperature: float = TEMPERATURE,
+    head_steps: str = HEAD_STEPS,
     seed: int = SEED,
     batch_size: int = typer.Option(16, min=1, help="Images per batch (batch_size // samples prompts at a time)."),
     limit: int = typer.Option(None, min=1, help="Only the first N metadata lines."),
@@ -177,12 +204,11 @@ def geneval_cmd(
     ema: bool = EMA,
 ) -> None:
     """Generate GenEval samples for every metadata line; resumable; `lightgen shapes score OUT` scores ShapesWorld."""
-    from lightgen.api import check_sampling
     from lightgen.geneval import run_geneval
 
     with _user_errors():
-        check_sampling(steps, cfg, cfg_schedule, temperature)
-        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema)
+        _check_given(steps, cfg, cfg_schedule, temperature)
+        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema, head_steps)
         res = run_geneval(
             pipe, metadata, out, samples=samples, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
             temperature=temperature, resolution=resolution, seed=seed, batch_size=batch_size, limit=limit,
@@ -209,11 +235,11 @@ def fid_cmd(
     json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Fréchet Inception Distance between two image folders (torchmetrics; Inception weights from a local file)."""
-    from lightgen.api import check_device, default_device
     from lightgen.fid import run_fid
+    from lightgen_model.encoders import resolve_device
 
     with _user_errors():
-        dev = default_device() if device == "auto" else str(check_device(device))
+        dev = resolve_device(device)
         res = run_fid(real, fake, inception_weights, feature, batch_size, dev, antialias)
         if json_out is not None:
             json_out.write_text(json.dumps(res, indent=1) + "\n")
@@ -230,8 +256,14 @@ def convert_reference_cmd(
     vae_stride: int = typer.Option(None, min=1, help="VAE stride (default: args.vae_stride or 8)."),
     vae_name: str = typer.Option(None, help="`vae` recorded in config.json (default: the lightgen preset's)."),
     text_encoder_name: str = typer.Option(None, help="`text_encoder` recorded in config.json (default: preset's)."),
+    head_steps: str = typer.Option(
+        None, help="Head sampling steps: N, 'ddimN' or 'a,b,...' (default: args.num_sampling_steps, else 100)."
+    ),
 ) -> None:
-    """Convert a reference-implementation checkpoint to our layout (EMA weights preferred), loading it safely."""
+    """Convert a reference-implementation checkpoint to our layout (EMA weights preferred), loading it safely.
+
+    config.json records the reference's sampling settings (64 steps, constant cfg 4.0, temperature 1.0), which
+    `lightgen generate` / `geneval` and LightGenPipeline then use unless told otherwise."""
     from lightgen.convert import convert_reference
     from lightgen_model import PRESETS
 
@@ -239,6 +271,7 @@ def convert_reference_cmd(
         res = convert_reference(
             checkpoint, out, heads, latent_channels, patch_size, vae_stride,
             vae_name or PRESETS["lightgen"]["vae"], text_encoder_name or PRESETS["lightgen"]["text_encoder"],
+            head_steps,
         )  # fmt: skip
     typer.echo(
         f"wrote {out}: {res['parameters']:,} parameters, weights {'+'.join(res['weights'])} "

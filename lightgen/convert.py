@@ -5,6 +5,8 @@ argparse Namespace inside. It is read with ``torch.load(weights_only=True)``, al
 class; anything else in the pickle is refused. Parameter names are the same on both sides; the config is
 inferred from the tensor shapes (plus the few numbers only ``args`` holds) with the reference's behaviour
 kept: ``buffer_size=0``, ``text_key_mask=False`` (it attends to padded text) and ``interpolate_offset=0.1``.
+The reference's generation settings are recorded as the model's sampling defaults (``config.json``'s ``sampling``
+and ``num_sampling_steps``), so a converted model samples like its authors' scripts unless told otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from lightgen_model import PRESETS, LightGen, ModelConfig, count_parameters, sav
 # attention heads of the reference's model constructors (models/fluid_arbitrary.py), by args.model
 HEADS_BY_MODEL = {"fluid_base": 12, "fluid_large": 16, "fluid_huge": 16}
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+# how the reference's generation scripts sample (scripts/geneval.py, sample.py, dpo_sample.py, pipeline_image.py):
+# 64 iterations, constant cfg 4.0, temperature 1.0; the head's steps come from args.num_sampling_steps ("100")
+REFERENCE_SAMPLING = {"steps": 64, "cfg": 4.0, "cfg_schedule": "constant", "temperature": 1.0}
 
 
 def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -127,9 +132,19 @@ def infer_config(
         mask_ratio_min=float(args.get("mask_ratio_min", 0.7)), head_width=head_width,
         head_depth=_depth(state, "diffloss.net.res_blocks"),
         diffusion_batch_mul=int(args.get("diffusion_batch_mul") or 4),
-        num_sampling_steps=int(args.get("num_sampling_steps") or 100), prediction="eps",
+        num_sampling_steps=head_steps_spec(args.get("num_sampling_steps")), prediction="eps",
+        sampling=dict(REFERENCE_SAMPLING),
         learn_sigma=out_ch == 2 * token_dim, interpolate_offset=0.1, vae=vae, text_encoder=text_encoder,
     )  # fmt: skip
+
+
+def head_steps_spec(value: Any) -> int | str:
+    """The reference's ``num_sampling_steps`` (a string there: "100", "ddim25", "10,20") as our spec: plain counts
+    become ints, the other forms stay strings (``space_timesteps`` reads them); missing = 100."""
+    if value is None or value == "":
+        return 100
+    text = str(value).strip()
+    return int(text) if text.isdigit() else text
 
 
 def check_keys(state: dict[str, Tensor], model: LightGen, name: str) -> None:
@@ -160,16 +175,20 @@ def convert_reference(
     vae_stride: int | None = None,
     vae: str = PRESETS["lightgen"]["vae"],
     text_encoder: str = PRESETS["lightgen"]["text_encoder"],
+    head_steps: int | str | None = None,
 ) -> dict[str, Any]:
     """Write ``config.json`` + ``model.safetensors`` (+ ``model_ema.safetensors``) to ``out``; returns a summary.
 
-    ``from_pretrained(out)`` then loads the EMA weights when the checkpoint had them.
+    ``from_pretrained(out)`` then loads the EMA weights when the checkpoint had them. ``head_steps`` replaces
+    the head's sampling steps taken from ``args.num_sampling_steps`` (a count, "ddimN" or "a,b,...").
     """
     ckpt = load_reference_checkpoint(checkpoint)
     args = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else dict(ckpt.get("args") or {})
     raw = clean_state(ckpt["model"], "model") if "model" in ckpt else None
     ema = clean_state(ckpt["model_ema"], "model_ema") if "model_ema" in ckpt else None
     cfg = infer_config(ema or raw, args, heads, latent_channels, patch_size, vae_stride, vae, text_encoder)
+    if head_steps is not None:
+        cfg = cfg.replace(num_sampling_steps=head_steps_spec(head_steps))
     cfg.extra = {"converted_from": str(checkpoint), "epoch": ckpt.get("epoch"), "reference_args": _json_args(args)}
     with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
         model = LightGen(cfg)

@@ -49,10 +49,10 @@ def run_generate(
     images_per_prompt: int = 1,
     batch_size: int = 8,
     seed: int = 0,
-    steps: int = 64,
-    cfg: float = 4.0,
-    cfg_schedule: str = "linear",
-    temperature: float = 1.0,
+    steps: int | None = None,
+    cfg: float | None = None,
+    cfg_schedule: str | None = None,
+    temperature: float | None = None,
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
@@ -61,10 +61,12 @@ def run_generate(
     """Write ``<out>/<00000>.png`` (prompt order, ``images_per_prompt`` each) and ``<out>/generation.json``.
 
     Exactly ``pipe(prompts, num_images_per_prompt=images_per_prompt, batch_size=batch_size,
-    generator=torch.Generator().manual_seed(seed), ...)``, one batch at a time. Returns the sidecar's content.
+    generator=torch.Generator().manual_seed(seed), ...)``, one batch at a time. Sampling settings left at None
+    take the model's recorded defaults (``pipe.sampling_settings``). Returns the sidecar's content.
     """
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"need images_per_prompt >= 1 and batch_size >= 1, got {images_per_prompt}, {batch_size}")
+    st = pipe.sampling_settings(steps, cfg, cfg_schedule, temperature)
     h, w = pipe.image_size(height, width, None)
     jobs = [(i, k, p) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
     out = Path(out)
@@ -72,13 +74,14 @@ def run_generate(
     generator = torch.Generator().manual_seed(seed)
     n_batches = -(-len(jobs) // batch_size)
     entries, seconds = [], 0.0
-    with tqdm(total=n_batches * steps, unit="step", desc="generate", disable=not progress) as bar:
+    with tqdm(total=n_batches * st.steps, unit="step", desc="generate", disable=not progress) as bar:
         for b in range(0, len(jobs), batch_size):
             chunk = jobs[b : b + batch_size]
             t0 = time.perf_counter()
             res = pipe(
-                [p for _, _, p in chunk], num_inference_steps=steps, guidance_scale=cfg, guidance_schedule=cfg_schedule,
-                temperature=temperature, height=h, width=w, generator=generator, callback=lambda *_: bar.update(1),
+                [p for _, _, p in chunk], num_inference_steps=st.steps, guidance_scale=st.cfg,
+                guidance_schedule=st.cfg_schedule, temperature=st.temperature, height=h, width=w, generator=generator,
+                callback=lambda *_: bar.update(1),
             )  # fmt: skip
             seconds += time.perf_counter() - t0
             for j, ((i, k, p), image) in enumerate(zip(chunk, res.images, strict=True)):
@@ -87,8 +90,8 @@ def run_generate(
                 entries.append({"file": name, "prompt": p, "prompt_index": i, "sample": k})
             bar.set_postfix(images=len(entries))
     settings = {
-        "seed": seed, "steps": steps, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
-        "height": h, "width": w, "images_per_prompt": images_per_prompt, "batch_size": batch_size,
+        "seed": seed, "steps": st.steps, "cfg": st.cfg, "cfg_schedule": st.cfg_schedule, "temperature": st.temperature,
+        "head_steps": pipe.model.cfg.num_sampling_steps, "height": h, "width": w, "images_per_prompt": images_per_prompt, "batch_size": batch_size,
         "dtype": str(pipe.dtype).removeprefix("torch."), "device": str(pipe.device),
         "vae": pipe.vae.name, "text_encoder": pipe.text_encoder.name,
     }  # fmt: skip

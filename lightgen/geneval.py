@@ -92,10 +92,10 @@ def run_geneval(
     out: str | Path,
     *,
     samples: int = 4,
-    steps: int = 64,
-    cfg: float = 4.0,
-    cfg_schedule: str = "linear",
-    temperature: float = 1.0,
+    steps: int | None = None,
+    cfg: float | None = None,
+    cfg_schedule: str | None = None,
+    temperature: float | None = None,
     resolution: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
@@ -107,17 +107,19 @@ def run_geneval(
     """Fill ``out`` in GenEval's layout for the first ``limit`` lines of ``metadata``; returns counts and timing.
 
     A group of prompts is ``pipe(prompts, num_images_per_prompt=samples, batch_size=batch_size,
-    generator=torch.Generator().manual_seed(group_seed(seed, first)), ...)``.
+    generator=torch.Generator().manual_seed(group_seed(seed, first)), ...)``. Sampling settings left at None take
+    the model's recorded defaults (``pipe.sampling_settings``).
     """
     if samples < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"need samples, batch_size and limit >= 1, got {samples}, {batch_size}, {limit}")
+    st = pipe.sampling_settings(steps, cfg, cfg_schedule, temperature)
     lines = read_metadata(metadata, field)[:limit]
     h, w = pipe.image_size(None, None, resolution)
     out = Path(out)
     settings = {
         "model_config": pipe.model.cfg.to_dict(), "vae": pipe.vae.name, "text_encoder": pipe.text_encoder.name,
-        "dtype": str(pipe.dtype).removeprefix("torch."), "samples": samples, "steps": steps, "cfg": cfg,
-        "cfg_schedule": cfg_schedule, "temperature": temperature, "height": h, "width": w, "seed": seed,
+        "dtype": str(pipe.dtype).removeprefix("torch."), "samples": samples, "steps": st.steps, "cfg": st.cfg,
+        "cfg_schedule": st.cfg_schedule, "temperature": st.temperature, "height": h, "width": w, "seed": seed,
         "batch_size": batch_size, "field": field,
     }  # fmt: skip
     _check_settings(out, settings, overwrite)
@@ -132,8 +134,8 @@ def run_geneval(
             idx = range(first, min(first + per_group, len(lines)))
             t0 = time.perf_counter()
             res = pipe(
-                [lines[i][1] for i in idx], num_inference_steps=steps, guidance_scale=cfg,
-                guidance_schedule=cfg_schedule, temperature=temperature, height=h, width=w,
+                [lines[i][1] for i in idx], num_inference_steps=st.steps, guidance_scale=st.cfg,
+                guidance_schedule=st.cfg_schedule, temperature=st.temperature, height=h, width=w,
                 num_images_per_prompt=samples, batch_size=batch_size,
                 generator=torch.Generator().manual_seed(group_seed(seed, first)),
             )  # fmt: skip

@@ -7,6 +7,44 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .diffusion import space_timesteps
+
+CFG_SCHEDULES = ("linear", "constant", "linear-reference")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Generation settings a model is sampled with unless the caller says otherwise.
+
+    ``cfg_schedule``: "linear" grows the guidance from 1 to ``cfg`` as tokens are revealed (Muse); "constant";
+    "linear-reference" is linear with the reference code's last step, which uses ``1 + (cfg - 1)(L - 1)/L`` (its
+    mask length is clamped to at least 1) instead of ``cfg``.
+    """
+
+    steps: int = 64  # masked-generation iterations
+    cfg: float = 4.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_sampling(self.steps, self.cfg, self.cfg_schedule, self.temperature)
+
+    def replace(self, **given: Any) -> SamplingDefaults:
+        """A copy with the given (not None) settings changed."""
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+
+def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
+    """Raise ValueError naming the first bad sampling setting."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps (num_inference_steps) must be an integer >= 1, got {steps!r}")
+    if cfg < 0:
+        raise ValueError(f"cfg (guidance_scale) must be >= 0, got {cfg}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg schedule (guidance_schedule) must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
 
 @dataclass
 class ModelConfig:
@@ -46,7 +84,8 @@ class ModelConfig:
     head_depth: int = 8
     diffusion_batch_mul: int = 4
     num_train_timesteps: int = 1000
-    num_sampling_steps: int = 100
+    # the head's respaced sampling steps: a count or the reference's "ddimN" / "a,b,..." (see space_timesteps)
+    num_sampling_steps: int | str = 100
     noise_schedule: str = "cosine"
     prediction: str = "eps"  # "eps" (reference) or "v"
     learn_sigma: bool = True  # learned variance range + hybrid VLB loss, as in the reference
@@ -56,6 +95,8 @@ class ModelConfig:
     # free-form names recorded with the weights (which tokenizer / text encoder the model expects)
     vae: str = ""
     text_encoder: str = ""
+    # generation defaults recorded with the weights (keys of SamplingDefaults); missing keys = the library's
+    sampling: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,12 +146,20 @@ class ModelConfig:
                 f"base_resolution={self.base_resolution} is not a multiple of vae_stride*patch_size"
                 f"={self.pixels_per_token}"
             )
-        if self.diffusion_batch_mul < 1 or self.num_sampling_steps < 1:
-            raise ValueError("diffusion_batch_mul and num_sampling_steps must be >= 1")
-        if self.num_sampling_steps > self.num_train_timesteps:
-            raise ValueError(
-                f"num_sampling_steps={self.num_sampling_steps} exceeds num_train_timesteps={self.num_train_timesteps}"
-            )
+        if self.diffusion_batch_mul < 1:
+            raise ValueError(f"diffusion_batch_mul must be >= 1, got {self.diffusion_batch_mul}")
+        try:
+            space_timesteps(self.num_train_timesteps, self.num_sampling_steps)
+        except ValueError as e:
+            raise ValueError(f"num_sampling_steps: {e}") from None
+        self.sampling_defaults()  # raises on unknown keys or bad values
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The generation settings recorded in ``sampling``, the library defaults for the rest."""
+        unknown = sorted(set(self.sampling) - {f.name for f in dataclasses.fields(SamplingDefaults)})
+        if unknown:
+            raise ValueError(f"unknown sampling keys {unknown}; known: steps, cfg, cfg_schedule, temperature")
+        return SamplingDefaults(**self.sampling)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of every field."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -244,13 +245,33 @@ class HFTextEncoder:
         limit = getattr(config, "max_position_embeddings", None)
         self.max_len = min(max_len, limit) if limit else max_len
         self.batch_size = batch_size
+        self._lock = threading.Lock()  # a fast tokenizer used from two threads at once fails ("Already borrowed")
 
     def __call__(self, captions: list[str]) -> list[np.ndarray]:
         """One (len_i, dim) float16 array per caption; len_i = the tokenizer's attention-mask sum (<= max_len)."""
         out: list[np.ndarray] = []
-        for i in range(0, len(captions), self.batch_size):
-            out.extend(self._encode_batch(list(captions[i : i + self.batch_size])))
+        with self._lock:
+            for i in range(0, len(captions), self.batch_size):
+                out.extend(self._encode_batch(list(captions[i : i + self.batch_size])))
         return out
+
+    @torch.no_grad()
+    def encode_padded(self, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """States of captions padded to exactly ``length`` tokens, the encoder's own states at the padded positions
+        (what the reference cached and trained on): (B, length, dim) float32 and the (B, length) bool token mask,
+        on the CPU. Padded positions attend to the real tokens only (the attention mask), as in the reference."""
+        if length > self.max_len:
+            raise ValueError(f"text encoder {self.name!r} takes at most {self.max_len} tokens, asked for {length}")
+        states, masks = [], []
+        with self._lock:
+            for i in range(0, len(captions), self.batch_size):
+                enc = self.tokenizer(list(captions[i : i + self.batch_size]), padding="max_length", truncation=True,
+                                     max_length=length, return_tensors="pt")  # fmt: skip
+                ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, length, D)
+                states.append(hidden.float().cpu())
+                masks.append(enc["attention_mask"].bool())
+        return torch.cat(states), torch.cat(masks)
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> list[np.ndarray]:

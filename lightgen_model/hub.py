@@ -48,13 +48,19 @@ def from_pretrained(
     use_ema: bool = True,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    head_steps: int | str | None = None,
 ) -> LightGen:
     """Load a model for inference (eval mode); the EMA weights are used when present and ``use_ema``.
+
+    ``head_steps`` replaces the config's ``num_sampling_steps`` (the head's respaced sampling steps; they are
+    not part of the weights).
 
     On a CPU this also turns on flush-to-zero for denormal floats (``torch.set_flush_denormal``), process-wide:
     a trained model's sampling was up to 6x slower with denormals (BENCHMARKS.md) and they never matter here."""
     d = Path(directory)
     cfg = load_config(d)
+    if head_steps is not None:
+        cfg = cfg.replace(num_sampling_steps=head_steps)
     weights = d / EMA_NAME if use_ema and (d / EMA_NAME).is_file() else d / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in model directory {d}")

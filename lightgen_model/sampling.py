@@ -14,22 +14,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .config import CFG_SCHEDULES, check_sampling
 from .mar import LightGen, gather_rows, select_rows
 from .rng import rand, randn
 
 # one generator for the whole batch, or one per row (a batch then equals each row generated alone)
 Generator = torch.Generator | list[torch.Generator] | None
 
-CFG_SCHEDULES = ("linear", "constant")
-
-
-def _check(num_iter: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if cfg < 0 or temperature <= 0:
-        raise ValueError(f"need cfg >= 0 and temperature > 0, got cfg={cfg}, temperature={temperature}")
+__all__ = ["CFG_SCHEDULES", "generate", "inpaint", "masked_generation", "pixel_mask_to_tokens"]
 
 
 def reveal_counts(n: Tensor, remaining: Tensor, step: int, num_iter: int) -> Tensor:
@@ -61,7 +53,7 @@ def masked_generation(
     """Fill the positions ``gen_mask`` (B, L, True = generate) of ``tokens`` (B, L, C); the rest is kept
     bit-identical. Returns new tokens (B, L, C). ``batch_uncond`` forces (True) or skips (False) the
     unconditional branch; by default it runs when cfg != 1."""
-    _check(num_iter, cfg, cfg_schedule, temperature)
+    check_sampling(num_iter, cfg, cfg_schedule, temperature)
     B, L, _ = tokens.shape
     dev = tokens.device
     tokens, gen_mask = tokens.clone(), gen_mask.to(dev).bool()
@@ -120,9 +112,13 @@ def _row_noise(gens: list[torch.Generator] | None, valid: Tensor, model: LightGe
 
 
 def _cfg_scale(cfg: float, schedule: str, n: Tensor, keep: Tensor) -> Tensor:
-    """Per-sample guidance scale; 'linear' grows from 1 to cfg as tokens are revealed (Muse)."""
+    """Per-sample guidance scale; 'linear' grows from 1 to cfg as tokens are revealed (Muse), reaching cfg at the
+    last step; 'linear-reference' takes the reference's mask length, clamped to >= 1 also at the last step, where
+    its scale is then 1 + (cfg - 1)(n - 1)/n."""
     if schedule == "constant":
         return torch.full(n.shape, float(cfg), device=n.device)
+    if schedule == "linear-reference":
+        keep = keep.clamp(min=1)
     return 1.0 + (cfg - 1.0) * (n - keep).float() / n.clamp(min=1).float()
 
 

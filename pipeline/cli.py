@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from pipeline.options import command
+
 app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_completion=False)
 
 
@@ -15,46 +17,40 @@ def _root() -> None:
     """LightGen data pipeline: build-captions, synthesize, encode-latents, build-dpo-pairs."""
 
 
-@app.command("encode-latents")
-def encode_latents(
-    input: list[str] = typer.Option(..., "--input", help="Input .tar shards, image folders, files or globs (repeat)."),
-    output: Path = typer.Option(..., help="Output folder: shards, manifest.json, rejects.parquet, report.json."),
-    vae: str = typer.Option("pixel", help="'pixel' (ShapesWorld) or a local diffusers AutoencoderKL directory."),
-    text_encoder: str = typer.Option("minilm", help="'minilm' or a local transformers encoder directory (T5, BERT)."),
-    resolution: int = typer.Option(256, help="Side of the center-cropped square image, in pixels."),
-    max_text_len: int = typer.Option(128, help="Text tokens kept per caption (longer captions are truncated)."),
-    batch_size: int = typer.Option(32, help="Images per encoder call."),
-    shard_size: int = typer.Option(1000, help="Input records per output shard (the unit of resume)."),
-    workers: int = typer.Option(1, help="Ray workers, one model copy each; 0 = no Ray, encode in this process."),
-    gpus_per_worker: float = typer.Option(
-        None, help="GPUs per Ray worker.", show_default="the Ray cluster's GPUs shared evenly, at most 1 per worker"
-    ),
-    device: str = typer.Option("auto", help="auto (cuda if a worker sees a GPU), cpu, cuda[:N]."),
-    dtype: str = typer.Option("float32", help="Encoder compute dtype: float32, bfloat16, float16 (storage is 16-bit)."),
-    ray_address: str = typer.Option(None, help="Join this Ray cluster.", show_default="start a local Ray"),
-    seed: int = typer.Option(0, help="Random seed."),
-    overwrite: bool = typer.Option(False, help="Replace earlier outputs in --output instead of resuming."),
-    max_pixels: int = typer.Option(64_000_000, help="Reject images with more pixels (decompression bombs)."),
-    min_size: int = typer.Option(32, help="Reject images whose shorter side is smaller."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
-) -> None:
-    """VAE moments (image + flip) and unpadded text embeddings, 16-bit, into Parquet training shards."""
-    options = {k: v for k, v in locals().items() if k not in ("input", "output", "quiet")}  # the other flags
-    from pipeline.encode import EncodeConfig, run_encode_latents
-
-    cfg = EncodeConfig(inputs=input, output=str(output), progress=not quiet, **options)
-    try:
-        report = run_encode_latents(cfg)
-    except (ValueError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(json.dumps(report))
-
-
 def _fail(e: Exception) -> None:
     """A one-line error on stderr and exit code 2."""
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2) from None
+
+
+def _stage_command(name: str, config: str, run: str, doc: str, summary: str | None = None) -> None:
+    """Register command `name`: options from `pipeline.<module>.<config>`, calling `<run>(cfg)` and printing the
+    report (after the report's `summary` line template, if given). Stage modules are imported when the CLI starts,
+    their heavy libraries only when a command runs."""
+    import importlib
+
+    module, cls = config.rsplit(".", 1)
+    config_cls = getattr(importlib.import_module(module), cls)
+
+    def run_cfg(cfg: object) -> None:
+        mod, fn = run.rsplit(".", 1)
+        try:
+            report = getattr(importlib.import_module(mod), fn)(cfg)
+        except (ValueError, OSError) as e:
+            _fail(e)
+        if summary:
+            typer.echo(summary.format(**report))
+        typer.echo(json.dumps(report))
+
+    app.command(name)(command(config_cls, run_cfg, doc))
+
+
+_stage_command(
+    "encode-latents",
+    "pipeline.encode.EncodeConfig",
+    "pipeline.encode.run_encode_latents",
+    "VAE moments (image + flip) and unpadded text embeddings, 16-bit, into Parquet training shards.",
+)
 
 
 @app.command("build-captions")

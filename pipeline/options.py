@@ -81,14 +81,24 @@ def command(config_cls: type[StageConfig], run: Callable[[Any], None], doc: str)
     import typer
 
     hints = typing.get_type_hints(config_cls)
+    shared = {f.name for f in dataclasses.fields(StageConfig)}
+    # --input and --output first, then the stage's own options, then the run options every stage shares.
+    order = lambda f: (f.name not in ("inputs", "output"), f.name in shared)
     params = []
-    for f in dataclasses.fields(config_cls):
+    for f in sorted(dataclasses.fields(config_cls), key=order):
         default = _default(f)
         if f.name in ("inputs", "output"):
             default = ...  # required on the command line
         show = f.metadata.get("show")
+        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        metavar = {bool: None, int: "INT", float: "FLOAT", str: "TEXT"}.get(kinds[0], "VALUE")
+        metavar = "PATH" if f.name in ("inputs", "output") else metavar
         option = typer.Option(
-            default, *_flag(f).split(" "), help=f.metadata.get("help", ""), show_default=show if show else True
+            default,
+            *_flag(f).split(" "),
+            help=f.metadata.get("help", ""),
+            show_default=show if show else True,
+            metavar=metavar,
         )
         params.append(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[f.name])

@@ -16,15 +16,14 @@ Ids are `<path relative to the common parent of all sources>` (tars: without `.t
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.images import RejectError
+from pipeline.stage import WorkUnit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FOLDER_IMAGE_EXTS = (*IMAGE_EXTS, "bmp", "tif", "tiff")
@@ -74,55 +73,55 @@ def _ext(name: str) -> str:
     return base.split(".", 1)[1].lower() if "." in base else ""
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
-    """Files, folders and globs -> (tar files, image files), each sorted and without duplicates."""
-    if not inputs:
-        raise ValueError("no --input given")
-    tars: set[Path] = set()
-    images: set[Path] = set()
-    for raw in inputs:
-        spec = str(raw)
-        if any(c in spec for c in "*?["):
-            matches = [Path(p) for p in glob.glob(spec, recursive=True)]
-            if not matches:
-                raise FileNotFoundError(f"input glob matches nothing: {spec}")
-        else:
-            if not Path(spec).exists():
-                raise FileNotFoundError(f"input path does not exist: {spec}")
-            matches = [Path(spec)]
-        for path in matches:
-            _collect(path.resolve(), tars, images)
-    if not tars and not images:
-        raise ValueError(f"no .tar shards or images ({', '.join(FOLDER_IMAGE_EXTS)}) found in inputs: {list(inputs)}")
-    return sorted(tars), sorted(images)
-
-
-def _collect(path: Path, tars: set[Path], images: set[Path]) -> None:
-    """Add `path` (a file, or everything under a folder) to tars/images by extension."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)]
-    for f in files:
-        ext = f.suffix.lower().lstrip(".")
-        if ext == "tar":
-            tars.add(f)
-        elif ext in FOLDER_IMAGE_EXTS:
-            images.add(f)
-
-
-def _hidden(p: Path, root: Path) -> bool:
-    """True for dot files and files inside dot folders below `root`."""
-    return any(part.startswith(".") for part in p.relative_to(root).parts)
+def _is_input(p: Path) -> bool:
+    """Tar shards and image files."""
+    ext = p.suffix.lower().lstrip(".")
+    return ext == "tar" or ext in FOLDER_IMAGE_EXTS
 
 
 def list_records(inputs: Sequence[str | Path]) -> list[Record]:
-    """All input records in a deterministic order: tar shards (sorted) by member order, then images (sorted)."""
-    tars, images = expand_inputs(inputs)
-    parents = [p.parent for p in (*tars, *images)]
-    base = Path(os.path.commonpath(parents))
-    records: list[Record] = []
-    for tar in tars:
-        records.extend(_tar_records(tar, base))
-    records.extend(_image_records(images, base, [Path(str(i)).resolve() for i in inputs if Path(str(i)).is_dir()]))
-    return records
+    """All input records in a deterministic order: tar shards (sorted) by member order, then images (sorted).
+
+    For small inputs and tests; stages read per work unit (`unit_records`) so that no process lists everything.
+    """
+    from pipeline import inputs as inputs_mod
+
+    files = inputs_mod.expand(inputs, keep=_is_input)
+    if not files:
+        raise ValueError(f"no .tar shards or images ({', '.join(FOLDER_IMAGE_EXTS)}) found in inputs: {list(inputs)}")
+    folders = [Path(str(i)).resolve() for i in inputs if Path(str(i)).is_dir()]
+    units = inputs_mod.plan_units(files, shard_size=max(1, len(files)))
+    return [rec for unit in units for rec in unit_records(unit, folders)]
+
+
+def unit_records(unit: WorkUnit, folders: Sequence[Path] = (), index: JsonlIndex | None = None) -> list[Record]:
+    """The records of one work unit: a tar's samples, or a group of image files with their captions."""
+    base = Path(unit.base)
+    if unit.kind == "tar":
+        return _tar_records(Path(unit.paths[0]), base)
+    if unit.kind == "images":
+        return _image_records([Path(p) for p in unit.paths], base, list(folders), index or JsonlIndex())
+    raise ValueError(f"not an image input: {unit.paths[0]} (expected .tar shards or image files)")
+
+
+class JsonlIndex:
+    """Image path -> caption line of the `captions.jsonl` / `metadata.jsonl` files read so far (one read each)."""
+
+    def __init__(self) -> None:
+        self.read: set[Path] = set()
+        self.lines: dict[Path, Blob] = {}
+
+    def lookup(self, folders: Sequence[Path], image: Path) -> Blob | None:
+        """The caption line naming `image` in a jsonl of its folder or of `folders`, if any."""
+        for d in (*folders, image.parent):
+            for name in JSONL_NAMES:
+                path = d / name
+                if path not in self.read:
+                    self.read.add(path)
+                    if path.is_file():
+                        for target, blob in _jsonl_lines(path):
+                            self.lines.setdefault(target, blob)
+        return self.lines.get(image)
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -179,17 +178,11 @@ def _tar_record(rid: str, source: str, members: dict[str, tarfile.TarInfo]) -> R
     return Record(rid, source, blob(image), blob(by_type.get(kind)), kind)
 
 
-def _image_records(images: list[Path], base: Path, folders: list[Path]) -> list[Record]:
+def _image_records(images: list[Path], base: Path, folders: list[Path], index: JsonlIndex) -> list[Record]:
     """One record per image file with its caption from a jsonl line or a sidecar file."""
-    jsonl: dict[Path, Blob] = {}
-    for d in sorted({*folders, *(p.parent for p in images)}):
-        for name in JSONL_NAMES:
-            if (d / name).is_file():
-                for target, blob in _jsonl_lines(d / name):
-                    jsonl.setdefault(target, blob)
     records = []
     for img in images:
-        caption, kind = jsonl.get(img), "json"
+        caption, kind = index.lookup(folders, img), "json"
         if caption is None:
             sidecar = next(
                 (img.with_suffix(f".{e}") for e in ("txt", "json") if img.with_suffix(f".{e}").is_file()), None

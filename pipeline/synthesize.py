@@ -1,96 +1,67 @@
 """`synthesize`: captions -> teacher images in webdataset `.tar` shards (`<key>.png` + `<key>.json`).
 
-`Synthesizer` is the stage: it loads the teacher once per worker and turns a shard task (a list of caption items)
-into one `part-NNNNN.tar` plus its rejects. `run_synthesize(cfg)` reads the captions (caption shards of
-`build-captions`, or JSONL / Parquet / CSV / webdataset files with `--field`), cuts them into shards by position,
-skips the shards a previous run finished, maps the stage over the rest (in process or on Ray), then writes
-`rejects.parquet`, `manifest.json` and `report.json`. Each image's seed is a hash of (`--seed`, caption id), so a
-rerun redraws the same image. The `.json` member: id, caption, teacher, model, seed, steps, guidance, resolution
-and the caption's GenEval metadata when it has some; `encode-latents` and webdataset readers take it as is.
+`SynthStage` holds the stage's own logic; `pipeline.runner` plans, resumes, runs it (in this process or on Ray)
+and writes the manifest, rejects and report. Units: the `part-*.parquet` files of a build-captions folder (or any
+Parquet caption file) are cut into row ranges of `--shard-size`; a JSONL / JSON / CSV caption file (or a webdataset
+tar with `.json` members) is one unit. Each image's seed is a hash of (`--seed`, caption id), so a rerun redraws the
+same image. The `.json` member: id, caption, teacher, model, seed, steps, guidance, resolution and the caption's
+GenEval metadata when it has some; `encode-latents` and webdataset readers take it as is.
+
+Rejects, with reasons: unreadable rows (`missing_field`, `bad_json`, `bad_record`, `unreadable`), `empty_caption`,
+`duplicate_id`, `missing_metadata` (shapes teacher), and the post-filters `blank_image` and `nsfw`. Ids are checked
+for duplicates within a unit only: a check across units would need every caption on the driver, and
+build-captions' output has unique ids by construction.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
-import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
-from pipeline import shards
-from pipeline.caption_sources import read_captions
+from pipeline import inputs, runner, shards
+from pipeline.caption_sources import CaptionRecord, read_captions
 from pipeline.captions import caption_id
+from pipeline.options import StageConfig, opt
+from pipeline.stage import Output, Reject, Stage, WorkUnit
 from pipeline.teachers import TEACHERS, build_teacher, is_blank
 
 FORMAT = "lightgen-images"
-SCHEMA_VERSION = 1
 FILTERS = ("blank", "nsfw")
-CONTENT_KEYS = (
-    *("teacher", "model", "field", "steps", "guidance", "resolution", "max_sequence_length", "dtype", "seed"),
-    *("post_filter", "shard_size"),
-)
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CAPTION_EXTS = ("parquet", "jsonl", "json", "csv", "tar")
+NSFW_DETAIL = "the pipeline's safety checker flagged the image"
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(StageConfig):
     """Everything `synthesize` needs; written, resolved, into the manifest."""
 
-    inputs: list[str]
-    output: str
-    teacher: str = "shapes"
-    model: str | None = None
-    field: str = "caption"
-    steps: int = 28
-    guidance: float = 3.5
-    resolution: int = 512
-    max_sequence_length: int = 512
-    batch_size: int = 4
-    shard_size: int = 1000
-    workers: int = 1
-    gpus_per_worker: float | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    ray_address: str | None = None
-    seed: int = 0
-    overwrite: bool = False
-    post_filter: str = "blank,nsfw"
-    progress: bool = False
-
-    def content(self) -> dict[str, Any]:
-        """The settings that determine the images (the model directory resolved to an absolute path)."""
-        out = {k: getattr(self, k) for k in CONTENT_KEYS}
-        if out["model"]:
-            out["model"] = str(Path(out["model"]).resolve())
-        return {**out, "schema_version": SCHEMA_VERSION}
-
-
-def validate(cfg: SynthConfig) -> None:
-    """Check a config up front, with errors that name the bad value."""
-    if cfg.teacher not in TEACHERS:
-        raise ValueError(f"unknown --teacher {cfg.teacher!r}: expected one of {TEACHERS}")
-    if cfg.teacher != "shapes" and not cfg.model:
-        raise ValueError(f"--teacher {cfg.teacher} needs --model DIR (a local diffusers pipeline directory)")
-    if cfg.model and not (Path(cfg.model) / "model_index.json").is_file():
-        raise ValueError(f"--model {cfg.model!r} is not a local diffusers pipeline directory (no model_index.json)")
-    for name in ("steps", "resolution", "max_sequence_length", "batch_size", "shard_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise ValueError(f"--workers must be >= 0 (0 = no Ray), got {cfg.workers}")
-    if cfg.teacher == "shapes" and not 32 <= cfg.resolution <= 1024:
-        raise ValueError(f"--resolution {cfg.resolution} outside [32, 1024] for --teacher shapes")
-    bad = [f for f in filters(cfg.post_filter) if f not in FILTERS]
-    if bad:
-        raise ValueError(f"unknown --post-filter {bad[0]!r}: expected a comma-separated subset of {FILTERS}")
-    if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise ValueError(f"unknown --dtype {cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
+    inputs: list[str] = opt([], "Caption shards (build-captions) or JSONL/JSON/CSV/Parquet files.", flag="--input")
+    teacher: str = opt("shapes", "flux, diffusers (any local T2I pipeline), shapes (ShapesWorld).")
+    model: str | None = opt(None, "Local diffusers pipeline directory (flux, diffusers).", show="none")
+    field: str = opt("caption", "The record field / column holding the caption.")
+    steps: int = opt(28, "Denoising steps (flux, diffusers).")
+    guidance: float = opt(3.5, "Guidance scale (flux, diffusers).")
+    resolution: int = opt(512, "Image side in pixels.")
+    max_sequence_length: int = opt(512, "T5 tokens per caption (Flux / SD3-like pipelines).")
+    device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
+    dtype: str = opt("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    post_filter: str = opt("blank,nsfw", "Reject outputs: comma-separated blank, nsfw; 'none' = off.")
+    # Shared options with this stage's defaults and help.
+    batch_size: int = opt(4, "Images per teacher call.")
+    shard_size: int = opt(1000, "Captions per output shard, for Parquet captions (the unit of resume).")
+    workers: int = opt(1, "Ray workers, one teacher each; 0 = no Ray, draw in this process.")
+    seed: int = opt(0, "Run seed; each image's seed is a hash of it and the caption id.")
 
 
 def filters(spec: str) -> list[str]:
@@ -108,93 +79,93 @@ def sample_key(cid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", cid)
 
 
-def caption_items(inputs: list[str], field: str, needs_metadata: bool) -> list[dict[str, Any]]:
-    """Caption records -> work items {id, key, caption, metadata, source, error} in input order.
-
-    Unreadable captions, repeated ids (or keys) and, for the shapes teacher, captions without metadata keep an
-    `error` reason: they become rejects of their shard, so every input is counted.
-    """
-    records = read_captions(inputs, field)
-    if not records:
-        raise ValueError(f"no captions in inputs: {inputs}")
-    if needs_metadata and not any(r.metadata for r in records):
-        raise ValueError("--teacher shapes needs ShapesWorld captions with metadata (build-captions --shapes N)")
-    items, seen = [], set()
-    for r in records:
-        text = (r.caption or "").strip()
-        cid = r.id or (caption_id(text) if text else r.ref)
-        key = sample_key(cid)
-        error = r.error or ("empty_caption" if not text else "")
-        error = error or ("duplicate_id" if key in seen else "")
-        error = error or ("missing_metadata" if needs_metadata and not r.metadata else "")
-        seen.add(key)
-        items.append({"id": cid, "key": key, "caption": text, "metadata": r.metadata, "source": r.ref, "error": error})
-    return items
+# ------------------------------------------------------------------------------------------------ reading captions
 
 
-class Synthesizer:
-    """The stage: loads the teacher once per worker; a shard task in, one `part-NNNNN.tar` (+ rejects) out."""
+def _is_caption_file(path: Path) -> bool:
+    """A non-empty file in a caption format."""
+    return inputs.ext(path) in CAPTION_EXTS and path.stat().st_size > 0
 
-    def __init__(self, output: str, config_digest: str, teacher: str, batch_size: int, post_filter: str, **kw) -> None:
-        self.output = output
-        self.config_digest = config_digest
-        self.teacher_name = teacher
-        self.seed = kw.pop("seed")  # the run seed; teachers get one seed per image instead
-        self.teacher = build_teacher(teacher, **kw)
-        self.batch_size = batch_size
-        self.filters = filters(post_filter)
-        self.resolution = kw["resolution"]
-        self.steps = None if teacher == "shapes" else kw["steps"]
-        self.guidance = None if teacher == "shapes" else kw["guidance"]
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        """Synthesize each shard task of the batch into its tar; one summary row per shard."""
-        out: dict[str, list] = {"index": [], "rows": [], "rejected": [], "bytes": [], "sha256": [], "name": []}
-        for index, input_digest, items in zip(batch["shard"], batch["input_digest"], batch["items"], strict=True):
-            result = self.synth_shard(int(index), str(input_digest), json.loads(str(items)))
-            for key, value in result.to_dict().items():
-                out[key].append(value)
-        return out
+def _check_columns(path: Path, field: str, needs_metadata: bool) -> None:
+    """Parquet footers and CSV headers name their columns: a misspelt `--field` is an error before any drawing."""
+    if inputs.ext(path) == "parquet":
+        import pyarrow.parquet as pq
 
-    def synth_shard(self, index: int, input_digest: str, items: list[dict[str, Any]]) -> shards.ShardResult:
-        """Draw `items` in batches into tar shard `index` (published atomically with its rejects)."""
-        meta = {"config_digest": self.config_digest, "input_digest": input_digest}
-        rejects = [_reject(it, it["error"], "") for it in items if it["error"]]
-        good = [it for it in items if not it["error"]]
-        with shards.TarShardWriter(self.output, index, meta) as writer:
-            for start in range(0, len(good), self.batch_size):
-                rejects += self.draw(good[start : start + self.batch_size], writer)
-            return writer.commit(shards.rejects_table(rejects))
+        names = pq.read_schema(path).names
+    elif inputs.ext(path) == "csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            names = next(csv.reader(f), [])
+    else:
+        return
+    if field not in names:
+        raise ValueError(f"unknown --field {field!r}: {path} has columns {names}")
+    if needs_metadata and inputs.ext(path) == "parquet" and "metadata" not in names:
+        raise ValueError(
+            f"--teacher shapes needs ShapesWorld captions with metadata (build-captions --shapes N); {path} has none"
+        )
 
-    def draw(self, items: list[dict[str, Any]], writer: shards.TarShardWriter) -> list[dict[str, str]]:
-        """One teacher call; kept images go to `writer`, post-filtered ones come back as rejects."""
-        seeds = [image_seed(self.seed, it["id"]) for it in items]
-        images, nsfw = self.teacher([it["caption"] for it in items], [it["metadata"] for it in items], seeds)
-        rejects = []
-        for it, image, seed, flagged in zip(items, images, seeds, nsfw, strict=True):
-            if "nsfw" in self.filters and flagged:
-                rejects.append(_reject(it, "nsfw", "the pipeline's safety checker flagged the image"))
-            elif "blank" in self.filters and is_blank(image):
-                rejects.append(_reject(it, "blank_image", f"pixel std {float(image.std()):.2f} < 2"))
-            else:
-                writer.add(it["key"], {"png": _png(image), "json": self._sidecar(it, seed)})
-        return rejects
 
-    def _sidecar(self, item: dict[str, Any], seed: int) -> bytes:
-        """The sample's `.json` member."""
-        obj = {
-            "id": item["id"],
-            "caption": item["caption"],
-            "teacher": self.teacher_name,
-            "model": self.teacher.name,
-            "seed": seed,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "resolution": self.resolution,
-        }
-        if item["metadata"]:
-            obj["metadata"] = json.loads(item["metadata"])
-        return json.dumps(obj, sort_keys=True).encode()
+def _parquet_record(row: dict[str, Any], field: str, path: Path, i: int) -> CaptionRecord:
+    """A caption record from one Parquet row (errors as `caption_sources` names them)."""
+    value, meta, rid = row.get(field), row.get("metadata"), row.get("id")
+    caption = value if isinstance(value, str) else None
+    error = "" if caption is not None else ("missing_field" if value is None else "bad_record")
+    meta = json.dumps(meta) if isinstance(meta, dict) else meta
+    return CaptionRecord(str(path), f"{path.name}:{i}", caption, meta, str(rid) if rid is not None else None, error)
+
+
+def read_parquet_rows(path: Path, start: int, stop: int, field: str) -> list[CaptionRecord]:
+    """Rows [start, stop) of a caption Parquet file: only the row groups that hold them, only the needed columns."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    stop = pf.metadata.num_rows if stop < 0 else stop
+    groups, first, offset = [], None, 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    names = pf.schema_arrow.names
+    if not groups:
+        return []
+    table = pf.read_row_groups(groups, columns=[c for c in (field, "id", "metadata") if c in names])
+    rows = table.slice(start - first, stop - start).to_pylist()
+    return [_parquet_record(row, field, path, start + k) for k, row in enumerate(rows)]
+
+
+def _unit_records(unit: WorkUnit, field: str) -> Iterator[CaptionRecord | Reject]:
+    """The unit's caption records; a file that cannot be read gives one `unreadable` reject per row (or per file)."""
+    path = Path(unit.paths[0])
+    try:
+        if unit.kind == "parquet":
+            yield from read_parquet_rows(path, unit.start, unit.stop, field)
+        else:
+            yield from read_captions([path], field)
+    except (OSError, pa.ArrowException) as e:  # e.g. a file deleted or damaged after planning
+        rows = range(unit.start, unit.stop) if unit.kind == "parquet" else [None]
+        for i in rows:
+            ref = path.name if i is None else f"{path.name}:{i}"
+            yield Reject(ref, ref, "unreadable", f"{type(e).__name__}: {e}")
+
+
+def caption_item(r: CaptionRecord, seen: set[str], needs_metadata: bool) -> dict[str, Any] | Reject:
+    """A caption record -> work item {id, key, caption, metadata, source}, or a `Reject` with its reason."""
+    text = (r.caption or "").strip()
+    cid = r.id or (caption_id(text) if text else r.ref)
+    key = sample_key(cid)
+    error = r.error or ("empty_caption" if not text else "")
+    error = error or ("duplicate_id" if key in seen else "")
+    error = error or ("missing_metadata" if needs_metadata and not r.metadata else "")
+    seen.add(key)
+    if error:
+        return Reject(cid, r.ref, error, text)
+    return {"id": cid, "key": key, "caption": text, "metadata": r.metadata, "source": r.ref}
+
+
+# ------------------------------------------------------------------------------------------------------ the stage
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -204,141 +175,118 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _reject(item: dict[str, Any], reason: str, detail: str) -> dict[str, str]:
-    """A rejects row for a work item."""
-    return {"id": item["id"], "source": item["source"], "reason": reason, "detail": detail or item["caption"]}
+class SynthStage(Stage):
+    """Captions -> teacher images: the teacher is loaded once per worker; one batch of captions per teacher call."""
+
+    name = "synthesize"
+    format = FORMAT
+    schema = None  # webdataset tars
+    cfg: SynthConfig
+
+    def validate(self) -> None:
+        """Check the settings up front, with errors that name the bad value."""
+        cfg = self.cfg
+        if cfg.teacher not in TEACHERS:
+            raise ValueError(f"unknown --teacher {cfg.teacher!r}: expected one of {TEACHERS}")
+        if cfg.teacher != "shapes" and not cfg.model:
+            raise ValueError(f"--teacher {cfg.teacher} needs --model DIR (a local diffusers pipeline directory)")
+        if cfg.model and not (Path(cfg.model) / "model_index.json").is_file():
+            raise ValueError(f"--model {cfg.model!r} is not a local diffusers pipeline directory (no model_index.json)")
+        for name in ("steps", "resolution", "max_sequence_length"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.teacher == "shapes" and not 32 <= cfg.resolution <= 1024:
+            raise ValueError(f"--resolution {cfg.resolution} outside [32, 1024] for --teacher shapes")
+        bad = [f for f in filters(cfg.post_filter) if f not in FILTERS]
+        if bad:
+            raise ValueError(f"unknown --post-filter {bad[0]!r}: expected a comma-separated subset of {FILTERS}")
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"unknown --dtype {cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
+
+    def plan(self) -> list[WorkUnit]:
+        """Caption files -> units (Parquet row ranges, other files whole); their columns are checked here."""
+        files = inputs.expand(self.cfg.inputs, keep=_is_caption_file)
+        if not files:
+            raise ValueError(f"no captions in inputs: {list(self.cfg.inputs)} (no non-empty {CAPTION_EXTS} files)")
+        for f in files:
+            _check_columns(f, self.cfg.field, needs_metadata=self.cfg.teacher == "shapes")
+        return inputs.plan_units(files, self.cfg.shard_size)
+
+    def content(self) -> dict[str, Any]:
+        """The settings that determine the images: the model directory resolved; the device left out."""
+        out = super().content()
+        out.pop("device")
+        if out["model"]:
+            out["model"] = str(Path(out["model"]).resolve())
+        return out
+
+    def setup(self) -> None:
+        """Load the teacher (once per worker)."""
+        cfg = self.cfg
+        kwargs: dict[str, Any] = {"resolution": cfg.resolution}
+        if cfg.teacher != "shapes":
+            keys = ("device", "dtype", "steps", "guidance", "max_sequence_length")
+            kwargs.update({k: getattr(cfg, k) for k in keys}, model=str(Path(cfg.model).resolve()))
+        self.teacher = build_teacher(cfg.teacher, **kwargs)
+        self.filters = filters(cfg.post_filter)
+
+    def read(self, unit: WorkUnit) -> Iterator[dict[str, Any] | Reject]:
+        """The unit's captions as work items; unreadable, empty, repeated or (shapes) metadata-less ones as rejects."""
+        seen: set[str] = set()
+        needs_metadata = self.cfg.teacher == "shapes"
+        for r in _unit_records(unit, self.cfg.field):
+            yield r if isinstance(r, Reject) else caption_item(r, seen, needs_metadata)
+
+    def process(self, items: Sequence[dict[str, Any]]) -> Output:
+        """One teacher call; kept images become tar samples, post-filtered ones rejects."""
+        seeds = [image_seed(self.cfg.seed, it["id"]) for it in items]
+        images, nsfw = self.teacher([it["caption"] for it in items], [it["metadata"] for it in items], seeds)
+        samples, rejects = [], []
+        for it, image, seed, flagged in zip(items, images, seeds, nsfw, strict=True):
+            if "nsfw" in self.filters and flagged:
+                rejects.append(Reject(it["id"], it["source"], "nsfw", NSFW_DETAIL))
+            elif "blank" in self.filters and is_blank(image):
+                rejects.append(Reject(it["id"], it["source"], "blank_image", f"pixel std {float(image.std()):.2f} < 2"))
+            else:
+                samples.append({"__key__": it["key"], "png": _png(image), "json": self.sidecar(it, seed)})
+        return Output(samples, rejects)
+
+    def sidecar(self, item: dict[str, Any], seed: int) -> bytes:
+        """The sample's `.json` member."""
+        diffusion = self.cfg.teacher != "shapes"
+        obj = {
+            "id": item["id"],
+            "caption": item["caption"],
+            "teacher": self.cfg.teacher,
+            "model": self.teacher.name,
+            "seed": seed,
+            "steps": self.cfg.steps if diffusion else None,
+            "guidance": self.cfg.guidance if diffusion else None,
+            "resolution": self.cfg.resolution,
+        }
+        if item["metadata"]:
+            obj["metadata"] = json.loads(item["metadata"])
+        return json.dumps(obj, sort_keys=True).encode()
+
+    def shard_meta(self) -> dict[str, Any]:
+        """Teacher, its model name and the image side, recorded with each shard and in the manifest."""
+        return {"teacher": self.cfg.teacher, "teacher_model": self.teacher.name, "resolution": self.cfg.resolution}
+
+    def report(self, counts: dict[str, Any]) -> dict[str, Any]:
+        """Images drawn in this run and their rate."""
+        drawn = counts.get("written_this_run")
+        if drawn is None and counts["shards_run"] == 0:
+            drawn = 0
+        elif drawn is None and counts["shards_skipped"] == 0:
+            drawn = counts["written"]  # every shard ran in this run
+        # else: unknown from the counts alone (the runner's counts lack rows written by the shards run this time)
+        seconds = counts["seconds"]
+        return {
+            "images_this_run": drawn,
+            "images_per_s": round(drawn / seconds, 3) if drawn is not None and seconds > 0 else None,
+        }
 
 
-# ------------------------------------------------------------------------------------------------------ the run
-
-
-def shard_tasks(items: list[dict[str, Any]], shard_size: int) -> list[dict[str, Any]]:
-    """One task per shard: items at positions [k * shard_size, (k + 1) * shard_size) go to shard k."""
-    tasks = []
-    for k, span in enumerate(shards.plan_shards(len(items), shard_size)):
-        chunk = [items[i] for i in span]
-        tasks.append({"shard": k, "input_digest": shards.digest(chunk), "items": json.dumps(chunk)})
-    return tasks
-
-
-def _resume_state(out: Path, cfg: SynthConfig, tasks: list[dict[str, Any]], config_digest: str) -> set[int]:
-    """Prepare `out` and return the shards a previous run finished (same rules as `encode-latents`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        shards.remove_outputs(out, ext="tar")
-    shards.clean_temporaries(out)
-    done = set()
-    for index in shards.shard_indices(out, "tar"):
-        meta = shards.complete_tar_meta(out, index)
-        if meta is None or index >= len(tasks):
-            continue
-        if meta.get("config_digest") != config_digest:
-            raise ValueError(
-                f"{out} holds shards made with other settings (e.g. {shards.shard_name(index, 'tar')}); "
-                "pass --overwrite to replace them or choose another --output"
-            )
-        if meta.get("input_digest") == tasks[index]["input_digest"]:
-            done.add(index)
-    shards.remove_outputs(out, keep_below=len(tasks), ext="tar")
-    return done
-
-
-def _header(cfg: SynthConfig, config_digest: str, n_shards: int) -> dict[str, Any]:
-    """The manifest's fixed part: format, versions, the resolved config."""
-    config = {**asdict(cfg), **cfg.content(), "inputs": [str(Path(p).resolve()) for p in cfg.inputs]}
-    return {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "stage": "synthesize",
-        "code_version": shards.code_version(),
-        "config": {**config, "output": str(Path(cfg.output).resolve())},
-        "config_digest": config_digest,
-        "n_shards": n_shards,
-        "teacher": cfg.teacher,
-    }
-
-
-def _stage_kwargs(cfg: SynthConfig, config_digest: str) -> dict[str, Any]:
-    """Constructor arguments of `Synthesizer` (plain values: they travel to Ray workers)."""
-    keys = ("teacher", "batch_size", "post_filter", "steps", "guidance", "resolution", "max_sequence_length", "seed")
-    kwargs = {k: getattr(cfg, k) for k in (*keys, "device", "dtype")}
-    if cfg.teacher != "shapes":
-        kwargs["model"] = str(Path(cfg.model).resolve())
-    return {**kwargs, "output": str(cfg.output), "config_digest": config_digest}
-
-
-def _report(out: Path, n_shards: int, skipped: int, drawn: int, seconds: float) -> dict[str, Any]:
-    """Merge the rejects and count; `inputs = written + rejected` holds by construction."""
-    rejects = shards.merge_rejects(out, range(n_shards))
-    written = sum(shards.tar_shard_result(out, i).rows for i in range(n_shards))
-    return {
-        "inputs": written + len(rejects),
-        "written": written,
-        "rejected": len(rejects),
-        "rejected_by_reason": dict(sorted(Counter(rejects.column("reason").to_pylist()).items())),
-        "shards": n_shards,
-        "shards_skipped": skipped,
-        "shards_drawn": n_shards - skipped,
-        "images_this_run": drawn,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(drawn / seconds, 3) if seconds > 0 else None,
-    }
-
-
-def run_synthesize(cfg: SynthConfig, on_shard: Callable[[shards.ShardResult], None] | None = None) -> dict[str, Any]:
+def run_synthesize(cfg: SynthConfig) -> dict[str, Any]:
     """Run the stage end to end (resuming unless `cfg.overwrite`); returns the report also written to disk."""
-    from pipeline import runtime
-
-    t0 = time.perf_counter()
-    # 1. Check the settings; read the captions in a fixed order.
-    validate(cfg)
-    items = caption_items(cfg.inputs, cfg.field, needs_metadata=cfg.teacher == "shapes")
-    # 2. Cut them into shards by position; keep what a previous run finished.
-    out = Path(cfg.output)
-    tasks = shard_tasks(items, cfg.shard_size)
-    config_digest = shards.digest(cfg.content())
-    done = _resume_state(out, cfg, tasks, config_digest)
-    manifest = shards.ManifestWriter(out, _header(cfg, config_digest, len(tasks)))
-    previous = manifest.previous_entries()
-    for index in sorted(done):
-        manifest.add(shards.tar_shard_result(out, index, previous.get(shards.shard_name(index, "tar"))), write=False)
-    manifest.write()
-    # 3. Draw the pending shards, in process (workers=0) or on a Ray actor pool (one teacher per worker/GPU).
-    pending = [t for t in tasks if t["shard"] not in done]
-    drawn = 0
-    n_pending = sum(len(json.loads(t["items"])) for t in pending)
-    bar = _progress_bar(n_pending, cfg.progress and n_pending > 0)
-    with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0 and bool(pending)):
-        rows = runtime.map_stage(
-            Synthesizer,
-            pending,
-            constructor_kwargs=_stage_kwargs(cfg, config_digest),
-            workers=cfg.workers,
-            gpus_per_worker=cfg.gpus_per_worker,
-            address=cfg.ray_address,
-        )
-        for row in rows:
-            result = shards.ShardResult(**{k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()})
-            manifest.add(result)
-            drawn += result.rows
-            if bar is not None:
-                bar.update(result.rows + result.rejected)
-                bar.set_postfix(img_per_s=f"{drawn / (time.perf_counter() - t0):.2f}")
-            if on_shard is not None:
-                on_shard(result)
-    if bar is not None:
-        bar.close()
-    # 4. Merge the rejects; write the report and the final manifest.
-    report = _report(out, len(tasks), len(done), drawn, time.perf_counter() - t0)
-    shards.write_json_atomic(out / shards.REPORT, report)
-    manifest.write(complete=True, resolution=cfg.resolution)
-    return report
-
-
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar over captions (None when disabled)."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="synthesize")
+    return runner.run_stage(SynthStage(cfg))

@@ -11,27 +11,21 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 TEACHERS = ("flux", "diffusers", "shapes")
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when this worker sees a GPU, else cpu."""
-    if device != "auto":
-        return device
-    import torch
+class Teacher(Protocol):
+    """What `synthesize` calls: captions, their metadata and one seed each -> images and NSFW flags."""
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    name: str
 
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` -> bfloat16 on a GPU (Flux's native precision), float32 on a CPU (bf16 matmuls are slow there)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
+    def __call__(
+        self, captions: list[str], metadata: list[str | None], seeds: list[int]
+    ) -> tuple[np.ndarray, list[bool]]: ...
 
 
 class ShapesTeacherModel:
@@ -68,12 +62,12 @@ class DiffusersTeacher:
         resolution: int = 512,
         max_sequence_length: int = 512,
     ) -> None:
-        from lightgen_model.encoders import torch_dtype
+        from lightgen_model.encoders import resolve_device, resolve_dtype
 
         if not Path(model).is_dir() or not (Path(model) / "model_index.json").is_file():
             raise ValueError(f"--model {model!r} is not a local diffusers pipeline directory (no model_index.json)")
         self.device = resolve_device(device)
-        self.dtype = torch_dtype(resolve_dtype(dtype, self.device))
+        self.dtype = resolve_dtype(dtype, self.device)
         self.pipe = self._load(model).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.steps, self.guidance, self.resolution = steps, guidance, resolution
@@ -82,7 +76,7 @@ class DiffusersTeacher:
         self.extra = {"max_sequence_length": max_sequence_length} if "max_sequence_length" in accepted else {}
         self.name = Path(model).resolve().name
 
-    def _load(self, model: str):
+    def _load(self, model: str) -> Any:
         """The pipeline object (subclasses pick a specific class)."""
         from diffusers import AutoPipelineForText2Image
 
@@ -115,13 +109,13 @@ class DiffusersTeacher:
 class FluxTeacher(DiffusersTeacher):
     """Flux (`FluxPipeline`) from a local directory: bf16 on a GPU, one pipeline per worker/GPU."""
 
-    def _load(self, model: str):
+    def _load(self, model: str) -> Any:
         from diffusers import FluxPipeline
 
         return FluxPipeline.from_pretrained(model, dtype=self.dtype)
 
 
-def build_teacher(teacher: str, **kwargs: Any):
+def build_teacher(teacher: str, **kwargs: Any) -> Teacher:
     """`flux` / `diffusers` / `shapes` -> a loaded teacher; `ValueError` for other names."""
     if teacher == "shapes":
         return ShapesTeacherModel(resolution=kwargs["resolution"])

@@ -102,7 +102,7 @@ def config(out: Path, inputs: list, models: dict, **kw) -> EncodeConfig:
 
 def test_tiny_vae_t5_roundtrip_flip_and_text(tmp_path, inputs, models):
     report = run_encode_latents(config(tmp_path, [inputs], models, vae=models["vae"]))
-    assert (report["inputs"], report["written"], report["rejected"], report["shards"]) == (7, 7, 0, 3)
+    assert (report["inputs"], report["written"], report["rejected"], report["shards"]) == (7, 7, 0, 2)  # one per tar
     t = read_rows(tmp_path)
     assert t.column("id").to_pylist() == [
         f"{s}/{i:05d}" for s, r in (("000", range(4)), ("001", range(4, 7))) for i in r
@@ -129,7 +129,7 @@ def test_tiny_vae_t5_roundtrip_flip_and_text(tmp_path, inputs, models):
         np.testing.assert_allclose(emb, alone, atol=1e-2)
     assert set(t.column("vae").to_pylist()) == {vae.name} and set(t.column("text_encoder").to_pylist()) == {t5.name}
     manifest, paths = training_shards(tmp_path, vae=vae.name, text_encoder=t5.name)
-    assert manifest["text_dim"] == 32 and manifest["moments_shape"] == [32, 4, 4] and len(paths) == 3
+    assert manifest["text_dim"] == 32 and manifest["moments_shape"] == [32, 4, 4] and len(paths) == 2
     with pytest.raises(IncompatibleShardsError, match="vae"):
         training_shards(tmp_path, vae="pixel", text_encoder=t5.name)
 
@@ -261,64 +261,74 @@ def test_poisoned_inputs_are_quarantined_and_counted(tmp_path, models, monkeypat
     assert report["rejected_by_reason"]["missing_caption"] == 3
 
 
-def test_resume_redoes_only_broken_shards(tmp_path, inputs, models):
+def test_resume_redoes_only_changed_or_broken_shards(tmp_path, models):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(4):
+        clean_tar(src / f"{k:03d}.tar", 2, start=2 * k)
     out = tmp_path / "out"
-    cfg = config(out, [inputs], models, shard_size=2)
+    cfg = config(out, [src], models)
     first = run_encode_latents(cfg)
     reference = read_rows(out)
     stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
-    (out / "part-00001.parquet").write_bytes((out / "part-00001.parquet").read_bytes()[:100])  # corrupt
-    (out / "part-00002.parquet.tmp-999").write_bytes(b"half")  # a killed writer's leftover
+    (out / "part-00001.parquet").write_bytes((out / "part-00001.parquet").read_bytes()[:100])  # truncated
+    data = bytearray((out / "part-00002.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed in the middle: same size, same footer
+    (out / "part-00002.parquet").write_bytes(bytes(data))
+    (out / "part-00003.parquet.tmp-999").write_bytes(b"half")  # a killed writer's leftover
     (out / "part-00009.parquet").write_bytes(b"stale")  # beyond the shard count: deleted
     again = run_encode_latents(cfg)
-    assert (again["shards_skipped"], again["shards_encoded"], again["rows_encoded_this_run"]) == (3, 1, 2)
-    assert read_rows(out).equals(reference) and again["written"] == first["written"] == 7
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*") if "00001" not in p.name} == {
-        k: v for k, v in stamp.items() if "00001" not in k
+    assert (again["shards_skipped"], again["shards_run"], again["inputs_this_run"]) == (2, 2, 4)
+    assert read_rows(out).equals(reference) and again["written"] == first["written"] == 8
+    redone = ("00001", "00002")
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*") if not p.name.startswith(redone, 5)} == {
+        k: v for k, v in stamp.items() if not k.startswith(redone, 5)
     }
     assert not list(out.glob("*.tmp-*")) and not (out / "part-00009.parquet").exists()
     with pytest.raises(ValueError, match="other settings.*--overwrite"):
-        run_encode_latents(config(out, [inputs], models, shard_size=2, resolution=64))
-    assert (
-        run_encode_latents(config(out, [inputs], models, shard_size=2, resolution=64, overwrite=True))["written"] == 7
-    )
+        run_encode_latents(config(out, [src], models, resolution=64))
+    assert run_encode_latents(config(out, [src], models, resolution=64, overwrite=True))["written"] == 8
 
 
 KILLED_RUN = """
 import sys, time
-from pipeline import shards
-from pipeline.encode import EncodeConfig, run_encode_latents
+from pipeline import runner
 
-write = shards.ShardWriter.write
-def slow_write(self, table):  # slow enough for the parent to kill us between and inside shards
-    write(self, table)
+write = runner._ShardOut.write
+def slow_write(self, rows):  # slow enough for the parent to kill us between and inside shards
+    write(self, rows)
     time.sleep(0.4)
-shards.ShardWriter.write = slow_write
+runner._ShardOut.write = slow_write
+from pipeline.encode import EncodeConfig, run_encode_latents
 run_encode_latents(EncodeConfig([sys.argv[1]], sys.argv[2], text_encoder=sys.argv[3], resolution=32, workers=0,
-                                shard_size=1, batch_size=1))
+                                batch_size=1, progress=False))
 """
 
 
 @pytest.mark.slow
-def test_resume_after_kill_no_duplicate_no_loss(tmp_path, inputs, models):
+def test_resume_after_kill_no_duplicate_no_loss(tmp_path, models):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(7):
+        clean_tar(src / f"{k:03d}.tar", 1, start=k)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-c", textwrap.dedent(KILLED_RUN), str(inputs), str(out), models["t5"]]
+    cmd = [sys.executable, "-c", textwrap.dedent(KILLED_RUN), str(src), str(out), models["t5"]]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 90
-    while len(list(out.glob("part-*[0-9].parquet"))) < 3 and proc.poll() is None and time.time() < deadline:
+    while len(list(out.glob("part-*.done.json"))) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = sorted(p.name for p in out.glob("part-*[0-9].parquet"))
+    finished = sorted(p.name for p in out.glob("part-*.done.json"))
     assert 3 <= len(finished) < 7
     assert not json.loads((out / "manifest.json").read_text())["complete"]
-    report = run_encode_latents(config(out, [inputs], models, text_encoder=models["t5"], shard_size=1, batch_size=1))
+    report = run_encode_latents(config(out, [src], models, text_encoder=models["t5"], batch_size=1))
     assert report["shards_skipped"] == len(finished) and report["written"] == 7
     resumed = read_rows(out)
     clean = tmp_path / "clean"
-    run_encode_latents(config(clean, [inputs], models, shard_size=1, batch_size=1))
+    run_encode_latents(config(clean, [src], models, batch_size=1))
     ids = resumed.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 7 and resumed.equals(read_rows(clean))
     assert not list(out.glob("*.tmp-*"))

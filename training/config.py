@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+DECAY_GROUPS = ("default", "reference")
+
 
 @dataclass
 class ModelSection:
@@ -31,6 +33,10 @@ class DataSection:
     shuffle_window: int = 8  # shards whose rows are shuffled together (per epoch, per rank)
     prefetch: int = 4  # batches prepared ahead
     workers: int = 1  # threads preparing batches (raise on GPU machines: collation is CPU work)
+    # text_key_mask=false models (converted reference checkpoints) pad text as the reference did, so each batch's
+    # captions are re-encoded: minilm or a local transformers directory, the encoder the shards were made with
+    # (default: the model config's text_encoder)
+    text_encoder: str | None = None
 
 
 @dataclass
@@ -40,6 +46,9 @@ class OptimSection:
     lr_scale: float = 1.0  # multiplies the resolved lr (0.1 for the 512-px finetune)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.02  # not on biases, norms, positional tables, learned tokens, the diffusion head
+    # "default": as above; "reference": as the reference code (add_weight_decay), which also decays the 3-D
+    # positional tables, mask token and null text (for finetuning converted checkpoints the way they were trained)
+    weight_decay_groups: str = "default"
     warmup_steps: int = 1000
     schedule: str = "constant"  # constant | cosine (after warm-up)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
@@ -113,6 +122,10 @@ class TrainConfig:
             (self.data.shuffle_window >= 1, f"data.shuffle_window must be >= 1, got {self.data.shuffle_window}"),
             (self.optim.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}"),
             (self.optim.schedule in ("constant", "cosine"), f"optim.schedule: {self.optim.schedule!r}"),
+            (
+                self.optim.weight_decay_groups in DECAY_GROUPS,
+                f"optim.weight_decay_groups must be one of {DECAY_GROUPS}, got {self.optim.weight_decay_groups!r}",
+            ),
             (0.0 <= self.optim.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}"),
             (len(self.optim.betas) == 2, f"optim.betas needs two values, got {self.optim.betas}"),
             (self.train.max_steps >= 0, f"train.max_steps must be >= 0, got {self.train.max_steps}"),

@@ -21,7 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightgen_model import pad_text
+
 LATENT_COLUMNS = ("moments", "moments_flip")
+# (unpadded rows, captions) -> (B, Lt, D) text and (B, Lt) mask: lightgen_model.pad_text bound to a model
+TextPad = Callable[[list[np.ndarray], list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -196,15 +200,10 @@ class ShardSet:
         return mine[:steps]
 
 
-def pad_text(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpadded (L_i, D) arrays -> (B, max L, D) float32 and a (B, max L) bool mask (True = real token)."""
-    L = max(r.shape[0] for r in rows)
-    D = rows[0].shape[1]
-    text = np.zeros((len(rows), L, D), np.float32)
-    for i, r in enumerate(rows):
-        text[i, : r.shape[0]] = r
-    mask = torch.arange(L)[None] < torch.tensor([r.shape[0] for r in rows])[:, None]
-    return torch.from_numpy(text), mask
+def text_of(shards: ShardSet, refs: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+    """The unpadded (L_i, D) text states and the captions of the referenced rows."""
+    rows = [shards.decoded(int(s)).text_row(int(r)) for s, r in refs]
+    return rows, [shards.decoded(int(s)).captions[int(r)] for s, r in refs]
 
 
 def sample_posterior(moments: np.ndarray, g: torch.Generator) -> torch.Tensor:
@@ -218,8 +217,13 @@ def gather_moments(shards: ShardSet, refs: np.ndarray, column: str) -> np.ndarra
     return np.stack([shards.decoded(int(s)).moments[column][int(r)] for s, r in refs])
 
 
-def latent_batch(shards: ShardSet, refs: np.ndarray, g: torch.Generator, flip: bool) -> dict[str, Any]:
-    """A pretraining batch: posterior samples of the (possibly flipped) moments, padded text, captions."""
+def latent_batch(
+    shards: ShardSet, refs: np.ndarray, g: torch.Generator, flip: bool, text_pad: TextPad = pad_text
+) -> dict[str, Any]:
+    """A pretraining batch: posterior samples of the (possibly flipped) moments, padded text, captions.
+
+    ``text_pad(rows, captions)`` pads the text (the trainer binds ``lightgen_model.pad_text`` to the model's config
+    and, for reference-padded models, its text encoder)."""
     use_flip = (torch.rand(len(refs), generator=g) < 0.5).numpy() if flip else np.zeros(len(refs), bool)
     moments = np.stack(
         [
@@ -228,8 +232,8 @@ def latent_batch(shards: ShardSet, refs: np.ndarray, g: torch.Generator, flip: b
         ]
     )
     latents = sample_posterior(moments, g)
-    text, mask = pad_text([shards.decoded(int(s)).text_row(int(r)) for s, r in refs])
-    captions = [shards.decoded(int(s)).captions[int(r)] for s, r in refs]
+    rows, captions = text_of(shards, refs)
+    text, mask = text_pad(rows, captions)
     return {"latents": latents, "text": text, "text_mask": mask, "captions": captions, "flipped": use_flip}
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightgen_model.encoders import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -28,18 +30,15 @@ class DistInfo:
         return self.world > 1
 
 
-def resolve_device(pref: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; "cuda" without a GPU is an error."""
-    if pref == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    return pref
-
-
 def init(device_pref: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set), else one process."""
-    kind = resolve_device(device_pref)
+    """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set), else one process.
+
+    ``device_pref``: auto | cpu | cuda (resolved by ``lightgen_model.encoders.resolve_device``); each process
+    takes the GPU of its local rank."""
+    try:
+        kind = torch.device(resolve_device(device_pref)).type
+    except ValueError as e:
+        raise ValueError(f"train.device: {e}") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -6,12 +6,14 @@
 For a pair (winner w, loser l) of the same caption, with one shared token mask/order, timestep and noise per
 token, and L(x) the per-sample diffusion MSE of the per-token head:
 
-    diff = [L_policy(w) - L_ref(w)] - [L_policy(l) - L_ref(l)]        loss = -log sigmoid(-beta * diff)
+    diff = [L_policy(w) - L_ref(w)] - [L_policy(l) - L_ref(l)]        loss = -log sigmoid(-beta / 2 * diff)
 
-(the paper's T * w(lambda_t) is folded into beta; beta = 5000 by default). The reference is a frozen copy of the
-starting weights. Logged: loss, implicit accuracy (share of pairs with diff < 0: the policy prefers the winner
-more than the reference does) and the reward margin (mean of -beta * diff). Same launcher, checkpoints, resume
-and logging as pretrain.py.
+with beta as in the paper and in the public Diffusion-DPO training code (``scale_term = -0.5 * beta_dpo``), whose
+beta = 5000 the paper follows; the paper's T * w(lambda_t) is folded into beta (under -log sigmoid(-beta * diff)
+a beta of 5000 would act like their 10000). The reference is a frozen copy of the starting weights.
+Logged: loss, implicit accuracy (share of pairs with diff < 0: the policy prefers the winner more than the
+reference does) and the reward margin (mean of -beta / 2 * diff, the sigmoid's argument). Same launcher,
+checkpoints, resume and logging as pretrain.py.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightgen_model import LightGen, ModelConfig
+from lightgen_model import LightGen, ModelConfig, pad_text
 from training import dist as D
-from training.data import Collate, ShardSet, pad_text, sample_posterior
+from training.data import Collate, ShardSet, TextPad, sample_posterior, text_of
 from training.pretrain import main as _main
 from training.trainer import Trainer
 
@@ -40,14 +42,19 @@ PAIR_COLUMNS = ("winner_moments", "winner_moments_flip", "loser_moments", "loser
 def dpo_loss(
     policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. (7) on per-sample losses (B,) -> (mean loss, {"implicit_acc", "reward_margin"})."""
+    """Eq. (7) on per-sample losses (B,) -> (mean loss, {"implicit_acc", "reward_margin"}), in Diffusion-DPO's
+    convention: loss = -log sigmoid(-beta/2 * diff), diff = (policy_w - ref_w) - (policy_l - ref_l)."""
     diff = (policy_w - ref_w) - (policy_l - ref_l)
-    loss = -F.logsigmoid(-beta * diff).mean()
-    return loss, {"implicit_acc": (diff < 0).float().mean(), "reward_margin": (-beta * diff).mean()}
+    inside = -0.5 * beta * diff
+    loss = -F.logsigmoid(inside).mean()
+    return loss, {"implicit_acc": (diff < 0).float().mean(), "reward_margin": inside.mean()}
 
 
-def pair_batch(shards: ShardSet, refs: np.ndarray, g: torch.Generator, flip: bool) -> dict[str, Any]:
-    """Winner and loser latents (one posterior draw each, the same flip for both), padded text."""
+def pair_batch(
+    shards: ShardSet, refs: np.ndarray, g: torch.Generator, flip: bool, text_pad: TextPad = pad_text
+) -> dict[str, Any]:
+    """Winner and loser latents (one posterior draw each, the same flip for both), padded text (``text_pad``: see
+    ``training.data.latent_batch``)."""
     use_flip = (torch.rand(len(refs), generator=g) < 0.5).numpy() if flip else np.zeros(len(refs), bool)
     out: dict[str, Any] = {}
     for side in ("winner", "loser"):
@@ -56,8 +63,8 @@ def pair_batch(shards: ShardSet, refs: np.ndarray, g: torch.Generator, flip: boo
              for (s, r), f in zip(refs, use_flip, strict=True)]
         )  # fmt: skip
         out[side] = sample_posterior(m, g)
-    out["text"], out["text_mask"] = pad_text([shards.decoded(int(s)).text_row(int(r)) for s, r in refs])
-    out["captions"] = [shards.decoded(int(s)).captions[int(r)] for s, r in refs]
+    rows, out["captions"] = text_of(shards, refs)
+    out["text"], out["text_mask"] = text_pad(rows, out["captions"])
     return out
 
 
@@ -88,7 +95,7 @@ class DPOTrainer(Trainer):
 
     def collate(self) -> Collate:
         flip = self.cfg.data.flip
-        return lambda shards, refs, g: pair_batch(shards, refs, g, flip)
+        return lambda shards, refs, g: pair_batch(shards, refs, g, flip, self.text_pad)
 
     def setup_task(self, model: LightGen, info: D.DistInfo) -> None:
         """The frozen reference: the starting weights (of a fresh run; a resumed run rebuilds it from init_from)."""

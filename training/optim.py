@@ -1,4 +1,4 @@
-"""AdamW with the reference's weight-decay exclusions, the lr schedule, and an EMA of the weights."""
+"""AdamW with weight-decay groups, the lr schedule, and an EMA of the weights."""
 
 from __future__ import annotations
 
@@ -9,20 +9,29 @@ from torch import nn
 
 from .config import OptimSection
 
+# learned tables and tokens (3-D parameters) that the default grouping does not decay
 NO_DECAY_NAMES = ("pos_embed", "mask_token", "buffer_tokens", "fake_latent")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weight matrices; no decay on biases, norms (1-D), positional tables, learned tokens
-    and the whole diffusion head (as the reference)."""
+def param_groups(model: nn.Module, weight_decay: float, groups: str = "default") -> list[dict]:
+    """Two groups: decayed parameters, and ones without weight decay.
+
+    ``groups="default"``: no decay on biases, norms (1-D), the whole diffusion head (as the reference) and, unlike
+    the reference, the positional tables and learned tokens (mask token, null text, buffer tokens).
+    ``groups="reference"``: exactly the reference's ``add_weight_decay``: no decay on 1-D parameters, biases and
+    the diffusion head only, so the 3-D positional tables, mask token and null text are decayed (for finetuning a
+    converted checkpoint as it was trained).
+    """
+    if groups not in ("default", "reference"):
+        raise ValueError(f"weight-decay groups must be 'default' or 'reference', got {groups!r}")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(k in name for k in NO_DECAY_NAMES) or "diffloss" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        skip = p.ndim <= 1 or name.endswith(".bias") or "diffloss" in name
+        if groups == "default":
+            skip = skip or any(k in name for k in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -47,7 +56,10 @@ def lr_at(step: int, peak: float, cfg: OptimSection, total_steps: int) -> float:
 def build_optimizer(model: nn.Module, cfg: OptimSection, lr: float, device: torch.device) -> torch.optim.AdamW:
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), fused=bool(fused) or None
+        param_groups(model, cfg.weight_decay, cfg.weight_decay_groups),
+        lr=lr,
+        betas=tuple(cfg.betas),
+        fused=bool(fused) or None,
     )
 
 

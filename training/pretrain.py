@@ -39,7 +39,7 @@ class PretrainTrainer(Trainer):
 
     def collate(self) -> Collate:
         flip = self.cfg.data.flip
-        return lambda shards, refs, g: latent_batch(shards, refs, g, flip)
+        return lambda shards, refs, g: latent_batch(shards, refs, g, flip, self.text_pad)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return model(batch["latents"], batch["text"], batch["text_mask"]), {}

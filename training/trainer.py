@@ -13,6 +13,7 @@ carrying generator states.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -26,13 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightgen_model import LightGen, ModelConfig, load_config, preset
+from lightgen_model import LightGen, ModelConfig, load_config, pad_text, preset
 from lightgen_model.sampling import generate
 
 from . import checkpoint as ckpt_io
 from . import dist as D
 from .config import TrainConfig
-from .data import Collate, Loader, ShardSet, pad_text, seed_of
+from .data import Collate, Loader, ShardSet, TextPad, seed_of, text_of
 from .optim import EMA, build_optimizer, lr_at, peak_lr
 
 # dense bf16 peak FLOP/s by device-name substring (for the MFU estimate; unknown devices report none)
@@ -81,6 +82,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
         self._signal: int | None = None
+        self.text_pad: TextPad = pad_text  # bound to the model in `_run` (see `text_padding`)
 
     # -- task hooks --------------------------------------------------------------------------------
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
@@ -178,6 +180,34 @@ class Trainer:
         for res in shards.resolutions:
             mcfg.grid_for(res, res)  # raises when the resolution does not tile into tokens
 
+    def text_padding(self, mcfg: ModelConfig, shards: ShardSet, info: D.DistInfo) -> TextPad:
+        """``lightgen_model.pad_text`` bound to the model, so training pads text as generation does.
+
+        Key-masked models: the shards' rows zero-padded to the batch's longest. ``text_key_mask=False`` models
+        (converted reference checkpoints) attend to padding, and the reference trained on captions padded to
+        ``max_text_len`` with the encoder's own padding states: the captions are re-encoded by the text encoder
+        (``data.text_encoder``, default the model config's), which must be the one the shards were made with."""
+        if mcfg.text_key_mask:
+            return pad_text
+        from lightgen_model.encoders import build_text_encoder, text_encoder_name
+        from pipeline.schema import IncompatibleShardsError
+
+        spec = self.cfg.data.text_encoder or mcfg.text_encoder
+        if spec != "minilm" and not Path(spec).is_dir():
+            raise FileNotFoundError(
+                f"the model attends to padded text (text_key_mask=false), so captions are re-encoded to pad them as "
+                f"the reference did; text encoder {spec!r} is not a local directory: set data.text_encoder=DIR"
+            )
+        name, made = text_encoder_name(spec), sorted({str(m.get("text_encoder")) for m in shards.manifests})
+        if made != [name]:
+            raise IncompatibleShardsError(
+                f"text encoder {spec!r} ({name}) is not the one the shards were encoded with ({made}): set "
+                "data.text_encoder to that encoder"
+            )
+        encoder = build_text_encoder(spec, device=str(info.device), max_len=mcfg.max_text_len)
+        log(f"text: padded to {mcfg.max_text_len} tokens with {name}'s own states (reference padding)", info)
+        return functools.partial(pad_text, cfg=mcfg, encoder=encoder)
+
     def _run(self, info: D.DistInfo) -> dict[str, Any]:
         cfg = self.cfg
         self._environment(info)
@@ -185,6 +215,7 @@ class Trainer:
         mcfg = self.model_config(resume)
         shards = self.shard_set(mcfg)
         self._check_data(shards, mcfg)
+        self.text_pad = self.text_padding(mcfg, shards, info)
         torch.manual_seed(seed_of(cfg.train.seed, 5))  # the same initial weights on every rank and every run
         model = LightGen(mcfg)
         if cfg.train.grad_checkpointing:
@@ -500,11 +531,9 @@ class Trainer:
         n = self.cfg.log.sample_count
         if n <= 0:
             return None
-        refs = shards.first_rows(n)
-        rows = [shards.decoded(s).text_row(r) for s, r in refs]
-        text, mask = pad_text(rows)
-        return {"text": text, "mask": mask, "captions": [shards.decoded(s).captions[r] for s, r in refs],
-                "resolution": shards.resolutions[0]}  # fmt: skip
+        rows, captions = text_of(shards, np.array(shards.first_rows(n)))
+        text, mask = self.text_pad(rows, captions)
+        return {"text": text, "mask": mask, "captions": captions, "resolution": shards.resolutions[0]}
 
     def _decoder(self, mcfg: ModelConfig):
         spec = self.cfg.log.vae or mcfg.vae
