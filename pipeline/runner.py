@@ -166,11 +166,13 @@ class UnitRunner:
         rejects: list[Reject] = []
         with self.store.writer(name) as stream:
             out = _ShardOut(self.stage, stream, meta)
-            for batch in batched(_items(self.stage, unit, rejects), self.stage.cfg.batch_size):
-                result: Output = self.stage.process(batch)
-                out.write(result.rows)
-                rejects.extend(result.rejects)
-            out.close()
+            try:
+                for batch in batched(_items(self.stage, unit, rejects), self.stage.cfg.batch_size):
+                    result: Output = self.stage.process(batch)
+                    out.write(result.rows)
+                    rejects.extend(result.rejects)
+            finally:
+                out.close()  # on an error too: the temporary file is then deleted whole
         with self.store.writer(rejects_name(unit.index)) as stream:
             pq.write_table(_rejects_table(rejects, meta), stream, compression="zstd")
         receipt = {

@@ -28,7 +28,9 @@ text_emb, vae and text_encoder as above; `winner_moments` / `winner_moments_flip
 `loser_moments` / `loser_moments_flip` (the image the current model drew for the caption), made by the same image
 tokenizer code as `moments`; `judge` (backend and model), `judge_answer` (raw text), `judge_score` (in [0, 1]),
 `loser_model` (checkpoint path @ config hash), `loser_seed` and `sampling` (the sampling settings as JSON).
-`moments_array(table, "winner_moments")` etc. read them.
+`moments_array(table, "winner_moments")` etc. read them. Its judge stage leaves `judgements/` beside the pair shards
+(manifest `format` "lightgen-judgements", `JUDGEMENT_SCHEMA`): one row per image the judge saw, with the image's
+bytes, the raw answer, the score and whether it was kept.
 """
 
 from __future__ import annotations
@@ -98,8 +100,26 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 
-# Parquet leaf columns of the pair shards holding float16 values (byte-stream-split, as FLOAT16_COLUMNS).
-PAIR_FLOAT16_COLUMNS = (*(f"{name}.list.element" for name in PAIR_MOMENTS_COLUMNS), "text_emb.list.element")
+# ---- judgement shards (`build-dpo-pairs`' judge stage, in `<pairs output>/judgements/`) ----
+JUDGEMENT_SCHEMA_VERSION = 1
+JUDGEMENT_FORMAT = "lightgen-judgements"
+
+# One row per image the judge saw (kept or not); inputs screened out before the judge are rejects instead.
+JUDGEMENT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # where the image was read: file, tar, Parquet row
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # the image file's bytes as read (the pairs stage's winner)
+        pa.field("aesthetic", pa.float32()),  # the input's aesthetic score, if it had one
+        pa.field("judge", pa.string(), nullable=False),  # backend and model
+        pa.field("judge_answer", pa.string(), nullable=False),  # raw text
+        pa.field("judge_score", pa.float32()),  # in [0, 1]; null when the answer does not parse
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # "" when kept, else judge_rejected / judge_unparseable
+        pa.field("detail", pa.string(), nullable=False),
+    ]
+)
 
 
 class IncompatibleShardsError(ValueError):

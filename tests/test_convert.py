@@ -6,12 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_text, wake_head
 from typer.testing import CliRunner
 
 from lightgen.cli import app
 from lightgen_model import LightGen, from_pretrained, generate, load_config, preset
+from lightgen_model.diffusion import space_timesteps
 
 runner = CliRunner()
 # the reference's behaviour (DESIGN.md): no buffer tokens, padded text attended to, DINO's interpolation offset
@@ -63,10 +65,12 @@ def test_converted_model_equals_the_source(tmp_path: Path) -> None:
         "model_ema.safetensors",
     ]
     cfg = load_config(tmp_path / "out")
-    skip = {"vae", "text_encoder", "extra"}
+    skip = {"vae", "text_encoder", "extra", "sampling"}
     assert {k: v for k, v in cfg.to_dict().items() if k not in skip} == {
         k: v for k, v in src.cfg.to_dict().items() if k not in skip
     }  # every inferred field: widths, depths, heads, token geometry, head, text dim, sampling steps, ...
+    # the reference's generation scripts' settings are recorded as the model's sampling defaults
+    assert cfg.sampling == {"steps": 64, "cfg": 4.0, "cfg_schedule": "constant", "temperature": 1.0}
     assert cfg.extra["epoch"] == 7 and cfg.extra["reference_args"]["model"] == "fluid_debug"
     # EMA preferred: identical outputs to the source model carrying the EMA weights
     src.load_state_dict(ema)
@@ -152,3 +156,25 @@ def test_config_json_is_plain_json(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["text_key_mask"] is False and cfg["buffer_size"] == 0 and cfg["interpolate_offset"] == 0.1
     assert cfg["text_encoder"] == "google/flan-t5-xxl"
+
+
+@pytest.mark.parametrize(
+    ("spec", "option", "recorded", "timesteps"),
+    [
+        ("ddim25", None, "ddim25", list(range(0, 1000, 40))),
+        ("20", "5,5", "5,5", [0, 125, 250, 374, 499, 500, 625, 750, 874, 999]),
+        (None, None, 100, None),  # no args value: the reference's default "100"
+    ],
+)
+def test_reference_head_step_specs_are_accepted(tmp_path: Path, spec, option, recorded, timesteps) -> None:
+    """The reference's `num_sampling_steps` forms ("100", "ddimN", "a,b") are kept as given, or replaced by
+    --head-steps, and the loaded head samples at the timesteps the reference's `space_timesteps` picks."""
+    src, _ = _source()
+    ckpt = _checkpoint(tmp_path / "c.pth", src.state_dict(), None, _args(num_sampling_steps=spec))
+    res = _convert(ckpt, tmp_path / "out", "--heads", "4", *(["--head-steps", option] if option else []))
+    assert res.exit_code == 0, res.output
+    assert load_config(tmp_path / "out").num_sampling_steps == recorded
+    tmap = from_pretrained(tmp_path / "out").diffloss.sample_schedule.timestep_map.tolist()
+    assert tmap == (timesteps or space_timesteps(1000, 100))
+    res = _convert(ckpt, tmp_path / "bad", "--heads", "4", "--head-steps", "ddim37")
+    assert res.exit_code == 2 and "no integer stride gives exactly 37" in res.output, res.output

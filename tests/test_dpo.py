@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_dpo_loss_matches_hand_computation():
+    """Diffusion-DPO's convention (its train.py: scale_term = -0.5 * beta_dpo): loss = -log sigmoid(-beta/2 * diff),
+    so the paper's beta 5000 means what it means there."""
     pw, pl = torch.tensor([0.30, 0.50, 0.20]), torch.tensor([0.40, 0.45, 0.20])
     rw, rl = torch.tensor([0.35, 0.40, 0.25]), torch.tensor([0.35, 0.50, 0.10])
     beta = 10.0
@@ -25,14 +27,18 @@ def test_dpo_loss_matches_hand_computation():
     expected, acc, margin = 0.0, 0, 0.0
     for a, b, c, d in zip(pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist(), strict=True):
         diff = (a - c) - (b - d)
-        expected += -math.log(1 / (1 + math.exp(beta * diff))) / 3
+        expected += -math.log(1 / (1 + math.exp(0.5 * beta * diff))) / 3
         acc += diff < 0
-        margin += -beta * diff / 3
+        margin += -0.5 * beta * diff / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert extra["implicit_acc"].item() == pytest.approx(acc / 3)
     assert extra["reward_margin"].item() == pytest.approx(margin, rel=1e-5)
     same = dpo.dpo_loss(pw, pl, pw, pl, 5000.0)[0]
     assert same.item() == pytest.approx(math.log(2), abs=1e-7)
+    # beta = 2k here is the old -log sigmoid(-k * diff): the factor is exactly one half
+    diff = (pw - rw) - (pl - rl)
+    old = -torch.nn.functional.logsigmoid(-7.0 * diff).mean()
+    assert dpo.dpo_loss(pw, pl, rw, rl, 14.0)[0].item() == pytest.approx(old.item(), rel=1e-6)
 
 
 def test_shared_draws_give_equal_losses_for_equal_inputs(debug_model):
@@ -86,7 +92,7 @@ def test_policy_equal_to_reference_gives_log2(setup):
 
 def test_dpo_steps_raise_implicit_accuracy(setup):
     root, _ = setup
-    rows = run_dpo(root, "learn", "train.max_steps=40", "optim.lr=1e-3", "optim.warmup_steps=0", "dpo.beta=50")
+    rows = run_dpo(root, "learn", "train.max_steps=40", "optim.lr=1e-3", "optim.warmup_steps=0", "dpo.beta=100")
     late = np.mean([r["implicit_acc"] for r in rows[-15:]])
     assert late > 0.5, late
     assert np.mean([r["loss"] for r in rows[-15:]]) < math.log(2)
@@ -120,7 +126,7 @@ def test_two_process_dpo(setup):
 def test_offloaded_bf16_reference(setup):
     root, _ = setup
     rows = run_dpo(
-        root, "bf16ref", "train.max_steps=2", "dpo.reference_dtype=bfloat16", "dpo.reference_device=cpu", "dpo.beta=50"
+        root, "bf16ref", "train.max_steps=2", "dpo.reference_dtype=bfloat16", "dpo.reference_device=cpu", "dpo.beta=100"
     )
     # a bf16 copy of the policy: close to, not exactly, log 2 (at beta 5000 its rounding alone moves the loss a lot)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.05)

@@ -1,0 +1,250 @@
+"""`build-dpo-pairs` settings: `PairsConfig` (the command's options), their up-front checks, and what the LightGen
+checkpoint implies (`resolve`: encoders, resolution, sampling) — all without loading weights.
+
+The judge stage (`pipeline.judge_stage`) and the pairs stage (`pipeline.dpo_pairs`) share this config; each
+checks and digests the settings that determine its own rows (`check_judge_options` / `judge_content`,
+`resolve` / `PairsStage.content`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import shards
+from pipeline.judge import BACKENDS, PROMPT_VERSION, judge_name
+from pipeline.options import StageConfig, opt
+from pipeline.schema import JUDGEMENT_SCHEMA_VERSION
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class PairsConfig(StageConfig):
+    """Everything `build-dpo-pairs` needs (both stages); written, resolved, into the manifests."""
+
+    inputs: list[str] = opt(
+        [], "Images with captions: webdataset .tar, image folders, Parquet files, globs (repeat).", flag="--input"
+    )
+    output: str = opt("", "Output folder: pair shards, judgements/, rejects, report, manifest.")
+    model: str = opt("", "LightGen checkpoint directory (save_pretrained) that draws the losers.")
+    judge_backend: str = opt("transformers", "transformers, vllm (Qwen2.5-VL), shapes (ShapesWorld).")
+    judge_model: str | None = opt(None, "Local Qwen2.5-VL directory (transformers, vllm).", show="none")
+    min_judge_score: float = opt(
+        0.8, "Keep images the judge scores at least this, in [0, 1] ('Score: N' = N/10, yes = 1, no = 0)."
+    )
+    judge_max_new_tokens: int = opt(16, "Tokens the judge may answer with.")
+    judge_max_pixels: int = opt(1024 * 1024, "Images are resized to at most this many pixels for Qwen.")
+    judge_dtype: str = opt("auto", "Judge dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    vllm_gpu_memory_utilization: float = opt(0.85, "vLLM's share of a GPU's memory (vllm backend).")
+    vllm_max_model_len: int = opt(4096, "vLLM context length (vllm backend).")
+    min_aesthetic: float | None = opt(
+        None, "Reject rows whose aesthetic score is lower (or missing).", show="no aesthetic filter"
+    )
+    aesthetic_field: str | None = opt(
+        None, "Field / column of the aesthetic score.", show="aesthetic, aesthetic_score, AESTHETIC_SCORE"
+    )
+    caption_field: str | None = opt(None, "Caption column of Parquet inputs.", show="caption, prompt, text, TEXT")
+    image_field: str | None = opt(
+        None, "Image column of Parquet inputs (bytes or {bytes, path}).", show="image, jpg, png, ..."
+    )
+    vae: str | None = opt(None, "Image tokenizer: 'pixel' or a local diffusers VAE directory.", show="the --model's vae")
+    text_encoder: str | None = opt(
+        None, "'minilm' or a local transformers encoder directory.", show="the --model's text_encoder"
+    )
+    resolution: int | None = opt(
+        None, "Side of winner crops and loser images, in pixels.", show="the --model's base_resolution"
+    )
+    max_text_len: int | None = opt(None, "Text tokens kept per caption.", show="the --model's max_text_len")
+    steps: int = opt(64, "Loser sampling iterations (masked-generation steps).")
+    cfg: float = opt(4.0, "Loser classifier-free guidance scale.")
+    cfg_schedule: str = opt("linear", "Guidance schedule: linear, constant.")
+    temperature: float = opt(1.0, "Loser sampling temperature.")
+    use_ema: bool = opt(True, "Draw losers with the EMA weights when the checkpoint has them.")
+    batch_size: int = opt(8, "Images per judge / encoder / generation call.")
+    device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
+    dtype: str = opt("float32", "LightGen + encoder compute dtype: float32, bfloat16, float16.")
+    seed: int = opt(0, "Run seed; each loser's seed is a hash of it and the row id.")
+    max_pixels: int = opt(64_000_000, "Reject images with more pixels (decompression bombs).")
+    min_size: int = opt(32, "Reject images whose shorter side is smaller.")
+
+
+def _abs(path: str) -> str:
+    """An existing path resolved to absolute; other specs unchanged."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def _check_device(device: str) -> None:
+    """The device string is one a worker can resolve (the driver may see no GPU, so it is not resolved here)."""
+    if device != "auto" and device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown --device {device!r}: expected auto, cpu, cuda[:N] or mps")
+
+
+# ---------------------------------------------------------------------------------------------------- the judge
+
+
+def check_judge_options(cfg: PairsConfig) -> None:
+    """The judge stage's settings, checked up front (errors name the bad value); no weights loaded."""
+    for name in ("max_pixels", "min_size", "judge_max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.min_judge_score <= 1.0:
+        raise ValueError(
+            f"--min-judge-score must be in [0, 1] (an answer 'Score: N' scores N/10), got {cfg.min_judge_score}"
+        )
+    if cfg.min_aesthetic is not None and not math.isfinite(cfg.min_aesthetic):
+        raise ValueError(f"--min-aesthetic must be a finite number, got {cfg.min_aesthetic}")
+    if cfg.judge_max_pixels < 3136:
+        raise ValueError(f"--judge-max-pixels must be >= 3136 (4 Qwen tokens of 28x28), got {cfg.judge_max_pixels}")
+    if cfg.judge_dtype not in ("auto", *DTYPES):
+        raise ValueError(f"unknown --judge-dtype {cfg.judge_dtype!r}: expected auto, float32, float16 or bfloat16")
+    _check_device(cfg.device)
+    if cfg.judge_backend not in BACKENDS:
+        raise ValueError(f"unknown --judge-backend {cfg.judge_backend!r}: expected one of {BACKENDS}")
+    judge_name(cfg.judge_backend, cfg.judge_model)  # checks the model directory
+    if cfg.judge_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("--judge-backend vllm needs the optional vllm extra (pip install 'lightgen[vllm]')")
+
+
+def judge_content(cfg: PairsConfig) -> dict[str, Any]:
+    """The settings that determine the judgements (a changed prompt or judge model changes them too)."""
+    keys = ("judge_backend", "min_judge_score", "judge_max_new_tokens", "judge_max_pixels", "judge_dtype")
+    keys += ("min_aesthetic", "aesthetic_field", "caption_field", "image_field", "max_pixels", "min_size")
+    out = {k: getattr(cfg, k) for k in keys}
+    out["judge_model"] = _abs(cfg.judge_model) if cfg.judge_model else None
+    if cfg.judge_backend == "vllm":
+        out["vllm_max_model_len"] = cfg.vllm_max_model_len
+    judge = judge_name(cfg.judge_backend, cfg.judge_model)
+    return {**out, "judge": judge, "prompt_version": PROMPT_VERSION, "schema_version": JUDGEMENT_SCHEMA_VERSION}
+
+
+# ------------------------------------------------------------------------------------------- the loser model
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the pairs settings mean once the checkpoint's config is read: encoders, sizes, identities."""
+
+    vae: str
+    text_encoder: str
+    vae_name: str
+    text_encoder_name: str
+    resolution: int
+    max_text_len: int
+    loser_model: str  # checkpoint path @ config hash
+    weights: str
+    sampling: dict[str, Any]
+
+
+def _text_dim(spec: str) -> int:
+    """Width of a text encoder's states, from its config (no weights loaded)."""
+    if spec == "minilm":
+        return 384
+    path = Path(spec) / "config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    dim = cfg.get("d_model") or cfg.get("hidden_size")
+    if not dim:
+        raise ValueError(f"--text-encoder {spec!r}: no config.json with d_model / hidden_size")
+    return int(dim)
+
+
+def _vae_geometry(spec: str) -> tuple[int, int]:
+    """(latent channels, stride) of an image tokenizer, from its config (no weights loaded)."""
+    if spec == "pixel":
+        return 3, 1
+    from lightgen_model.encoders import find_vae_dir
+
+    cfg = json.loads((find_vae_dir(spec) / "config.json").read_text())
+    return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
+
+
+def _check_sampling(cfg: PairsConfig) -> None:
+    """Range checks of the loser sampling options."""
+    from lightgen_model.sampling import CFG_SCHEDULES
+
+    if cfg.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.cfg < 0:
+        raise ValueError(f"--cfg must be >= 0, got {cfg.cfg}")
+    if cfg.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown --cfg-schedule {cfg.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {cfg.dtype!r}: expected float32, float16 or bfloat16")
+    _check_device(cfg.device)
+
+
+def _encoders(cfg: PairsConfig, model_dir: Path, mcfg: Any) -> tuple[str, str]:
+    """(image tokenizer, text encoder) specs, as `LightGenPipeline` resolves them, checked against the model."""
+    from lightgen.api import BUILTIN_TEXT_ENCODERS, BUILTIN_VAES, resolve_component
+
+    vae = resolve_component(cfg.vae or mcfg.vae, model_dir, BUILTIN_VAES, "image tokenizer", "--vae", bool(cfg.vae))
+    text = cfg.text_encoder or mcfg.text_encoder
+    given = bool(cfg.text_encoder)
+    text = resolve_component(text, model_dir, BUILTIN_TEXT_ENCODERS, "text encoder", "--text-encoder", given)
+    vae, text = _abs(vae), _abs(text)
+    channels, stride = _vae_geometry(vae)
+    if (channels, stride) != (mcfg.latent_channels, mcfg.vae_stride):
+        raise ValueError(
+            f"image tokenizer {vae!r} gives {channels} channels at stride {stride}, the --model expects "
+            f"{mcfg.latent_channels} at stride {mcfg.vae_stride}"
+        )
+    if _text_dim(text) != mcfg.text_dim:
+        raise ValueError(f"text encoder {text!r} gives {_text_dim(text)}-dim states, the --model expects {mcfg.text_dim}")
+    return vae, text
+
+
+def resolve(cfg: PairsConfig) -> Resolved:
+    """Check the pairs settings up front (errors name the bad value) and resolve what the checkpoint implies."""
+    from lightgen_model.encoders import image_tokenizer_name, text_encoder_name
+    from lightgen_model.hub import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, load_config
+
+    _check_sampling(cfg)
+    model_dir = Path(cfg.model)
+    if not cfg.model or not (model_dir / CONFIG_NAME).is_file():
+        raise ValueError(f"--model {cfg.model!r} is not a LightGen checkpoint directory (no {CONFIG_NAME})")
+    mcfg = load_config(model_dir)
+    weights = model_dir / (EMA_NAME if cfg.use_ema and (model_dir / EMA_NAME).is_file() else WEIGHTS_NAME)
+    if not weights.is_file():
+        raise ValueError(f"--model {cfg.model!r} has no {WEIGHTS_NAME}")
+    vae, text = _encoders(cfg, model_dir, mcfg)
+    resolution = mcfg.base_resolution if cfg.resolution is None else cfg.resolution
+    try:
+        mcfg.grid_for(resolution, resolution)
+    except ValueError as e:
+        raise ValueError(f"--resolution {resolution}: {e}") from None
+    max_text_len = mcfg.max_text_len if cfg.max_text_len is None else cfg.max_text_len
+    if max_text_len < 1:
+        raise ValueError(f"--max-text-len must be >= 1, got {max_text_len}")
+    sampling = {
+        "steps": cfg.steps,
+        "cfg": cfg.cfg,
+        "cfg_schedule": cfg.cfg_schedule,
+        "temperature": cfg.temperature,
+        "resolution": resolution,
+        "head_sampling_steps": mcfg.num_sampling_steps,
+        "weights": weights.name,
+        "dtype": cfg.dtype,
+        "generator": "LightGenPipeline, one torch CPU generator per image, seeded with loser_seed",
+    }
+    return Resolved(
+        vae=vae,
+        text_encoder=text,
+        vae_name=image_tokenizer_name(vae),
+        text_encoder_name=text_encoder_name(text),
+        resolution=resolution,
+        max_text_len=max_text_len,
+        loser_model=f"{model_dir.resolve()}@{shards.digest(mcfg.to_dict())[:12]}",
+        weights=str(weights.resolve()),
+        sampling=sampling,
+    )
+
+
+def loser_seed(seed: int, row_id: str) -> int:
+    """The generation seed of the loser for record `row_id` in a run with `--seed seed` (63 bits)."""
+    return int(shards.digest(["dpo-loser", seed, row_id])[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
