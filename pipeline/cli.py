@@ -92,43 +92,13 @@ def build_captions(
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "diversity"}))
 
 
-@app.command("synthesize")
-def synthesize(
-    input: list[str] = typer.Option(..., "--input", help="Caption shards (build-captions) or JSONL/Parquet/CSV files."),
-    output: Path = typer.Option(..., help="Output folder: webdataset .tar shards, rejects, report, manifest."),
-    teacher: str = typer.Option("shapes", help="flux, diffusers (any local T2I pipeline), shapes (ShapesWorld)."),
-    model: str = typer.Option(None, help="Local diffusers pipeline directory (flux, diffusers).", show_default="none"),
-    field: str = typer.Option("caption", help="The record field / column holding the caption."),
-    steps: int = typer.Option(28, help="Denoising steps (flux, diffusers)."),
-    guidance: float = typer.Option(3.5, help="Guidance scale (flux, diffusers)."),
-    resolution: int = typer.Option(512, help="Image side in pixels."),
-    max_sequence_length: int = typer.Option(512, help="T5 tokens per caption (Flux / SD3-like pipelines)."),
-    batch_size: int = typer.Option(4, help="Images per teacher call."),
-    shard_size: int = typer.Option(1000, help="Captions per output shard (the unit of resume)."),
-    workers: int = typer.Option(1, help="Ray workers, one teacher each; 0 = no Ray, draw in this process."),
-    gpus_per_worker: float = typer.Option(
-        None, help="GPUs per Ray worker.", show_default="the Ray cluster's GPUs shared evenly, at most 1 per worker"
-    ),
-    device: str = typer.Option("auto", help="auto (cuda if a worker sees a GPU), cpu, cuda[:N]."),
-    dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."),
-    ray_address: str = typer.Option(None, help="Join this Ray cluster.", show_default="start a local Ray"),
-    seed: int = typer.Option(0, help="Run seed; each image's seed is a hash of it and the caption id."),
-    overwrite: bool = typer.Option(False, help="Replace earlier outputs in --output instead of resuming."),
-    post_filter: str = typer.Option("blank,nsfw", help="Reject outputs: comma-separated blank, nsfw; 'none' = off."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
-) -> None:
-    """Teacher images for captions into webdataset .tar shards (image + .json), resumable, seeded per caption."""
-    options = {k: v for k, v in locals().items() if k not in ("input", "output", "quiet")}
-    from pipeline.synthesize import SynthConfig, run_synthesize
-
-    try:
-        report = run_synthesize(SynthConfig(inputs=input, output=str(output), progress=not quiet, **options))
-    except (ValueError, OSError) as e:
-        _fail(e)
-    typer.echo(
-        f"synthesize: {report['images_this_run']} images in {report['seconds']} s ({report['images_per_s']} images/s)"
-    )
-    typer.echo(json.dumps(report))
+_stage_command(
+    "synthesize",
+    "pipeline.synthesize.SynthConfig",
+    "pipeline.synthesize.run_synthesize",
+    "Teacher images for captions into webdataset .tar shards (image + .json), resumable, seeded per caption.",
+    "synthesize: {images_this_run} images in {seconds} s ({images_per_s} images/s)",
+)
 
 
 @app.command("build-dpo-pairs")

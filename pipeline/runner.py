@@ -375,6 +375,7 @@ def _report(stage: Stage, receipts: list[dict[str, Any]], seconds: float) -> dic
         "shards_skipped": len(receipts) - len(ran),
         "shards_run": len(ran),
         "inputs_this_run": rows_this_run,
+        "written_this_run": sum(r["rows"] for r in ran),
         "seconds": round(seconds, 3),
         "inputs_per_s": round(rows_this_run / seconds, 3) if seconds > 0 and ran else None,
     }
