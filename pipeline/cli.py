@@ -67,15 +67,24 @@ def build_captions(
     min_words: int = typer.Option(1, help="Remove captions with fewer words (too_short)."),
     max_words: int = typer.Option(128, help="Remove captions with more words (too_long)."),
     charset: str = typer.Option("any", help="Keep captions whose letters are: any, latin, ascii (bad_charset)."),
-    near_dup: bool = typer.Option(True, help="Remove near duplicates (MinHash over word n-grams)."),
+    near_dup: bool = typer.Option(True, help="Remove near duplicates (MinHash LSH + one-word-edit buckets)."),
     near_dup_threshold: float = typer.Option(0.8, help="Word n-gram Jaccard similarity that makes a near duplicate."),
     ngram: int = typer.Option(2, help="Word n-gram size of the near-duplicate shingles."),
+    near_dup_edit_words: int = typer.Option(
+        8,
+        help="One word changed / inserted / deleted makes a near duplicate when both captions have at least this "
+        "many words (0 = off).",
+    ),
     embedder: str = typer.Option("minilm", help="Sentence embeddings for selection: minilm, hash (model-free)."),
     select: str = typer.Option("cluster", help="Selection: cluster (k-means, even per cluster), farthest, random."),
     clusters: int = typer.Option(64, help="k of the k-means over caption embeddings."),
+    kmeans_sample: int = typer.Option(
+        100_000, help="Captions k-means is fitted on (a seeded sample); all are assigned."
+    ),
     shard_size: int = typer.Option(100_000, help="Captions per output shard."),
     batch_size: int = typer.Option(256, help="Captions per embedding call."),
-    workers: int = typer.Option(0, help="Ray workers for the embeddings; 0 = in this process."),
+    workers: int = typer.Option(0, help="Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray."),
+    partitions: int = typer.Option(0, help="Shuffle partitions of the de-duplication (0 = from the input size)."),
     ray_address: str = typer.Option(None, help="Join this Ray cluster.", show_default="start a local Ray"),
     seed: int = typer.Option(0, help="Random seed (selection, k-means, ShapesWorld)."),
     overwrite: bool = typer.Option(False, help="Replace earlier outputs; without it other settings are refused."),
@@ -101,79 +110,11 @@ _stage_command(
 )
 
 
-@app.command("build-dpo-pairs")
-def build_dpo_pairs(
-    input: list[str] = typer.Option(
-        ..., "--input", help="Images with captions: webdataset .tar, image folders, Parquet files, globs (repeat)."
-    ),
-    output: Path = typer.Option(..., help="Output folder: pair shards, judgements/, rejects, report, manifest."),
-    model: str = typer.Option(..., help="LightGen checkpoint directory (save_pretrained) that draws the losers."),
-    judge_backend: str = typer.Option("transformers", help="transformers, vllm (Qwen2.5-VL), shapes (ShapesWorld)."),
-    judge_model: str = typer.Option(None, help="Local Qwen2.5-VL directory (transformers, vllm).", show_default="none"),
-    min_judge_score: float = typer.Option(
-        0.8, help="Keep images the judge scores at least this, in [0, 1] ('Score: N' = N/10, yes = 1, no = 0)."
-    ),
-    judge_max_new_tokens: int = typer.Option(16, help="Tokens the judge may answer with."),
-    judge_max_pixels: int = typer.Option(1024 * 1024, help="Images are resized to at most this many pixels for Qwen."),
-    judge_dtype: str = typer.Option(
-        "auto", help="Judge dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."
-    ),
-    vllm_gpu_memory_utilization: float = typer.Option(0.85, help="vLLM's share of a GPU's memory (vllm backend)."),
-    vllm_max_model_len: int = typer.Option(4096, help="vLLM context length (vllm backend)."),
-    min_aesthetic: float = typer.Option(
-        None, help="Reject rows whose aesthetic score is lower (or missing).", show_default="no aesthetic filter"
-    ),
-    aesthetic_field: str = typer.Option(
-        None, help="Field / column of the aesthetic score.", show_default="aesthetic, aesthetic_score, AESTHETIC_SCORE"
-    ),
-    caption_field: str = typer.Option(
-        None, help="Caption column of Parquet inputs.", show_default="caption, prompt, text, TEXT"
-    ),
-    image_field: str = typer.Option(
-        None, help="Image column of Parquet inputs (bytes or {bytes, path}).", show_default="image, jpg, png, ..."
-    ),
-    vae: str = typer.Option(
-        None, help="Image tokenizer: 'pixel' or a local diffusers VAE directory.", show_default="the --model's vae"
-    ),
-    text_encoder: str = typer.Option(
-        None, help="'minilm' or a local transformers encoder directory.", show_default="the --model's text_encoder"
-    ),
-    resolution: int = typer.Option(
-        None, help="Side of winner crops and loser images, in pixels.", show_default="the --model's base_resolution"
-    ),
-    max_text_len: int = typer.Option(
-        None, help="Text tokens kept per caption.", show_default="the --model's max_text_len"
-    ),
-    steps: int = typer.Option(64, help="Loser sampling iterations (masked-generation steps)."),
-    cfg: float = typer.Option(4.0, help="Loser classifier-free guidance scale."),
-    cfg_schedule: str = typer.Option("linear", help="Guidance schedule: linear, constant."),
-    temperature: float = typer.Option(1.0, help="Loser sampling temperature."),
-    use_ema: bool = typer.Option(True, help="Draw losers with the EMA weights when the checkpoint has them."),
-    batch_size: int = typer.Option(8, help="Images per judge / encoder call."),
-    shard_size: int = typer.Option(1000, help="Input records per output shard (the unit of resume)."),
-    workers: int = typer.Option(1, help="Ray workers, one model copy each; 0 = no Ray, run in this process."),
-    gpus_per_worker: float = typer.Option(
-        None, help="GPUs per Ray worker.", show_default="the Ray cluster's GPUs shared evenly, at most 1 per worker"
-    ),
-    device: str = typer.Option("auto", help="auto (cuda if a worker sees a GPU), cpu, cuda[:N]."),
-    dtype: str = typer.Option("float32", help="LightGen + encoder compute dtype: float32, bfloat16, float16."),
-    ray_address: str = typer.Option(None, help="Join this Ray cluster.", show_default="start a local Ray"),
-    seed: int = typer.Option(0, help="Run seed; each loser's seed is a hash of it and the row id."),
-    overwrite: bool = typer.Option(False, help="Replace earlier outputs in --output instead of resuming."),
-    max_pixels: int = typer.Option(64_000_000, help="Reject images with more pixels (decompression bombs)."),
-    min_size: int = typer.Option(32, help="Reject images whose shorter side is smaller."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
-) -> None:
-    """DPO pairs: judge-kept source images (winners) + the model's own images (losers), as Parquet pair shards."""
-    options = {k: v for k, v in locals().items() if k not in ("input", "output", "quiet")}
-    from pipeline.dpo_pairs import PairsConfig, run_build_dpo_pairs
-
-    try:
-        report = run_build_dpo_pairs(PairsConfig(inputs=input, output=str(output), progress=not quiet, **options))
-    except (ValueError, OSError) as e:
-        _fail(e)
-    typer.echo(
-        f"build-dpo-pairs: {report['written']} pairs of {report['inputs']} inputs ({report['rejected']} rejected), "
-        f"{report['pairs_this_run']} made in {report['seconds']} s"
-    )
-    typer.echo(json.dumps(report))
+_stage_command(
+    "build-dpo-pairs",
+    "pipeline.dpo_config.PairsConfig",
+    "pipeline.dpo_pairs.run_build_dpo_pairs",
+    "DPO pairs: judge-kept source images (winners) + the model's own images (losers), as Parquet pair shards.",
+    "build-dpo-pairs: {written} pairs of {inputs} inputs ({rejected} rejected), {written_this_run} made in "
+    "{seconds_total} s",
+)

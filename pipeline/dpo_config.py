@@ -31,7 +31,7 @@ class PairsConfig(StageConfig):
         [], "Images with captions: webdataset .tar, image folders, Parquet files, globs (repeat).", flag="--input"
     )
     output: str = opt("", "Output folder: pair shards, judgements/, rejects, report, manifest.")
-    model: str = opt("", "LightGen checkpoint directory (save_pretrained) that draws the losers.")
+    model: str = opt("", "LightGen checkpoint directory (save_pretrained) that draws the losers.", required=True)
     judge_backend: str = opt("transformers", "transformers, vllm (Qwen2.5-VL), shapes (ShapesWorld).")
     judge_model: str | None = opt(None, "Local Qwen2.5-VL directory (transformers, vllm).", show="none")
     min_judge_score: float = opt(
@@ -52,7 +52,9 @@ class PairsConfig(StageConfig):
     image_field: str | None = opt(
         None, "Image column of Parquet inputs (bytes or {bytes, path}).", show="image, jpg, png, ..."
     )
-    vae: str | None = opt(None, "Image tokenizer: 'pixel' or a local diffusers VAE directory.", show="the --model's vae")
+    vae: str | None = opt(
+        None, "Image tokenizer: 'pixel' or a local diffusers VAE directory.", show="the --model's vae"
+    )
     text_encoder: str | None = opt(
         None, "'minilm' or a local transformers encoder directory.", show="the --model's text_encoder"
     )
@@ -195,7 +197,9 @@ def _encoders(cfg: PairsConfig, model_dir: Path, mcfg: Any) -> tuple[str, str]:
             f"{mcfg.latent_channels} at stride {mcfg.vae_stride}"
         )
     if _text_dim(text) != mcfg.text_dim:
-        raise ValueError(f"text encoder {text!r} gives {_text_dim(text)}-dim states, the --model expects {mcfg.text_dim}")
+        raise ValueError(
+            f"text encoder {text!r} gives {_text_dim(text)}-dim states, the --model expects {mcfg.text_dim}"
+        )
     return vae, text
 
 

@@ -164,7 +164,9 @@ class Judge(Protocol):
     name: str
     backend: str
 
-    def answers(self, images: list[Image.Image], captions: list[str], metadata: list[dict | None]) -> list[str]: ...
+    def answers(self, images: list[Image.Image], captions: list[str], metadata: list[dict | None]) -> list[str]:
+        """One raw answer per (image, caption, metadata)."""
+        ...
 
 
 def _model_name(model: str) -> str:
@@ -188,19 +190,6 @@ def judge_name(backend: str, model: str | None) -> str:
     return f"{backend}:{_model_name(model)}"
 
 
-def _device_dtype(device: str, dtype: str) -> tuple[str, Any]:
-    """Resolve `auto` device (cuda when visible) and dtype (bfloat16 on a GPU, float32 on a CPU)."""
-    import torch
-
-    from lightgen_model.encoders import torch_dtype
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, torch_dtype(dtype)
-
-
 class TransformersJudge:
     """Qwen2.5-VL through transformers, greedy decoding, one padded batch per call."""
 
@@ -216,8 +205,11 @@ class TransformersJudge:
     ) -> None:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+        from lightgen_model.encoders import resolve_device, resolve_dtype
+
         self.name = judge_name(self.backend, model)
-        self.device, torch_dtype = _device_dtype(device, dtype)
+        self.device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, self.device)  # auto: bfloat16 on a GPU, float32 elsewhere
         self.processor = AutoProcessor.from_pretrained(model)
         self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)

@@ -18,10 +18,18 @@ from typing import Any
 RUN_FIELDS = ("workers", "gpus_per_worker", "cpus_per_worker", "shard_size", "ray_address", "overwrite", "progress")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, show: str | None = None) -> Any:
+def opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    show: str | None = None,
+    required: bool = False,
+) -> Any:
     """A config field with its command-line help (`flag`: the option name if not `--field-name`; `show`: the
-    default as shown in --help when the value itself says little, e.g. None)."""
-    meta = {"help": help, "flag": flag, "show": show}
+    default as shown in --help when the value itself says little, e.g. None; `required`: the command line must
+    give it, though the dataclass has a default)."""
+    meta = {"help": help, "flag": flag, "show": show, "required": required}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -87,7 +95,7 @@ def command(config_cls: type[StageConfig], run: Callable[[Any], None], doc: str)
     params = []
     for f in sorted(dataclasses.fields(config_cls), key=order):
         default = _default(f)
-        if f.name in ("inputs", "output"):
+        if f.name in ("inputs", "output") or f.metadata.get("required"):
             default = ...  # required on the command line
         show = f.metadata.get("show")
         kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]

@@ -244,12 +244,21 @@ def _header(stage: Stage, config_digest: str, n_units: int) -> dict[str, Any]:
 
 def _ray_receipts(stage: Stage, units: list[WorkUnit], config_digest: str) -> Iterator[dict[str, Any]]:
     """Map the units over a Ray Data actor pool; yield receipts as shards finish."""
+
+    from pipeline import runtime
+
+    cfg = stage.cfg
+    with runtime.ray_session(cfg.ray_address):  # shut down after the run if this run started it
+        yield from _ray_map(stage, units, config_digest)
+
+
+def _ray_map(stage: Stage, units: list[WorkUnit], config_digest: str) -> Iterator[dict[str, Any]]:
+    """The Ray Data job: units -> actor pool -> receipts."""
     import ray.data
 
     from pipeline import runtime
 
     cfg = stage.cfg
-    runtime.init_ray(cfg.ray_address, quiet=True)
     runtime.check_shared_storage(cfg.output)
     cpus, gpus = runtime.worker_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
     ds = ray.data.from_items([{"unit": json.dumps(u.to_json())} for u in units], override_num_blocks=len(units))

@@ -1,5 +1,6 @@
 """The build-dpo-pairs judge: prompt, strict parser, a tiny random Qwen2.5-VL on the CPU (transformers), a stubbed
-generation for the kept/rejected routing, vLLM (faked here; real where installed), the ShapesWorld judge."""
+generation for the kept/rejected routing, vLLM (faked here; real where installed), the ShapesWorld judge, and the
+judge stage's batch logic (rows kept or not, images the judge refuses)."""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def test_verdict_routes_kept_rejected_and_unparseable_with_raw_text():
 
 def test_judge_modules_import_no_heavy_library():
     code = (
-        "import sys; import pipeline.judge, pipeline.dpo_pairs, pipeline.schema; "
+        "import sys; import pipeline.judge, pipeline.judge_stage, pipeline.dpo_config, pipeline.dpo_pairs; "
         "heavy = [m for m in ('vllm', 'transformers', 'torch', 'qwen_vl_utils') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
@@ -155,6 +156,7 @@ def test_shapes_judge_accepts_teacher_renders_and_rejects_noise_and_mirrored_rel
 def test_tiny_random_qwen25vl_judges_on_cpu_and_keeps_raw_answers(qwen_dir):
     judge = J.build_judge("transformers", qwen_dir, device="cpu", max_new_tokens=6, max_pixels=56 * 56)
     assert isinstance(judge, J.TransformersJudge) and judge.name.startswith("transformers:tiny-qwen25vl-")
+    assert judge.device == "cpu" and judge.model.dtype == torch.float32  # dtype auto: float32 off a GPU
     images = [noise(i, (32 + 8 * i, 40)) for i in range(4)]  # different sizes: padded batch, left padding
     captions = ["a red circle", "two blue squares left of a star", "a green cross", "three yellow triangles"]
     with torch.random.fork_rng(devices=[]):
@@ -258,3 +260,42 @@ def test_vllm_real_engine_on_tiny_qwen(qwen_dir):
     out = J.judge_batch(judge, [noise(0), noise(1)], ["a red circle", "a star"], [None, None], 0.8)
     assert len(out) == 2 and all(isinstance(o.answer, str) for o in out)
     assert all(o.detail == o.answer for o in out if o.reason == "judge_unparseable")
+
+
+# --------------------------------------------------------------------------------------------- the judge stage
+
+
+class RefusingJudge:
+    """A judge that refuses (ValueError) any batch holding an image wider than 64 px, and scores by caption."""
+
+    name = backend = "stub"
+
+    def answers(self, images, captions, metadata):
+        if any(im.width > 64 for im in images):
+            raise ValueError(f"aspect ratio too extreme: {max(im.width for im in images)} px wide")
+        return ["Score: 9" if "circle" in c else "Score: 2" for c in captions]
+
+
+def test_judge_stage_batch_rows_kept_or_not_and_refused_images(tmp_path):
+    from pipeline.dpo_pairs import PairsConfig
+    from pipeline.judge_stage import JudgeStage, Raw, Sample
+    from pipeline.schema import JUDGEMENT_SCHEMA
+
+    stage = JudgeStage(PairsConfig(output=str(tmp_path), judge_backend="shapes"))
+    stage.judge = RefusingJudge()
+    items = [
+        Sample(Raw(f"r{i}", f"src{i}", caption, b"bytes%d" % i, {}), 6.5, None, noise(i, (w, 40)))
+        for i, (caption, w) in enumerate([("a red circle", 40), ("a star", 40), ("a blue circle", 200)])
+    ]
+    out = stage.process(items)
+    assert out.rows.schema.equals(JUDGEMENT_SCHEMA)
+    rows = out.rows.to_pylist()
+    assert [(r["id"], r["kept"], r["reason"], r["judge_answer"]) for r in rows] == [
+        ("r0", True, "", "Score: 9"),
+        ("r1", False, "judge_rejected", "Score: 2"),
+    ]
+    assert rows[0]["image"] == b"bytes0" and rows[0]["aesthetic"] == 6.5 and rows[0]["judge"] == "stub"
+    assert rows[1]["judge_score"] == pytest.approx(0.2) and "Score: 2" in rows[1]["detail"]
+    (refused,) = out.rejects  # the batch was retried one by one: only the refused image is lost
+    assert (refused.id, refused.source, refused.reason) == ("r2", "src2", "judge_error")
+    assert "aspect ratio too extreme: 200 px wide" in refused.detail
