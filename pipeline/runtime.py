@@ -1,16 +1,13 @@
-"""Where the pipeline meets Ray: starting it and mapping a stage's callable class over work items.
+"""Where the pipeline meets Ray: starting it, sizing workers, checking shared storage, mapping plain tasks.
 
-This is the only Ray-aware module. A stage is a class whose constructor loads its models once per worker and
-whose `__call__(batch)` maps a column batch (a dict of equal-length arrays) to another. `map_stage` runs it
-either in this process (`workers=0`: no Ray at all, for debugging and baselines) or on an actor pool of
-`workers` Ray actors, each with `gpus_per_worker` GPUs, on a local Ray instance or a cluster (`address`).
+With `pipeline/runner.py` (the Ray Data job of a stage) the only Ray-aware module; Ray is imported inside the
+functions, so `--workers 0` never imports it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -184,90 +181,3 @@ def map_tasks(
             pending.append(remote.remote(*queue.pop()))
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
-
-
-def map_stage(
-    stage_cls: type,
-    items: Sequence[dict[str, Any]],
-    *,
-    constructor_kwargs: dict[str, Any],
-    workers: int = 1,
-    gpus_per_worker: float | None = None,
-    batch_size: int = 1,
-    address: str | None = None,
-    quiet: bool = True,
-) -> Iterator[dict[str, Any]]:
-    """Map `stage_cls(**constructor_kwargs)` over `items` in batches; yield output rows as batches finish.
-
-    `workers=0` runs one instance in this process, in order. Otherwise Ray runs an actor pool of `workers`
-    actors (one model load each); rows come back in completion order, not item order.
-    """
-    if workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {workers}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not items:
-        return
-    if workers == 0:
-        yield from _map_in_process(stage_cls, items, constructor_kwargs, batch_size)
-    else:
-        yield from _map_ray(stage_cls, items, constructor_kwargs, workers, gpus_per_worker, batch_size, address, quiet)
-
-
-def _map_in_process(
-    stage_cls: type, items: Sequence[dict[str, Any]], kwargs: dict[str, Any], batch_size: int
-) -> Iterator[dict[str, Any]]:
-    """The plain loop: one stage instance, batches in order, no Ray."""
-    stage = stage_cls(**kwargs)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        out = stage({key: [item[key] for item in chunk] for key in chunk[0]})
-        yield from _rows(out)
-
-
-def _map_ray(
-    stage_cls: type,
-    items: Sequence[dict[str, Any]],
-    kwargs: dict[str, Any],
-    workers: int,
-    gpus_per_worker: float | None,
-    batch_size: int,
-    address: str | None,
-    quiet: bool,
-) -> Iterator[dict[str, Any]]:
-    """Ray Data: items -> one block per batch -> map_batches on an actor pool -> streamed rows."""
-    import ray.data
-
-    init_ray(address, quiet=quiet)
-    _quiet_data(quiet)
-    gpus = resolve_gpus_per_worker(gpus_per_worker, workers)
-    cpus, _ = _cluster_resources()
-    # Each actor gets an equal share of the CPUs (Ray sets its OMP/torch thread count from it); never below one.
-    cpus_per_worker = max(1.0, float(int(cpus // workers)))
-    n_blocks = -(-len(items) // batch_size)
-    ds = ray.data.from_items(list(items), override_num_blocks=n_blocks)
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates passing actor options as extra kwargs but offers no named one for max_restarts.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(
-            stage_cls,
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-            num_gpus=gpus,
-            num_cpus=cpus_per_worker,
-            batch_size=batch_size,
-            batch_format="numpy",
-            fn_constructor_kwargs=kwargs,
-            # A dead actor fails the job instead of restarting: every finished shard is already on disk and a
-            # rerun resumes from there (restarting would also log a warning per actor on the console).
-            max_restarts=0,
-        )
-    for row in ds.iter_rows():
-        yield dict(row)
-
-
-def _rows(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Split a column batch into row dicts."""
-    keys = list(batch)
-    n = len(batch[keys[0]]) if keys else 0
-    for i in range(n):
-        yield {k: batch[k][i] for k in keys}

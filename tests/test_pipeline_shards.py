@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import write_tar
 
-from pipeline import runtime, shards
+from pipeline import shards
 from pipeline.images import RejectError
 from pipeline.schema import (
     LATENT_SCHEMA,
@@ -251,28 +251,3 @@ def test_parse_caption_fields():
 
 
 # ------------------------------------------------------------------------------------------------ runtime.py
-
-
-class _Double:
-    """A stage for the runtime tests: counts its constructions."""
-
-    built = 0
-
-    def __init__(self, k: int) -> None:
-        type(self).built += 1
-        self.k = k
-
-    def __call__(self, batch):
-        return {"x": list(batch["x"]), "y": [v * self.k for v in batch["x"]]}
-
-
-def test_map_stage_in_process():
-    _Double.built = 0
-    rows = list(
-        runtime.map_stage(_Double, [{"x": i} for i in range(5)], constructor_kwargs={"k": 3}, workers=0, batch_size=2)
-    )
-    assert [(r["x"], r["y"]) for r in rows] == [(i, 3 * i) for i in range(5)]
-    assert _Double.built == 1  # one model load for the whole run
-    assert list(runtime.map_stage(_Double, [], constructor_kwargs={"k": 3}, workers=0)) == []
-    with pytest.raises(ValueError, match="workers"):
-        list(runtime.map_stage(_Double, [{"x": 1}], constructor_kwargs={"k": 1}, workers=-1))
