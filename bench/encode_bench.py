@@ -106,26 +106,24 @@ def warm_up(args) -> None:
 
 
 def pipeline_run(tars: list[Path], out: Path, workers: int, args) -> dict[str, float]:
-    """`run_encode_latents` end to end, with the time each shard lands."""
-    landed: list[tuple[float, int]] = []
+    """`run_encode_latents` end to end; "steady" rows/s from the shards' own compute time (receipts)."""
     cfg = EncodeConfig(
         [str(t) for t in tars], str(out), vae=args.vae, text_encoder=args.text_encoder, resolution=args.resolution,
         batch_size=args.batch_size, shard_size=args.shard_size, workers=workers, overwrite=True, device="cpu",
+        progress=False,
     )  # fmt: skip
     t0 = time.perf_counter()
-    report = run_encode_latents(cfg, on_shard=lambda r: landed.append((time.perf_counter() - t0, r.rows)))
+    report = run_encode_latents(cfg)
     seconds = time.perf_counter() - t0
-    landed.sort()
-    k = max(workers, 1)  # the first shard of each worker carries its start-up
-    steady = sum(r for _, r in landed[k:]) / (landed[-1][0] - landed[k - 1][0]) if len(landed) > k else float("nan")
-    bytes_total = sum((out / shards.shard_name(i)).stat().st_size for i in range(report["shards"]))
+    manifest = json.loads((out / "manifest.json").read_text())
+    receipts = [json.loads((out / f"part-{s['index']:05d}.done.json").read_text()) for s in manifest["shards"]]
+    busy = sum(r["seconds"] for r in receipts) / max(workers, 1)
     return {
         "rows": report["written"],
         "seconds": seconds,
         "rows_per_s": report["written"] / seconds,
-        "steady_rows_per_s": steady,
-        "first_shard_s": landed[0][0],
-        "bytes_per_row": bytes_total / report["written"],
+        "steady_rows_per_s": report["written"] / busy,
+        "bytes_per_row": sum(s["bytes"] for s in manifest["shards"]) / report["written"],
     }
 
 
@@ -214,7 +212,7 @@ def main() -> None:
     p.add_argument("--vae", default="pixel")
     p.add_argument("--text-encoder", default="minilm")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=250)
+    p.add_argument("--shard-size", type=int, default=250, help="images per input tar (= per output shard)")
     p.add_argument("--workers", default="0,1,2", help="comma-separated --workers values for the pipeline runs")
     p.add_argument("--repeat", type=int, default=2, help="rounds; the best round of each contender is kept")
     p.add_argument("--seed", type=int, default=0)
@@ -223,7 +221,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         (root / "in").mkdir()
-        tars = make_inputs(root / "in", args.n, args.render_res, 1000, args.seed)
+        tars = make_inputs(root / "in", args.n, args.render_res, args.shard_size, args.seed)
         warm_up(args)
         results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "load_avg_start": os.getloadavg()}
         contenders = {"plain": lambda: plain_loop(tars, args)}
