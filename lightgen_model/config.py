@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ class SamplingDefaults:
 
 def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
     """Raise ValueError naming the first bad sampling setting."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps (num_inference_steps) must be an integer >= 1, got {steps!r}")
     if cfg < 0:
         raise ValueError(f"cfg (guidance_scale) must be >= 0, got {cfg}")
@@ -48,7 +49,8 @@ def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float
 
 @dataclass
 class ModelConfig:
-    """Everything that defines a LightGen network; serialised as ``config.json`` beside the weights."""
+    """Everything that defines a LightGen network, and the generation defaults recorded with it; serialised as
+    ``config.json`` beside the weights."""
 
     # image tokens: latents (C, H/stride, W/stride) are cut into patch x patch tokens of C*patch^2 dims
     latent_channels: int = 16

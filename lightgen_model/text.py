@@ -61,7 +61,7 @@ def pad_text(
 
 
 def _zero_pad(rows: Sequence[np.ndarray | Tensor], captions: Sequence[str] | None) -> tuple[Tensor, Tensor]:
-    states = [torch.as_tensor(np.asarray(r) if not isinstance(r, Tensor) else r).float() for r in rows]
+    states = [r.float() if isinstance(r, Tensor) else torch.from_numpy(np.array(r, dtype=np.float32)) for r in rows]
     if not states:
         raise ValueError("no text rows to pad")
     lengths = [s.shape[0] for s in states]

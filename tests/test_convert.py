@@ -178,3 +178,26 @@ def test_reference_head_step_specs_are_accepted(tmp_path: Path, spec, option, re
     assert tmap == (timesteps or space_timesteps(1000, 100))
     res = _convert(ckpt, tmp_path / "bad", "--heads", "4", "--head-steps", "ddim37")
     assert res.exit_code == 2 and "no integer stride gives exactly 37" in res.output, res.output
+
+
+def test_converted_model_samples_with_the_reference_settings_by_default(tmp_path: Path) -> None:
+    """`lightgen generate` and LightGenPipeline use the recorded constant cfg 4.0 unless told otherwise."""
+    from lightgen.api import LightGenPipeline
+
+    src, ema = _source()
+    assert _convert(_checkpoint(tmp_path / "c.pth", src.state_dict(), ema, _args()), tmp_path / "m", "--heads",
+                    "4").exit_code == 0  # fmt: skip
+    pipe = LightGenPipeline.from_pretrained(tmp_path / "m", vae="pixel", text_encoder="minilm", device="cpu")
+    st = pipe.sampling_settings()
+    assert (st.steps, st.cfg, st.cfg_schedule, st.temperature) == (64, 4.0, "constant", 1.0)
+    assert pipe.sampling_settings(guidance_schedule="linear").cfg_schedule == "linear"
+    base = ["generate", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "--vae", "pixel",
+            "--text-encoder", "minilm", "--device", "cpu", "--steps", "2"]  # fmt: skip
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]
+    assert (settings["cfg"], settings["cfg_schedule"], settings["temperature"]) == (4.0, "constant", 1.0)
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "o"), "--cfg-schedule", "linear", "--cfg", "2"])
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "o" / "generation.json").read_text())["settings"]
+    assert (settings["cfg"], settings["cfg_schedule"]) == (2.0, "linear")

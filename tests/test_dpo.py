@@ -131,3 +131,31 @@ def test_offloaded_bf16_reference(setup):
     # a bf16 copy of the policy: close to, not exactly, log 2 (at beta 5000 its rounding alone moves the loss a lot)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_reference_padded_model_dpo_starts_at_log2(tmp_path, capsys):
+    """A text_key_mask=False (converted-reference) model: pairs' text is re-encoded and padded to max_text_len as
+    the reference did (data.text_encoder), and the frozen reference equals the policy at the start."""
+    from tiny_models import make_tiny_bert
+
+    from lightgen_model.encoders import HFTextEncoder
+
+    bert = make_tiny_bert(tmp_path / "bert")
+    enc = HFTextEncoder(bert)
+    captions = ["a red circle", "two blue squares", "a green cross above a star"] * 4
+    rng = np.random.default_rng(0)
+    win, lose = (rng.uniform(-1, 1, (12, 3, 32, 32)).astype(np.float32) for _ in range(2))
+    lv = np.full_like(win, PIXEL_LOGVAR)
+    pairs = write_pair_shards(tmp_path / "pairs", np.concatenate([win, lv], 1), np.concatenate([lose, lv], 1),
+                              enc(captions), captions, text_encoder=enc.name)  # fmt: skip
+    torch.manual_seed(0)
+    cfg = preset("debug", text_dim=32, max_text_len=16, text_key_mask=False, buffer_size=0, text_encoder=enc.name)
+    save_pretrained(LightGen(cfg), tmp_path / "init")
+    dpo.main([
+        "--config", str(ROOT / "conf/dpo_shapes.yaml"), f"model.init_from={tmp_path / 'init'}", f"dpo.pairs=[{pairs}]",
+        f"train.out_dir={tmp_path / 'run'}", f"data.text_encoder={bert}", "log.sample_count=0", "log.progress=false",
+        "log.tensorboard=false", "data.batch_size=4", "train.max_steps=2", "train.budget_minutes=null",
+    ])  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and len(rows) == 2
+    assert f"text: padded to 16 tokens with {enc.name}'s own states" in capsys.readouterr().out

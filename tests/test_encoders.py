@@ -193,6 +193,24 @@ def test_t5_truncation_and_chunking(t5_dir: Path) -> None:
         assert_fp16_close(a, b)
 
 
+def test_t5_states_padded_as_the_reference(t5_dir: Path) -> None:
+    """encode_padded: T5 run on captions padded to max_length, as the reference's T5_Embedding; real positions are
+    the unpadded states, padded positions the encoder's own (caption-dependent) states; batching does not matter."""
+    enc = HFTextEncoder(t5_dir, max_len=16, batch_size=2)
+    states, mask = enc.encode_padded(CAPTIONS, 16)
+    assert states.shape == (len(CAPTIONS), 16, 32) and states.dtype == torch.float32 and mask.dtype == torch.bool
+    rows = enc(CAPTIONS)
+    assert mask.sum(1).tolist() == [r.shape[0] for r in rows]
+    for i, r in enumerate(rows):
+        assert mask[i, : r.shape[0]].all() and not mask[i, r.shape[0] :].any()  # right padding
+        assert_fp16_close(states[i, : r.shape[0]].numpy().astype(np.float16), r)
+        assert states[i, r.shape[0] :].abs().sum() > 0
+    alone = HFTextEncoder(t5_dir, max_len=16).encode_padded(CAPTIONS[:1], 16)[0]
+    torch.testing.assert_close(alone[0], states[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="at most 16 tokens, asked for 17"):
+        enc.encode_padded(CAPTIONS, 17)
+
+
 def test_t5_encoder_from_full_encoder_decoder_checkpoint(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 

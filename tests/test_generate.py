@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from lightgen.api import LightGenPipeline, to_pil
 from lightgen.cli import app
 from lightgen.geneval import group_seed
-from lightgen_model import LightGen, preset, save_pretrained
+from lightgen_model import LightGen, SamplingDefaults, preset, save_pretrained
 
 runner = CliRunner()
 GENEVAL_CANDIDATES = [  # GenEval's file lives beside the repository (../shared), or at /work/shared
@@ -188,6 +188,50 @@ def test_text_padding_is_masked_or_reference_padded(pipe: LightGenPipeline, tmp_
     rtext, rmask = rpipe.encode_prompt(["a cross"])
     assert rtext.shape[1] == 32 and int(rmask.sum()) == 4  # padded to max_text_len with the encoder's own states
     assert torch.allclose(rtext[0, :4], text[1, :4], atol=5e-3) and rtext[0, 4:].abs().sum() > 0
+
+
+def test_recorded_sampling_defaults_are_used_unless_overridden(
+    tmp_path: Path, bert_dir: Path, geneval_meta: Path
+) -> None:
+    """config.json's `sampling` drives the API, `generate` and `geneval`; any setting can still be given; a
+    config.json without it (older checkpoints) keeps the library defaults."""
+    rec = {"steps": 3, "cfg": 2.5, "cfg_schedule": "constant", "temperature": 0.7}
+    model = _save_model(tmp_path / "m", text_dim=32, text_encoder=str(bert_dir), sampling=rec)
+    pipe = LightGenPipeline.from_pretrained(model, device="cpu")
+    assert pipe.sampling_settings() == SamplingDefaults(**rec)
+    a = pipe("a red circle", generator=_gen(0))
+    explicit = pipe("a red circle", num_inference_steps=3, guidance_scale=2.5, guidance_schedule="constant",
+                    temperature=0.7, generator=_gen(0))  # fmt: skip
+    assert torch.equal(a.latents, explicit.latents)
+    assert not torch.equal(a.latents, pipe("a red circle", guidance_schedule="linear", generator=_gen(0)).latents)
+    res = _invoke("generate", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "g", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]
+    assert {k: settings[k] for k in rec} == rec and settings["head_steps"] == 20
+    assert np.array_equal(_arr(tmp_path / "g" / "00000.png"), _arr(a.images[0]))
+    res = _invoke("generate", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "o", "--device", "cpu",
+                  "--steps", 2, "--cfg-schedule", "linear-reference", "--head-steps", "ddim10")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "o" / "generation.json").read_text())["settings"]
+    assert (settings["steps"], settings["cfg"], settings["cfg_schedule"], settings["head_steps"]) == (
+        2, 2.5, "linear-reference", "ddim10",
+    )  # fmt: skip
+    res = _invoke("geneval", "--model", model, "--metadata", geneval_meta, "--out", tmp_path / "ge", "--limit", 1,
+                  "--samples", 1, "--device", "cpu")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ge = json.loads((tmp_path / "ge" / "geneval_settings.json").read_text())
+    assert {k: ge[k] for k in rec} == rec
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["sampling"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    (old / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    assert LightGenPipeline.from_pretrained(old, device="cpu").sampling_settings() == SamplingDefaults(
+        steps=64, cfg=4.0, cfg_schedule="linear", temperature=1.0
+    )
+    res = _invoke("generate", "--model", model, "--prompt", "a", "--out", tmp_path / "x", "--head-steps", "ddim37")
+    assert res.exit_code == 2 and "no integer stride gives exactly 37" in res.output, res.output
 
 
 # ------------------------------------------------------------------------------------------------- inpaint

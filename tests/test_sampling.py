@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from conftest import make_text
 
-from lightgen_model import LightGen, from_pretrained, generate, inpaint, masked_generation, save_pretrained
-from lightgen_model.diffusion import Schedule, cosine_betas
+from lightgen_model import (
+    LightGen,
+    from_pretrained,
+    generate,
+    inpaint,
+    load_config,
+    masked_generation,
+    preset,
+    save_pretrained,
+)
+from lightgen_model.diffusion import Schedule, cosine_betas, space_timesteps
 from lightgen_model.sampling import pixel_mask_to_tokens, reveal_counts
 
 
@@ -101,6 +112,96 @@ def test_pixel_mask_to_tokens() -> None:
     assert tok.shape == (1, 8, 8) and tok[0, 1:3, 0].all() and tok.sum() == 2
     with pytest.raises(ValueError, match="30x32"):
         pixel_mask_to_tokens(torch.zeros(1, 30, 32), 4)
+
+
+def cumulative_stride(T: int, counts: list[int]) -> list[int]:
+    """The reference's respacing rule (improved DDPM's space_timesteps), written out: [0, T) is cut into
+    len(counts) sections (the first T % len(counts) one step longer); in a section of `size` steps the position
+    advances by (size - 1) / (n - 1) per step as a running float sum and is rounded (1 for a one-step section)."""
+    out, start = [], 0
+    for i, n in enumerate(counts):
+        size = T // len(counts) + (i < T % len(counts))
+        pos, stride = 0.0, (size - 1) / (n - 1) if n > 1 else 1
+        for _ in range(n):
+            out.append(start + round(pos))
+            pos += stride
+        start += size
+    return sorted(set(out))
+
+
+def test_respacing_matches_the_reference_for_every_step_count() -> None:
+    """Issue 14: every count 1..1000 picks the reference's timesteps (21 used to differ: 499, not 500)."""
+    for n in range(1, 1001):
+        want = cumulative_stride(1000, [n])
+        assert space_timesteps(1000, n) == want, n
+        assert space_timesteps(1000, str(n)) == want, n
+    assert 499 in space_timesteps(1000, 21) and 500 not in space_timesteps(1000, 21)
+    assert space_timesteps(1000, 1) == [0]
+    for spec in ("10,15,20", "3,1,7,2", "1,1", "250,250,250,250"):
+        want = cumulative_stride(1000, [int(c) for c in spec.split(",")])
+        assert space_timesteps(1000, spec) == want, spec
+    for n in range(1, 1001):  # "ddimN": the first integer stride giving exactly N steps, else an error
+        stride = next((k for k in range(1, 1000) if len(range(0, 1000, k)) == n), None)
+        if stride is None:
+            with pytest.raises(ValueError, match=f"exactly {n} of 1000"):
+                space_timesteps(1000, f"ddim{n}")
+        else:
+            assert space_timesteps(1000, f"ddim{n}") == list(range(0, 1000, stride)), n
+    for bad in ("ddimx", "10,,2", "0", "600,600", "abc"):
+        with pytest.raises(ValueError, match="head steps"):
+            space_timesteps(1000, bad)
+    tmap = Schedule.respaced(cosine_betas(1000), "ddim25").timestep_map
+    assert tmap.tolist() == list(range(0, 1000, 40))
+
+
+def test_head_step_specs_in_the_config_and_one_head_step(debug_model: LightGen, tmp_path) -> None:
+    """A one-step head samples (it used to fail with an index error); specs survive save/load."""
+    model = LightGen(debug_model.cfg.replace(num_sampling_steps=1))
+    model.load_state_dict(debug_model.state_dict())
+    assert model.diffloss.sample_schedule.timestep_map.tolist() == [0]
+    out = _gen(model, 0, cfg=2.0, num_iter=3)
+    assert torch.isfinite(out).all()
+    save_pretrained(LightGen(debug_model.cfg.replace(num_sampling_steps="5,5")), tmp_path / "m")
+    assert load_config(tmp_path / "m").num_sampling_steps == "5,5"
+    assert from_pretrained(tmp_path / "m").diffloss.sample_schedule.num_steps == 10
+    assert from_pretrained(tmp_path / "m", head_steps="ddim20").diffloss.sample_schedule.num_steps == 20
+    with pytest.raises(ValueError, match="num_sampling_steps: head steps 'ddim37'"):
+        preset("debug", num_sampling_steps="ddim37")
+
+
+def reference_cfg_per_step(L: int, num_iter: int, cfg: float) -> list[float]:
+    """The reference's linear schedule: its mask length for the next round is floor(L cos(pi/2 (k+1)/K)),
+    clamped to [1, remaining - 1] at every step (the last too), and the scale is 1 + (cfg - 1)(L - mask_len)/L."""
+    out, remaining = [], L
+    for step in range(num_iter):
+        mask_len = max(1, min(remaining - 1, math.floor(L * math.cos(math.pi / 2 * (step + 1) / num_iter))))
+        out.append(1 + (cfg - 1) * (L - mask_len) / L)
+        remaining = mask_len
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["linear", "linear-reference", "constant"])
+def test_cfg_schedules_per_step(debug_model: LightGen, monkeypatch, schedule: str) -> None:
+    """'linear-reference' is the reference's linear schedule step for step, its last step 1 + (cfg-1)(L-1)/L;
+    'linear' differs only there (it reaches cfg); 'constant' is cfg throughout (the reference's scripts)."""
+    model, seen = debug_model.eval(), []
+    real = model.diffloss.sample
+
+    def record(z, z_u, scale, *args, **kw):
+        seen.append(sorted(set(scale.tolist())))
+        return real(z, z_u, scale, *args, **kw)
+
+    monkeypatch.setattr(model.diffloss, "sample", record)
+    _gen(model, 0, cfg=3.0, cfg_schedule=schedule, num_iter=8)  # 8x8 = 64 tokens, every step predicts some
+    want = reference_cfg_per_step(64, 8, 3.0)
+    if schedule == "linear":
+        want[-1] = 3.0
+    elif schedule == "constant":
+        want = [3.0] * 8
+    assert len(seen) == 8 and all(len(s) == 1 for s in seen)
+    assert [s[0] for s in seen] == pytest.approx(want, rel=1e-6)
+    if schedule == "linear-reference":
+        assert seen[-1][0] == pytest.approx(1 + 2.0 * 63 / 64)
 
 
 def test_schedule_respacing() -> None:

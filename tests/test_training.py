@@ -283,3 +283,112 @@ def test_sample_grid_and_tensorboard(tmp_path, shards):
     captions = json.loads((out / "samples/step-00000002.json").read_text())["captions"]
     assert captions == [f"caption {i}" for i in range(5)]  # the fixed prompts: the first captions of the data
     assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------------- reference fidelity (issue 14)
+
+CAPTIONS = ["a red circle", "two blue squares left of a green cross", "a star", "three yellow triangles",
+            "a photo of a pink star above a gray square", "an orange cross", "two circles", "a white square"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bert_shards(tmp_path_factory):
+    """Shards whose text a tiny BERT encoded, and two debug models naming that encoder: one reference-shaped
+    (text_key_mask=False, attends to padding), one key-masked."""
+    from tiny_models import make_tiny_bert
+
+    from lightgen_model import LightGen, preset, save_pretrained
+    from lightgen_model.encoders import HFTextEncoder
+
+    root = tmp_path_factory.mktemp("bert")
+    bert = make_tiny_bert(root / "bert")
+    enc = HFTextEncoder(bert)
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(-1, 1, (len(CAPTIONS), 3, 32, 32)).astype(np.float32)
+    moments = np.concatenate([mean, np.full_like(mean, PIXEL_LOGVAR)], 1)
+    d = write_latent_shards(root / "shards", moments, enc(CAPTIONS), CAPTIONS, text_encoder=enc.name)
+    models = {}
+    for key_mask in (False, True):
+        torch.manual_seed(0)
+        cfg = preset(
+            "debug", text_dim=32, max_text_len=16, text_key_mask=key_mask, buffer_size=0, text_encoder=enc.name
+        )
+        models[key_mask] = save_pretrained(LightGen(cfg), root / f"model-{key_mask}")
+    return bert, d, models
+
+
+def _bound_trainer(model: Path, shards: Path, bert: Path):
+    """A pretraining trainer for `model` with its text padding bound as `_run` binds it."""
+    from training import dist as D
+
+    cfg = load_config(
+        ROOT / "conf/debug.yaml", [f"model.init_from={model}", f"data.shards=[{shards}]", f"data.text_encoder={bert}"]
+    )
+    trainer = pretrain.PretrainTrainer(cfg)
+    mcfg = trainer.model_config(None)
+    shard_set = trainer.shard_set(mcfg)
+    trainer.text_pad = trainer.text_padding(mcfg, shard_set, D.DistInfo())
+    return trainer, shard_set
+
+
+@pytest.mark.parametrize("key_mask", [False, True])
+def test_training_pads_text_as_generation_does(bert_shards, key_mask):
+    """The same caption gives the same padded text in a training batch and in LightGenPipeline.encode_prompt;
+    for a text_key_mask=False model that is the reference's: max_text_len tokens, the encoder's own padding states."""
+    from lightgen.api import LightGenPipeline
+    from lightgen_model import pad_text
+
+    bert, d, models = bert_shards
+    trainer, shard_set = _bound_trainer(models[key_mask], d, bert)
+    refs = np.array(shard_set.first_rows(len(CAPTIONS)))
+    batch = trainer.collate()(shard_set, refs, torch.Generator().manual_seed(0))
+    pipe = LightGenPipeline.from_pretrained(models[key_mask], vae="pixel", text_encoder=str(bert), device="cpu")
+    text, mask = pipe.encode_prompt(batch["captions"])
+    assert batch["captions"] == CAPTIONS
+    assert torch.equal(batch["text"], text) and torch.equal(batch["text_mask"], mask)
+    lengths = [2 + len(c.split()) for c in CAPTIONS]  # [CLS] words [SEP]
+    assert mask.sum(1).tolist() == lengths
+    zero, _ = pad_text([shard_set.decoded(0).text_row(i) for i in range(len(CAPTIONS))])  # the old trainer's
+    if key_mask:
+        assert text.shape[1] == max(lengths) and torch.equal(text, zero)
+    else:
+        assert text.shape[1] == 16  # max_text_len
+        pads = text[0, lengths[0] :]
+        assert pads.abs().min() > 0 and not torch.allclose(pads[0], pads[1])  # the encoder's states, not zeros
+        torch.testing.assert_close(text[:, : zero.shape[1]][mask[:, : zero.shape[1]]], zero[zero.abs().sum(-1) > 0],
+                                   atol=5e-3, rtol=0)  # fmt: skip  # real tokens: the shards' fp16 states
+
+
+def test_reference_padded_model_trains_and_checks_its_encoder(tmp_path, bert_shards):
+    bert, d, models = bert_shards
+    summary = train(tmp_path / "run", d, f"model.init_from={models[False]}", f"data.text_encoder={bert}",
+                    "train.max_steps=2", "optim.weight_decay_groups=reference")  # fmt: skip
+    assert summary["step"] == 2 and all(np.isfinite(losses(tmp_path / "run")))
+    with pytest.raises(SystemExit, match="is not the one the shards were encoded with"):
+        train(tmp_path / "x", d, f"model.init_from={models[False]}", "data.text_encoder=minilm", "train.max_steps=1")
+    with pytest.raises(SystemExit, match="set data.text_encoder=DIR"):
+        train(tmp_path / "y", d, f"model.init_from={models[False]}", "train.max_steps=1")
+
+
+def test_weight_decay_groups_default_and_reference():
+    """'reference' is the reference's add_weight_decay (no decay on 1-D, biases, the head only: the 3-D tables,
+    mask token and null text are decayed); 'default' also spares those."""
+    from lightgen_model import LightGen, preset
+    from training.config import OptimSection
+    from training.optim import build_optimizer, param_groups
+
+    model = LightGen(preset("debug", buffer_size=0))
+    name = {id(p): n for n, p in model.named_parameters()}
+    names = lambda group: {name[id(p)] for p in group["params"]}  # noqa: E731
+    ref_decay, ref_none = param_groups(model, 0.02, "reference")
+    spared = {n for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias") or "diffloss" in n}
+    assert names(ref_none) == spared and ref_decay["weight_decay"] == 0.02 and ref_none["weight_decay"] == 0.0
+    tables = {"encoder_pos_embed_learned", "decoder_pos_embed_learned", "last_pos_embed_learned", "mask_token",
+              "fake_latent"}  # fmt: skip
+    decay, none = param_groups(model, 0.02)
+    assert tables <= names(ref_decay) and tables <= names(none)
+    assert names(decay) == names(ref_decay) - tables
+    opt = build_optimizer(model, OptimSection(weight_decay_groups="reference"), 1e-3, torch.device("cpu"))
+    assert [len(g["params"]) for g in opt.param_groups] == [len(ref_decay["params"]), len(ref_none["params"])]
+    with pytest.raises(ValueError, match="optim.weight_decay_groups"):
+        load_config(None, ["optim.weight_decay_groups=timm"])

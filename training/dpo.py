@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightgen_model import LightGen, ModelConfig, pad_text
+from lightgen_model.encoders import resolve_dtype
 from training import dist as D
 from training.data import Collate, ShardSet, TextPad, sample_posterior, text_of
 from training.pretrain import main as _main
@@ -103,7 +104,7 @@ class DPOTrainer(Trainer):
         start, _ = self.initial_weights()
         ref.load_state_dict(start, strict=True)
         dev = info.device if self.cfg.dpo.reference_device == "same" else torch.device("cpu")
-        dtype = torch.bfloat16 if self.cfg.dpo.reference_dtype == "bfloat16" else torch.float32
+        dtype = resolve_dtype(self.cfg.dpo.reference_dtype, str(dev))
         self.reference = ref.to(device=dev, dtype=dtype).eval().requires_grad_(False)
 
     def _draws(self, net: LightGen, B: int, grid: tuple[int, int], device: torch.device):
