@@ -8,6 +8,7 @@ checks and digests the settings that determine its own rows (`check_judge_option
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -19,6 +20,8 @@ from pipeline import shards
 from pipeline.judge import BACKENDS, PROMPT_VERSION, judge_name
 from pipeline.options import StageConfig, opt
 from pipeline.schema import JUDGEMENT_SCHEMA_VERSION
+
+MODEL_DEFAULT = "the --model's recorded sampling settings (config.json), else 64, 4.0, linear, 1.0"
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -62,10 +65,10 @@ class PairsConfig(StageConfig):
         None, "Side of winner crops and loser images, in pixels.", show="the --model's base_resolution"
     )
     max_text_len: int | None = opt(None, "Text tokens kept per caption.", show="the --model's max_text_len")
-    steps: int = opt(64, "Loser sampling iterations (masked-generation steps).")
-    cfg: float = opt(4.0, "Loser classifier-free guidance scale.")
-    cfg_schedule: str = opt("linear", "Guidance schedule: linear, constant.")
-    temperature: float = opt(1.0, "Loser sampling temperature.")
+    steps: int | None = opt(None, "Loser sampling iterations (masked-generation steps).", show=MODEL_DEFAULT)
+    cfg: float | None = opt(None, "Loser classifier-free guidance scale.", show=MODEL_DEFAULT)
+    cfg_schedule: str | None = opt(None, "Guidance schedule: linear, linear-reference, constant.", show=MODEL_DEFAULT)
+    temperature: float | None = opt(None, "Loser sampling temperature.", show=MODEL_DEFAULT)
     use_ema: bool = opt(True, "Draw losers with the EMA weights when the checkpoint has them.")
     batch_size: int = opt(8, "Images per judge / encoder / generation call.")
     device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
@@ -165,7 +168,7 @@ def _vae_geometry(spec: str) -> tuple[int, int]:
 
 
 def _check_sampling(cfg: PairsConfig) -> None:
-    """Range checks of the loser sampling options."""
+    """Range checks of the loser sampling options (`cfg` with the model's defaults filled in)."""
     from lightgen_model.sampling import CFG_SCHEDULES
 
     if cfg.steps < 1:
@@ -208,11 +211,14 @@ def resolve(cfg: PairsConfig) -> Resolved:
     from lightgen_model.encoders import image_tokenizer_name, text_encoder_name
     from lightgen_model.hub import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, load_config
 
-    _check_sampling(cfg)
     model_dir = Path(cfg.model)
     if not cfg.model or not (model_dir / CONFIG_NAME).is_file():
         raise ValueError(f"--model {cfg.model!r} is not a LightGen checkpoint directory (no {CONFIG_NAME})")
     mcfg = load_config(model_dir)
+    recorded = dataclasses.asdict(mcfg.sampling_defaults())
+    given = {k: getattr(cfg, k) for k in recorded}
+    cfg = dataclasses.replace(cfg, **{k: recorded[k] if v is None else v for k, v in given.items()})
+    _check_sampling(cfg)
     weights = model_dir / (EMA_NAME if cfg.use_ema and (model_dir / EMA_NAME).is_file() else WEIGHTS_NAME)
     if not weights.is_file():
         raise ValueError(f"--model {cfg.model!r} has no {WEIGHTS_NAME}")

@@ -181,10 +181,10 @@ class PairsStage(Stage):
         image what `LightGenPipeline` gives it alone): (R, R, 3) uint8 each, None where the latents are not finite."""
         import torch
 
-        cfg = self.cfg
+        s = self.res.sampling  # the given settings, the model's recorded ones for the rest
         out = self.pipe(
-            captions, num_inference_steps=cfg.steps, guidance_scale=cfg.cfg, guidance_schedule=cfg.cfg_schedule,
-            temperature=cfg.temperature, resolution=self.res.resolution,
+            captions, num_inference_steps=s["steps"], guidance_scale=s["cfg"], guidance_schedule=s["cfg_schedule"],
+            temperature=s["temperature"], resolution=self.res.resolution,
             generator=[torch.Generator().manual_seed(s) for s in seeds],
         )  # fmt: skip
         ok = torch.isfinite(out.latents.float()).flatten(1).all(1)
