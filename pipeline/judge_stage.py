@@ -37,7 +37,7 @@ from pipeline.schema import (
     JUDGEMENT_SCHEMA_VERSION,
     PAIR_FORMAT,
 )
-from pipeline.sources import BlobReader, JsonlIndex, Record, parse_caption, unit_records
+from pipeline.sources import BlobReader, JsonlIndex, Record, check_caption, parse_caption, unit_records
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 
 JUDGEMENTS = "judgements"  # sub-folder of the pairs output holding the judge stage's output
@@ -116,8 +116,7 @@ def _parquet_raw(rid: str, source: str, row: dict[str, Any], columns: dict[str, 
         raise RejectError("missing_caption", f"column {columns['caption']!r} is null")
     if not isinstance(caption, str):
         raise RejectError("bad_caption", f"column {columns['caption']!r} holds {type(caption).__name__}")
-    if not caption.strip():
-        raise RejectError("empty_caption", "caption is empty or only whitespace")
+    caption = check_caption(caption)
     image = row.get(columns["image"])
     if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
         if image.get("bytes") is None and image.get("path"):
@@ -128,7 +127,7 @@ def _parquet_raw(rid: str, source: str, row: dict[str, Any], columns: dict[str, 
     if not isinstance(image, bytes | bytearray):
         raise RejectError("missing_image", f"column {columns['image']!r} holds {type(image).__name__}, not bytes")
     fields = {c: row.get(c) for key in ("aesthetic", "metadata") if (c := columns[key])}
-    return Raw(rid, source, caption.strip(), bytes(image), fields)
+    return Raw(rid, source, caption, bytes(image), fields)
 
 
 def parquet_rows(unit: WorkUnit, cfg: PairsConfig) -> Iterator[Raw | Reject]:

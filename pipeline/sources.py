@@ -28,6 +28,8 @@ from pipeline.stage import WorkUnit
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FOLDER_IMAGE_EXTS = (*IMAGE_EXTS, "bmp", "tif", "tiff")
 CAPTION_KEYS = ("caption", "prompt", "text")
+# The largest input member read into memory (an image file or caption): a tar header can declare any size.
+MAX_MEMBER_BYTES = 256 << 20
 JSONL_NAMES = ("captions.jsonl", "metadata.jsonl")
 FILE_KEYS = ("file_name", "file", "image")
 
@@ -216,7 +218,12 @@ class BlobReader:
     def read(self, blob: Blob) -> bytes:
         """The bytes of `blob`; `RejectError("truncated")` if the file ends before the range does."""
         if blob.size < 0:
+            size = Path(blob.path).stat().st_size
+            if size > MAX_MEMBER_BYTES:
+                raise RejectError("too_large", f"{blob.path}: {size} bytes > {MAX_MEMBER_BYTES}")
             return Path(blob.path).read_bytes()
+        if blob.size > MAX_MEMBER_BYTES:  # judged by the declared size, before anything is read
+            raise RejectError("too_large", f"{blob.path}: member declares {blob.size} bytes > {MAX_MEMBER_BYTES}")
         f = self._files.get(blob.path)
         if f is None:
             if len(self._files) >= 8:
@@ -256,7 +263,17 @@ def parse_caption(data: bytes, kind: str) -> str:
         if not isinstance(value, str):
             raise RejectError("missing_caption", f"caption JSON has no string field among {list(CAPTION_KEYS)}")
         text = value
+    return check_caption(text)
+
+
+def check_caption(text: str) -> str:
+    """`text` stripped; `RejectError` if it is empty or holds what UTF-8 cannot encode (a lone surrogate, which
+    JSON's `\\ud800` escapes produce and tokenizers fail on)."""
     caption = text.strip()
     if not caption:
         raise RejectError("empty_caption", "caption is empty or only whitespace")
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RejectError("bad_caption_encoding", f"caption cannot be encoded as UTF-8: {e.reason} at {e.start}") from e
     return caption

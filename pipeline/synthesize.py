@@ -31,7 +31,9 @@ from PIL import Image
 from pipeline import inputs, runner, shards
 from pipeline.caption_sources import CaptionRecord, read_captions
 from pipeline.captions import caption_id
+from pipeline.images import RejectError
 from pipeline.options import StageConfig, opt
+from pipeline.sources import check_caption
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 from pipeline.teachers import TEACHERS, build_teacher, is_blank
 
@@ -154,9 +156,14 @@ def _unit_records(unit: WorkUnit, field: str) -> Iterator[CaptionRecord | Reject
 def caption_item(r: CaptionRecord, seen: set[str], needs_metadata: bool) -> dict[str, Any] | Reject:
     """A caption record -> work item {id, key, caption, metadata, source}, or a `Reject` with its reason."""
     text = (r.caption or "").strip()
-    cid = r.id or (caption_id(text) if text else r.ref)
+    try:
+        check_caption(text)
+        bad = ""
+    except RejectError as e:
+        bad, text = e.reason, text.encode("utf-8", "backslashreplace").decode()
+    cid = r.id or (caption_id(text) if not bad else r.ref)
     key = sample_key(cid)
-    error = r.error or ("empty_caption" if not text else "")
+    error = r.error or bad
     error = error or ("duplicate_id" if key in seen else "")
     error = error or ("missing_metadata" if needs_metadata and not r.metadata else "")
     seen.add(key)

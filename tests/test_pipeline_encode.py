@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -187,6 +188,18 @@ def poisoned_inputs(root: Path) -> tuple[list[Path], dict[str, str], set[str]]:
         ("poison.png", png(15)), ("poison.json", cap("a poison star")),  # and this caption's text embedding
     ]  # fmt: skip
     tar = write_tar(root / "in.tar", members)
+    members = [("ok2.png", png(16)), ("ok2.json", cap("\ud800 a lone surrogate"))]
+    surrogate = write_tar(root / "surrogate.tar", members)
+    huge = root / "huge.tar"  # a header that declares 2^40 bytes for a caption of a few bytes
+    with tarfile.open(huge, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("big.png")
+        info.size = len(png(17))
+        tf.addfile(info, io.BytesIO(png(17)))
+    with open(huge, "r+b") as f:  # append a member whose header lies about its size, then a few bytes
+        f.seek(-1024, 2)  # over the end-of-archive blocks
+        info = tarfile.TarInfo("big.json")
+        info.size = 1 << 40
+        f.write(info.tobuf(format=tarfile.PAX_FORMAT) + good_json)
     broken = root / "broken.tar"
     broken.write_bytes(b"\x01 not a tar archive " * 40)
     folder = root / "folder"
@@ -207,7 +220,11 @@ def poisoned_inputs(root: Path) -> tuple[list[Path], dict[str, str], set[str]]:
         "folder/d.png": "undecodable",
     }  # fmt: skip
     written = {"in/ok", "in/cmyk", "in/pal", "in/gray16", "in/rgba", "folder/a.png", "folder/b.png"}
-    return [tar, broken, folder], rejected, written
+    # tarfile stops listing at the lying header: the image loses its caption, the tar is reported as damaged.
+    rejected.update(
+        {"surrogate/ok2": "bad_caption_encoding", "huge/big": "missing_caption", "huge/<unreadable>": "bad_tar"}
+    )
+    return [tar, broken, folder, surrogate, huge], rejected, written
 
 
 def poison_encoders(monkeypatch) -> None:
@@ -258,7 +275,7 @@ def test_poisoned_inputs_are_quarantined_and_counted(tmp_path, models, monkeypat
     assert np.isfinite(moments_array(t).astype(np.float32)).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["inputs"] == n_in and sum(manifest["rows_per_shard"]) == len(written)
-    assert report["rejected_by_reason"]["missing_caption"] == 3
+    assert report["rejected_by_reason"]["missing_caption"] == 4
 
 
 def test_resume_redoes_only_changed_or_broken_shards(tmp_path, models):

@@ -251,3 +251,31 @@ def test_parse_caption_fields():
 
 
 # ------------------------------------------------------------------------------------------------ runtime.py
+
+
+def test_declared_sizes_are_judged_before_reading(tmp_path):
+    from pipeline.images import RejectError
+    from pipeline.sources import MAX_MEMBER_BYTES, Blob, BlobReader
+
+    path = tmp_path / "small.bin"
+    path.write_bytes(b"x" * 100)
+    with BlobReader() as reader:
+        assert reader.read(Blob(str(path), 10, 5)) == b"xxxxx"
+        with pytest.raises(RejectError, match="declares 1099511627776 bytes") as e:
+            reader.read(Blob(str(path), 0, 1 << 40))
+        assert e.value.reason == "too_large"
+        with pytest.raises(RejectError) as e:
+            reader.read(Blob(str(path), 90, 50))
+        assert e.value.reason == "truncated"
+    assert MAX_MEMBER_BYTES < 1 << 40
+
+
+def test_captions_utf8_cannot_encode_are_rejected():
+    from pipeline.images import RejectError
+    from pipeline.sources import check_caption, parse_caption
+
+    assert check_caption("  a red circle ") == "a red circle"
+    for data, kind in ((b'{"caption": "\\ud800 x"}', "json"), (b'{"caption": "ok \\udfff"}', "json")):
+        with pytest.raises(RejectError) as e:
+            parse_caption(data, kind)
+        assert e.value.reason == "bad_caption_encoding"

@@ -163,11 +163,12 @@ def fake_teacher(tmp_path, monkeypatch) -> dict:
 def test_post_filter_and_bad_captions_are_counted(tmp_path, fake_teacher):
     src = tmp_path / "c.jsonl"
     lines = ["a red circle", "a blank one", "an nsfw one", "", "a red circle", "a blue square"]
-    src.write_text("\n".join(json.dumps({"caption": c}) for c in lines) + "\n" + json.dumps({"x": 1}) + "\n{bad\n")
+    tail = json.dumps({"x": 1}) + "\n{bad\n" + '{"caption": "a \\ud800 surrogate"}\n'
+    src.write_text("\n".join(json.dumps({"caption": c}) for c in lines) + "\n" + tail)
     report = run_synthesize(config([src], tmp_path / "out", **fake_teacher, batch_size=2))
     expected = {"blank_image": 1, "nsfw": 1, "empty_caption": 1, "duplicate_id": 1, "missing_field": 1, "bad_json": 1}
-    assert report["rejected_by_reason"] == expected
-    assert (report["inputs"], report["written"], report["rejected"]) == (8, 2, 6)
+    assert report["rejected_by_reason"] == {**expected, "bad_caption_encoding": 1}
+    assert (report["inputs"], report["written"], report["rejected"]) == (9, 2, 7)
     samples = read_tars(tmp_path / "out")
     assert {s["json"]["caption"] for s in samples.values()} == {"a red circle", "a blue square"}
     assert all(s["json"]["model"] == "fake" and s["json"]["steps"] == 28 for s in samples.values())
@@ -176,7 +177,7 @@ def test_post_filter_and_bad_captions_are_counted(tmp_path, fake_teacher):
     assert got["blank_image"] == ("c.jsonl:2", "pixel std 0.00 < 2") and got["nsfw"][0] == "c.jsonl:3"
     assert got["missing_field"][0] == "c.jsonl:7" and got["bad_json"][0] == "c.jsonl:8"
     off = run_synthesize(config([src], tmp_path / "off", **fake_teacher, post_filter="none"))
-    assert off["written"] == 4 and off["inputs"] == 8 and "blank_image" not in off["rejected_by_reason"]
+    assert off["written"] == 4 and off["inputs"] == 9 and "blank_image" not in off["rejected_by_reason"]
 
 
 def write_captions_parquet(path: Path, rows: list[dict], row_group_size: int = 3) -> Path:
