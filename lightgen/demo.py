@@ -34,6 +34,9 @@ SYNTH_SHARD = 200  # images per synthesize shard (the DPO stage takes whole shar
 # issue 9's targets for the default budget (held-out ShapesWorld, after pretraining)
 TARGETS = {"single_object": 0.80, "colors": 0.60, "overall": 0.35}
 STRETCH_OVERALL = 0.50
+# pages of `lightgen-data inspect` (<out>/inspect/<name>.html) -> the stage output folder each shows
+INSPECT_PAGES = {"captions": "captions", "images": "images", "latents": "latents", "pairs": "pairs",
+                 "judgements": "pairs/judgements"}  # fmt: skip
 
 
 def tool(name: str) -> list[str]:
@@ -130,6 +133,7 @@ class Demo:
             "log.progress=false", *a.dpo_set,
         ]))  # fmt: skip
         self.stage("geneval_dpo", lambda: self.geneval("dpo"))
+        self.inspect_pages()
         scores = self.collect()
         write_report(self.out, scores, self.state)
         print_verdicts(scores)
@@ -153,6 +157,14 @@ class Demo:
             rows.append({"step": st["step"], "minutes": round(st["elapsed_s"] / 60, 2), "overall": summary["overall"]}
                         | {t: v["accuracy"] for t, v in summary["tasks"].items()})  # fmt: skip
         (o / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def inspect_pages(self) -> None:
+        """One `lightgen-data inspect` page per stage output folder, under <out>/inspect/ (redone on every run: cheap,
+        and always of the folders as they are now); the report links them."""
+        for name, folder in INSPECT_PAGES.items():
+            if (self.out / folder / "manifest.json").is_file():
+                self.sh("inspect", [*tool("lightgen-data"), "inspect", str(self.out / folder), "--out",
+                                    str(self.out / "inspect" / f"{name}.html"), "--seed", str(self.a.seed)])  # fmt: skip
 
     def pair_inputs(self) -> list[str]:
         """The first synthesize shards holding >= --pairs images: the DPO source (winners = teacher renders)."""
@@ -373,6 +385,13 @@ def _grid_for(folder: Path, tag: str, n: int = 8) -> str:
     return "".join(cells)
 
 
+def inspect_links(o: Path) -> str:
+    """Links to the `lightgen-data inspect` pages that exist under <out>/inspect/."""
+    pages = [n for n in INSPECT_PAGES if (o / "inspect" / f"{n}.html").is_file()]
+    links = " · ".join(f'<a href="inspect/{n}.html">{n}</a>' for n in pages)
+    return f"<p>Look at the data (lightgen-data inspect): {links}</p>" if pages else ""
+
+
 def write_report(o: Path, res: dict[str, Any], state: dict[str, Any]) -> Path:
     pre, post = res["models"]["pretrain"], res["models"]["dpo"]
     rows = []
@@ -416,6 +435,7 @@ samples each; scores are mean ± std over the sample seeds.</p>
 <table><tr><th></th><th>after pretraining</th><th>after DPO</th></tr>{"".join(grids)}</table>
 <h2>Curves</h2>{curves}
 <h2>Data</h2><table><tr><th>stage</th><th>in</th><th>written</th><th>rejected</th></tr>{data_rows}</table>
+{inspect_links(o)}
 <h2>Stage timings</h2><table>{stage_rows}</table>
 </body></html>"""
     path = o / "report.html"
