@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.dpo_config import PairsConfig, judge_content, loser_seed, resolve
+from pipeline.encode import Encoders
 from pipeline.images import RejectError, center_crop_resize, decode_image
 from pipeline.judge import judge_name
 from pipeline.judge_stage import JudgeStage, judgements_dir, quiet_hf
@@ -123,31 +124,24 @@ class PairsStage(Stage):
     def setup(self) -> None:
         """Load the image tokenizer, the text encoder and the LightGen pipeline that draws the losers."""
         from lightgen.api import LightGenPipeline
-        from lightgen_model.encoders import build_image_tokenizer, build_text_encoder, resolve_device
+        from lightgen_model.encoders import resolve_device
 
         cfg = self.cfg
         quiet_hf()
         self.res = res = resolve(cfg)
         device = resolve_device(cfg.device)
-        self.tokenizer = build_image_tokenizer(res.vae, device=device, dtype=cfg.dtype)
-        self.text = build_text_encoder(res.text_encoder, device=device, dtype=cfg.dtype, max_len=res.max_text_len)
+        enc = Encoders(res.vae, res.text_encoder, device, cfg.dtype, res.max_text_len, res.resolution)
+        self.encoders, self.tokenizer, self.text, self.moments_shape = enc, enc.tokenizer, enc.text, enc.moments_shape
         self.pipe = LightGenPipeline.from_pretrained(
             cfg.model, vae=self.tokenizer, text_encoder=self.text, device=device, dtype=cfg.dtype, use_ema=cfg.use_ema
         )
-        side = res.resolution // self.tokenizer.stride
-        self.moments_shape = [2 * self.tokenizer.latent_channels, side, side]
         self.store = Storage(judgements_dir(cfg.output))
         self.judge = judge_name(cfg.judge_backend, cfg.judge_model)
 
     def shard_meta(self) -> dict[str, Any]:
         """Encoder names and shapes (the trainer checks them), judge, loser model and sampling settings."""
         return {
-            "vae": self.tokenizer.name,
-            "text_encoder": self.text.name,
-            "text_dim": self.text.dim,
-            "max_text_len": self.text.max_len,
-            "resolution": self.res.resolution,
-            "moments_shape": self.moments_shape,
+            **self.encoders.meta(),
             "judge": self.judge,
             "loser_model": self.res.loser_model,
             "sampling": self.res.sampling,

@@ -19,7 +19,7 @@ from pipeline import inputs
 from pipeline.images import RejectError, center_crop_resize, decode_image
 from pipeline.options import StageConfig, opt
 from pipeline.schema import FORMAT, LATENT_SCHEMA, SCHEMA_VERSION
-from pipeline.sources import BlobReader, JsonlIndex, Record, parse_caption, unit_records
+from pipeline.sources import BlobReader, JsonlIndex, Raw, read_raws, unit_records
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 
 # Settings whose change changes the rows: a resume refuses to mix shards made with different values.
@@ -93,7 +93,31 @@ def _list_column(arrays: Sequence[np.ndarray]) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float16), pa.float16()))
 
 
-def _reject(rec: Record, reason: str, detail: str) -> Reject:
+class Encoders:
+    """The image tokenizer and text encoder of a worker, and what their shards record about them."""
+
+    def __init__(self, vae: str, text_encoder: str, device: str, dtype: str, max_text_len: int, resolution: int):
+        from lightgen_model.encoders import build_image_tokenizer, build_text_encoder
+
+        self.tokenizer = build_image_tokenizer(vae, device=device, dtype=dtype)
+        self.text = build_text_encoder(text_encoder, device=device, dtype=dtype, max_len=max_text_len)
+        self.resolution = resolution
+        side = resolution // self.tokenizer.stride
+        self.moments_shape = [2 * self.tokenizer.latent_channels, side, side]  # (2C, h, w)
+
+    def meta(self) -> dict[str, Any]:
+        """Encoder names and shapes (the trainer checks them)."""
+        return {
+            "vae": self.tokenizer.name,
+            "text_encoder": self.text.name,
+            "text_dim": self.text.dim,
+            "max_text_len": self.text.max_len,
+            "resolution": self.resolution,
+            "moments_shape": self.moments_shape,
+        }
+
+
+def _reject(rec: Raw, reason: str, detail: str) -> Reject:
     """A rejected input record."""
     return Reject(rec.id, rec.source, reason, detail)
 
@@ -136,68 +160,50 @@ class LatentEncoder(Stage):
         """Load the image tokenizer and the text encoder."""
         import torch
 
-        from lightgen_model.encoders import build_image_tokenizer, build_text_encoder, resolve_device
+        from lightgen_model.encoders import resolve_device
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         _quiet_hf()
-        device = resolve_device(cfg.device)
-        self.tokenizer = build_image_tokenizer(cfg.vae, device=device, dtype=cfg.dtype)
-        self.text = build_text_encoder(cfg.text_encoder, device=device, dtype=cfg.dtype, max_len=cfg.max_text_len)
-        side = cfg.resolution // self.tokenizer.stride
-        self.moments_shape = [2 * self.tokenizer.latent_channels, side, side]
+        enc = Encoders(
+            cfg.vae, cfg.text_encoder, resolve_device(cfg.device), cfg.dtype, cfg.max_text_len, cfg.resolution
+        )
+        self.encoders, self.tokenizer, self.text, self.moments_shape = enc, enc.tokenizer, enc.text, enc.moments_shape
         self.reader = BlobReader()
         self.folders = [Path(p).resolve() for p in cfg.inputs if Path(p).is_dir()]
         self.jsonl = JsonlIndex()  # captions.jsonl files are read once per worker, not once per unit
 
     def shard_meta(self) -> dict[str, Any]:
         """What made the shards: encoder names and shapes (the trainer checks them)."""
-        return {
-            "vae": self.tokenizer.name,
-            "text_encoder": self.text.name,
-            "text_dim": self.text.dim,
-            "max_text_len": self.text.max_len,
-            "resolution": self.cfg.resolution,
-            "moments_shape": self.moments_shape,
-        }
+        return self.encoders.meta()
 
-    def read(self, unit: WorkUnit) -> Iterator[tuple[Record, str, np.ndarray] | Reject]:
-        """(record, caption, (R, R, 3) uint8 image) per readable record; a `Reject` with the first problem otherwise."""
-        for rec in unit_records(unit, self.folders, self.jsonl):
+    def read(self, unit: WorkUnit) -> Iterator[tuple[Raw, np.ndarray] | Reject]:
+        """(record, (R, R, 3) uint8 image) per readable record; a `Reject` with the first problem otherwise."""
+        for raw in read_raws(unit_records(unit, self.folders, self.jsonl), self.reader):
+            if isinstance(raw, Reject):
+                yield raw
+                continue
             try:
-                yield (rec, *self._load(rec))
+                img = decode_image(raw.image, max_pixels=self.cfg.max_pixels, min_size=self.cfg.min_size)
             except RejectError as e:
-                yield _reject(rec, e.reason, str(e))
-            except OSError as e:  # an input file vanished or cannot be read: that input is lost, not the run
-                yield _reject(rec, "read_error", f"{type(e).__name__}: {e}")
+                yield Reject(raw.id, raw.source, e.reason, str(e))
+                continue
+            yield raw, center_crop_resize(img, self.cfg.resolution)
 
-    def _load(self, rec: Record) -> tuple[str, np.ndarray]:
-        """(caption, image) of a record, or `RejectError`."""
-        if rec.error:
-            reason, _, detail = rec.error.partition(": ")
-            raise RejectError(reason, detail)
-        if rec.image is None:
-            raise RejectError("missing_image", "no image member for this key")
-        if rec.caption is None:
-            raise RejectError("missing_caption", "no .json/.txt caption for this image")
-        caption = parse_caption(self.reader.read(rec.caption), rec.caption_kind)
-        img = decode_image(self.reader.read(rec.image), max_pixels=self.cfg.max_pixels, min_size=self.cfg.min_size)
-        return caption, center_crop_resize(img, self.cfg.resolution)
-
-    def process(self, items: Sequence[tuple[Record, str, np.ndarray]]) -> Output:
+    def process(self, items: Sequence[tuple[Raw, np.ndarray]]) -> Output:
         """Encode a batch; non-finite outputs become rejects."""
         import torch
 
         from lightgen_model.encoders import encode_with_flip
 
-        pixels = torch.from_numpy(np.stack([it[2] for it in items])).permute(0, 3, 1, 2)  # (B, 3, R, R) uint8
+        pixels = torch.from_numpy(np.stack([it[1] for it in items])).permute(0, 3, 1, 2)  # (B, 3, R, R) uint8
         moments, flipped = encode_with_flip(self.tokenizer, pixels.float() / 127.5 - 1.0)
         # Cast before the finiteness check: values beyond float16's range become inf and must be caught too.
         m16 = moments.numpy().astype(np.float16)  # (B, 2C, h, w)
         f16 = flipped.numpy().astype(np.float16)
-        texts = self.text([it[1] for it in items])
+        texts = self.text([it[0].caption for it in items])
         keep, rejects = [], []
-        for i, (rec, _, _) in enumerate(items):
+        for i, (rec, _) in enumerate(items):
             if not (np.isfinite(m16[i]).all() and np.isfinite(f16[i]).all()):
                 rejects.append(_reject(rec, "nonfinite_latent", "VAE moments contain NaN or inf"))
             elif not np.isfinite(texts[i]).all():
@@ -212,7 +218,7 @@ class LatentEncoder(Stage):
         n = len(good)
         columns = {
             "id": pa.array([g[0].id for g in good], pa.string()),
-            "caption": pa.array([g[1] for g in good], pa.string()),
+            "caption": pa.array([g[0].caption for g in good], pa.string()),
             "resolution": pa.array([self.cfg.resolution] * n, pa.int32()),
             "moments_shape": pa.array([self.moments_shape] * n, pa.list_(pa.int32(), 3)),
             "moments": _list_column(list(m16)),

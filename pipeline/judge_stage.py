@@ -37,7 +37,7 @@ from pipeline.schema import (
     JUDGEMENT_SCHEMA_VERSION,
     PAIR_FORMAT,
 )
-from pipeline.sources import BlobReader, JsonlIndex, Record, check_caption, parse_caption, unit_records
+from pipeline.sources import BlobReader, JsonlIndex, Raw, check_caption, read_raws, unit_records
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 
 JUDGEMENTS = "judgements"  # sub-folder of the pairs output holding the judge stage's output
@@ -46,17 +46,6 @@ IMAGE_FIELDS = ("image", "jpg", "jpeg", "png", "webp", "img")
 AESTHETIC_FIELDS = ("aesthetic", "aesthetic_score", "AESTHETIC_SCORE")
 # Folders written by the other stages: never image sources of this one (synthesize's are).
 NOT_SOURCES = ("lightgen-latents", "lightgen-captions", PAIR_FORMAT, JUDGEMENT_FORMAT)
-
-
-@dataclass
-class Raw:
-    """One input as read, before screening: caption, image bytes and extra fields (aesthetic, metadata)."""
-
-    id: str
-    source: str
-    caption: str
-    image: bytes
-    fields: dict[str, Any]
 
 
 @dataclass
@@ -264,7 +253,11 @@ class JudgeStage(Stage):
     def read(self, unit: WorkUnit) -> Iterator[Sample | Reject]:
         """The unit's screened inputs; a `Reject` with the first problem for the others."""
         seen: set[str] = set()  # ids repeat only where a Parquet `id` column repeats one
-        raws = parquet_rows(unit, self.cfg) if unit.kind == "parquet" else self._records(unit)
+        raws = (
+            parquet_rows(unit, self.cfg)
+            if unit.kind == "parquet"
+            else read_raws(unit_records(unit, self.folders, self.jsonl), self.blobs)
+        )
         for raw in raws:
             if isinstance(raw, Reject):
                 yield raw
@@ -276,30 +269,6 @@ class JudgeStage(Stage):
                     yield self._screen(raw)
                 except RejectError as e:
                     yield Reject(raw.id, raw.source, e.reason, str(e))
-
-    def _records(self, unit: WorkUnit) -> Iterator[Raw | Reject]:
-        """A tar's samples or a group of image files, read."""
-        for rec in unit_records(unit, self.folders, self.jsonl):
-            try:
-                yield self._record_raw(rec)
-            except RejectError as e:
-                yield Reject(rec.id, rec.source, e.reason, str(e))
-            except OSError as e:  # an input vanished or cannot be read: that input is lost, not the run
-                yield Reject(rec.id, rec.source, "read_error", f"{type(e).__name__}: {e}")
-
-    def _record_raw(self, rec: Record) -> Raw:
-        """Caption, image bytes and the extra JSON fields of a tar / folder record."""
-        if rec.error:
-            reason, _, detail = rec.error.partition(": ")
-            raise RejectError(reason, detail)
-        if rec.image is None:
-            raise RejectError("missing_image", "no image member for this key")
-        if rec.caption is None:
-            raise RejectError("missing_caption", "no .json/.txt caption for this image")
-        data = self.blobs.read(rec.caption)
-        caption = parse_caption(data, rec.caption_kind)
-        fields = json.loads(data) if rec.caption_kind == "json" else {}
-        return Raw(rec.id, rec.source, caption, self.blobs.read(rec.image), fields if isinstance(fields, dict) else {})
 
     def _screen(self, raw: Raw) -> Sample:
         """Aesthetic filter, metadata (shapes judge), decoding and size checks; `RejectError` for the first failure."""

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.images import RejectError
-from pipeline.stage import WorkUnit
+from pipeline.stage import Reject, WorkUnit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FOLDER_IMAGE_EXTS = (*IMAGE_EXTS, "bmp", "tif", "tiff")
@@ -207,6 +207,43 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[Path, Blob]]:
             if name:
                 yield (path.parent / name).resolve(), Blob(str(path), offset, len(line))
             offset += len(line)
+
+
+@dataclass(frozen=True)
+class Raw:
+    """One input as read: id, source file, caption, image bytes and the caption JSON's other fields."""
+
+    id: str
+    source: str
+    caption: str
+    image: bytes
+    fields: dict
+
+
+def read_raws(records: Sequence[Record], reader: BlobReader) -> Iterator[Raw | Reject]:
+    """Each record's caption and image bytes, or a `Reject` with the first problem found."""
+    for rec in records:
+        try:
+            yield _raw(rec, reader)
+        except RejectError as e:
+            yield Reject(rec.id, rec.source, e.reason, str(e))
+        except OSError as e:  # an input vanished or cannot be read: that input is lost, not the run
+            yield Reject(rec.id, rec.source, "read_error", f"{type(e).__name__}: {e}")
+
+
+def _raw(rec: Record, reader: BlobReader) -> Raw:
+    """A record read; `RejectError` if it has no image or caption, or they cannot be read."""
+    if rec.error:
+        reason, _, detail = rec.error.partition(": ")
+        raise RejectError(reason, detail)
+    if rec.image is None:
+        raise RejectError("missing_image", "no image member for this key")
+    if rec.caption is None:
+        raise RejectError("missing_caption", "no .json/.txt caption for this image")
+    data = reader.read(rec.caption)
+    caption = parse_caption(data, rec.caption_kind)
+    fields = json.loads(data) if rec.caption_kind == "json" else {}
+    return Raw(rec.id, rec.source, caption, reader.read(rec.image), fields if isinstance(fields, dict) else {})
 
 
 class BlobReader:
