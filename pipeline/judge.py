@@ -190,37 +190,60 @@ def judge_name(backend: str, model: str | None) -> str:
     return f"{backend}:{_model_name(model)}"
 
 
-class TransformersJudge:
+@dataclass(frozen=True)
+class JudgeSettings:
+    """How a Qwen2.5-VL judge runs (`dtype` auto: bfloat16 on a GPU, float32 elsewhere; the vLLM fields apply to
+    the vllm backend only)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = 16
+    max_pixels: int = 1024 * 1024
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 4096
+    seed: int = 0
+
+
+class _QwenJudge:
+    """What both Qwen2.5-VL backends share: the prompt, the processor, one raw answer per image."""
+
+    backend = ""
+
+    def __init__(self, model: str, settings: JudgeSettings) -> None:
+        from transformers import AutoProcessor
+
+        self.name = judge_name(self.backend, model)
+        self.settings = settings
+        self.processor = AutoProcessor.from_pretrained(model)
+
+    def answers(self, images: list[Image.Image], captions: list[str], metadata: list[dict | None]) -> list[str]:
+        """One raw answer per (image, caption)."""
+        max_pixels = self.settings.max_pixels
+        conversations = [build_messages(im, cap, max_pixels) for im, cap in zip(images, captions, strict=True)]
+        texts, vision = prepare_prompts(self.processor, conversations)
+        return self.generate(texts, vision)
+
+    def generate(self, texts: list[str], images: list[list[Any]]) -> list[str]:
+        """The new text of each chat-template `text` with its images."""
+        raise NotImplementedError
+
+
+class TransformersJudge(_QwenJudge):
     """Qwen2.5-VL through transformers, greedy decoding, one padded batch per call."""
 
     backend = "transformers"
 
-    def __init__(
-        self,
-        model: str,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_new_tokens: int = 16,
-        max_pixels: int = 1024 * 1024,
-    ) -> None:
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    def __init__(self, model: str, settings: JudgeSettings) -> None:
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
         from lightgen_model.encoders import resolve_device, resolve_dtype
 
-        self.name = judge_name(self.backend, model)
-        self.device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, self.device)  # auto: bfloat16 on a GPU, float32 elsewhere
-        self.processor = AutoProcessor.from_pretrained(model)
+        super().__init__(model, settings)
+        self.device = resolve_device(settings.device)
         self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
+        dtype = resolve_dtype(settings.dtype, self.device)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=dtype)
         self.model = self.model.to(self.device).eval().requires_grad_(False)
-        self.max_new_tokens, self.max_pixels = max_new_tokens, max_pixels
-
-    def answers(self, images: list[Image.Image], captions: list[str], metadata: list[dict | None]) -> list[str]:
-        """One raw answer per (image, caption)."""
-        conversations = [build_messages(im, cap, self.max_pixels) for im, cap in zip(images, captions, strict=True)]
-        texts, vision = prepare_prompts(self.processor, conversations)
-        return self.generate(texts, vision)
 
     def generate(self, texts: list[str], images: list[list[Any]]) -> list[str]:
         """Greedy generation for chat-template `texts` with their images; the new text of each row."""
@@ -229,53 +252,35 @@ class TransformersJudge:
         flat = [im for row in images for im in row]
         inputs = self.processor(text=texts, images=flat or None, padding=True, return_tensors="pt").to(self.device)
         pad = self.processor.tokenizer.pad_token_id
+        n_new = self.settings.max_new_tokens
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+            out = self.model.generate(**inputs, max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
         new = out[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
 
-class VLLMJudge:
+class VLLMJudge(_QwenJudge):
     """Qwen2.5-VL through vLLM's offline engine (optional extra `vllm`), greedy decoding."""
 
     backend = "vllm"
 
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "auto",
-        max_new_tokens: int = 16,
-        max_pixels: int = 1024 * 1024,
-        gpu_memory_utilization: float = 0.85,
-        max_model_len: int = 4096,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, model: str, settings: JudgeSettings) -> None:
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
             raise ValueError(
                 f"--judge-backend vllm needs the optional vllm extra (pip install 'lightgen[vllm]'): {e}"
             ) from e
-        from transformers import AutoProcessor
-
-        self.name = judge_name(self.backend, model)
-        self.processor = AutoProcessor.from_pretrained(model)
+        super().__init__(model, settings)
         self.llm = LLM(
             model=str(model),
-            dtype="auto" if dtype == "auto" else dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
             limit_mm_per_prompt={"image": 1},
-            seed=seed,
+            seed=settings.seed,
         )
-        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        self.max_pixels = max_pixels
-
-    def answers(self, images: list[Image.Image], captions: list[str], metadata: list[dict | None]) -> list[str]:
-        """One raw answer per (image, caption)."""
-        conversations = [build_messages(im, cap, self.max_pixels) for im, cap in zip(images, captions, strict=True)]
-        texts, vision = prepare_prompts(self.processor, conversations)
-        return self.generate(texts, vision)
+        self.params = SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens)
 
     def generate(self, texts: list[str], images: list[list[Any]]) -> list[str]:
         """vLLM generation, one request per text with its images; outputs come back in request order."""
@@ -305,25 +310,14 @@ class ShapesJudge:
         return out
 
 
-def build_judge(
-    backend: str,
-    model: str | None = None,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    max_new_tokens: int = 16,
-    max_pixels: int = 1024 * 1024,
-    gpu_memory_utilization: float = 0.85,
-    max_model_len: int = 4096,
-    seed: int = 0,
-) -> Judge:
-    """Load the judge of `backend` (`model`: a local Qwen2.5-VL directory for transformers / vllm)."""
+def build_judge(backend: str, model: str | None = None, **settings: Any) -> Judge:
+    """Load the judge of `backend` (`model`: a local Qwen2.5-VL directory for transformers / vllm; `settings`:
+    fields of `JudgeSettings`)."""
     judge_name(backend, model)  # checks the backend name and the model directory before any loading
     if backend == "shapes":
         return ShapesJudge()
-    if backend == "transformers":
-        return TransformersJudge(model, device, dtype, max_new_tokens, max_pixels)
-    return VLLMJudge(model, dtype, max_new_tokens, max_pixels, gpu_memory_utilization, max_model_len, seed)
+    cls = TransformersJudge if backend == "transformers" else VLLMJudge
+    return cls(model, JudgeSettings(**settings))
 
 
 def judge_batch(
