@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import shards
 from pipeline.judge import BACKENDS, PROMPT_VERSION, judge_name
-from pipeline.options import StageConfig, opt
+from pipeline.options import DeviceOption, ImageLimits, StageConfig, opt
 from pipeline.schema import JUDGEMENT_SCHEMA_VERSION
 
 MODEL_DEFAULT = "the --model's recorded sampling settings (config.json), else 64, 4.0, linear, 1.0"
@@ -27,7 +27,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
-class PairsConfig(StageConfig):
+class PairsConfig(DeviceOption, ImageLimits, StageConfig):
     """Everything `build-dpo-pairs` needs (both stages); written, resolved, into the manifests."""
 
     inputs: list[str] = opt(
@@ -71,11 +71,8 @@ class PairsConfig(StageConfig):
     temperature: float | None = opt(None, "Loser sampling temperature.", show=MODEL_DEFAULT)
     use_ema: bool = opt(True, "Draw losers with the EMA weights when the checkpoint has them.")
     batch_size: int = opt(8, "Images per judge / encoder / generation call.")
-    device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
     dtype: str = opt("float32", "LightGen + encoder compute dtype: float32, bfloat16, float16.")
     seed: int = opt(0, "Run seed; each loser's seed is a hash of it and the row id.")
-    max_pixels: int = opt(64_000_000, "Reject images with more pixels (decompression bombs).")
-    min_size: int = opt(32, "Reject images whose shorter side is smaller.")
 
 
 def _abs(path: str) -> str:

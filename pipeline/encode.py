@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline import inputs
 from pipeline.images import RejectError, center_crop_resize, decode_image
-from pipeline.options import StageConfig, opt
+from pipeline.options import DeviceOption, ImageLimits, StageConfig, opt
 from pipeline.schema import FORMAT, LATENT_SCHEMA, SCHEMA_VERSION
 from pipeline.sources import BlobReader, JsonlIndex, Raw, read_raws, unit_records
 from pipeline.stage import Output, Reject, Stage, WorkUnit
@@ -27,17 +27,15 @@ CONTENT_KEYS = ("vae", "text_encoder", "resolution", "max_text_len", "dtype", "m
 
 
 @dataclass
-class EncodeConfig(StageConfig):
-    """Everything `encode-latents` needs; written, resolved, into the manifest."""
+class EncodeConfig(DeviceOption, ImageLimits, StageConfig):
+    """Everything `encode-latents` needs; written, resolved, into the manifest (bases: shared option groups,
+    `StageConfig` last so that its fields come first)."""
 
     vae: str = opt("pixel", "'pixel' (ShapesWorld) or a local diffusers AutoencoderKL directory.")
     text_encoder: str = opt("minilm", "'minilm' or a local transformers encoder directory (T5, BERT).")
     resolution: int = opt(256, "Side of the center-cropped square image, in pixels.")
     max_text_len: int = opt(128, "Text tokens kept per caption (longer captions are truncated).")
-    device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
     dtype: str = opt("float32", "Encoder compute dtype: float32, bfloat16, float16 (storage is 16-bit).")
-    max_pixels: int = opt(64_000_000, "Reject images with more pixels (decompression bombs).")
-    min_size: int = opt(32, "Reject images whose shorter side is smaller.")
     batch_size: int = opt(32, "Images per encoder call.")
     shard_size: int = opt(1000, "Loose image files per output shard (each input .tar is one output shard).")
 

@@ -70,6 +70,21 @@ class StageConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
+@dataclass
+class DeviceOption:
+    """For stages that run a model."""
+
+    device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
+
+
+@dataclass
+class ImageLimits:
+    """For stages that decode input images."""
+
+    max_pixels: int = opt(64_000_000, "Reject images with more pixels (decompression bombs).")
+    min_size: int = opt(32, "Reject images whose shorter side is smaller.")
+
+
 def _flag(f: dataclasses.Field) -> str:
     """The option declaration of a field."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")

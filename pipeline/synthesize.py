@@ -32,7 +32,7 @@ from pipeline import inputs, runner, shards
 from pipeline.caption_sources import CaptionRecord, read_captions
 from pipeline.captions import caption_id
 from pipeline.images import RejectError
-from pipeline.options import StageConfig, opt
+from pipeline.options import DeviceOption, StageConfig, opt
 from pipeline.sources import check_caption
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 from pipeline.teachers import TEACHERS, build_teacher, is_blank
@@ -45,7 +45,7 @@ NSFW_DETAIL = "the pipeline's safety checker flagged the image"
 
 
 @dataclass
-class SynthConfig(StageConfig):
+class SynthConfig(DeviceOption, StageConfig):
     """Everything `synthesize` needs; written, resolved, into the manifest."""
 
     inputs: list[str] = opt([], "Caption shards (build-captions) or JSONL/JSON/CSV/Parquet files.", flag="--input")
@@ -56,7 +56,6 @@ class SynthConfig(StageConfig):
     guidance: float = opt(3.5, "Guidance scale (flux, diffusers).")
     resolution: int = opt(512, "Image side in pixels.")
     max_sequence_length: int = opt(512, "T5 tokens per caption (Flux / SD3-like pipelines).")
-    device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
     dtype: str = opt("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
     post_filter: str = opt("blank,nsfw", "Reject outputs: comma-separated blank, nsfw; 'none' = off.")
     # Shared options with this stage's defaults and help.
