@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.dpo_config import PairsConfig, judge_content, loser_seed, resolve
-from pipeline.encode import Encoders
+from pipeline.encode import Encoders, f16_column
 from pipeline.images import RejectError, center_crop_resize, decode_image
 from pipeline.judge import judge_name
 from pipeline.judge_stage import JudgeStage, judgements_dir, quiet_hf
@@ -55,13 +55,6 @@ class Kept:
     judge_answer: str
     judge_score: float
     winner: np.ndarray
-
-
-def _f16_column(arrays: Sequence[np.ndarray]) -> pa.LargeListArray:
-    """Flattened float16 arrays -> a large_list<float16> column (as `pipeline.encode` builds its columns)."""
-    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float16)
-    offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float16), pa.float16()))
 
 
 class PairsStage(Stage):
@@ -229,27 +222,20 @@ class PairsStage(Stage):
         """Assemble kept pairs into a table with `PAIR_SCHEMA`."""
         meta = self.shard_meta()
         n = len(rows)
-        columns = {
-            "id": pa.array([r[0].id for r in rows], pa.string()),
-            "caption": pa.array([r[0].caption for r in rows], pa.string()),
-            "resolution": pa.array([self.res.resolution] * n, pa.int32()),
-            "moments_shape": pa.array([self.moments_shape] * n, pa.list_(pa.int32(), 3)),
-            "winner_moments": _f16_column([w[0] for w in winners]),
-            "winner_moments_flip": _f16_column([w[1] for w in winners]),
-            "loser_moments": _f16_column([x[0] for x in losers]),
-            "loser_moments_flip": _f16_column([x[1] for x in losers]),
-            "text_len": pa.array([r[1].shape[0] for r in rows], pa.int32()),
-            "text_emb": _f16_column([r[1] for r in rows]),
-            "vae": pa.array([meta["vae"]] * n, pa.string()),
-            "text_encoder": pa.array([meta["text_encoder"]] * n, pa.string()),
-            "judge": pa.array([meta["judge"]] * n, pa.string()),
-            "judge_answer": pa.array([r[0].judge_answer for r in rows], pa.string()),
-            "judge_score": pa.array([r[0].judge_score for r in rows], pa.float32()),
-            "loser_model": pa.array([meta["loser_model"]] * n, pa.string()),
-            "loser_seed": pa.array([r[2] for r in rows], pa.int64()),
-            "sampling": pa.array([json.dumps(meta["sampling"], sort_keys=True)] * n, pa.string()),
-        }
-        return pa.table(columns, schema=PAIR_SCHEMA)
+        columns = self.encoders.columns([r[0].id for r in rows], [r[0].caption for r in rows], [r[1] for r in rows])
+        columns.update(
+            winner_moments=f16_column([w[0] for w in winners]),
+            winner_moments_flip=f16_column([w[1] for w in winners]),
+            loser_moments=f16_column([x[0] for x in losers]),
+            loser_moments_flip=f16_column([x[1] for x in losers]),
+            judge=pa.array([meta["judge"]] * n, pa.string()),
+            judge_answer=pa.array([r[0].judge_answer for r in rows], pa.string()),
+            judge_score=pa.array([r[0].judge_score for r in rows], pa.float32()),
+            loser_model=pa.array([meta["loser_model"]] * n, pa.string()),
+            loser_seed=pa.array([r[2] for r in rows], pa.int64()),
+            sampling=pa.array([json.dumps(meta["sampling"], sort_keys=True)] * n, pa.string()),
+        )
+        return pa.table({f.name: columns[f.name] for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
 
 
 def _free_memory() -> None:

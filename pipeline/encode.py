@@ -84,7 +84,7 @@ def _quiet_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _list_column(arrays: Sequence[np.ndarray]) -> pa.LargeListArray:
+def f16_column(arrays: Sequence[np.ndarray]) -> pa.LargeListArray:
     """Flattened float16 arrays -> a large_list<float16> column without copying per row."""
     flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float16)
     offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
@@ -102,6 +102,20 @@ class Encoders:
         self.resolution = resolution
         side = resolution // self.tokenizer.stride
         self.moments_shape = [2 * self.tokenizer.latent_channels, side, side]  # (2C, h, w)
+
+    def columns(self, ids: list[str], captions: list[str], texts: list[np.ndarray]) -> dict[str, pa.Array]:
+        """The columns every shard of encoded rows has: id, caption, resolution, moments_shape, text, encoder names."""
+        n = len(ids)
+        return {
+            "id": pa.array(ids, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "resolution": pa.array([self.resolution] * n, pa.int32()),
+            "moments_shape": pa.array([self.moments_shape] * n, pa.list_(pa.int32(), 3)),
+            "text_len": pa.array([t.shape[0] for t in texts], pa.int32()),
+            "text_emb": f16_column(texts),
+            "vae": pa.array([self.tokenizer.name] * n, pa.string()),
+            "text_encoder": pa.array([self.text.name] * n, pa.string()),
+        }
 
     def meta(self) -> dict[str, Any]:
         """Encoder names and shapes (the trainer checks them)."""
@@ -213,20 +227,9 @@ class LatentEncoder(Stage):
 
     def _table(self, good: Sequence[tuple], m16: np.ndarray, f16: np.ndarray, texts: list[np.ndarray]) -> pa.Table:
         """Assemble kept rows into a table with `LATENT_SCHEMA`."""
-        n = len(good)
-        columns = {
-            "id": pa.array([g[0].id for g in good], pa.string()),
-            "caption": pa.array([g[0].caption for g in good], pa.string()),
-            "resolution": pa.array([self.cfg.resolution] * n, pa.int32()),
-            "moments_shape": pa.array([self.moments_shape] * n, pa.list_(pa.int32(), 3)),
-            "moments": _list_column(list(m16)),
-            "moments_flip": _list_column(list(f16)),
-            "text_len": pa.array([t.shape[0] for t in texts], pa.int32()),
-            "text_emb": _list_column(texts),
-            "vae": pa.array([self.tokenizer.name] * n, pa.string()),
-            "text_encoder": pa.array([self.text.name] * n, pa.string()),
-        }
-        return pa.table(columns, schema=LATENT_SCHEMA)
+        columns = self.encoders.columns([g[0].id for g in good], [g[0].caption for g in good], texts)
+        columns.update(moments=f16_column(list(m16)), moments_flip=f16_column(list(f16)))
+        return pa.table({f.name: columns[f.name] for f in LATENT_SCHEMA}, schema=LATENT_SCHEMA)
 
     def report(self, counts: dict[str, Any]) -> dict[str, Any]:
         """`rows_per_s`: encoded inputs per second of this run."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schema import MANIFEST
+from pipeline.schema import MANIFEST, IncompatibleShardsError, read_manifest
 from pipeline.shards import DIVERSITY, REJECTS, REPORT
 
 SCAN_ROWS = 1_000_000  # rows of one small column read for a whole-set statistic (a histogram, a cluster index)
@@ -55,15 +55,10 @@ def open_stage(directory: str | Path, formats: tuple[str, ...]) -> StageDir:
     """The stage output in `directory`, read through its manifest; `InspectError` when it is not a finished one."""
     root = Path(directory)
     path = root / MANIFEST
-    if not path.is_file():
-        raise InspectError(f"no {MANIFEST} in {root}: not a stage output folder, or its run never finished")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InspectError(f"{path} is not valid JSON: {e}") from e
-    fmt = manifest.get("format")
-    if fmt not in formats:
-        raise InspectError(f"{path}: unknown format {fmt!r} (inspect reads {', '.join(formats)})")
+        manifest = read_manifest(root, formats, "a stage output folder")
+    except (FileNotFoundError, IncompatibleShardsError) as e:
+        raise InspectError(str(e)) from e
     if not manifest.get("complete"):
         raise InspectError(f"{path}: the run that wrote {root} has not finished (complete: false); rerun its stage")
     shards = [root / s["name"] for s in manifest.get("shards", [])]

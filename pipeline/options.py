@@ -44,12 +44,8 @@ class StageConfig:
     batch_size: int = opt(32, "Items per model call.")
     shard_size: int = opt(1000, "Input items per output shard, where inputs can be split (the unit of resume).")
     workers: int = opt(1, "Ray workers, one model copy each; 0 = no Ray, run in this process.")
-    gpus_per_worker: float | None = opt(
-        None, "GPUs per Ray worker.", show="the cluster's GPUs shared evenly, at most 1 per worker"
-    )
-    cpus_per_worker: float | None = opt(
-        None, "CPUs per Ray worker.", show="a node's CPUs shared by the workers placed on it"
-    )
+    gpus_per_worker: float | None = opt(None, "GPUs per Ray worker.", show="the GPUs shared, at most 1 each")
+    cpus_per_worker: float | None = opt(None, "CPUs per Ray worker.", show="a node's CPUs shared by its workers")
     ray_address: str | None = opt(None, "Join this Ray cluster.", show="start a local Ray")
     seed: int = opt(0, "Random seed.")
     overwrite: bool = opt(False, "Replace earlier outputs instead of resuming.")

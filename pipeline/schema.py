@@ -137,8 +137,9 @@ def shard_metadata(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def _read_manifest(directory: str | Path, expected_format: str, what: str) -> dict[str, Any]:
-    """Read `<directory>/manifest.json` and check its `format`; `what` names the directory kind in errors."""
+def read_manifest(directory: str | Path, formats: tuple[str, ...], what: str) -> dict[str, Any]:
+    """Read `<directory>/manifest.json` and check that its `format` is one of `formats`; `what` names the
+    directory kind in errors (FileNotFoundError when there is none, IncompatibleShardsError otherwise)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {directory}: not {what}, or the run never began")
@@ -146,14 +147,15 @@ def _read_manifest(directory: str | Path, expected_format: str, what: str) -> di
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IncompatibleShardsError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != expected_format:
-        raise IncompatibleShardsError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") not in formats:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise IncompatibleShardsError(f"{path}: format {fmt!r}, expected {' or '.join(map(repr, formats))}")
     return manifest
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:
     """Read `<directory>/manifest.json`; a clear error when it is missing or not a LightGen latents manifest."""
-    return _read_manifest(directory, FORMAT, "a training-shard directory")
+    return read_manifest(directory, (FORMAT,), "a training-shard directory")
 
 
 def check_compatible(
@@ -205,16 +207,21 @@ def training_shards(
     """Validate a shard directory for training: (manifest, shard paths in order) or `IncompatibleShardsError`."""
     manifest = load_manifest(directory)
     check_compatible(manifest, vae=vae, text_encoder=text_encoder, schema_version=schema_version)
+    return manifest, _listed_shards(directory, manifest)
+
+
+def _listed_shards(directory: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """The shard paths a manifest lists, in order; `IncompatibleShardsError` naming any that is missing."""
     paths = [Path(directory) / s["name"] for s in manifest["shards"]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise IncompatibleShardsError(f"shards listed in the manifest are missing: {missing[:5]}")
-    return manifest, paths
+    return paths
 
 
 def load_pair_manifest(directory: str | Path) -> dict[str, Any]:
     """Read a pair-shard directory's `manifest.json`; a clear error when it is missing or of another format."""
-    return _read_manifest(directory, PAIR_FORMAT, "a DPO pair-shard directory")
+    return read_manifest(directory, (PAIR_FORMAT,), "a DPO pair-shard directory")
 
 
 def pair_shards(
@@ -233,11 +240,7 @@ def pair_shards(
     problems = _problems(manifest, vae, text_encoder, schema_version, True, "build-dpo-pairs")
     if problems:
         raise IncompatibleShardsError("incompatible DPO pair shards: " + "; ".join(problems))
-    paths = [Path(directory) / s["name"] for s in manifest["shards"]]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise IncompatibleShardsError(f"shards listed in the manifest are missing: {missing[:5]}")
-    return manifest, paths
+    return manifest, _listed_shards(directory, manifest)
 
 
 def moments_array(table: pa.Table, column: str = "moments") -> np.ndarray:

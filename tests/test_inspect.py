@@ -376,7 +376,7 @@ def broken_folders(chain: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """Folders that are not finished stage outputs -> (folder, expected error)."""
     m = manifest(chain / "latents")
     cases = {"empty": ({}, "no manifest.json in"), "unfinished": ({**m, "complete": False}, "has not finished"),
-             "format": ({**m, "format": "lightgen-foo"}, "unknown format 'lightgen-foo'"),
+             "format": ({**m, "format": "lightgen-foo"}, "format 'lightgen-foo', expected 'lightgen-captions' or"),
              "missing": (m, "shards listed in .* are missing"), "json": ("{not json", "is not valid JSON")}  # fmt: skip
     out = {}
     for name, (content, error) in cases.items():
