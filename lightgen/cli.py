@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from shapesworld.cli import _user_errors
+from lightgen.errors import user_errors
+from lightgen.options import DEVICE, MODEL, LoadOptions, SamplingOptions, with_options
 from shapesworld.cli import app as shapes_app
 
 app = typer.Typer(help="LightGen model commands.", no_args_is_help=True, add_completion=False)
@@ -19,56 +20,8 @@ def _root() -> None:
     """LightGen: generate, inpaint, evaluate and inspect models; `lightgen shapes` for ShapesWorld."""
 
 
-# options shared by the commands that load a model
-MODEL = typer.Option(..., "--model", help="Model directory (config.json + model[_ema].safetensors).")
-VAE = typer.Option(None, help="Image tokenizer: 'pixel' or a local diffusers VAE dir (default: the config's vae).")
-TEXT = typer.Option(
-    None, help="Text encoder: 'minilm' or a local transformers dir (default: the config's text_encoder)."
-)
-DEVICE = typer.Option("auto", help="Device: auto (cuda if available), cpu, cuda, cuda:1, ...")
-DTYPE = typer.Option("float32", help="dtype of the LightGen network: float32, bfloat16, float16 or auto (bf16 on GPU).")
-EMA = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the directory has them.")
-# sampling settings: None = the model's recorded default (config.json "sampling"), else the library's (shown)
-STEPS = typer.Option(None, min=1, help="Masked-generation iterations (default: the model's recorded one, else 64).")
-CFG = typer.Option(None, min=0.0, help="Classifier-free guidance scale, 1 = off (default: the model's, else 4.0).")
-CFG_SCHEDULE = typer.Option(
-    None,
-    help="Guidance schedule: linear (1 -> cfg as tokens appear), constant, or linear-reference (linear with the "
-    "reference code's last step, 1 + (cfg-1)(L-1)/L) (default: the model's, else linear).",
-)
-TEMPERATURE = typer.Option(
-    None, min=0.0, help="Temperature of the diffusion head's noise (default: the model's, else 1.0)."
-)
-HEAD_STEPS = typer.Option(
-    None, help="Diffusion-head sampling steps: N, 'ddimN' or 'a,b,...' (default: the config's num_sampling_steps)."
-)
-SEED = typer.Option(0, help="Random seed (the same seed and batch size give the same images).")
-
-
-def _check_given(steps: int | None, cfg: float | None, cfg_schedule: str | None, temperature: float | None) -> None:
-    """Check the sampling options given on the command line before a model is loaded."""
-    from lightgen_model import SamplingDefaults
-
-    SamplingDefaults().replace(steps=steps, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature)
-
-
-def _head_steps(spec: str | None) -> int | str | None:
-    return int(spec) if spec is not None and spec.strip().isdigit() else spec
-
-
-def _pipeline(
-    model: Path, vae: str | None, text_encoder: str | None, device: str, dtype: str, ema: bool, head_steps: str | None
-):
-    """Load a LightGenPipeline (imports torch lazily so that `--help` stays fast)."""
-    from lightgen.api import LightGenPipeline
-
-    return LightGenPipeline.from_pretrained(
-        model, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype, use_ema=ema,
-        head_steps=_head_steps(head_steps),
-    )  # fmt: skip
-
-
 @app.command("model-info")
+@user_errors()
 def model_info(
     preset: str = typer.Option("lightgen", help="Preset name (debug, shapes, lightgen)."),
     model: str = typer.Option(None, help="A saved model directory instead of a preset."),
@@ -79,19 +32,18 @@ def model_info(
     from lightgen_model import LightGen, count_parameters, load_config
     from lightgen_model import preset as get_preset
 
-    try:
-        cfg = load_config(model) if model else get_preset(preset)
-    except (ValueError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from None
+    cfg = load_config(model) if model else get_preset(preset)
     with torch.device("meta"):  # no memory, no init cost: only shapes are needed
         counts = count_parameters(LightGen(cfg))
-    typer.echo(
-        json.dumps({"preset": None if model else preset, "parameters": counts, "config": cfg.to_dict()}, indent=2)
-    )
+    info = {"preset": None if model else preset, "parameters": counts, "config": cfg.to_dict()}
+    typer.echo(json.dumps(info, indent=2))
 
 
 @app.command("generate")
+@with_options
+@user_errors()
 def generate_cmd(
+    *,
     model: Path = MODEL,
     prompt: list[str] = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
     prompts: Path = typer.Option(None, help="Prompt file: one a line, or .jsonl objects (see --field)."),
@@ -101,85 +53,59 @@ def generate_cmd(
     height: int = typer.Option(None, help="Image height in px (overrides --resolution)."),
     width: int = typer.Option(None, help="Image width in px (overrides --resolution)."),
     images_per_prompt: int = typer.Option(1, min=1, help="Images per prompt."),
-    steps: int = STEPS,
-    cfg: float = CFG,
-    cfg_schedule: str = CFG_SCHEDULE,
-    temperature: float = TEMPERATURE,
-    head_steps: str = HEAD_STEPS,
-    seed: int = SEED,
+    sampling: SamplingOptions,
     batch_size: int = typer.Option(8, min=1, help="Images per batch."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    vae: str = VAE,
-    text_encoder: str = TEXT,
-    ema: bool = EMA,
+    load: LoadOptions,
 ) -> None:
     """Generate images for prompts: PNGs plus generation.json (settings, the prompt of each file, images/s)."""
     from lightgen.generate import read_prompts, run_generate
 
-    with _user_errors():
-        if bool(prompt) == (prompts is not None):
-            raise ValueError("give either --prompt (one or more) or --prompts FILE")
-        texts = list(prompt) if prompt else read_prompts(prompts, field)
-        _check_given(steps, cfg, cfg_schedule, temperature)
-        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema, head_steps)
-        res = run_generate(
-            pipe, texts, out, images_per_prompt=images_per_prompt, batch_size=batch_size, seed=seed, steps=steps,
-            cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, height=height or resolution,
-            width=width or resolution, record={"model": str(model)},
-        )  # fmt: skip
+    if bool(prompt) == (prompts is not None):
+        raise ValueError("give either --prompt (one or more) or --prompts FILE")
+    texts = list(prompt) if prompt else read_prompts(prompts, field)
+    sampling.check()
+    pipe = load.pipeline(model)
+    res = run_generate(
+        pipe, texts, out, settings=sampling.settings(pipe), seed=sampling.seed,
+        images_per_prompt=images_per_prompt, batch_size=batch_size, height=height or resolution,
+        width=width or resolution, record={"model": str(model)},
+    )  # fmt: skip
     typer.echo(
         f"wrote {len(res['images'])} images to {out} in {res['seconds']} s ({res['images_per_second']} images/s)"
     )
 
 
 @app.command("inpaint")
+@with_options
+@user_errors()
 def inpaint_cmd(
+    *,
     model: Path = MODEL,
     image: Path = typer.Option(..., help="Input image; its sides must be multiples of the model's token size."),
     mask: Path = typer.Option(..., help="Mask image of the same size: white = regenerate, black = keep."),
     prompt: str = typer.Option(..., help="What the masked region should show."),
     out: Path = typer.Option(..., help="Output PNG (settings go to the .json beside it)."),
-    steps: int = STEPS,
-    cfg: float = CFG,
-    cfg_schedule: str = CFG_SCHEDULE,
-    temperature: float = TEMPERATURE,
-    head_steps: str = HEAD_STEPS,
-    seed: int = SEED,
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    vae: str = VAE,
-    text_encoder: str = TEXT,
-    ema: bool = EMA,
+    sampling: SamplingOptions,
+    load: LoadOptions,
 ) -> None:
     """Zero-shot inpainting: regenerate the white part of --mask; the rest is the input's tokenizer round trip."""
-    import dataclasses
+    from lightgen.generate import read_image, run_inpaint
 
-    import torch
-    from PIL import Image
-
-    with _user_errors():
-        with Image.open(image) as im, Image.open(mask) as mk:
-            src, msk = im.convert("RGB"), mk.copy()
-        _check_given(steps, cfg, cfg_schedule, temperature)
-        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema, head_steps)
-        st = pipe.sampling_settings(steps, cfg, cfg_schedule, temperature)
-        res = pipe.inpaint(
-            src, msk, prompt, num_inference_steps=st.steps, guidance_scale=st.cfg, guidance_schedule=st.cfg_schedule,
-            temperature=st.temperature, generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
-        out.parent.mkdir(parents=True, exist_ok=True)
-        res.images[0].save(out, format="PNG")
-        settings = {"model": str(model), "image": str(image), "mask": str(mask), "prompt": prompt,
-                    **dataclasses.asdict(st), "head_steps": pipe.model.cfg.num_sampling_steps, "seed": seed,
-                    "dtype": str(pipe.dtype).removeprefix("torch."), "vae": pipe.vae.name,
-                    "text_encoder": pipe.text_encoder.name}  # fmt: skip
-        out.with_suffix(".json").write_text(json.dumps(settings, indent=1) + "\n")
+    src, msk = read_image(image, "RGB"), read_image(mask)
+    sampling.check()
+    pipe = load.pipeline(model)
+    run_inpaint(
+        pipe, src, msk, prompt, out, settings=sampling.settings(pipe), seed=sampling.seed,
+        record={"model": str(model), "image": str(image), "mask": str(mask)},
+    )  # fmt: skip
     typer.echo(f"wrote {out}")
 
 
 @app.command("geneval")
+@with_options
+@user_errors()
 def geneval_cmd(
+    *,
     model: Path = MODEL,
     metadata: Path = typer.Option(..., help="GenEval evaluation_metadata.jsonl (or `lightgen shapes prompts` output)."),
     out: Path = typer.Option(
@@ -187,33 +113,22 @@ def geneval_cmd(
     ),
     samples: int = typer.Option(4, min=1, help="Images per prompt."),
     resolution: int = typer.Option(None, help="Image side in px (default: the model's base_resolution)."),
-    steps: int = STEPS,
-    cfg: float = CFG,
-    cfg_schedule: str = CFG_SCHEDULE,
-    temperature: float = TEMPERATURE,
-    head_steps: str = HEAD_STEPS,
-    seed: int = SEED,
+    sampling: SamplingOptions,
     batch_size: int = typer.Option(16, min=1, help="Images per batch (batch_size // samples prompts at a time)."),
     limit: int = typer.Option(None, min=1, help="Only the first N metadata lines."),
     field: str = typer.Option("prompt", help="Metadata field used as the prompt (ShapesWorld also has 'caption')."),
     overwrite: bool = typer.Option(False, help="Start over (otherwise a rerun skips finished prompt folders)."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    vae: str = VAE,
-    text_encoder: str = TEXT,
-    ema: bool = EMA,
+    load: LoadOptions,
 ) -> None:
     """Generate GenEval samples for every metadata line; resumable; `lightgen shapes score OUT` scores ShapesWorld."""
     from lightgen.geneval import run_geneval
 
-    with _user_errors():
-        _check_given(steps, cfg, cfg_schedule, temperature)
-        pipe = _pipeline(model, vae, text_encoder, device, dtype, ema, head_steps)
-        res = run_geneval(
-            pipe, metadata, out, samples=samples, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
-            temperature=temperature, resolution=resolution, seed=seed, batch_size=batch_size, limit=limit,
-            field=field, overwrite=overwrite,
-        )  # fmt: skip
+    sampling.check()
+    pipe = load.pipeline(model)
+    res = run_geneval(
+        pipe, metadata, out, settings=sampling.settings(pipe), seed=sampling.seed,
+        samples=samples, resolution=resolution, batch_size=batch_size, limit=limit, field=field, overwrite=overwrite,
+    )  # fmt: skip
     speed = f", {res['images_per_second']} images/s" if res["images"] else ""
     typer.echo(
         f"{res['prompts']} prompts: {res['skipped']} already done, {res['generated']} generated "
@@ -222,6 +137,7 @@ def geneval_cmd(
 
 
 @app.command("fid")
+@user_errors()
 def fid_cmd(
     real: Path = typer.Option(..., help="Folder of reference images (searched recursively)."),
     fake: Path = typer.Option(..., help="Folder of generated images (searched recursively, e.g. a GenEval folder)."),
@@ -238,15 +154,14 @@ def fid_cmd(
     from lightgen.fid import run_fid
     from lightgen_model.encoders import resolve_device
 
-    with _user_errors():
-        dev = resolve_device(device)
-        res = run_fid(real, fake, inception_weights, feature, batch_size, dev, antialias)
-        if json_out is not None:
-            json_out.write_text(json.dumps(res, indent=1) + "\n")
+    res = run_fid(real, fake, inception_weights, feature, batch_size, resolve_device(device), antialias)
+    if json_out is not None:
+        json_out.write_text(json.dumps(res, indent=1) + "\n")
     typer.echo(f"FID {res['fid']:.4f} ({res['real_images']} real, {res['fake_images']} fake images)")
 
 
 @app.command("convert-reference")
+@user_errors()
 def convert_reference_cmd(
     checkpoint: Path = typer.Option(..., help="Reference checkpoint (checkpoint-last.pth)."),
     out: Path = typer.Option(..., help="Output model directory (config.json + safetensors)."),
@@ -267,12 +182,11 @@ def convert_reference_cmd(
     from lightgen.convert import convert_reference
     from lightgen_model import PRESETS
 
-    with _user_errors():
-        res = convert_reference(
-            checkpoint, out, heads, latent_channels, patch_size, vae_stride,
-            vae_name or PRESETS["lightgen"]["vae"], text_encoder_name or PRESETS["lightgen"]["text_encoder"],
-            head_steps,
-        )  # fmt: skip
+    res = convert_reference(
+        checkpoint, out, heads, latent_channels, patch_size, vae_stride,
+        vae_name or PRESETS["lightgen"]["vae"], text_encoder_name or PRESETS["lightgen"]["text_encoder"],
+        head_steps,
+    )  # fmt: skip
     typer.echo(
         f"wrote {out}: {res['parameters']:,} parameters, weights {'+'.join(res['weights'])} "
         f"(from_pretrained loads {res['loads']}), epoch {res['epoch']}"

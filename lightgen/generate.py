@@ -1,16 +1,20 @@
-"""`lightgen generate`: prompts -> PNGs + a JSON sidecar of the settings, through ``LightGenPipeline``."""
+"""`lightgen generate` and `inpaint`: prompts (and an image) -> PNGs + a JSON sidecar of the settings, through
+``LightGenPipeline``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from lightgen.api import LightGenPipeline
+from lightgen_model import SamplingDefaults
 
 SIDECAR = "generation.json"
 
@@ -41,18 +45,49 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     return prompts
 
 
+def read_image(path: str | Path, mode: str | None = None) -> Image.Image:
+    """An image file loaded into memory (converted to ``mode`` if given); a missing or unreadable file is an
+    OSError naming it."""
+    with Image.open(path) as im:
+        return im.convert(mode) if mode else im.copy()
+
+
+def components(pipe: LightGenPipeline) -> dict[str, Any]:
+    """What a sidecar records of the loaded pipeline: head steps, the network's dtype, tokenizer, text encoder."""
+    return {
+        "head_steps": pipe.model.cfg.num_sampling_steps,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "vae": pipe.vae.name,
+        "text_encoder": pipe.text_encoder.name,
+    }
+
+
+def timed_call(
+    pipe: LightGenPipeline, prompts: list[str], st: SamplingDefaults, size: tuple[int, int], **kwargs: Any
+) -> tuple[list[Image.Image], float]:
+    """``pipe(prompts, ...)`` with the sampling settings ``st`` at ``size`` (H, W): its images and seconds."""
+    t0 = time.perf_counter()
+    res = pipe(
+        prompts, num_inference_steps=st.steps, guidance_scale=st.cfg, guidance_schedule=st.cfg_schedule,
+        temperature=st.temperature, height=size[0], width=size[1], **kwargs,
+    )  # fmt: skip
+    return res.images, time.perf_counter() - t0
+
+
+def per_second(n: int, seconds: float) -> float | None:
+    """Images per second, rounded (None when nothing was timed)."""
+    return round(n / seconds, 3) if seconds > 0 else None
+
+
 def run_generate(
     pipe: LightGenPipeline,
     prompts: list[str],
     out: str | Path,
     *,
+    settings: SamplingDefaults | None = None,
+    seed: int = 0,
     images_per_prompt: int = 1,
     batch_size: int = 8,
-    seed: int = 0,
-    steps: int | None = None,
-    cfg: float | None = None,
-    cfg_schedule: str | None = None,
-    temperature: float | None = None,
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
@@ -61,46 +96,56 @@ def run_generate(
     """Write ``<out>/<00000>.png`` (prompt order, ``images_per_prompt`` each) and ``<out>/generation.json``.
 
     Exactly ``pipe(prompts, num_images_per_prompt=images_per_prompt, batch_size=batch_size,
-    generator=torch.Generator().manual_seed(seed), ...)``, one batch at a time. Sampling settings left at None
-    take the model's recorded defaults (``pipe.sampling_settings``). Returns the sidecar's content.
+    generator=torch.Generator().manual_seed(seed), ...)``, one batch at a time. ``settings`` default to the model's
+    recorded ones (``pipe.sampling_settings()``). Returns the sidecar's content.
     """
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"need images_per_prompt >= 1 and batch_size >= 1, got {images_per_prompt}, {batch_size}")
-    st = pipe.sampling_settings(steps, cfg, cfg_schedule, temperature)
-    h, w = pipe.image_size(height, width, None)
+    st = settings or pipe.sampling_settings()
+    size = pipe.image_size(height, width, None)
     jobs = [(i, k, p) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    n_batches = -(-len(jobs) // batch_size)
     entries, seconds = [], 0.0
-    with tqdm(total=n_batches * st.steps, unit="step", desc="generate", disable=not progress) as bar:
+    with tqdm(total=-(-len(jobs) // batch_size) * st.steps, unit="step", desc="generate", disable=not progress) as bar:
         for b in range(0, len(jobs), batch_size):
             chunk = jobs[b : b + batch_size]
-            t0 = time.perf_counter()
-            res = pipe(
-                [p for _, _, p in chunk], num_inference_steps=st.steps, guidance_scale=st.cfg,
-                guidance_schedule=st.cfg_schedule, temperature=st.temperature, height=h, width=w, generator=generator,
-                callback=lambda *_: bar.update(1),
-            )  # fmt: skip
-            seconds += time.perf_counter() - t0
-            for j, ((i, k, p), image) in enumerate(zip(chunk, res.images, strict=True)):
-                name = f"{b + j:05d}.png"
-                image.save(out / name)
-                entries.append({"file": name, "prompt": p, "prompt_index": i, "sample": k})
+            images, took = timed_call(pipe, [p for *_, p in chunk], st, size, generator=generator,
+                                      callback=lambda *_: bar.update(1))  # fmt: skip
+            seconds += took
+            for j, ((i, k, p), image) in enumerate(zip(chunk, images, strict=True)):
+                image.save(Path(out) / f"{b + j:05d}.png")
+                entries.append({"file": f"{b + j:05d}.png", "prompt": p, "prompt_index": i, "sample": k})
             bar.set_postfix(images=len(entries))
-    settings = {
-        "seed": seed, "steps": st.steps, "cfg": st.cfg, "cfg_schedule": st.cfg_schedule, "temperature": st.temperature,
-        "head_steps": pipe.model.cfg.num_sampling_steps, "height": h, "width": w, "images_per_prompt": images_per_prompt, "batch_size": batch_size,
-        "dtype": str(pipe.dtype).removeprefix("torch."), "device": str(pipe.device),
-        "vae": pipe.vae.name, "text_encoder": pipe.text_encoder.name,
-    }  # fmt: skip
-    sidecar = {
-        **(record or {}),
-        "settings": settings,
-        "images": entries,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(len(entries) / seconds, 3) if seconds > 0 else None,
-    }
-    (out / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+    run = {"seed": seed, **dataclasses.asdict(st), "height": size[0], "width": size[1]}
+    run |= {"images_per_prompt": images_per_prompt, "batch_size": batch_size, "device": str(pipe.device)}
+    sidecar = {**(record or {}), "settings": run | components(pipe), "images": entries, "seconds": round(seconds, 3),
+               "images_per_second": per_second(len(entries), seconds)}  # fmt: skip
+    (Path(out) / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+    return sidecar
+
+
+def run_inpaint(
+    pipe: LightGenPipeline,
+    image: Image.Image,
+    mask: Image.Image,
+    prompt: str,
+    out: str | Path,
+    *,
+    settings: SamplingDefaults | None = None,
+    seed: int = 0,
+    record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``pipe.inpaint(image, mask, prompt, generator=torch.Generator().manual_seed(seed), ...)`` to the PNG
+    ``out`` and its settings to the ``.json`` beside it (``settings`` default to the model's recorded ones)."""
+    st = settings or pipe.sampling_settings()
+    res = pipe.inpaint(
+        image, mask, prompt, num_inference_steps=st.steps, guidance_scale=st.cfg, guidance_schedule=st.cfg_schedule,
+        temperature=st.temperature, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res.images[0].save(out, format="PNG")
+    sidecar = {**(record or {}), "prompt": prompt, **dataclasses.asdict(st), "seed": seed, **components(pipe)}
+    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
     return sidecar

@@ -11,19 +11,22 @@ redraws the rest exactly. Files are written under temporary names and renamed; m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from lightgen.api import LightGenPipeline
+from lightgen.generate import components, per_second, timed_call
+from lightgen_model import SamplingDefaults
 
 SETTINGS = "geneval_settings.json"
 
@@ -71,6 +74,14 @@ def _finished(folder: Path, line: bytes, samples: int) -> bool:
     return all((folder / "samples" / f"{s:04d}.png").is_file() for s in range(samples))
 
 
+def _write_prompt(folder: Path, line: bytes, images: list[Image.Image]) -> None:
+    """One prompt's folder: the samples, then its metadata line (last: it marks the folder finished)."""
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    for s, image in enumerate(images):
+        _atomic_write(folder / "samples" / f"{s:04d}.png", lambda t, im=image: im.save(t, "PNG"))
+    _atomic_write(folder / "metadata.jsonl", lambda t: t.write_bytes(line))
+
+
 def _check_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     path = out / SETTINGS
     if overwrite:
@@ -91,13 +102,10 @@ def run_geneval(
     metadata: str | Path,
     out: str | Path,
     *,
-    samples: int = 4,
-    steps: int | None = None,
-    cfg: float | None = None,
-    cfg_schedule: str | None = None,
-    temperature: float | None = None,
-    resolution: int | None = None,
+    settings: SamplingDefaults | None = None,
     seed: int = 0,
+    samples: int = 4,
+    resolution: int | None = None,
     batch_size: int = 16,
     limit: int | None = None,
     field: str = "prompt",
@@ -107,54 +115,34 @@ def run_geneval(
     """Fill ``out`` in GenEval's layout for the first ``limit`` lines of ``metadata``; returns counts and timing.
 
     A group of prompts is ``pipe(prompts, num_images_per_prompt=samples, batch_size=batch_size,
-    generator=torch.Generator().manual_seed(group_seed(seed, first)), ...)``. Sampling settings left at None take
-    the model's recorded defaults (``pipe.sampling_settings``).
+    generator=torch.Generator().manual_seed(group_seed(seed, first)), ...)``. ``settings`` default to the model's
+    recorded ones (``pipe.sampling_settings()``).
     """
     if samples < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"need samples, batch_size and limit >= 1, got {samples}, {batch_size}, {limit}")
-    st = pipe.sampling_settings(steps, cfg, cfg_schedule, temperature)
+    st = settings or pipe.sampling_settings()
     lines = read_metadata(metadata, field)[:limit]
-    h, w = pipe.image_size(None, None, resolution)
+    size = pipe.image_size(None, None, resolution)
     out = Path(out)
-    settings = {
-        "model_config": pipe.model.cfg.to_dict(), "vae": pipe.vae.name, "text_encoder": pipe.text_encoder.name,
-        "dtype": str(pipe.dtype).removeprefix("torch."), "samples": samples, "steps": st.steps, "cfg": st.cfg,
-        "cfg_schedule": st.cfg_schedule, "temperature": st.temperature, "height": h, "width": w, "seed": seed,
-        "batch_size": batch_size, "field": field,
-    }  # fmt: skip
-    _check_settings(out, settings, overwrite)
+    record = {k: v for k, v in components(pipe).items() if k != "head_steps"}  # head steps: in model_config
+    record |= {"model_config": pipe.model.cfg.to_dict(), "samples": samples, **dataclasses.asdict(st)}
+    record |= {"height": size[0], "width": size[1], "seed": seed, "batch_size": batch_size, "field": field}
+    _check_settings(out, record, overwrite)
     per_group = max(1, batch_size // samples)
     folders = [out / f"{i:05d}" for i in range(len(lines))]
     todo = [i for i in range(len(lines)) if not _finished(folders[i], lines[i][0], samples)]
-    pending = set(todo)
-    groups = sorted({i - i % per_group for i in todo})
-    written, seconds = 0, 0.0
+    pending, seconds = set(todo), 0.0
     with tqdm(total=len(todo), unit="prompt", desc="geneval", disable=not progress) as bar:
-        for first in groups:
+        for first in sorted({i - i % per_group for i in todo}):
             idx = range(first, min(first + per_group, len(lines)))
-            t0 = time.perf_counter()
-            res = pipe(
-                [lines[i][1] for i in idx], num_inference_steps=st.steps, guidance_scale=st.cfg,
-                guidance_schedule=st.cfg_schedule, temperature=st.temperature, height=h, width=w,
-                num_images_per_prompt=samples, batch_size=batch_size,
-                generator=torch.Generator().manual_seed(group_seed(seed, first)),
-            )  # fmt: skip
-            seconds += time.perf_counter() - t0
+            generator = torch.Generator().manual_seed(group_seed(seed, first))
+            images, took = timed_call(pipe, [lines[i][1] for i in idx], st, size, num_images_per_prompt=samples,
+                                      batch_size=batch_size, generator=generator)  # fmt: skip
+            seconds += took
             for j, i in enumerate(idx):
-                if i not in pending:
-                    continue  # finished in an earlier run: never touched again
-                (folders[i] / "samples").mkdir(parents=True, exist_ok=True)
-                for s in range(samples):
-                    image = res.images[j * samples + s]
-                    _atomic_write(folders[i] / "samples" / f"{s:04d}.png", lambda t, im=image: im.save(t, "PNG"))
-                    written += 1
-                _atomic_write(folders[i] / "metadata.jsonl", lambda t, i=i: t.write_bytes(lines[i][0]))
-                bar.update(1)
-    return {
-        "prompts": len(lines),
-        "skipped": len(lines) - len(todo),
-        "generated": len(todo),
-        "images": written,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(written / seconds, 3) if seconds > 0 else None,
-    }
+                if i in pending:  # a folder finished in an earlier run is never touched again
+                    _write_prompt(folders[i], lines[i][0], images[j * samples : (j + 1) * samples])
+                    bar.update(1)
+    return {"prompts": len(lines), "skipped": len(lines) - len(todo), "generated": len(todo),
+            "images": len(todo) * samples, "seconds": round(seconds, 3),
+            "images_per_second": per_second(len(todo) * samples, seconds)}  # fmt: skip

@@ -33,6 +33,7 @@ class TextProjection(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, Lt, in_dim) -> (B, Lt, dim)."""
         return self.linear_2(self.act_1(self.linear_1(x)))
 
 
@@ -50,6 +51,7 @@ class TextAligner(nn.Module):
         self.text_aligner_norm = layer_norm(d)
 
     def forward(self, text: Tensor, key_mask: Tensor | None, ckpt: bool = False) -> Tensor:
+        """Text states (B, Lt, text_dim), key mask (B, Lt) or None -> aligned context (B, Lt, D)."""
         x = self.text_proj(text)  # (B, Lt, D)
         for blk in self.text_aligner:
             x = checkpoint(blk, x, key_mask, use_reentrant=False) if ckpt else blk(x, key_mask)
@@ -259,26 +261,59 @@ class LightGen(nn.Module):
         text_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         draws: tuple[Tensor, Tensor, Tensor] | None = None,
+        reduction: str = "mean",
+        vlb: bool = True,
     ) -> Tensor:
-        """Diffusion loss on the masked tokens. latents (B, C, H, W) normalised; text (B, Lt, text_dim).
+        """Diffusion loss on the masked tokens: the mean (``reduction="mean"``) or one per sample, (B,) ("none").
 
-        With ``draws`` = (mask, t, noise) returns the per-sample losses of :meth:`sample_losses` instead (DPO;
-        through ``forward`` so that DDP / FSDP wrappers see the call)."""
-        if draws is not None:
-            return self.sample_losses(latents, text, text_mask, *draws)
+        latents (B, C, H, W) normalised; text (B, Lt, text_dim). Everything random is drawn from ``generator``: the
+        token mask, caption dropout (in training mode), timesteps and noise. ``draws`` = (mask (B, L) with the same
+        count m per row, t (mul, B, m), noise (mul, B, m, C)) gives them instead, without caption dropout:
+        Diffusion-DPO scores winner and loser, policy and reference, under the same draws, through ``forward`` so
+        that DDP / FSDP wrappers see the call. ``vlb=False`` keeps the MSE term only (no learned-variance bound).
+        """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         tokens = self.patchify(latents)  # (B, L, C)
-        grid = self.latent_grid(latents)
         B, L, _ = tokens.shape
-        mask = self.random_mask(B, L, tokens.device, generator)
+        if draws is None:
+            mask, t, noise = self.random_mask(B, L, tokens.device, generator), None, None
+        else:
+            mask, t, noise = draws
+        text_drop = self.training and draws is None
+        z, target = self.masked_states(tokens, mask, self.latent_grid(latents), text, text_mask, text_drop, generator)
+        mul = self.cfg.diffusion_batch_mul if t is None else t.shape[0]
+        per_draw = self.diffloss.loss(
+            target.flatten(0, 1), z.flatten(0, 1), mul, generator, reduction="none", vlb=vlb,
+            t=None if t is None else t.reshape(-1), noise=None if noise is None else noise.reshape(-1, noise.shape[-1]),
+        )  # fmt: skip  # (mul * B * m,), repeat-major
+        if reduction == "mean":
+            return per_draw.mean()
+        return per_draw.view(mul, B, -1).mean(dim=(0, 2))
+
+    def masked_states(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        grid: tuple[int, int],
+        text: Tensor,
+        text_mask: Tensor | None,
+        text_drop: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The diffusion head's inputs at the masked positions: conditions z (B, m, Dc) and clean tokens (B, m, C).
+
+        tokens (B, L, C); mask (B, L) True = masked, the same count m per row. ``text_drop``: each caption becomes
+        the null text with probability ``text_drop_prob`` (caption dropout, which teaches the unconditional branch).
+        """
         ctx, ctx_mask = self.encode_text(text, text_mask)
-        if self.training and self.cfg.text_drop_prob > 0:
-            drop = rand((B,), generator, ctx.device) < self.cfg.text_drop_prob
+        if text_drop and self.cfg.text_drop_prob > 0:
+            drop = rand((tokens.shape[0],), generator, ctx.device) < self.cfg.text_drop_prob
             ctx = torch.where(drop[:, None, None], self.null_context(ctx), ctx)
         x = self.encode_decode(tokens, mask, grid)  # (B, L, Dd)
-        idx, _ = select_rows(mask)  # (B, n_mask): every row has the same count in training
-        z = self.cross(gather_rows(x, idx), ctx, ctx_mask, self.cross_pos(grid, idx))  # (B, n_mask, Dc)
-        target = gather_rows(tokens, idx)  # (B, n_mask, C)
-        return self.diffloss.loss(target.flatten(0, 1), z.flatten(0, 1), self.cfg.diffusion_batch_mul, generator)
+        idx, _ = select_rows(mask)  # (B, m)
+        z = self.cross(gather_rows(x, idx), ctx, ctx_mask, self.cross_pos(grid, idx))  # (B, m, Dc)
+        return z, gather_rows(tokens, idx)
 
     def sample_losses(
         self,
@@ -290,24 +325,9 @@ class LightGen(nn.Module):
         noise: Tensor,
         vlb: bool = False,
     ) -> Tensor:
-        """Per-sample diffusion loss (B,) with everything random given: the token mask (B, L) (same count per
-        row), timesteps t (mul, B, m) and noise (mul, B, m, C) for the m masked tokens. No caption dropout.
-        Diffusion-DPO evaluates winner and loser, policy and reference, under the same draws this way."""
-        tokens = self.patchify(latents)
-        grid = self.latent_grid(latents)
-        B = tokens.shape[0]
-        ctx, ctx_mask = self.encode_text(text, text_mask)
-        x = self.encode_decode(tokens, mask, grid)
-        idx, _ = select_rows(mask)
-        m = idx.shape[1]
-        z = self.cross(gather_rows(x, idx), ctx, ctx_mask, self.cross_pos(grid, idx))
-        target = gather_rows(tokens, idx)
-        mul = t.shape[0]
-        per = self.diffloss.loss(
-            target.flatten(0, 1), z.flatten(0, 1), mul, t=t.reshape(-1), noise=noise.reshape(mul * B * m, -1),
-            reduction="none", vlb=vlb,
-        )  # fmt: skip
-        return per.view(mul, B, m).mean(dim=(0, 2))
+        """Per-sample losses (B,) under the given draws, MSE term only by default (Diffusion-DPO):
+        ``self(latents, text, text_mask, draws=(mask, t, noise), reduction="none", vlb=vlb)``."""
+        return self(latents, text, text_mask, draws=(mask, t, noise), reduction="none", vlb=vlb)
 
 
 def sincos_table(dim: int, grid: tuple[int, int]) -> Tensor:

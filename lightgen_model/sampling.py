@@ -74,23 +74,43 @@ def masked_generation(
         to_pred = mask & ~mask_next
         if bool(to_pred.any()):
             x = model.encode_decode(tokens, mask, grid)  # (B, L, Dd), text-independent
-            idx, valid = select_rows(to_pred)  # (B, m)
-            xs, pos = gather_rows(x, idx), model.cross_pos(grid, idx)
-            if use_cfg:
-                z = model.cross(torch.cat([xs, xs]), ctx, ctx_mask, torch.cat([pos, pos]))  # (2B, m, Dc)
-                z_c, z_u = z[:B][valid], z[B:][valid]  # (M, Dc) each
-                scale = _cfg_scale(cfg, cfg_schedule, n, keep)[:, None].expand_as(valid)[valid]
-                noise = _row_noise(gens, valid, model, dev)
-                new = model.diffloss.sample(z_c, z_u, scale, temperature, None if gens else generator, noise=noise)
-            else:
-                z = model.cross(xs, ctx, ctx_mask, pos)[valid]
-                noise = _row_noise(gens, valid, model, dev)
-                new = model.diffloss.sample(z, None, 1.0, temperature, None if gens else generator, noise=noise)
+            scale = _cfg_scale(cfg, cfg_schedule, n, keep) if use_cfg else None
+            new = _predict(model, x, to_pred, grid, ctx, ctx_mask, scale, temperature, generator, gens)  # (M, C)
             tokens[to_pred] = new.to(tokens.dtype)
         mask = mask_next
         if callback is not None:
             callback(step, tokens)
     return tokens
+
+
+def _predict(
+    model: LightGen,
+    x: Tensor,
+    to_pred: Tensor,
+    grid: tuple[int, int],
+    ctx: Tensor,
+    ctx_mask: Tensor | None,
+    scale: Tensor | None,
+    temperature: float,
+    generator: Generator,
+    gens: list[torch.Generator] | None,
+) -> Tensor:
+    """New values (M, C) of the M tokens ``to_pred`` (B, L) from decoder states x (B, L, Dd), in row-major order.
+
+    ``scale`` (B,): the guidance scale per sample, with ``ctx`` holding the conditional then the unconditional
+    context (2B, Lt, Dc); None: no guidance, ``ctx`` (B, Lt, Dc)."""
+    B = x.shape[0]
+    idx, valid = select_rows(to_pred)  # (B, m)
+    xs, pos = gather_rows(x, idx), model.cross_pos(grid, idx)
+    noise = _row_noise(gens, valid, model, x.device)
+    shared = None if gens else generator
+    if scale is None:
+        z = model.cross(xs, ctx, ctx_mask, pos)[valid]  # (M, Dc)
+        return model.diffloss.sample(z, None, 1.0, temperature, shared, noise=noise)
+    z = model.cross(torch.cat([xs, xs]), ctx, ctx_mask, torch.cat([pos, pos]))  # (2B, m, Dc)
+    z_c, z_u = z[:B][valid], z[B:][valid]  # (M, Dc) each
+    scale = scale[:, None].expand_as(valid)[valid]  # (M,)
+    return model.diffloss.sample(z_c, z_u, scale, temperature, shared, noise=noise)
 
 
 def _row_generators(generator: Generator, B: int) -> list[torch.Generator] | None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+
+from lightgen.errors import user_errors
 
 app = typer.Typer(
     help="ShapesWorld: procedural GenEval-style prompts, a teacher that renders them, and a scorer.",
@@ -16,17 +16,8 @@ app = typer.Typer(
 )
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn bad input into a one-line message and exit code 2 instead of a traceback."""
-    try:
-        yield
-    except (ValueError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-
-
 @app.command()
+@user_errors()
 def prompts(
     n: int = typer.Option(..., "--n", min=1, help="Number of records."),
     seed: int = typer.Option(0, help="Random seed (output is deterministic in it)."),
@@ -38,17 +29,17 @@ def prompts(
     """Write GenEval-shaped scene metadata (+ a `caption`), one JSON object a line."""
     from shapesworld.world import generate_prompts
 
-    with _user_errors():
-        cats = [c.strip() for c in categories.split(",") if c.strip()] or None
-        records = generate_prompts(n, seed, cats, diversity, scenes or None)
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        if out is None:
-            typer.echo(text, nl=False)
-        else:
-            out.write_text(text)
+    cats = [c.strip() for c in categories.split(",") if c.strip()] or None
+    records = generate_prompts(n, seed, cats, diversity, scenes or None)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
 
 
 @app.command()
+@user_errors()
 def render(
     metadata: Path = typer.Option(..., help="Metadata JSONL (from `prompts` or GenEval's file)."),
     out: Path = typer.Option(..., help="Output folder, GenEval layout."),
@@ -60,12 +51,12 @@ def render(
     from shapesworld.render import render_folder
     from shapesworld.world import read_jsonl
 
-    with _user_errors():
-        count = render_folder(read_jsonl(metadata), out, resolution, samples, seed)
+    count = render_folder(read_jsonl(metadata), out, resolution, samples, seed)
     typer.echo(f"wrote {count} images to {out}")
 
 
 @app.command()
+@user_errors()
 def score(
     folder: Path = typer.Argument(..., help="A GenEval-layout folder of samples."),
     json_out: Path = typer.Option(
@@ -75,6 +66,5 @@ def score(
     """Score a GenEval-layout folder and print GenEval's summary."""
     from shapesworld.score import format_summary, score_folder
 
-    with _user_errors():
-        summary = score_folder(folder, json_out)
+    summary = score_folder(folder, json_out)
     typer.echo(format_summary(summary))

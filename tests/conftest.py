@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from lightgen_model import LightGen, preset
+
+# GenEval's metadata lives beside the repository, in ../shared/geneval/ (CI has it at the same place)
+GENEVAL_METADATA = Path(__file__).resolve().parents[2] / "shared" / "geneval" / "evaluation_metadata.jsonl"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked `gpu` where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def geneval_metadata() -> Path:
+    """GenEval's evaluation_metadata.jsonl; its absence is a failure (it must be in ../shared/geneval/)."""
+    if not GENEVAL_METADATA.is_file():
+        pytest.fail(
+            f"GenEval's metadata file is missing: expected {GENEVAL_METADATA} (../shared/geneval/ beside the "
+            "repository, as in CI)",
+            pytrace=False,
+        )
+    return GENEVAL_METADATA
 
 
 def wake_head(model: LightGen, std: float = 0.05) -> LightGen:
@@ -21,6 +48,7 @@ def wake_head(model: LightGen, std: float = 0.05) -> LightGen:
 
 @pytest.fixture
 def debug_model() -> LightGen:
+    """The `debug` preset with an awake diffusion head, seeded."""
     torch.manual_seed(0)
     return wake_head(LightGen(preset("debug")))
 

@@ -19,33 +19,6 @@ from lightgen.geneval import group_seed
 from lightgen_model import LightGen, SamplingDefaults, preset, save_pretrained
 
 runner = CliRunner()
-GENEVAL_CANDIDATES = [  # GenEval's file lives beside the repository (../shared), or at /work/shared
-    Path(__file__).resolve().parents[2] / "shared" / "geneval" / "evaluation_metadata.jsonl",
-    Path("/work/shared/geneval/evaluation_metadata.jsonl"),
-]
-GENEVAL_FILE = next((p for p in GENEVAL_CANDIDATES if p.is_file()), None)
-# its first 15 lines, for checkouts without the file (checked against it where it exists)
-_CLASSES = ["bench", "cow", "bicycle", "clock", "carrot", "suitcase", "fork", "surfboard", "refrigerator", "cup",
-            "microwave", "potted plant", "snowboard", "zebra", "parking meter"]  # fmt: skip
-GENEVAL_HEAD = b"".join(
-    b'{"tag": "single_object", "include": [{"class": "%s", "count": 1}], "prompt": "a photo of a %s"}\n' % (c, c)
-    for c in (c.encode() for c in _CLASSES)
-)
-
-
-@pytest.fixture(scope="module")
-def geneval_meta(tmp_path_factory) -> Path:
-    """GenEval's evaluation_metadata.jsonl, or its first 15 lines where the file is not beside the repository."""
-    if GENEVAL_FILE is not None:
-        return GENEVAL_FILE
-    path = tmp_path_factory.mktemp("geneval") / "evaluation_metadata.jsonl"
-    path.write_bytes(GENEVAL_HEAD)
-    return path
-
-
-@pytest.mark.skipif(GENEVAL_FILE is None, reason="GenEval's metadata file is not beside the repository")
-def test_embedded_geneval_lines_are_the_files_first_lines() -> None:
-    assert GENEVAL_FILE.read_bytes().startswith(GENEVAL_HEAD)
 
 
 def _save_model(path: Path, **overrides) -> Path:
@@ -191,7 +164,7 @@ def test_text_padding_is_masked_or_reference_padded(pipe: LightGenPipeline, tmp_
 
 
 def test_recorded_sampling_defaults_are_used_unless_overridden(
-    tmp_path: Path, bert_dir: Path, geneval_meta: Path
+    tmp_path: Path, bert_dir: Path, geneval_metadata: Path
 ) -> None:
     """config.json's `sampling` drives the API, `generate` and `geneval`; any setting can still be given; a
     config.json without it (older checkpoints) keeps the library defaults."""
@@ -216,7 +189,7 @@ def test_recorded_sampling_defaults_are_used_unless_overridden(
     assert (settings["steps"], settings["cfg"], settings["cfg_schedule"], settings["head_steps"]) == (
         2, 2.5, "linear-reference", "ddim10",
     )  # fmt: skip
-    res = _invoke("geneval", "--model", model, "--metadata", geneval_meta, "--out", tmp_path / "ge", "--limit", 1,
+    res = _invoke("geneval", "--model", model, "--metadata", geneval_metadata, "--out", tmp_path / "ge", "--limit", 1,
                   "--samples", 1, "--device", "cpu")  # fmt: skip
     assert res.exit_code == 0, res.output
     ge = json.loads((tmp_path / "ge" / "geneval_settings.json").read_text())
@@ -334,9 +307,9 @@ def _geneval(model: Path, metadata: Path, out: Path, *extra) -> str:
     return res.output
 
 
-def test_geneval_layout_on_the_real_metadata(model_dir: Path, tmp_path: Path, geneval_meta: Path) -> None:
-    lines = geneval_meta.read_bytes().splitlines(keepends=True)[:5]
-    _geneval(model_dir, geneval_meta, tmp_path / "g", "--limit", 5)
+def test_geneval_layout_on_the_real_metadata(model_dir: Path, tmp_path: Path, geneval_metadata: Path) -> None:
+    lines = geneval_metadata.read_bytes().splitlines(keepends=True)[:5]
+    _geneval(model_dir, geneval_metadata, tmp_path / "g", "--limit", 5)
     folders = sorted(p.name for p in (tmp_path / "g").iterdir() if p.is_dir())
     assert folders == [f"{i:05d}" for i in range(5)]
     for i, line in enumerate(lines):
@@ -349,10 +322,10 @@ def test_geneval_layout_on_the_real_metadata(model_dir: Path, tmp_path: Path, ge
 
 
 def test_geneval_resumes_and_equals_the_api(
-    model_dir: Path, pipe: LightGenPipeline, tmp_path: Path, geneval_meta: Path
+    model_dir: Path, pipe: LightGenPipeline, tmp_path: Path, geneval_metadata: Path
 ) -> None:
     meta = tmp_path / "meta.jsonl"
-    meta.write_bytes(b"".join(geneval_meta.read_bytes().splitlines(keepends=True)[10:15]))
+    meta.write_bytes(b"".join(geneval_metadata.read_bytes().splitlines(keepends=True)[10:15]))
     out = tmp_path / "g"
     _geneval(model_dir, meta, out, "--seed", 7)
     first = {p: p.read_bytes() for p in sorted(out.rglob("*.png"))}
@@ -377,9 +350,9 @@ def test_geneval_resumes_and_equals_the_api(
     assert "0 already done, 5 generated" in _geneval(model_dir, meta, out, "--seed", 8, "--overwrite")
 
 
-def test_geneval_refuses_a_folder_of_other_metadata(model_dir: Path, tmp_path: Path, geneval_meta: Path) -> None:
+def test_geneval_refuses_a_folder_of_other_metadata(model_dir: Path, tmp_path: Path, geneval_metadata: Path) -> None:
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    lines = geneval_meta.read_bytes().splitlines(keepends=True)
+    lines = geneval_metadata.read_bytes().splitlines(keepends=True)
     a.write_bytes(lines[0])
     b.write_bytes(lines[1])
     _geneval(model_dir, a, tmp_path / "g")

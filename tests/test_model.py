@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import cross_states, make_text
+from conftest import cross_states, make_text, wake_head
 
 from lightgen_model import LightGen, ModelConfig, count_parameters, preset
 from lightgen_model.layers import CrossBlock
@@ -21,6 +21,51 @@ def test_loss_is_finite_scalar_at_any_grid(debug_model: LightGen, size: tuple[in
     loss.backward()
     grads = [p.grad for p in debug_model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _draws(model: LightGen, B: int, seed: int = 9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A shared mask (B, 64), timesteps (mul, B, m) and noise (mul, B, m, C) for the debug model's 8x8 grid."""
+    g = torch.Generator().manual_seed(seed)
+    mask = model.random_mask(B, 64, torch.device("cpu"), g)
+    m, mul = int(mask[0].sum()), model.cfg.diffusion_batch_mul
+    t = torch.randint(0, model.diffloss.train_schedule.num_steps, (mul, B, m), generator=g)
+    return mask, t, torch.randn(mul, B, m, model.cfg.token_dim, generator=g)
+
+
+def test_forward_reduction_sets_the_shape_and_draws_only_the_randomness(debug_model: LightGen) -> None:
+    """`reduction` alone decides scalar vs (B,); `draws` replaces the random mask, timesteps and noise."""
+    lat, (text, mask) = torch.randn(3, 3, 32, 32), make_text(3, lengths=[7, 2, 5])
+    m = debug_model.train()
+    gen = lambda: torch.Generator().manual_seed(4)
+    mean, per = m(lat, text, mask, generator=gen()), m(lat, text, mask, generator=gen(), reduction="none")
+    assert mean.shape == () and per.shape == (3,)
+    assert torch.allclose(per.mean(), mean, rtol=1e-6)  # every row has the same masked count
+    draws = _draws(m, 3)
+    given = m(lat, text, mask, draws=draws, reduction="none", vlb=False)
+    assert given.shape == (3,) and torch.equal(given, m.sample_losses(lat, text, mask, *draws))
+    assert torch.allclose(m(lat, text, mask, draws=draws, vlb=False), given.mean(), rtol=1e-6)
+    assert torch.equal(given, m.eval()(lat, text, mask, draws=draws, reduction="none", vlb=False))  # no dropout
+    assert not torch.equal(given, m(lat, text, mask, draws=draws, reduction="none"))  # the VLB term counts
+    twice = m(torch.cat([lat, lat]), torch.cat([text, text]), torch.cat([mask, mask]), reduction="none", vlb=False,
+              draws=tuple(torch.cat([x, x], dim=0 if i == 0 else 1) for i, x in enumerate(_draws(m, 3))))  # fmt: skip
+    assert torch.equal(twice[:3], twice[3:]) and torch.equal(twice[:3], given)  # rows are independent
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'none', got 'sum'"):
+        m(lat, text, mask, reduction="sum")
+
+
+def test_caption_dropout_only_in_training_without_draws() -> None:
+    """text_drop_prob = 1: training swaps every caption for the null text, so the text stops mattering;
+    in eval mode or under given draws the caption is always used."""
+    torch.manual_seed(0)
+    m = wake_head(LightGen(preset("debug", text_drop_prob=1.0)))
+    lat, (a, mask), (b, _) = torch.randn(2, 3, 32, 32), make_text(2, seed=1), make_text(2, seed=2)
+    loss = lambda text, **kw: m(lat, text, mask, generator=torch.Generator().manual_seed(3), **kw)
+    m.train()
+    assert torch.equal(loss(a), loss(b))
+    draws = _draws(m, 2)
+    assert not torch.equal(loss(a, draws=draws), loss(b, draws=draws))
+    m.eval()
+    assert not torch.equal(loss(a), loss(b))
 
 
 def test_bf16_forward_keeps_dtype(debug_model: LightGen) -> None:

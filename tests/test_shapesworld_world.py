@@ -27,19 +27,19 @@ from shapesworld.world import (
     validate_metadata,
 )
 
-GENEVAL = Path("/work/shared/geneval/evaluation_metadata.jsonl")
+
+@pytest.fixture(scope="module")
+def geneval(geneval_metadata: Path) -> list[dict]:
+    """GenEval's 553 metadata records (the file must exist: see conftest)."""
+    records = [json.loads(line) for line in geneval_metadata.read_text().splitlines()]
+    assert len(records) == 553
+    return records
 
 
-def _geneval() -> list[dict]:
-    if not GENEVAL.is_file():
-        pytest.skip("GenEval metadata not available")
-    return [json.loads(line) for line in GENEVAL.read_text().splitlines()]
-
-
-def test_prompt_templates_reproduce_geneval_exactly() -> None:
+def test_prompt_templates_reproduce_geneval_exactly(geneval: list[dict]) -> None:
     """Our canonical template, applied to GenEval's own metadata, gives GenEval's prompt string."""
     checked = 0
-    for meta in _geneval():
+    for meta in geneval:
         if meta["tag"] == "counting":  # GenEval pluralizes its own classes; check the number phrasing
             assert meta["prompt"].startswith(f"a photo of {NUMBER_WORDS[meta['include'][0]['count']]} ")
             continue
@@ -48,10 +48,10 @@ def test_prompt_templates_reproduce_geneval_exactly() -> None:
     assert checked > 400
 
 
-def test_records_have_geneval_shape() -> None:
+def test_records_have_geneval_shape(geneval: list[dict]) -> None:
     """Same keys, key order, entry keys and value types as GenEval's file, plus `caption`."""
     shapes = {}
-    for meta in _geneval():
+    for meta in geneval:
         shapes[meta["tag"]] = (list(meta), [sorted(e) for e in meta["include"]], meta.get("exclude"))
     for rec in generate_prompts(60, 0, diversity=0.0):
         keys, entries, exclude = shapes[rec["tag"]]
@@ -64,8 +64,8 @@ def test_records_have_geneval_shape() -> None:
                 assert entry["position"][0] in RELATIONS and entry["position"][1] == 0
 
 
-def test_geneval_relations_and_colors_are_ours() -> None:
-    meta = _geneval()
+def test_geneval_relations_and_colors_are_ours(geneval: list[dict]) -> None:
+    meta = geneval
     assert {m["include"][1]["position"][0] for m in meta if m["tag"] == "position"} == set(RELATIONS)
     geneval_colors = {e["color"] for m in meta for e in m["include"] if "color" in e}
     assert set(COLORS) <= geneval_colors  # our color names are GenEval color words

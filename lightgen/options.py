@@ -1,0 +1,142 @@
+"""The option groups the `lightgen` commands share, each written once as a dataclass.
+
+A field declared with ``flag(typer.Option(...))`` is a command-line option; a command takes the whole group as one
+parameter annotated with the dataclass, and ``@with_options`` expands it into the group's options (in --help and
+on the command line) and builds the dataclass for the command:
+
+    @app.command()
+    @with_options
+    def generate_cmd(model: Path = MODEL, ..., sampling: SamplingOptions, load: LoadOptions) -> None:
+        pipe = load.pipeline(model)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+MODEL = typer.Option(..., "--model", help="Model directory (config.json + model[_ema].safetensors).")
+DEVICE = typer.Option("auto", help="Device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+SEED = typer.Option(0, help="Random seed (the same seed and batch size give the same images).")
+
+
+def flag(option: Any) -> Any:
+    """A dataclass field that is the command-line option ``option`` (a ``typer.Option``), with its default."""
+    default = None if option.default is ... else option.default
+    return dataclasses.field(default=default, metadata={"option": option})
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling settings from the command line; None = the model's recorded default (config.json "sampling"),
+    else the library's (named in the help)."""
+
+    steps: int | None = flag(
+        typer.Option(None, min=1, help="Masked-generation iterations (default: the model's recorded one, else 64).")
+    )
+    cfg: float | None = flag(
+        typer.Option(None, min=0.0, help="Classifier-free guidance scale, 1 = off (default: the model's, else 4.0).")
+    )
+    cfg_schedule: str | None = flag(
+        typer.Option(
+            None,
+            help="Guidance schedule: linear (1 -> cfg as tokens appear), constant, or linear-reference (linear with "
+            "the reference code's last step, 1 + (cfg-1)(L-1)/L) (default: the model's, else linear).",
+        )
+    )
+    temperature: float | None = flag(
+        typer.Option(None, min=0.0, help="Temperature of the diffusion head's noise (default: the model's, else 1.0).")
+    )
+    seed: int = flag(SEED)
+
+    def check(self) -> None:
+        """Check the given settings before a model is loaded (ValueError naming the bad one)."""
+        self.settings()
+
+    def settings(self, pipe: Any = None) -> Any:
+        """The ``SamplingDefaults`` a run uses: the given settings, else the recorded ones of ``pipe``'s model (a
+        ``LightGenPipeline``; without one, the library's)."""
+        from lightgen_model import SamplingDefaults
+
+        base = SamplingDefaults() if pipe is None else pipe.sampling_settings()
+        return base.replace(
+            steps=self.steps, cfg=self.cfg, cfg_schedule=self.cfg_schedule, temperature=self.temperature
+        )
+
+
+@dataclass
+class LoadOptions:
+    """How a command loads its model: component overrides, device, dtype, EMA weights, head sampling steps."""
+
+    vae: str | None = flag(
+        typer.Option(None, help="Image tokenizer: 'pixel' or a local diffusers VAE dir (default: the config's vae).")
+    )
+    text_encoder: str | None = flag(
+        typer.Option(
+            None, help="Text encoder: 'minilm' or a local transformers dir (default: the config's text_encoder)."
+        )
+    )
+    device: str = flag(DEVICE)
+    dtype: str = flag(
+        typer.Option("float32", help="dtype of the LightGen network: float32, bfloat16, float16 or auto (bf16 on GPU).")
+    )
+    ema: bool = flag(typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the directory has them."))
+    head_steps: str | None = flag(
+        typer.Option(
+            None,
+            help="Diffusion-head sampling steps: N, 'ddimN' or 'a,b,...' (default: the config's num_sampling_steps).",
+        )
+    )
+
+    def pipeline(self, model: Path) -> Any:
+        """The ``LightGenPipeline`` of the model directory ``model`` (torch is imported here: --help stays fast)."""
+        from lightgen.api import LightGenPipeline
+
+        steps = self.head_steps
+        return LightGenPipeline.from_pretrained(
+            model, vae=self.vae, text_encoder=self.text_encoder, device=self.device, dtype=self.dtype,
+            use_ema=self.ema, head_steps=int(steps) if steps is not None and steps.strip().isdigit() else steps,
+        )  # fmt: skip
+
+
+def _is_group(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def with_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """A typer command from ``fn``: each parameter annotated with an option group becomes the group's options
+    (in place, in field order), and ``fn`` receives the group built from them."""
+    hints = typing.get_type_hints(fn)
+    params, groups = [], {}
+    for p in inspect.signature(fn).parameters.values():
+        hint = hints.get(p.name, p.annotation)
+        if not _is_group(hint):
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hint))
+            continue
+        groups[p.name] = hint
+        field_hints = typing.get_type_hints(hint)
+        params += [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.metadata["option"],
+                              annotation=field_hints[f.name])
+            for f in dataclasses.fields(hint)
+        ]  # fmt: skip
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> None:
+        """``fn`` with each group built from its options."""
+        for name, group in groups.items():
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)})
+        fn(**kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # typer must read the signature above, not fn's
+    return command
