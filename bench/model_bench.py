@@ -14,15 +14,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightgen_model import LightGen, generate, preset
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lightgen_model import LightGen, generate, preset  # noqa: E402
+from training.metrics import peak_flops  # noqa: E402  (the trainer's table of dense bf16 peaks)
 
 SDPA = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
 
 
 def random_batch(cfg, B: int, res: int, device: str, g: torch.Generator, max_text: int):
@@ -33,13 +37,6 @@ def random_batch(cfg, B: int, res: int, device: str, g: torch.Generator, max_tex
     text = torch.randn(B, Lt, cfg.text_dim, generator=g).to(device)
     mask = (torch.arange(Lt)[None] < lengths[:, None]).to(device)
     return lat, text, mask
-
-
-def peak_flops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def bench_train(model: LightGen, args, device: str) -> dict:
@@ -76,7 +73,7 @@ def bench_train(model: LightGen, args, device: str) -> dict:
     sync()
     dt = (time.perf_counter() - t0) / args.steps
     out = {"img_per_s": args.batch / dt, "step_s": dt, "flops_per_img": flops_per_step / args.batch}
-    peak = peak_flops(device)
+    peak = peak_flops(torch.device(device))
     if peak:
         out["mfu"] = flops_per_step / dt / peak
         out["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

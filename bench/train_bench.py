@@ -139,8 +139,8 @@ def main() -> None:
         f"data.workers={args.loader_workers}", f"data.prefetch={2 * args.loader_workers + 2}", *args.set,
     ])  # fmt: skip
     trainer = Timed(cfg)
-    trainer._checkpoint = lambda *a, **k: None  # throughput only: no checkpoint or final export
-    trainer._export = lambda *a, **k: None
+    trainer.save_checkpoint = lambda *a, **k: None  # throughput only: no checkpoint or final export
+    trainer.export = lambda *a, **k: None
     flops: list[float | None] = []
     orig = trainer._flops_per_image
     trainer._flops_per_image = lambda *a: flops.append(orig(*a)) or flops[-1]
@@ -152,7 +152,7 @@ def main() -> None:
            "loader_samples_per_s": round(rate, 1),
            "train_img_per_s": round(ips, 2), "loader_over_train": round(rate / ips, 1)}  # fmt: skip
     if args.device == "cuda" and flops and flops[0]:
-        from training.trainer import peak_flops
+        from training.metrics import peak_flops
 
         peak = peak_flops(torch.device("cuda"))
         out |= {"gflop_per_img": round(flops[0] / 1e9, 1), "device_name": torch.cuda.get_device_name()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,12 +40,12 @@ def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float
     """Raise ValueError naming the first bad sampling setting."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps (num_inference_steps) must be an integer >= 1, got {steps!r}")
-    if cfg < 0:
-        raise ValueError(f"cfg (guidance_scale) must be >= 0, got {cfg}")
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise ValueError(f"cfg (guidance_scale) must be a finite number >= 0, got {cfg}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg schedule (guidance_schedule) must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
 @dataclass

@@ -25,14 +25,30 @@ def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
 def save_pretrained(
     model: LightGen, directory: str | os.PathLike, ema_state: dict[str, torch.Tensor] | None = None
 ) -> Path:
-    """Write the config, the raw weights and (optionally) EMA weights with the same keys."""
+    """Write the config, the raw weights and (optionally) EMA weights with the same keys, atomically.
+
+    A new directory is assembled under a temporary name beside it and renamed into place, so it appears complete
+    or not at all. Into an existing directory each file is written beside its final name and renamed over it,
+    weights first and ``config.json`` last; an EMA file left from an earlier save is removed when ``ema_state`` is
+    None, so that ``from_pretrained`` never pairs these weights with a stale EMA.
+    """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    target = d
+    if not d.exists():
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d = d.parent / f".{d.name}.tmp-{os.getpid()}"
+        d.mkdir(exist_ok=True)  # a crashed save's leftovers are overwritten below
     _save_state(model.state_dict(), d / WEIGHTS_NAME)
     if ema_state is not None:
         _save_state(ema_state, d / EMA_NAME)
-    (d / CONFIG_NAME).write_text(model.cfg.to_json() + "\n")
-    return d
+    elif (d / EMA_NAME).exists():
+        (d / EMA_NAME).unlink()
+    tmp = d / (CONFIG_NAME + ".tmp")
+    tmp.write_text(model.cfg.to_json() + "\n")
+    os.replace(tmp, d / CONFIG_NAME)
+    if d != target:
+        os.replace(d, target)
+    return target
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:

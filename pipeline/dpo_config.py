@@ -166,16 +166,9 @@ def _vae_geometry(spec: str) -> tuple[int, int]:
 
 def _check_sampling(cfg: PairsConfig) -> None:
     """Range checks of the loser sampling options (`cfg` with the model's defaults filled in)."""
-    from lightgen_model.sampling import CFG_SCHEDULES
+    from lightgen_model.config import check_sampling
 
-    if cfg.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
-    if cfg.cfg < 0:
-        raise ValueError(f"--cfg must be >= 0, got {cfg.cfg}")
-    if cfg.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
-    if cfg.cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"unknown --cfg-schedule {cfg.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
+    check_sampling(cfg.steps, cfg.cfg, cfg.cfg_schedule, cfg.temperature)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {cfg.dtype!r}: expected float32, float16 or bfloat16")
     _check_device(cfg.device)

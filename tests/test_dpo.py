@@ -48,7 +48,7 @@ def test_shared_draws_give_equal_losses_for_equal_inputs(debug_model):
     text = torch.randn(2, 5, 384)
     t = dpo.DPOTrainer.__new__(dpo.DPOTrainer)
     mask, tt, noise = t._draws(debug_model, 2, (8, 8), x.device)
-    out = debug_model(torch.cat([x, x]), torch.cat([text, text]), None, draws=(mask, tt, noise))
+    out = debug_model.sample_losses(torch.cat([x, x]), torch.cat([text, text]), None, mask, tt, noise)
     assert torch.equal(out[:2], out[2:])
     assert out.shape == (4,) and (out > 0).all()
 

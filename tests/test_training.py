@@ -392,3 +392,143 @@ def test_weight_decay_groups_default_and_reference():
     assert [len(g["params"]) for g in opt.param_groups] == [len(ref_decay["params"]), len(ref_none["params"])]
     with pytest.raises(ValueError, match="optim.weight_decay_groups"):
         load_config(None, ["optim.weight_decay_groups=timm"])
+
+
+# ---------------------------------------------------------------------------- held-out evaluation (issue 15)
+
+
+def test_heldout_score_lands_in_metrics_and_equals_scoring_by_hand(tmp_path, shards):
+    """eval.every=2 over 5 steps: scores at steps 2, 4 and the last; each equals sampling that step's checkpoint
+    (its EMA weights) through LightGenPipeline with the same settings and seeds and scoring the images by hand, and
+    the saved samples are those images."""
+    from PIL import Image
+
+    from lightgen.api import LightGenPipeline
+    from shapesworld import generate_prompts
+    from shapesworld.score import score_image, summarize
+    from training.evaluate import save_grid
+
+    out = tmp_path / "run"
+    train(out, shards, "train.max_steps=5", "checkpoint.every_steps=2", "eval.every=2", "eval.prompts=7",
+          "eval.seeds=[3,4]", "eval.steps=3", "eval.batch_size=4", "eval.cfg=2.0", "eval.temperature=0.7")  # fmt: skip
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" in r] == [2, 4, 5]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # the score joins its step's row
+    records = generate_prompts(7, seed=999_001)  # the demo's held-out scenes
+    for step in (4, 5):
+        pipe = LightGenPipeline.from_pretrained(out / f"checkpoints/step-{step:08d}", device="cpu")  # EMA weights
+        results, first = [], None
+        for seed in (3, 4):
+            images = pipe([r["prompt"] for r in records], num_inference_steps=3, guidance_scale=2.0, temperature=0.7,
+                          batch_size=4, generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
+            arr = np.stack([np.asarray(im) for im in images])
+            first = arr if first is None else first
+            results += [{"metadata": r, "tag": r["tag"], "correct": score_image(a, r).correct}
+                        for r, a in zip(records, arr, strict=True)]  # fmt: skip
+        summary = summarize(results)
+        expected = {"overall": summary["overall"]} | {t: v["accuracy"] for t, v in summary["tasks"].items()}
+        got = next(r["eval"] for r in rows if r["step"] == step)
+        assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-4) and got["images"] == 14
+        save_grid(first, tmp_path / "hand.png")
+        hand, saved = (np.asarray(Image.open(p)) for p in (tmp_path / "hand.png", out / f"eval/step-{step:08d}.png"))
+        assert np.array_equal(hand, saved)
+
+
+def test_heldout_score_is_the_scorers_summary(tmp_path):
+    """Against a decoder that returns the teacher's render for every other prompt and a blank canvas for the rest,
+    the score is GenEval's summary of score_image: accuracy per category, overall their mean."""
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    from lightgen_model import LightGen, preset
+    from shapesworld import ShapesTeacher
+    from shapesworld.score import score_image
+    from training.config import EvalSection
+    from training.evaluate import HeldOutScore, heldout_prompts
+
+    cfg = EvalSection(every=1, prompts=12, seeds=[0, 1], steps=1, batch_size=5)
+    records = heldout_prompts(cfg)
+    renders = ShapesTeacher(32).batch(records, list(range(12)))
+
+    class EveryOtherRender:
+        def __init__(self) -> None:
+            self.k = 0
+
+        def decode(self, lat: torch.Tensor) -> torch.Tensor:
+            out = torch.ones(len(lat), 3, 32, 32)  # white: nothing to detect
+            for i in range(len(lat)):
+                j, self.k = self.k % 12, self.k + 1
+                if j % 2 == 0:
+                    out[i] = torch.from_numpy(renders[j]).permute(2, 0, 1).float() / 127.5 - 1
+            return out
+
+    mcfg = preset("debug")
+    torch.manual_seed(0)
+    got = HeldOutScore(cfg, mcfg, 32, EveryOtherRender(), tmp_path, "cpu")(LightGen(mcfg).eval(), 7, nullcontext)
+    correct = [j % 2 == 0 and score_image(renders[j], r).correct for j, r in enumerate(records)]
+    tags = list(dict.fromkeys(r["tag"] for r in records))
+    per = {t: np.mean([c for c, r in zip(correct, records, strict=True) if r["tag"] == t]) for t in tags}
+    assert got["images"] == 24
+    assert {t: got[t] for t in tags} == pytest.approx(per, abs=1e-4)
+    assert got["overall"] == pytest.approx(np.mean(list(per.values())), abs=1e-4) and 0 < got["overall"] < 1
+    assert Image.open(tmp_path / "eval/step-00000007.png").size == (8 * 34, 2 * 34)  # the first seed's 12 samples
+
+
+def test_metrics_log_rows_reports_and_mfu(tmp_path, monkeypatch, capsys):
+    """Every step's row lands in metrics.jsonl; every log.every steps a report gives the window's mean loss over its
+    good steps, images/s and MFU = images/s x FLOPs per image / (peak x processes); scores get their own line."""
+    from types import SimpleNamespace
+
+    from training import metrics
+    from training.config import LogSection
+    from training.dist import DistInfo
+
+    clock = [10.0]
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(metrics, "peak_flops", lambda device: 1e9)
+    cfg = LogSection(every=2, tensorboard=False, progress=False)
+    log = metrics.MetricsLog(tmp_path, cfg, DistInfo(world=2), "pretrain", 0, 4, global_batch=8, flops_per_image=5e8)
+    row = {"lr": 1e-3, "grad_norm": 0.5, "acc": 0.25}
+    log.record({"step": 1, "loss": 1.0, "skipped": False} | row, nonfinite=0)
+    clock[0] += 2.0
+    log.record({"step": 2, "loss": float("nan"), "skipped": True, "eval": {"overall": 0.5}} | row, nonfinite=1)
+    log.close()
+    text = capsys.readouterr().out
+    assert "eval step 2: overall 0.5" in text
+    report = next(x for x in text.splitlines() if x.startswith("step 2/4"))
+    # 16 images in 2 s = 8 img/s; 8 x 5e8 / (1e9 x 2) = 200 %; the skipped step's NaN is not in the mean
+    assert (
+        report
+        == "step 2/4 | loss 1.0000 | lr 1.00e-03 | gnorm 0.500 | 8.0 img/s | MFU 200.0% | acc 0.25 | non-finite steps 1"
+    )
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["eval"] == {"overall": 0.5} and rows[0]["acc"] == 0.25
+
+
+def test_save_pretrained_is_atomic_and_drops_a_stale_ema(tmp_path, monkeypatch):
+    """The trainer exports through lightgen_model.save_pretrained: a new directory appears complete or not at all,
+    and saving over one without EMA weights removes the old EMA file (from_pretrained would load it otherwise)."""
+    from lightgen_model import LightGen, from_pretrained, hub, preset, save_pretrained
+
+    torch.manual_seed(0)
+    model = LightGen(preset("debug"))
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    real = hub._save_state
+
+    def crash_on_ema(state, path):
+        if path.name == hub.EMA_NAME:
+            raise OSError("disk full")
+        real(state, path)
+
+    monkeypatch.setattr(hub, "_save_state", crash_on_ema)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, tmp_path / "m", ema)
+    assert not (tmp_path / "m").exists()  # the weights were written, but only under a temporary name
+    monkeypatch.setattr(hub, "_save_state", real)
+    d = save_pretrained(model, tmp_path / "m", ema)
+    assert sorted(p.name for p in d.iterdir()) == sorted([hub.CONFIG_NAME, hub.WEIGHTS_NAME, hub.EMA_NAME])
+    assert_same(from_pretrained(d).state_dict(), ema)
+    save_pretrained(model, d)  # over the existing directory, without EMA weights
+    assert not (d / hub.EMA_NAME).exists()
+    assert_same(from_pretrained(d).state_dict(), model.state_dict())

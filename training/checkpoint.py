@@ -1,12 +1,16 @@
 """Training checkpoints: one directory per step, written atomically, verified on load, no pickle.
 
 `<out_dir>/checkpoints/step-00001234/` holds
-- `model.safetensors`, `model_ema.safetensors`, `config.json`: loadable as is by `lightgen_model.from_pretrained`;
+- `model.safetensors`, `model_ema.safetensors`, `config.json`: written by `lightgen_model.save_pretrained`, so
+  loadable as is by `lightgen_model.from_pretrained`;
 - `optimizer.safetensors`: every tensor of the optimizer state (`state/<param index or name>/<name>`);
 - `state.json`: step, data-loader position, elapsed time, counters, the optimizer's param groups and non-tensor
   state, the resolved training config, and the size + CRC-32 of every file above (written last).
 The directory is assembled under a temporary name and renamed, so a crash never leaves a half-written
 `step-*` directory; a damaged one (truncated, edited) fails verification and the previous one is used.
+
+Also here: the full (gathered) model, EMA and optimizer states of a DDP or FSDP2 run, and the weights a run
+starts from (`model.init_from`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightgen_model import LightGen, ModelConfig, save_pretrained
+from lightgen_model.hub import EMA_NAME, WEIGHTS_NAME
+
+from .dist import DistInfo
+from .optim import EMA
 
 STATE = "state.json"
+OPTIMIZER = "optimizer.safetensors"
 PREFIX = "step-"
 
 
@@ -72,27 +84,24 @@ def save(
     root: str | Path,
     step: int,
     *,
-    model_state: dict[str, torch.Tensor],
-    ema_state: dict[str, torch.Tensor] | None,
-    model_config_json: str,
+    model: LightGen,
+    ema_state: dict[str, Tensor] | None,
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep_last: int = 3,
 ) -> Path:
-    """Write checkpoint `step` under root atomically, then delete all but the newest `keep_last`."""
+    """Write checkpoint `step` under root atomically, then delete all but the newest `keep_last`.
+
+    `model` is saved with `save_pretrained` (it may be a `holding` wrapper of a gathered state dict)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    if ema_state is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / "model_ema.safetensors"))
-    (tmp / "config.json").write_text(model_config_json + "\n")
+    save_pretrained(model, tmp, ema_state)
     opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file(opt_tensors, str(tmp / OPTIMIZER))
     files = {p.name: {"bytes": p.stat().st_size, "crc32": _crc(p)} for p in sorted(tmp.iterdir())}
     doc = {**state, "step": step, "optimizer": opt_meta, "files": files}
     with open(tmp / STATE, "w") as f:
@@ -117,7 +126,7 @@ def verify(directory: str | Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"{STATE} unreadable: {e}"
     files = doc.get("files")
-    if not isinstance(files, dict) or "model.safetensors" not in files:
+    if not isinstance(files, dict) or WEIGHTS_NAME not in files:
         return f"{STATE} lists no files"
     for name, meta in files.items():
         p = d / name
@@ -141,6 +150,19 @@ def latest_valid(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]
     return None, skipped
 
 
+def find_resume(resume: str, root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint `checkpoint.resume` names ("auto": the newest intact one under root, "never": None) and the
+    damaged ones skipped on the way; ValueError when a named checkpoint is damaged."""
+    if resume == "never":
+        return None, []
+    if resume != "auto":
+        reason = verify(resume)
+        if reason is not None:
+            raise ValueError(f"checkpoint.resume={resume}: {reason}")
+        return Path(resume), []
+    return latest_valid(root)
+
+
 def load(directory: str | Path) -> dict[str, Any]:
     """Read a verified checkpoint: model/EMA/optimizer tensors and the state document."""
     d = Path(directory)
@@ -148,10 +170,70 @@ def load(directory: str | Path) -> dict[str, Any]:
     if reason is not None:
         raise ValueError(f"checkpoint {d} is damaged: {reason}")
     doc = json.loads((d / STATE).read_text())
-    ema = d / "model_ema.safetensors"
+    ema = d / EMA_NAME
     return {
-        "model": load_file(str(d / "model.safetensors")),
+        "model": load_file(str(d / WEIGHTS_NAME)),
         "ema": load_file(str(ema)) if ema.is_file() else None,
-        "optimizer": unflatten_optimizer(load_file(str(d / "optimizer.safetensors")), doc["optimizer"]),
+        "optimizer": unflatten_optimizer(load_file(str(d / OPTIMIZER)), doc["optimizer"]),
         "state": doc,
     }
+
+
+def initial_weights(directory: str | Path, prefers_ema: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(weights to start from, EMA weights to start the EMA from) of a model or checkpoint directory: its EMA
+    weights first when `prefers_ema` (DPO post-trains the released weights), else its raw ones; whichever exists."""
+    d = Path(directory)
+    raw, ema = d / WEIGHTS_NAME, d / EMA_NAME
+    if not raw.is_file() and not ema.is_file():
+        raise FileNotFoundError(f"model.init_from={d}: no {WEIGHTS_NAME} or {EMA_NAME} there")
+    w_raw = load_file(str(raw)) if raw.is_file() else None
+    w_ema = load_file(str(ema)) if ema.is_file() else None
+    start = (w_ema or w_raw) if prefers_ema else (w_raw or w_ema)
+    return start, (w_ema or w_raw)
+
+
+# -- the full state of a (possibly sharded) run -------------------------------------------------------------
+def full_model_state(model: nn.Module, fsdp: bool, info: DistInfo) -> dict[str, Tensor] | None:
+    """The model's full state dict on the main process: gathered to the CPU under FSDP2 (a collective: every rank
+    calls it, the others get {}), else the main process's own (None on the others)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict() if info.is_main else None
+
+
+def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, fsdp: bool, info: DistInfo) -> dict | None:
+    """The optimizer's full state dict, as `full_model_state` (parameters keyed by name under FSDP2)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, opt, options=opts)
+    return opt.state_dict() if info.is_main else None
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    """Load a full optimizer state dict (written by `full_optimizer_state`), sharding it under FSDP2."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def with_ema(model_state: dict[str, Tensor], ema: EMA) -> dict[str, Tensor]:
+    """The model's state dict with the EMA values in place of the parameters (buffers as they are). `ema.full()`
+    is a collective under FSDP2: every rank calls this (the others with their empty state)."""
+    full = ema.full()
+    return {k: (full[k].to(v.dtype) if k in full else v) for k, v in model_state.items()}
+
+
+def holding(cfg: ModelConfig, state: dict[str, Tensor]) -> LightGen:
+    """A LightGen whose parameters and buffers are the tensors of `state` (built on the meta device: no copy, no
+    initialisation), for `save_pretrained`."""
+    with torch.device("meta"):
+        net = LightGen(cfg)
+    net.load_state_dict(state, strict=True, assign=True)
+    return net

@@ -1,6 +1,6 @@
 """Trainer configuration: YAML presets in `conf/` plus `section.key=value` overrides on the command line.
 
-A config has sections (model, data, optim, train, checkpoint, log; DPO adds dpo). Unknown sections or keys are
+A config has sections (model, data, optim, train, checkpoint, log, eval; DPO adds dpo). Unknown sections or keys are
 errors that name the offending key, so a typo never silently falls back to a default.
 """
 
@@ -14,11 +14,15 @@ from typing import Any
 
 import yaml
 
+from lightgen_model.config import check_sampling
+
 DECAY_GROUPS = ("default", "reference")
 
 
 @dataclass
 class ModelSection:
+    """The network: a preset with field overrides, or the config and weights of `init_from`."""
+
     preset: str = "shapes"  # a lightgen_model preset name (ignored when init_from is set)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
     init_from: str | None = None  # a model or checkpoint directory to start from (finetune, DPO)
@@ -26,6 +30,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
+    """The training shards and how batches are made from them."""
+
     shards: list[str] = field(default_factory=list)  # training-shard directories (encode-latents outputs)
     batch_size: int = 64  # per process and micro-step; global batch = batch_size * world * grad_accum
     flip: bool = True  # use the stored horizontally flipped moments with p = 0.5 (off for left/right captions)
@@ -41,6 +47,8 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    """AdamW, the learning-rate schedule, clipping, gradient accumulation and the EMA."""
+
     blr: float = 1e-4  # base learning rate per 256 images of global batch
     lr: float | None = None  # absolute learning rate; overrides blr when set
     lr_scale: float = 1.0  # multiplies the resolved lr (0.1 for the 512-px finetune)
@@ -62,6 +70,8 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
+    """The run: length, time budget, device, precision, parallelism, seeds."""
+
     out_dir: str = "runs/train"
     max_steps: int = 1000
     budget_minutes: float | None = None  # also stop after this much training time (summed over resumes)
@@ -78,6 +88,8 @@ class TrainSection:
 
 @dataclass
 class CheckpointSection:
+    """When checkpoints are written, how many are kept, and what a run resumes from."""
+
     every_steps: int = 1000  # 0 disables step-based checkpoints
     every_minutes: float | None = None
     keep_last: int = 3
@@ -86,6 +98,8 @@ class CheckpointSection:
 
 @dataclass
 class LogSection:
+    """stdout / TensorBoard reports and the sample grids of fixed captions."""
+
     every: int = 10  # stdout / TensorBoard interval in steps
     tensorboard: bool = True
     progress: bool = True  # a progress bar on the main process
@@ -98,7 +112,25 @@ class LogSection:
 
 
 @dataclass
+class EvalSection:
+    """The held-out ShapesWorld score (learnability runs), computed on the main process with the weights being
+    trained (the EMA when on) and logged to metrics.jsonl (`eval`) and TensorBoard (`eval/*`)."""
+
+    every: int = 0  # score every this many steps and at the end of the run (0 = never)
+    prompts: int = 120  # held-out scenes: shapesworld.generate_prompts(prompts, seed=prompt_seed), canonical text
+    prompt_seed: int = 999_001  # the demo's held-out seed (lightgen/demo.py HELDOUT_SEED)
+    seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt and seed (generator seeds)
+    steps: int = 64  # masked-generation iterations
+    cfg: float = 3.0
+    temperature: float = 0.5
+    batch_size: int = 64  # images per generate call
+    text_encoder: str | None = None  # encodes the prompts (default: the model config's text_encoder)
+
+
+@dataclass
 class DPOSection:
+    """Diffusion-DPO: beta, the pair shards, and where the frozen reference lives."""
+
     beta: float = 5000.0
     pairs: list[str] = field(default_factory=list)  # pair-shard directories (build-dpo-pairs outputs)
     reference_dtype: str = "float32"  # the frozen reference copy: float32 | bfloat16
@@ -107,12 +139,15 @@ class DPOSection:
 
 @dataclass
 class TrainConfig:
+    """A training run's whole configuration: one section per concern."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     dpo: DPOSection = field(default_factory=DPOSection)
 
     def validate(self) -> None:
@@ -134,17 +169,27 @@ class TrainConfig:
             (self.train.parallel in ("ddp", "fsdp"), f"train.parallel: {self.train.parallel!r}"),
             (self.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}"),
             (self.log.every >= 1, f"log.every must be >= 1, got {self.log.every}"),
+            (self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}"),
+            (self.eval.prompts >= 1, f"eval.prompts must be >= 1, got {self.eval.prompts}"),
+            (len(self.eval.seeds) >= 1, f"eval.seeds needs at least one seed, got {self.eval.seeds}"),
+            (self.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.eval.batch_size}"),
             (self.dpo.reference_dtype in ("float32", "bfloat16"), f"dpo.reference_dtype: {self.dpo.reference_dtype!r}"),
             (self.dpo.reference_device in ("same", "cpu"), f"dpo.reference_device: {self.dpo.reference_device!r}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        try:
+            check_sampling(self.eval.steps, self.eval.cfg, "linear", self.eval.temperature)
+        except ValueError as e:
+            raise ValueError(f"eval: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested plain dictionaries (JSON-ready)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """`to_dict` as indented, key-sorted JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
@@ -159,6 +204,7 @@ def _section_class(name: str) -> type:
         "train": TrainSection,
         "checkpoint": CheckpointSection,
         "log": LogSection,
+        "eval": EvalSection,
         "dpo": DPOSection,
     }[name]
 
@@ -198,6 +244,8 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
         cfg.data.shards = [cfg.data.shards]
     if isinstance(cfg.dpo.pairs, str):
         cfg.dpo.pairs = [cfg.dpo.pairs]
+    if isinstance(cfg.eval.seeds, int):
+        cfg.eval.seeds = [cfg.eval.seeds]
     cfg.validate()
     return cfg
 

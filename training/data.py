@@ -10,6 +10,7 @@ to continue exactly; the per-batch randomness (flip, posterior sample) is seeded
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightgen_model import pad_text
+from lightgen_model import ModelConfig, pad_text
 
 LATENT_COLUMNS = ("moments", "moments_flip")
 # (unpadded rows, captions) -> (B, Lt, D) text and (B, Lt) mask: lightgen_model.pad_text bound to a model
@@ -30,6 +31,8 @@ TextPad = Callable[[list[np.ndarray], list[str]], tuple[torch.Tensor, torch.Tens
 
 @dataclass
 class Shard:
+    """One Parquet shard: its path, row count and image resolution."""
+
     path: Path
     rows: int
     resolution: int
@@ -46,6 +49,7 @@ class Decoded:
     extra: dict[str, list[Any]]
 
     def text_row(self, i: int) -> np.ndarray:
+        """Row i's unpadded text states (L_i, D)."""
         return self.text[self.text_start[i] : self.text_start[i + 1]]
 
 
@@ -104,6 +108,7 @@ class ShardSet:
 
     @property
     def rows(self) -> int:
+        """Rows in all shards."""
         return sum(s.rows for s in self.shards)
 
     # -- reading -----------------------------------------------------------------------------------
@@ -200,6 +205,49 @@ class ShardSet:
         return mine[:steps]
 
 
+def check_shards(shards: ShardSet, mcfg: ModelConfig) -> None:
+    """IncompatibleShardsError when the shards' latent channels or text width differ from the model's, or a
+    resolution does not tile into its tokens (ValueError)."""
+    from pipeline.schema import IncompatibleShardsError
+
+    dec = shards.decoded(0)
+    m = dec.moments[shards.moment_columns[0]]
+    if m.shape[1] != 2 * mcfg.latent_channels:
+        raise IncompatibleShardsError(
+            f"shards hold {m.shape[1] // 2}-channel latents, the model expects latent_channels={mcfg.latent_channels}"
+        )
+    if dec.text.shape[1] != mcfg.text_dim:
+        raise IncompatibleShardsError(
+            f"shards hold {dec.text.shape[1]}-dim text states, the model expects text_dim={mcfg.text_dim}"
+        )
+    for res in shards.resolutions:
+        mcfg.grid_for(res, res)
+
+
+def reference_text_pad(spec: str, mcfg: ModelConfig, shards: ShardSet, device: str) -> tuple[TextPad, str]:
+    """(``pad_text`` bound to a ``text_key_mask=False`` model and the text encoder ``spec``, the encoder's name).
+
+    Such models (converted reference checkpoints) attend to padding, and the reference trained on captions padded
+    to ``max_text_len`` with the encoder's own padding states, so every batch's captions are re-encoded; ``spec``
+    (minilm or a local directory) must be the encoder the shards were made with."""
+    from lightgen_model.encoders import build_text_encoder, text_encoder_name
+    from pipeline.schema import IncompatibleShardsError
+
+    if spec != "minilm" and not Path(spec).is_dir():
+        raise FileNotFoundError(
+            f"the model attends to padded text (text_key_mask=false), so captions are re-encoded to pad them as "
+            f"the reference did; text encoder {spec!r} is not a local directory: set data.text_encoder=DIR"
+        )
+    name, made = text_encoder_name(spec), sorted({str(m.get("text_encoder")) for m in shards.manifests})
+    if made != [name]:
+        raise IncompatibleShardsError(
+            f"text encoder {spec!r} ({name}) is not the one the shards were encoded with ({made}): set "
+            "data.text_encoder to that encoder"
+        )
+    encoder = build_text_encoder(spec, device=device, max_len=mcfg.max_text_len)
+    return functools.partial(pad_text, cfg=mcfg, encoder=encoder), name
+
+
 def text_of(shards: ShardSet, refs: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
     """The unpadded (L_i, D) text states and the captions of the referenced rows."""
     rows = [shards.decoded(int(s)).text_row(int(r)) for s, r in refs]
@@ -214,6 +262,7 @@ def sample_posterior(moments: np.ndarray, g: torch.Generator) -> torch.Tensor:
 
 
 def gather_moments(shards: ShardSet, refs: np.ndarray, column: str) -> np.ndarray:
+    """The stored moments of the referenced rows in one column, stacked (B, 2C, h, w)."""
     return np.stack([shards.decoded(int(s)).moments[column][int(r)] for s, r in refs])
 
 
@@ -275,6 +324,7 @@ class Loader:
         return self._plans[epoch]
 
     def state(self) -> dict[str, int]:
+        """The position of the next batch, for a checkpoint."""
         return {"epoch": self.epoch, "index": self.index}
 
     def _make(self, epoch: int, index: int, refs: np.ndarray) -> dict[str, Any]:

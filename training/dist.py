@@ -1,10 +1,14 @@
-"""Process-group set-up and model wrapping (DDP by default, FSDP2 as an option), outside the model code."""
+"""The process: process group, kernel settings, SIGTERM/SIGINT, and parallelising the model (compile, DDP by
+default, FSDP2 as an option), all outside the model code."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,6 +19,8 @@ from lightgen_model.encoders import resolve_device
 
 @dataclass
 class DistInfo:
+    """This process's place: rank and world size (global and on this node) and its device."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -23,10 +29,12 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes files and logs."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """More than one process."""
         return self.world > 1
 
 
@@ -55,7 +63,23 @@ def init(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
+def configure(info: DistInfo, deterministic: bool, threads: int | None) -> None:
+    """Kernel settings of a training process: TF32 and no cuDNN attention on GPUs; on CPUs flush-to-zero, the
+    thread count (default: cores / local processes) and, with `deterministic`, bit-reproducible kernels."""
+    if info.device.type == "cuda":
+        # cuDNN attention is CPU-bound for our masked attention (BENCHMARKS.md); flash / mem-efficient stay on
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return
+    if deterministic:  # multi-threaded CPU backward is otherwise not bit-reproducible
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_flush_denormal(True)  # denormals cost up to 6x on our CPUs (BENCHMARKS.md)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world)))
+
+
 def shutdown() -> None:
+    """Leave the process group (if any)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -79,8 +103,17 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing in one process)."""
     if info.distributed:
         dist.barrier()
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block and the diffusion head's network (in place)."""
+    for stack in (model.encoder_blocks, model.decoder_blocks, model.cross_attn_blocks):
+        for blk in stack:
+            blk.compile()
+    model.diffloss.net.compile()
 
 
 def wrap(model: nn.Module, parallel: str, info: DistInfo, find_unused: bool | None = None) -> nn.Module:
@@ -112,3 +145,29 @@ def wrap(model: nn.Module, parallel: str, info: DistInfo, find_unused: bool | No
 def unwrap(model: nn.Module) -> nn.Module:
     """The LightGen module inside a DDP wrapper (FSDP2 shards in place and keeps the class)."""
     return model.module if hasattr(model, "module") and not hasattr(model, "cfg") else model
+
+
+class StopSignals:
+    """While entered: the first SIGTERM / SIGINT is recorded in `received` (the run stops after its step with a
+    checkpoint), a second one interrupts at once. The previous handlers are restored on exit."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\nsignal {signum}: finishing this step, writing a checkpoint, then exiting", flush=True)
+
+    def __enter__(self) -> StopSignals:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a test runner thread)
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}

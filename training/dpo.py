@@ -70,17 +70,21 @@ def pair_batch(
 
 
 class DPOTrainer(Trainer):
+    """The pretraining loop with the Diffusion-DPO loss on pair shards and a frozen reference (`loss` overridden)."""
+
     kind = "dpo"
     init_prefers_ema = True  # post-train the released (EMA) weights
     find_unused_parameters = True  # no caption dropout here: the learned null text gets no gradient
 
     def model_config(self, resume: Path | None) -> ModelConfig:
+        """The pretraining config with dropout off unless `model.overrides` asks for it."""
         cfg = super().model_config(resume)
         over = self.cfg.model.overrides
         # no dropout unless asked for: with policy == reference the loss is then exactly log 2
         return cfg.replace(attn_dropout=over.get("attn_dropout", 0.0), proj_dropout=over.get("proj_dropout", 0.0))
 
     def check_config(self) -> None:
+        """DPO needs a starting model (`model.init_from`) and pair shards (`dpo.pairs`)."""
         if not self.cfg.model.init_from:
             raise ValueError(
                 "DPO needs model.init_from: the pretrained model directory (policy and reference start there)"
@@ -89,12 +93,14 @@ class DPOTrainer(Trainer):
             raise ValueError("dpo.pairs is empty: name build-dpo-pairs output directories (dpo.pairs=[DIR])")
 
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
+        """The `dpo.pairs` directories (build-dpo-pairs outputs)."""
         return ShardSet(
             self.cfg.dpo.pairs, vae=mcfg.vae or None, text_encoder=mcfg.text_encoder or None,
             allow_multi_resolution=self.cfg.data.allow_multi_resolution, kind="pairs", moment_columns=PAIR_COLUMNS,
         )  # fmt: skip
 
     def collate(self) -> Collate:
+        """`pair_batch` with the configured flip and the model's text padding."""
         flip = self.cfg.data.flip
         return lambda shards, refs, g: pair_batch(shards, refs, g, flip, self.text_pad)
 
@@ -118,23 +124,25 @@ class DPOTrainer(Trainer):
         return two(mask, 0), two(t, 1), two(noise, 1)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. (7): policy and reference per-sample losses of winner and loser under shared draws."""
         net = D.unwrap(model)
         w, l_ = batch["winner"], batch["loser"]
         B = w.shape[0]
         lat = torch.cat([w, l_])
         text, tmask = torch.cat([batch["text"]] * 2), torch.cat([batch["text_mask"]] * 2)
         mask, t, noise = self._draws(net, B, net.latent_grid(w), w.device)
-        policy = model(lat, text, tmask, draws=(mask, t, noise))
+        policy = model(lat, text, tmask, draws=(mask, t, noise), reduction="none", vlb=False)
         ref_net = self.reference
         p = next(ref_net.parameters())
         with torch.no_grad():
             moved = [x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
                      for x in (lat, text, tmask, mask, t, noise)]  # fmt: skip
-            ref = ref_net(*moved[:3], draws=tuple(moved[3:])).to(policy.device, policy.dtype)
+            ref = ref_net.sample_losses(*moved).to(policy.device, policy.dtype)
         return dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.cfg.dpo.beta)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """`training.pretrain.main` with the DPO trainer."""
     return _main(argv, trainer_cls=DPOTrainer)
 
 

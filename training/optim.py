@@ -1,4 +1,5 @@
-"""AdamW with weight-decay groups, the lr schedule, and an EMA of the weights."""
+"""AdamW with weight-decay groups, the lr schedule (with a budget run's length estimate), gradient clipping, and an
+EMA of the weights."""
 
 from __future__ import annotations
 
@@ -53,7 +54,48 @@ def lr_at(step: int, peak: float, cfg: OptimSection, total_steps: int) -> float:
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+class LRSchedule:
+    """`lr_at` over a length fixed by `optim.schedule_steps`, else `train.max_steps`; a cosine run with a time
+    budget (`train.budget_minutes`) instead fixes its length once, from the speed of its first steps (`fix` at step
+    `estimate_at`), and the checkpoint keeps that length (`recorded`) so that a resumed run continues the curve."""
+
+    def __init__(
+        self, cfg: OptimSection, peak: float, max_steps: int, budget_minutes: float | None, step: int,
+        recorded_total: int | None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.peak, self.max_steps = cfg, peak, max_steps
+        self.total = recorded_total or cfg.schedule_steps or max_steps
+        self.estimate_at: int | None = None  # the step at which a budget run fixes its length
+        if recorded_total is None and cfg.schedule_steps is None and cfg.schedule == "cosine" and budget_minutes:
+            self.estimate_at = step + max(10, min(50, cfg.warmup_steps // 4))
+
+    def lr(self, step: int) -> float:
+        """The learning rate of step `step` (0-based)."""
+        return lr_at(step, self.peak, self.cfg, self.total)
+
+    def fix(self, estimated_total: int) -> None:
+        """Set the length a budget run estimated (at most `max_steps`)."""
+        self.total = min(self.max_steps, estimated_total)
+
+    def recorded(self, step: int) -> int | None:
+        """The length to record in a checkpoint after `step` steps: None while a budget run has not fixed it."""
+        return None if (self.estimate_at is not None and step <= self.estimate_at) else self.total
+
+
+def clip_grad(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The total gradient norm (a full tensor under FSDP2), clipped to `max_norm` when that is > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros((), device=next(model.parameters()).device)
+    if max_norm and max_norm > 0:
+        n = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        n = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return n.full_tensor() if hasattr(n, "full_tensor") else n
+
+
 def build_optimizer(model: nn.Module, cfg: OptimSection, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (fused on CUDA unless `optim.fused` says otherwise)."""
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay, cfg.weight_decay_groups),
@@ -77,6 +119,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * parameters."""
         params = [p.detach() for _, p in model.named_parameters() if p.requires_grad]
         if params and params[0].dtype == torch.float32:
             torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
@@ -85,6 +128,7 @@ class EMA:
                 s.lerp_(p.float(), 1.0 - self.decay)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the shadow from full tensors by parameter name (each rank takes its shard under FSDP2)."""
         missing = [n for n in self.names if n not in state]
         if missing:
             raise ValueError(f"EMA state lacks {missing[:5]}")

@@ -31,6 +31,7 @@ class PretrainTrainer(Trainer):
     kind = "pretrain"
 
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
+        """The `data.shards` directories (encode-latents outputs)."""
         d = self.cfg.data
         return ShardSet(
             d.shards, vae=mcfg.vae or None, text_encoder=mcfg.text_encoder or None,
@@ -38,14 +39,17 @@ class PretrainTrainer(Trainer):
         )  # fmt: skip
 
     def collate(self) -> Collate:
+        """`latent_batch` with the configured flip and the model's text padding."""
         flip = self.cfg.data.flip
         return lambda shards, refs, g: latent_batch(shards, refs, g, flip, self.text_pad)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The model's masked diffusion loss on the batch's latents and text; no extra metrics."""
         return model(batch["latents"], batch["text"], batch["text_mask"]), {}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """(--config / --print-config, the remaining arguments)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="training/pretrain.py"
     )
@@ -56,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def resolve(argv: list[str] | None = None) -> TrainConfig | None:
+    """The config of a command line (None after --print-config has printed it)."""
     args, unknown = parse_args(argv)
     bad = [u for u in unknown if u.startswith("-")]
     if bad:
@@ -68,6 +73,7 @@ def resolve(argv: list[str] | None = None) -> TrainConfig | None:
 
 
 def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = PretrainTrainer) -> dict[str, Any] | None:
+    """Parse, check and run; user errors exit with a one-line message. The run's summary."""
     try:
         cfg = resolve(argv)
     except (ValueError, FileNotFoundError) as e:
