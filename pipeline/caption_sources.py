@@ -1,9 +1,13 @@
 """Reading captions: JSONL / JSON / Parquet / CSV files, webdataset `.json` members, caption-shard folders, ShapesWorld.
 
-Every reader yields `CaptionRecord`s in a deterministic order (files sorted, rows in file order). A record whose
-caption cannot be read (missing field, not a string, a line that does not parse) keeps `caption=None` and an
-`error` reason, so the stage can count it as removed instead of failing. A field that no record of a file has is
-an error up front (a misspelt `--field`).
+Inputs are split into `ReadTask`s (a byte range of a JSONL file, row groups of a Parquet file, a whole CSV / JSON /
+tar file, the ShapesWorld generator) that `read_task` streams in batches of records, so no stage holds all inputs
+in memory and tasks can run on different workers. The order is deterministic: files sorted, rows in file order.
+
+A record whose caption cannot be read (missing field, not a string, a line that does not parse, bytes that are not
+UTF-8) keeps `caption=None` and an `error` reason, so the stage can count it as removed instead of failing. A field
+that no record of a file has is an error (a misspelt `--field`): up front for Parquet / CSV (their headers name the
+columns), after reading for the other formats (`check_fields`).
 
 Records that carry GenEval metadata (`tag` + `include`, as ShapesWorld's generator and `lightgen shapes prompts`
 write them) keep it as a JSON string in `metadata`; a `metadata` column (caption shards) is passed through.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +30,10 @@ import pyarrow.parquet as pq
 CAPTIONS_FORMAT = "lightgen-captions"
 CAPTION_EXTS = ("jsonl", "json", "parquet", "csv", "tar")
 SHAPES = "shapes"  # the built-in source name in reports
+READ_ERRORS = ("missing_field", "bad_record", "bad_json", "bad_utf8")
 _NOT_INPUTS = ("manifest.json", "report.json", "diversity.json", "rejects.parquet")
+CHUNK_BYTES = 16 << 20  # JSONL bytes per read task
+CHUNK_ROWS = 100_000  # Parquet rows per read task (whole row groups)
 
 
 @dataclass
@@ -38,6 +46,26 @@ class CaptionRecord:
     metadata: str | None = None
     id: str | None = None
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """A unit of reading: `kind` jsonl (bytes [start, stop), first line number `first_row`), parquet (row groups
+    [start, stop), first row `first_row`), csv / json / tar (the whole file), or shapes (`stop` captions)."""
+
+    path: str
+    kind: str
+    start: int = 0
+    stop: int = -1
+    first_row: int = 0
+    seed: int = 0
+    diversity: float = 1.0
+    scenes: int | None = None
+
+    @property
+    def source(self) -> str:
+        """The `source` column value of its rows."""
+        return SHAPES if self.kind == SHAPES else self.path
 
 
 def expand_caption_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -73,28 +101,113 @@ def _caption_files(path: Path) -> list[Path]:
     return found
 
 
+def _ext(path: Path) -> str:
+    return path.name.rsplit(".", 1)[-1].lower()
+
+
+def plan_reads(inputs: Sequence[str | Path], field: str, chunk_bytes: int | None = None) -> list[ReadTask]:
+    """The read tasks of `inputs` in input order; checks Parquet / CSV columns for `field` up front."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    tasks: list[ReadTask] = []
+    for path in expand_caption_inputs(inputs) if inputs else []:
+        kind = _ext(path)
+        if kind == "parquet":
+            tasks += _plan_parquet(path, field)
+        elif kind == "jsonl" or (kind == "json" and os.path.getsize(path) > chunk_bytes and not _one_document(path)):
+            tasks += _plan_jsonl(path, chunk_bytes)
+        else:
+            if kind == "csv":
+                _csv_header(path, field)
+            tasks.append(ReadTask(str(path), kind))
+    return tasks
+
+
+def _one_document(path: Path) -> bool:
+    """Whether a `.json` file starts like a single JSON document (a list) rather than JSON lines."""
+    with open(path, "rb") as f:
+        return f.read(1024).lstrip()[:1] == b"["
+
+
+def _plan_parquet(path: Path, field: str) -> list[ReadTask]:
+    """Consecutive row groups of about `CHUNK_ROWS` rows per task."""
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise ValueError(f"unknown --field {field!r}: {path} has columns {pf.schema_arrow.names}")
+    tasks, start, first, rows = [], 0, 0, 0
+    for g in range(pf.num_row_groups):
+        rows += pf.metadata.row_group(g).num_rows
+        if rows - first >= CHUNK_ROWS or g == pf.num_row_groups - 1:
+            tasks.append(ReadTask(str(path), "parquet", start, g + 1, first))
+            start, first = g + 1, rows
+    return tasks or [ReadTask(str(path), "parquet", 0, 0, 0)]
+
+
+def _plan_jsonl(path: Path, chunk_bytes: int) -> list[ReadTask]:
+    """Byte ranges that start at line starts, with the line number of their first line (one scan of the file)."""
+    size, tasks, start, line = os.path.getsize(path), [], 0, 1
+    with open(path, "rb") as f:
+        while start < size:
+            f.seek(start)
+            block = f.read(chunk_bytes)
+            cut = block.rfind(b"\n") + 1 if start + len(block) < size else len(block)
+            cut = cut or len(block) + len(f.readline())  # one line longer than a chunk
+            tasks.append(ReadTask(str(path), "jsonl", start, start + cut, line))
+            f.seek(start)
+            line += f.read(cut).count(b"\n")
+            start += cut
+    return tasks or [ReadTask(str(path), "jsonl", 0, 0, 1)]
+
+
+def read_task(task: ReadTask, field: str, batch_rows: int = 65_536) -> Iterator[list[CaptionRecord]]:
+    """Stream a task's records in batches of at most `batch_rows`."""
+    readers = {"jsonl": _jsonl, "json": _json, "parquet": _parquet, "csv": _csv, "tar": _tar, SHAPES: _shapes}
+    batch: list[CaptionRecord] = []
+    for rec in readers[task.kind](task, field):
+        batch.append(rec)
+        if len(batch) >= batch_rows:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def read_captions(inputs: Sequence[str | Path], field: str = "caption") -> list[CaptionRecord]:
-    """All caption records of `inputs`, in order; `ValueError` if a file has no `field` at all."""
+    """All caption records of `inputs`, in order (small inputs); `ValueError` if a file has no `field` at all."""
     records: list[CaptionRecord] = []
-    for path in expand_caption_inputs(inputs):
-        ext = path.name.rsplit(".", 1)[-1].lower()
-        reader = {"parquet": _parquet, "csv": _csv, "tar": _tar}.get(ext, _json_lines)
-        rows = list(reader(path, field))
-        if any(r.error == "missing_field" for r in rows) and all(
-            r.error in ("missing_field", "bad_json") for r in rows
-        ):
-            raise ValueError(f"unknown --field {field!r}: no record of {path} has it")
+    counts: dict[str, dict[str, int]] = {}
+    for task in plan_reads(inputs, field):
+        rows = [r for batch in read_task(task, field) for r in batch]
+        old = counts.get(task.path, dict.fromkeys(("rows", "missing_field", "unparsed"), 0))
+        counts[task.path] = {k: old[k] + v for k, v in field_counts(rows).items()}
         records.extend(rows)
+    check_fields(counts, field)
     return records
 
 
-def _record(obj: Any, field: str, source: Path, ref: str) -> CaptionRecord:
+def field_counts(rows: list[CaptionRecord]) -> dict[str, int]:
+    """Rows, rows without the field, and rows that did not parse."""
+    missing = sum(r.error == "missing_field" for r in rows)
+    return {
+        "rows": len(rows),
+        "missing_field": missing,
+        "unparsed": sum(r.error in ("bad_json", "bad_utf8") for r in rows),
+    }
+
+
+def check_fields(counts: dict[str, dict[str, int]], field: str) -> None:
+    """`ValueError` for a file none of whose parsed records has `field` ({path: `field_counts`}, summed)."""
+    for path, c in counts.items():
+        if c["missing_field"] and c["missing_field"] + c["unparsed"] == c["rows"]:
+            raise ValueError(f"unknown --field {field!r}: no record of {path} has it")
+
+
+def _record(obj: Any, field: str, source: str, ref: str) -> CaptionRecord:
     """A record from one parsed object (dict) of any format."""
     if not isinstance(obj, dict):
-        return CaptionRecord(str(source), ref, None, error="bad_record")
+        return CaptionRecord(source, ref, None, error="bad_record")
     value = obj.get(field)
     if field not in obj or value is None:
-        return CaptionRecord(str(source), ref, None, error="missing_field")
+        return CaptionRecord(source, ref, None, error="missing_field")
     meta = obj.get("metadata")
     if isinstance(meta, dict):
         meta = json.dumps(meta)
@@ -103,73 +216,118 @@ def _record(obj: Any, field: str, source: Path, ref: str) -> CaptionRecord:
     rid = obj.get("id")
     caption = value if isinstance(value, str) else None
     error = "" if caption is not None else "bad_record"
-    return CaptionRecord(str(source), ref, caption, meta, str(rid) if rid is not None else None, error)
+    return CaptionRecord(source, ref, caption, meta, str(rid) if rid is not None else None, error)
 
 
-def _json_lines(path: Path, field: str) -> Iterator[CaptionRecord]:
-    """JSON lines (`.jsonl`, or a `.json` that is not one JSON document), a JSON list, or a single object."""
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".json":
-        try:
-            doc = json.loads(raw)
-            for i, obj in enumerate(doc if isinstance(doc, list) else [doc]):
-                yield _record(obj, field, path, f"{path.name}:{i}")
-            return
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass  # fall through: JSON lines
-    for i, line in enumerate(raw.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            yield CaptionRecord(str(path), f"{path.name}:{i + 1}", None, error="bad_json")
-            continue
-        yield _record(obj, field, path, f"{path.name}:{i + 1}")
+def _parse_line(line: bytes, field: str, source: str, ref: str) -> CaptionRecord:
+    """One JSON line -> record (`bad_utf8` / `bad_json` when it does not decode / parse)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return CaptionRecord(source, ref, None, error="bad_utf8")
+    try:
+        return _record(json.loads(text), field, source, ref)
+    except json.JSONDecodeError:
+        return CaptionRecord(source, ref, None, error="bad_json")
 
 
-def _parquet(path: Path, field: str) -> Iterator[CaptionRecord]:
-    """One record per row; only the caption, `id` and `metadata` columns are read."""
-    names = pq.read_schema(path).names
+def _jsonl(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
+    """The lines of bytes [start, stop) of a JSON-lines file; blank lines are skipped but counted."""
+    name = Path(task.path).name
+    with open(task.path, "rb") as f:
+        f.seek(task.start)
+        data = f.read(task.stop - task.start)
+    for i, line in enumerate(data.split(b"\n")):
+        if line.strip():
+            yield _parse_line(line, field, task.path, f"{name}:{task.first_row + i}")
+
+
+def _json(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
+    """A `.json` file: a JSON list, a single object, or (if it is not one document) JSON lines."""
+    path, raw = Path(task.path), Path(task.path).read_bytes()
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        yield from _jsonl(ReadTask(task.path, "jsonl", 0, len(raw), 1), field)
+        return
+    for i, obj in enumerate(doc if isinstance(doc, list) else [doc]):
+        yield _record(obj, field, task.path, f"{path.name}:{i}")
+
+
+def _parquet(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
+    """Rows of row groups [start, stop); only the caption, `id` and `metadata` columns are read."""
+    pf = pq.ParquetFile(task.path)
+    cols = [c for c in (field, "id", "metadata") if c in pf.schema_arrow.names]
+    name, row = Path(task.path).name, task.first_row
+    for batch in pf.iter_batches(batch_size=65_536, row_groups=range(task.start, task.stop), columns=cols):
+        values = {c: batch.column(c).to_pylist() for c in cols}
+        for k in range(batch.num_rows):
+            obj = {c: values[c][k] for c in cols}
+            ref, row = f"{name}:{row}", row + 1
+            if isinstance(obj[field], bytes):  # a binary caption column
+                try:
+                    obj[field] = obj[field].decode("utf-8")
+                except UnicodeDecodeError:
+                    yield CaptionRecord(task.path, ref, None, error="bad_utf8")
+                    continue
+            yield _record(obj, field, task.path, ref)
+
+
+def _csv_header(path: Path, field: str) -> list[str]:
+    """The header of a CSV file; `ValueError` if `field` is not in it."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        names = next(csv.reader(f), [])
     if field not in names:
         raise ValueError(f"unknown --field {field!r}: {path} has columns {names}")
-    table = pq.read_table(path, columns=[c for c in (field, "id", "metadata") if c in names])
-    for i, row in enumerate(table.to_pylist()):
-        yield _record(row, field, path, f"{path.name}:{i}")
+    return names
 
 
-def _csv(path: Path, field: str) -> Iterator[CaptionRecord]:
-    """One record per CSV row (header row names the fields)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if field not in (reader.fieldnames or []):
-            raise ValueError(f"unknown --field {field!r}: {path} has columns {reader.fieldnames}")
-        for i, row in enumerate(reader):
-            yield _record(row, field, path, f"{path.name}:{i + 2}")  # +2: 1-based, after the header
+def _csv(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
+    """One record per CSV row (the header names the fields); a caption that is not UTF-8 is `bad_utf8`."""
+    name = Path(task.path).name
+    with open(task.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            ref = f"{name}:{i + 2}"  # +2: 1-based, after the header
+            value = row.get(field)
+            if isinstance(value, str) and not _utf8(value):
+                yield CaptionRecord(task.path, ref, None, error="bad_utf8")
+            else:
+                yield _record(row, field, task.path, ref)
 
 
-def _tar(path: Path, field: str) -> Iterator[CaptionRecord]:
+def _utf8(text: str) -> bool:
+    """False for text holding undecodable bytes (surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _tar(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     """The `.json` members of a webdataset tar, one record per sample key."""
-    with tarfile.open(path, mode="r:") as tf:
+    name = Path(task.path).name
+    with tarfile.open(task.path, mode="r:") as tf:
         for member in tf:
             base = member.name.rsplit("/", 1)[-1]
             if not (member.isfile() and base.split(".", 1)[-1].lower() == "json"):
                 continue
-            ref = f"{path.name}:{member.name[: -len('.json')]}"
-            try:
-                obj = json.loads(tf.extractfile(member).read())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                yield CaptionRecord(str(path), ref, None, error="bad_json")
-                continue
-            yield _record(obj, field, path, ref)
+            yield _parse_line(tf.extractfile(member).read(), field, task.path, f"{name}:{member.name[: -len('.json')]}")
+
+
+def shapes_task(n: int, seed: int, diversity: float = 1.0, scenes: int | None = None) -> ReadTask:
+    """The read task of `n` ShapesWorld captions (one task: the generator is one random stream)."""
+    return ReadTask(SHAPES, SHAPES, 0, n, 0, seed, diversity, scenes)
+
+
+def _shapes(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
+    from shapesworld.world import generate_prompts
+
+    for i, rec in enumerate(generate_prompts(task.stop, task.seed, diversity=task.diversity, scenes=task.scenes)):
+        meta = {k: v for k, v in rec.items() if k != "caption"}
+        yield CaptionRecord(SHAPES, f"{SHAPES}:{i}", rec["caption"], json.dumps(meta))
 
 
 def shapes_captions(n: int, seed: int, diversity: float = 1.0, scenes: int | None = None) -> list[CaptionRecord]:
     """`n` ShapesWorld captions with their GenEval metadata (the built-in source)."""
-    from shapesworld.world import generate_prompts
-
-    out = []
-    for i, rec in enumerate(generate_prompts(n, seed, diversity=diversity, scenes=scenes)):
-        meta = {k: v for k, v in rec.items() if k != "caption"}
-        out.append(CaptionRecord(SHAPES, f"{SHAPES}:{i}", rec["caption"], json.dumps(meta)))
-    return out
+    return list(_shapes(shapes_task(n, seed, diversity, scenes), "caption"))

@@ -1,11 +1,16 @@
 """`build-captions`: caption sources -> cleaned, de-duplicated, diversity-selected caption shards plus a report.
 
-Steps: read every source (files and the built-in ShapesWorld generator) -> normalise -> drop empty, too short or
-long, wrong-charset captions -> drop exact duplicates -> drop near duplicates (MinHash over word n-grams) -> embed the
-survivors (`CaptionEmbedder`, mapped through `runtime.map_stage`, so on Ray with `--workers N`) -> select `--n` of
-them (clusters evenly, farthest-point, or random) -> write `part-NNNNN.parquet` caption shards, `rejects.parquet`
-(every removed caption with its reason), `diversity.json`, `report.json` and `manifest.json`.
-Counts add up: inputs = kept + removed, removed split by reason.
+Built for millions of captions: inputs are read in chunks (`caption_sources.ReadTask`), every phase is a function
+over chunk or partition files in a work folder under the output (`caption_stages`, `dedup`), run by
+`runtime.map_tasks` in this process (`--workers 0`, no Ray) or as Ray tasks (`--workers N`); the driver keeps only
+per-row arrays (status, cluster) and small statistics. Outputs do not depend on the number of workers.
+
+Steps: 1. read + normalise + filter (empty, too short / long, wrong charset, unreadable rows) -> 2. exact
+duplicates (hash partitions of the word key) -> 3. near duplicates (LSH + deletion-key buckets, verified, connected
+components; `dedup`) -> 4. embeddings (`CaptionEmbedder` in the workers), k-means fitted on a sample and assigned to
+all -> 5. selection of `--n` (clusters evenly, farthest-point on a sample, or random) -> 6. rejects and diversity
+statistics per chunk -> 7. `part-NNNNN.parquet` caption shards, `rejects.parquet` (every removed caption with its
+reason), `diversity.json`, `report.json`, `manifest.json`. Counts add up: inputs = kept + removed.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import caption_stages as st
+from pipeline import dedup, shards
 from pipeline import diversity as dv
-from pipeline import shards
-from pipeline.caption_sources import CAPTIONS_FORMAT, CaptionRecord, read_captions, shapes_captions
+from pipeline import workfiles as wf
+from pipeline.caption_sources import CAPTIONS_FORMAT, check_fields, plan_reads, shapes_task
+from pipeline.caption_stages import CaptionEmbedder  # noqa: F401 (the embedding stage, public here)
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -35,9 +43,13 @@ CAPTION_SCHEMA = pa.schema(
 CAPTION_SCHEMA_VERSION = 1
 SELECTORS = ("cluster", "farthest", "random")
 EMBEDDERS = ("minilm", "hash")
+FARTHEST_POOL = 20_000  # farthest-point selection runs on at most this many pool captions (a seeded sample)
+COVER_SAMPLE = 2000  # pool captions the coverage radius is measured on
 CONTENT_KEYS = (
-    *("field", "min_words", "max_words", "charset", "near_dup", "near_dup_threshold", "ngram", "embedder"),
-    *("select", "n", "clusters", "seed", "shapes", "shapes_diversity", "shapes_scenes", "shard_size"),
+    *("field", "min_words", "max_words", "charset", "near_dup", "near_dup_threshold", "ngram", "near_dup_edit_words"),
+    "near_dup_change_words",
+    *("embedder", "select", "n", "clusters", "kmeans_sample", "seed", "shapes", "shapes_diversity", "shapes_scenes"),
+    "shard_size",
 )
 
 
@@ -58,13 +70,17 @@ class CaptionsConfig:
     near_dup: bool = True
     near_dup_threshold: float = 0.8
     ngram: int = 2
+    near_dup_edit_words: int = 8
+    near_dup_change_words: int = 14
     embedder: str = "minilm"
     select: str = "cluster"
     clusters: int = 64
+    kmeans_sample: int = 100_000
     shard_size: int = 100_000
     batch_size: int = 256
     workers: int = 0
     ray_address: str | None = None
+    partitions: int = 0
     seed: int = 0
     overwrite: bool = False
 
@@ -77,9 +93,12 @@ def validate(cfg: CaptionsConfig) -> None:
     """Check a config up front, with errors that name the bad value."""
     if not cfg.inputs and cfg.shapes <= 0:
         raise ValueError("no captions: give --input files and/or --shapes N (the built-in ShapesWorld source)")
-    for name in ("n", "min_words", "max_words", "ngram", "clusters", "shard_size", "batch_size"):
+    for name in ("n", "min_words", "max_words", "ngram", "clusters", "kmeans_sample", "shard_size", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("near_dup_edit_words", "near_dup_change_words", "partitions", "workers"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.select not in SELECTORS:
         raise ValueError(f"unknown --select {cfg.select!r}: expected one of {SELECTORS}")
     if cfg.embedder not in EMBEDDERS:
@@ -90,124 +109,9 @@ def validate(cfg: CaptionsConfig) -> None:
         raise ValueError(f"--near-dup-threshold must be in (0, 1], got {cfg.near_dup_threshold}")
 
 
-class CaptionEmbedder:
-    """The embedding stage: captions -> unit sentence vectors (MiniLM mean-pooled token states, or hashed n-grams)."""
-
-    def __init__(self, embedder: str = "minilm", device: str = "auto") -> None:
-        self.embedder = embedder
-        if embedder == "minilm":
-            from lightgen_model.encoders import build_text_encoder
-            from pipeline.teachers import resolve_device
-
-            self.encoder = build_text_encoder("minilm", device=resolve_device(device))
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """{"i": [...], "caption": [...]} -> {"i": [...], "embedding": (B, D) float32}."""
-        texts = [str(t) for t in batch["caption"]]
-        if self.embedder == "hash":
-            return {"i": batch["i"], "embedding": dv.hash_embed(texts)}
-        pooled = np.stack([t.astype(np.float32).mean(0) for t in self.encoder(texts)])  # (B, 384)
-        return {"i": batch["i"], "embedding": dv.l2_normalize(pooled)}
-
-
 def caption_id(caption: str) -> str:
     """A stable id from the normalised caption text (captions are unique after de-duplication)."""
-    return "c" + shards.digest(caption)[:16]
-
-
-def _removal(rec: CaptionRecord, reason: str, detail: str = "") -> dict[str, str]:
-    """A rejects row: the caption's id (or its source row when it has no text), reason, the caption as detail."""
-    text = dv.normalize(rec.caption) if rec.caption else ""
-    return {"id": caption_id(text) if text else rec.ref, "source": rec.ref, "reason": reason, "detail": detail or text}
-
-
-def clean(records: list[CaptionRecord], cfg: CaptionsConfig) -> tuple[list[CaptionRecord], list[dict[str, str]]]:
-    """Normalise, filter and de-duplicate (exact, then near) in input order; first occurrence wins."""
-    kept: list[CaptionRecord] = []
-    removed: list[dict[str, str]] = []
-    seen: dict[str, str] = {}
-    for rec in records:
-        text = dv.normalize(rec.caption) if rec.caption is not None else ""
-        n_words = len(dv.words(text))
-        reason = rec.error or ("empty" if not text else "")
-        reason = reason or ("too_short" if n_words < cfg.min_words else "too_long" if n_words > cfg.max_words else "")
-        reason = reason or ("" if dv.charset_ok(text, cfg.charset) else "bad_charset")
-        key = dv.dedup_key(text)
-        if not reason and key in seen:
-            removed.append(_removal(rec, "exact_dup", f"= {seen[key]}: {text}"))
-            continue
-        if reason:
-            removed.append(_removal(rec, reason))
-            continue
-        seen[key] = caption_id(text)
-        kept.append(CaptionRecord(rec.source, rec.ref, text, rec.metadata))
-    if cfg.near_dup and kept:
-        near = dv.near_duplicates([r.caption for r in kept], cfg.near_dup_threshold, cfg.ngram, seed=cfg.seed)
-        for i, (j, sim) in sorted(near.items()):
-            detail = f"~ {caption_id(kept[j].caption)} (jaccard {sim:.3f}): {kept[i].caption}"
-            removed.append(_removal(kept[i], "near_dup", detail))
-        kept = [r for i, r in enumerate(kept) if i not in near]
-    return kept, removed
-
-
-def embed(captions: list[str], cfg: CaptionsConfig) -> np.ndarray:
-    """(N, D) unit embeddings of `captions`, in order, through the stage runner (in process or on Ray)."""
-    from pipeline import runtime
-
-    items = [{"i": i, "caption": c} for i, c in enumerate(captions)]
-    with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0 and bool(items)):
-        rows = runtime.map_stage(
-            CaptionEmbedder,
-            items,
-            constructor_kwargs={"embedder": cfg.embedder},
-            workers=cfg.workers,
-            batch_size=cfg.batch_size,
-            address=cfg.ray_address,
-        )
-        out = sorted(((int(r["i"]), np.asarray(r["embedding"], np.float32)) for r in rows), key=lambda t: t[0])
-    # `i` travels with each row because Ray returns batches in completion order.
-    return np.stack([e for _, e in out]) if out else np.zeros((0, 1), np.float32)
-
-
-def select(x: np.ndarray, labels: np.ndarray, cfg: CaptionsConfig) -> np.ndarray:
-    """Indices (sorted) of the `cfg.n` captions kept by `cfg.select`."""
-    if cfg.select == "random":
-        return dv.select_random(len(x), cfg.n, cfg.seed)
-    if cfg.select == "farthest":
-        return dv.select_farthest(x, cfg.n, cfg.seed)
-    return dv.select_clusters(labels, cfg.n, cfg.seed)
-
-
-def diversity_metrics(texts: list[str], x: np.ndarray, labels: np.ndarray, k: int, pool: np.ndarray | None) -> dict:
-    """Distinct n-gram ratios, embedding spread and coverage of `pool`, and the cluster histogram of a caption set.
-
-    `pool=None`: the set is the pool itself, whose coverage radius is 0 by definition (and costly to compute).
-    """
-    hist = np.bincount(labels, minlength=k) if len(labels) else np.zeros(k, np.int64)
-    return {
-        "captions": len(texts),
-        **{f"distinct_{n}": round(dv.distinct_ngrams(texts, n), 4) for n in (1, 2, 3)},
-        "mean_pairwise_distance": round(dv.mean_pairwise_distance(x), 4),
-        "coverage_radius": round(dv.coverage_radius(pool, x), 4) if pool is not None else 0.0,
-        "clusters_hit": int((hist > 0).sum()),
-        "cluster_entropy": round(dv.cluster_entropy(hist), 4),
-        "cluster_histogram": hist.tolist(),
-    }
-
-
-def diversity_report(pool_texts: list[str], x: np.ndarray, labels: np.ndarray, chosen: np.ndarray, cfg) -> dict:
-    """Metrics of the de-duplicated pool, the selection, and a random selection of the same size (the baseline)."""
-    k = int(labels.max()) + 1 if len(labels) else 0
-    # Coverage is measured on at most 2000 pool captions: the selection is compared with a fixed sample of the pool.
-    sample = x[dv.select_random(len(x), 2000, cfg.seed + 1)] if len(x) else x
-    base = dv.select_random(len(x), len(chosen), cfg.seed + 2)
-    sets = {"pool": np.arange(len(x)), "selected": chosen, "random_baseline": base}
-    return {
-        name: diversity_metrics(
-            [pool_texts[i] for i in idx], x[idx], labels[idx], k, None if name == "pool" else sample
-        )
-        for name, idx in sets.items()
-    }
+    return st.format_id(st.cid_value(caption))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -223,96 +127,274 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------------ the run
-
-
-def _write_shards(out: Path, rows: list[dict[str, Any]], cfg: CaptionsConfig, config_digest: str) -> list:
-    """Write the kept captions as `part-NNNNN.parquet` shards; a shard already on disk with the same rows is kept."""
-    results = []
-    for index, span in enumerate(shards.plan_shards(len(rows), cfg.shard_size)):
-        chunk = [rows[i] for i in span]
-        meta = {"config_digest": config_digest, "input_digest": shards.digest([r["id"] for r in chunk])}
-        old = shards.complete_shard_meta(out, index)
-        if old is not None and old.get("config_digest") != config_digest:
-            raise ValueError(
-                f"{out} holds caption shards made with other settings (e.g. {shards.shard_name(index)}); "
-                "pass --overwrite to replace them or choose another --output"
-            )
-        if old is None or old.get("input_digest") != meta["input_digest"]:
-            table = pa.Table.from_pylist(chunk, schema=CAPTION_SCHEMA)
-            with shards.ShardWriter(out, index, CAPTION_SCHEMA, meta) as writer:
-                writer.write(table)
-                writer.commit(shards.rejects_table([]))
-        results.append(shards.shard_result(out, index))
-    shards.remove_outputs(out, keep_below=len(results))
-    return results
-
-
 def run_build_captions(cfg: CaptionsConfig) -> dict[str, Any]:
     """Run the stage end to end; returns the report (also written to `report.json`, diversity in `diversity.json`)."""
-    t0 = time.perf_counter()
-    # 1. Check the settings; read every source in a fixed order.
+    from pipeline import runtime
+
     validate(cfg)
-    records = read_captions(cfg.inputs, cfg.field) if cfg.inputs else []
-    if cfg.shapes:
-        records += shapes_captions(cfg.shapes, cfg.seed, cfg.shapes_diversity, cfg.shapes_scenes)
-    # 2. Clean and de-duplicate; embed and cluster the pool; select.
-    pool, removed = clean(records, cfg)
-    if not pool:
-        raise ValueError(f"no captions left after cleaning {len(records)} inputs (check --field and the filters)")
-    texts = [r.caption for r in pool]
-    x = embed(texts, cfg)
-    _, labels = dv.kmeans(x, cfg.clusters, seed=cfg.seed)
-    chosen = select(x, labels, cfg)
-    chosen_set = set(chosen.tolist())
-    removed += [_removal(r, "not_selected") for i, r in enumerate(pool) if i not in chosen_set]
-    # 3. Write shards (kept ones are reused), rejects, reports, manifest.
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        shards.remove_outputs(out)
-    shards.clean_temporaries(out)
-    config_digest = shards.digest(cfg.content())
-    rows = [
-        {"id": caption_id(texts[i]), "caption": texts[i], "source": pool[i].source, "metadata": pool[i].metadata,
-         "cluster": int(labels[i])}
-        for i in chosen
-    ]  # fmt: skip
-    results = _write_shards(out, rows, cfg, config_digest)
-    shards.write_table_atomic(out / shards.REJECTS, shards.rejects_table(removed))
-    seconds = time.perf_counter() - t0
-    reasons = Counter(r["reason"] for r in removed)
-    report = {
-        "inputs": len(records),
-        "kept": len(rows),
-        "removed": len(removed),
-        "removed_by_reason": dict(sorted(reasons.items())),
-        "duplicates_removed": reasons["exact_dup"] + reasons["near_dup"],
-        "shards": len(results),
-        "seconds": round(seconds, 3),
-        "captions_per_s": round(len(records) / seconds, 1) if seconds > 0 else None,
-        "diversity": diversity_report(texts, x, labels, chosen, cfg),
-    }
-    shards.write_json_atomic(out / shards.DIVERSITY, report["diversity"])
-    shards.write_json_atomic(out / shards.REPORT, {k: v for k, v in report.items() if k != "diversity"})
-    _manifest(out, cfg, config_digest, results, len(removed))
+    build = CaptionBuild(cfg)
+    with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
+        report = build.run()
+    wf.remove(build.work)
     return report
 
 
-def _manifest(out: Path, cfg: CaptionsConfig, config_digest: str, results: list, removed: int) -> None:
-    """Write the complete manifest (its `rejected` / `inputs` count the global removals, not per-shard rejects)."""
-    config = {**asdict(cfg), "inputs": [str(Path(p).resolve()) for p in cfg.inputs], "output": str(out.resolve())}
-    header = {
-        "format": CAPTIONS_FORMAT,
-        "schema_version": CAPTION_SCHEMA_VERSION,
-        "stage": "build-captions",
-        "code_version": shards.code_version(),
-        "config": config,
-        "config_digest": config_digest,
-        "n_shards": len(results),
-    }
-    writer = shards.ManifestWriter(out, header)
-    for r in results:
-        writer.add(r, write=False)
-    rows = sum(r.rows for r in results)
-    writer.write(complete=True, rejected=removed, inputs=rows + removed)
+class CaptionBuild:
+    """One run of the stage: the driver's per-row arrays and the numbered steps that fill them."""
+
+    def __init__(self, cfg: CaptionsConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.work = self.out / wf.WORK_DIR
+        self.config_digest = shards.digest(cfg.content())
+        self.timings: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
+
+    def _map(self, fn: Any, args: list[tuple], key: str = "chunk") -> list[dict[str, Any]]:
+        """Run a phase over its tasks (in process or on Ray); results in task order."""
+        from pipeline import runtime
+
+        results = runtime.map_tasks(fn, args, workers=self.cfg.workers, address=self.cfg.ray_address)
+        return sorted(results, key=lambda r: getattr(r, key) if hasattr(r, key) else r[key])
+
+    def _save(self, **arrays: np.ndarray) -> None:  # driver arrays the tasks memory-map
+        for name, a in arrays.items():
+            wf.save_npy(self.work / f"{name}.npy", a)
+
+    def _timed(self, name: str, t0: float) -> None:
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+    def run(self) -> dict[str, Any]:
+        """Steps 0-7; returns the report."""
+        t0 = time.perf_counter()
+        self.prepare()  # 0. outputs checked, work folder, read plan
+        self.read()  # 1. read + clean
+        self.exact()  # 2. exact duplicates
+        self.near_duplicates()  # 3. near duplicates (and the token store)
+        self.embed_and_cluster()  # 4. embeddings, k-means
+        self.select()  # 5. selection
+        diversity = self.finalize()  # 6. rejects, diversity statistics
+        results = self.write_shards()  # 7. caption shards, reports, manifest
+        return self.report(results, diversity, time.perf_counter() - t0)
+
+    def prepare(self) -> None:
+        """Refuse outputs made with other settings (unless --overwrite); plan the reads and the partitions."""
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            shards.remove_outputs(out)
+        shards.clean_temporaries(out)
+        old = st.existing_config_digest(out)
+        if old is not None and old != self.config_digest:
+            raise ValueError(
+                f"{out} holds caption shards made with other settings (e.g. part-00000.parquet); "
+                "pass --overwrite to replace them or choose another --output"
+            )
+        self.tasks = plan_reads(cfg.inputs, cfg.field) if cfg.inputs else []
+        if cfg.shapes:
+            self.tasks.append(shapes_task(cfg.shapes, cfg.seed, cfg.shapes_diversity, cfg.shapes_scenes))
+        estimate = sum(Path(p).stat().st_size // 100 for p in {t.path for t in self.tasks if t.kind != "shapes"})
+        self.parts = cfg.partitions or int(np.clip(-(-(estimate + cfg.shapes) // 200_000), max(1, cfg.workers), 64))
+        rules = (cfg.near_dup_threshold, cfg.ngram, cfg.near_dup_edit_words, cfg.near_dup_change_words)
+        self.near = dedup.NearDupSettings(*rules, seed=cfg.seed, parts=self.parts)
+        wf.reset(self.work)
+
+    def read(self) -> None:
+        """1. Every read task -> a cleaned chunk file; per-row status, caption ids; unknown --field errors."""
+        t0 = time.perf_counter()
+        s = st.CleanSettings(self.cfg.field, self.cfg.min_words, self.cfg.max_words, self.cfg.charset)
+        args = [(task, i, s, str(self.work), self.parts) for i, task in enumerate(self.tasks)]
+        self.chunks = self._map(st.read_chunk, args)
+        fields: dict[str, Counter] = {}
+        for c in self.chunks:
+            fields.setdefault(c["path"], Counter()).update(c["fields"])
+        check_fields(fields, self.cfg.field)
+        self.offsets = np.concatenate([[0], np.cumsum([c["rows"] for c in self.chunks])]).astype(np.int64)
+        self.n = int(self.offsets[-1])
+        cols = [wf.read_arrow(dedup.chunk_file(self.work, i), ["status", "cid"]) for i in range(len(self.chunks))]
+        self.status = np.concatenate([c.column("status").to_numpy() for c in cols] or [np.zeros(0, np.int8)])
+        self.cid = np.concatenate([c.column("cid").to_numpy() for c in cols] or [np.zeros(0, np.uint64)])
+        self.partner = np.zeros(self.n, np.uint64)
+        self._timed("read", t0)
+
+    def exact(self) -> None:
+        """2. Exact duplicates, one task per key-hash partition."""
+        t0 = time.perf_counter()
+        self._map(
+            dedup.exact_partition, [(str(self.work), p, self.offsets.tolist()) for p in range(self.parts)], "part"
+        )
+        for p in range(self.parts):
+            a = wf.load_arrays(wf.work_path(self.work, dedup.EXACT_OUT, f"p{p:03d}.npz"))
+            self.status[a["row"]] = st.CODE["exact_dup"]
+            self.partner[a["row"]] = a["winner_cid"]
+        self._save(status=self.status)
+        self._timed("exact_dedup", t0)
+
+    def near_duplicates(self) -> None:
+        """3. Signatures per chunk, the token store, buckets per partition, connected components."""
+        t0, work, keys = time.perf_counter(), str(self.work), self.cfg.near_dup
+        self._map(
+            dedup.near_signatures, [(work, c, int(self.offsets[c]), self.near, keys) for c in range(len(self.chunks))]
+        )
+        dedup.build_token_store(work, len(self.chunks), self.n)
+        self.near_info = {"jaccard": np.zeros(self.n, np.float32), "edits": np.zeros(self.n, np.int8),
+                          "via": np.zeros(self.n, np.uint64)}  # fmt: skip
+        if keys:
+            parts = self._map(
+                dedup.near_partition, [(work, p, len(self.chunks), self.near) for p in range(self.parts)], "part"
+            )
+            a, b = dedup.load_edges(work, self.parts)
+            self.stats["near_dup"] = {
+                "bucket_pairs": sum(r["candidates"] for r in parts),  # work done (a pair may recur per partition)
+                "duplicate_pairs": len(np.unique(a * self.n + b)),
+                "hot_buckets": sum(r["hot_buckets"] for r in parts),
+            }
+            root = dedup.connected_components(self.n, a, b)
+            removed = np.flatnonzero(root != np.arange(self.n))
+            self.status[removed] = st.CODE["near_dup"]
+            self.partner[removed] = self.cid[root[removed]]
+            node, nb = dedup.nearest_kept_neighbour(root, a, b)
+            tokens, offsets = dedup.token_store(work)
+            self.near_info["jaccard"][node] = st.textsig.pair_jaccard(tokens, offsets, node, nb, self.cfg.ngram)
+            self.near_info["edits"][node] = st.textsig.pair_edits(tokens, offsets, node, nb)
+            self.near_info["via"][node] = self.cid[nb]
+        self._save(status=self.status, **{f"near_{k}": v for k, v in self.near_info.items()})
+        self._timed("near_dedup", t0)
+
+    def embed_and_cluster(self) -> None:
+        """4. Embeddings of the pool (survivors) in the workers; k-means on a sample, labels for all."""
+        t0, work, cfg = time.perf_counter(), str(self.work), self.cfg
+        self.pool = np.flatnonzero(self.status == 0)  # pool index -> global row, input order
+        if not len(self.pool):
+            raise ValueError(f"no captions left after cleaning {self.n} inputs (check --field and the filters)")
+        self.pool_off = np.searchsorted(self.pool, self.offsets)  # pool index range of each chunk
+        es = st.EmbedSettings(cfg.embedder, cfg.batch_size)
+        self._map(st.embed_chunk, [(work, c, int(self.offsets[c]), es) for c in range(len(self.chunks))])
+        self._timed("embed", t0)
+        t0 = time.perf_counter()
+        sample = np.arange(len(self.pool))
+        if len(sample) > cfg.kmeans_sample:
+            sample = dv.select_random(len(self.pool), cfg.kmeans_sample, cfg.seed)
+        centroids, _ = dv.kmeans(self.pool_embeddings(sample), cfg.clusters, seed=cfg.seed)
+        self.k = len(centroids)
+        self._save(centroids=centroids.astype(np.float32))
+        self._map(st.label_chunk, [(work, c) for c in range(len(self.chunks))])
+        self.labels = np.concatenate(
+            [wf.load_npy(wf.work_path(work, "labels", f"c{c:05d}.npy"), mmap=False) for c in range(len(self.chunks))]
+        ).astype(np.int64)
+        self._timed("cluster", t0)
+
+    def pool_embeddings(self, idx: np.ndarray) -> np.ndarray:
+        """Embeddings of pool indices `idx` (sorted), read from the chunks' embedding files."""
+        out = []
+        for c in range(len(self.chunks)):
+            lo, hi = np.searchsorted(idx, self.pool_off[c : c + 2])
+            if hi > lo:
+                x = wf.load_npy(wf.work_path(self.work, "emb", f"c{c:05d}.npy"))
+                out.append(np.asarray(x[idx[lo:hi] - self.pool_off[c]], np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+    def select(self) -> None:
+        """5. The kept `--n`: clusters evenly, farthest-point (on a pool sample), or random; the random baseline."""
+        t0, cfg, n_pool = time.perf_counter(), self.cfg, len(self.pool)
+        if cfg.select == "random":
+            chosen = dv.select_random(n_pool, cfg.n, cfg.seed)
+        elif cfg.select == "farthest":
+            cand = (
+                np.arange(n_pool) if n_pool <= FARTHEST_POOL else dv.select_random(n_pool, FARTHEST_POOL, cfg.seed + 3)
+            )
+            chosen = cand[dv.select_farthest(self.pool_embeddings(cand), cfg.n, cfg.seed)]
+            if cfg.n > len(cand):  # more than the sample: the rest at random
+                rest = np.setdiff1d(np.arange(n_pool), cand)
+                chosen = np.sort(np.r_[chosen, rest[dv.select_random(len(rest), cfg.n - len(cand), cfg.seed)]])
+        else:
+            chosen = dv.select_clusters(self.labels, cfg.n, cfg.seed)
+        self.chosen = chosen
+        not_chosen = np.ones(n_pool, bool)
+        not_chosen[chosen] = False
+        self.status[self.pool[not_chosen]] = st.CODE["not_selected"]
+        baseline = np.zeros(self.n, bool)
+        baseline[self.pool[dv.select_random(n_pool, len(chosen), cfg.seed + 2)]] = True
+        cluster = np.full(self.n, -1, np.int32)
+        cluster[self.pool] = self.labels
+        cover_idx = dv.select_random(n_pool, COVER_SAMPLE, cfg.seed + 1)
+        cover_in = np.stack([np.ones(len(cover_idx), bool), ~not_chosen[cover_idx], baseline[self.pool[cover_idx]]], 1)
+        self._save(status=self.status, partner=self.partner, baseline=baseline, cluster=cluster,
+                   cover=self.pool_embeddings(cover_idx), cover_in=cover_in)  # fmt: skip
+        self._timed("select", t0)
+
+    def finalize(self) -> dict[str, Any]:
+        """6. Rejects and statistics per chunk; `rejects.parquet`; the diversity report."""
+        t0 = time.perf_counter()
+        work, n_chunks = str(self.work), len(self.chunks)
+        self._map(st.finalize_chunk, [(work, c, int(self.offsets[c]), self.parts) for c in range(n_chunks)])
+        grams: Counter = Counter()
+        for r in self._map(st.distinct_partition, [(work, p, n_chunks) for p in range(self.parts)], "part"):
+            for k, (d, t) in r["counts"].items():
+                grams[k] = [grams[k][0] + d, grams[k][1] + t] if k in grams else [d, t]
+        files = [wf.work_path(self.work, "rejects", f"c{c:05d}.arrow") for c in range(len(self.chunks))]
+        rejects = pa.concat_tables([wf.read_arrow(f) for f in files]) if files else shards.rejects_table([])
+        shards.write_table_atomic(self.out / "rejects.parquet", rejects)
+        sets = {"pool": np.arange(len(self.pool)), "selected": self.chosen}
+        sets["random_baseline"] = dv.select_random(len(self.pool), len(self.chosen), self.cfg.seed + 2)
+        hist = {name: np.bincount(self.labels[idx], minlength=self.k) for name, idx in sets.items()}
+        diversity = st.diversity_report(work, n_chunks, hist, dict(grams))
+        self._timed("finalize", t0)
+        return diversity
+
+    def write_shards(self) -> list[shards.ShardResult]:
+        """7a. Caption shards of `--shard-size` kept rows each, in input order (a shard already on disk is kept)."""
+        t0 = time.perf_counter()
+        bounds = zip(self.offsets[:-1], self.offsets[1:], strict=True)
+        kept = [int((self.status[a:b] == 0).sum()) for a, b in bounds]
+        plan = st.shard_spans(kept, self.offsets.tolist(), self.cfg.shard_size, [t.source for t in self.tasks])
+        meta = {"config_digest": self.config_digest}
+        args = [(str(self.work), str(self.out), i, spans, CAPTION_SCHEMA, meta) for i, spans in enumerate(plan)]
+        results = self._map(st.write_shard, args, key="index")
+        shards.remove_outputs(self.out, keep_below=len(results))
+        self._timed("write", t0)
+        return results
+
+    def report(self, results: list[shards.ShardResult], diversity: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """7b. `report.json`, `diversity.json` and the manifest (written once, complete)."""
+        codes = Counter(self.status.tolist())
+        reasons = {st.REASONS[c]: n for c, n in sorted(codes.items()) if c != 0}
+        kept, removed = int(codes.get(0, 0)), self.n - int(codes.get(0, 0))
+        report = {
+            "inputs": self.n,
+            "kept": kept,
+            "removed": removed,
+            "removed_by_reason": dict(sorted(reasons.items())),
+            "duplicates_removed": reasons.get("exact_dup", 0) + reasons.get("near_dup", 0),
+            "shards": len(results),
+            "seconds": round(seconds, 3),
+            "captions_per_s": round(self.n / seconds, 1) if seconds > 0 else None,
+            "timings": self.timings,
+            **self.stats,
+            "chunks": len(self.chunks),
+            "partitions": self.parts,
+            "workers": self.cfg.workers,
+            "diversity": diversity,
+        }
+        shards.write_json_atomic(self.out / "diversity.json", diversity)
+        shards.write_json_atomic(self.out / "report.json", {k: v for k, v in report.items() if k != "diversity"})
+        self.manifest(results, removed)
+        return report
+
+    def manifest(self, results: list[shards.ShardResult], removed: int) -> None:
+        """The complete manifest (its `rejected` / `inputs` count the global removals, not per-shard rejects)."""
+        cfg, out = self.cfg, self.out
+        config = {**asdict(cfg), "inputs": [str(Path(p).resolve()) for p in cfg.inputs], "output": str(out.resolve())}
+        header = {
+            "format": CAPTIONS_FORMAT,
+            "schema_version": CAPTION_SCHEMA_VERSION,
+            "stage": "build-captions",
+            "code_version": shards.code_version(),
+            "config": config,
+            "config_digest": self.config_digest,
+            "n_shards": len(results),
+        }
+        writer = shards.ManifestWriter(out, header)
+        for r in results:
+            writer.add(r, write=False)
+        writer.write(complete=True, rejected=removed, inputs=sum(r.rows for r in results) + removed)

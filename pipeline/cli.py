@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from lightgen.errors import exit_with_error, user_errors
 from pipeline.options import command
 
 app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_completion=False)
@@ -17,10 +18,7 @@ def _root() -> None:
     """LightGen data pipeline: build-captions, synthesize, encode-latents, build-dpo-pairs."""
 
 
-def _fail(e: Exception) -> None:
-    """A one-line error on stderr and exit code 2."""
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2) from None
+_fail = exit_with_error  # `error: <message>` on stderr and exit code 2, as every entry point (lightgen.errors)
 
 
 def _stage_command(name: str, config: str, run: str, doc: str, summary: str | None = None) -> None:
@@ -34,10 +32,8 @@ def _stage_command(name: str, config: str, run: str, doc: str, summary: str | No
 
     def run_cfg(cfg: object) -> None:
         mod, fn = run.rsplit(".", 1)
-        try:
+        with user_errors():
             report = getattr(importlib.import_module(mod), fn)(cfg)
-        except (ValueError, OSError) as e:
-            _fail(e)
         if summary:
             typer.echo(summary.format(**report))
         typer.echo(json.dumps(report))
@@ -71,9 +67,10 @@ def build_captions(
     near_dup_threshold: float = typer.Option(0.8, help="Word n-gram Jaccard similarity that makes a near duplicate."),
     ngram: int = typer.Option(2, help="Word n-gram size of the near-duplicate shingles."),
     near_dup_edit_words: int = typer.Option(
-        8,
-        help="One word changed / inserted / deleted makes a near duplicate when both captions have at least this "
-        "many words (0 = off).",
+        8, help="A word inserted or deleted makes a near duplicate when both captions have this many words (0 = off)."
+    ),
+    near_dup_change_words: int = typer.Option(
+        14, help="A word changed makes a near duplicate when both captions have this many words (0 = off)."
     ),
     embedder: str = typer.Option("minilm", help="Sentence embeddings for selection: minilm, hash (model-free)."),
     select: str = typer.Option("cluster", help="Selection: cluster (k-means, even per cluster), farthest, random."),
@@ -118,3 +115,18 @@ _stage_command(
     "build-dpo-pairs: {written} pairs of {inputs} inputs ({rejected} rejected), {written_this_run} made in "
     "{seconds_total} s",
 )
+
+
+@app.command("inspect")
+def inspect_output(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A finished stage output folder (with manifest.json)."),
+    out: Path = typer.Option(None, help="The HTML page to write.", show_default="<DIR>-inspect.html beside DIR"),
+    limit: int = typer.Option(48, help="Rows sampled per section."),
+    seed: int = typer.Option(0, help="Sampling seed (the same seed shows the same rows)."),
+    vae: str = typer.Option(None, help="Local VAE directory that made the latents.", show_default="pixel only"),
+) -> None:
+    """One self-contained HTML page showing a stage output: counts, samples, plots, rejects. Prints its path."""
+    from pipeline.inspect import inspect_dataset
+
+    with user_errors():
+        typer.echo(str(inspect_dataset(directory, out=out, limit=limit, seed=seed, vae=vae)))

@@ -7,27 +7,55 @@ from __future__ import annotations
 
 import re
 import unicodedata
-import zlib
-from collections import Counter
 
 import numpy as np
 
+from pipeline import textsig
+
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)
-_PRIME = (1 << 31) - 1  # MinHash universal hashing mod a Mersenne prime: a * x stays below 2^62 in uint64
 CHARSETS = ("any", "latin", "ascii")
 
 
 def normalize(text: str) -> str:
     """NFKC, control characters to spaces, whitespace runs collapsed, stripped."""
     text = unicodedata.normalize("NFKC", text)
-    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+    if not text.isprintable():  # only then can it hold control / format characters (category C)
+        text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
     return _WS.sub(" ", text).strip()
 
 
 def words(text: str) -> list[str]:
     """Lower-cased word tokens (letters and digits)."""
     return _WORD.findall(text.casefold())
+
+
+def normalize_batch(captions: list[str | None]) -> tuple[list[str], list[str], np.ndarray]:
+    """`normalize`, `dedup_key` and the word count of many captions (None -> ""): (texts, keys, words (N,)).
+
+    ASCII captions (most) go through Arrow compute kernels; for them NFKC is the identity, casefold is lower and
+    a word is [a-z0-9_]+, so the result equals the per-caption functions. Others take the per-caption path.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    texts, keys = [""] * len(captions), [""] * len(captions)
+    n_words = np.zeros(len(captions), np.int64)
+    fast = [i for i, c in enumerate(captions) if c is not None and c.isascii()]
+    if fast:
+        arr = pa.array([captions[i] for i in fast], pa.string())
+        arr = pc.utf8_trim(pc.replace_substring_regex(arr, r"[\x00-\x20\x7f]+", " "), " ")  # controls, spaces
+        key = pc.utf8_trim(pc.replace_substring_regex(pc.ascii_lower(arr), r"[^a-z0-9_]+", " "), " ")
+        count = pc.count_substring(key, " ").to_numpy(zero_copy_only=False) + 1
+        n_words[fast] = np.where(pc.utf8_length(key).to_numpy(zero_copy_only=False) > 0, count, 0)
+        for i, t, k in zip(fast, arr.to_pylist(), key.to_pylist(), strict=True):
+            texts[i], keys[i] = t, k
+    for i in set(range(len(captions))) - set(fast):
+        if captions[i] is not None:
+            texts[i] = normalize(captions[i])
+            toks = words(texts[i])
+            keys[i], n_words[i] = " ".join(toks), len(toks)
+    return texts, keys, n_words
 
 
 def charset_ok(text: str, charset: str) -> bool:
@@ -37,7 +65,7 @@ def charset_ok(text: str, charset: str) -> bool:
     if charset == "ascii":
         return text.isascii()
     if charset == "latin":
-        return all(not c.isalpha() or unicodedata.name(c, "").startswith("LATIN") for c in text)
+        return text.isascii() or all(not c.isalpha() or unicodedata.name(c, "").startswith("LATIN") for c in text)
     raise ValueError(f"unknown --charset {charset!r}: expected one of {CHARSETS}")
 
 
@@ -46,65 +74,24 @@ def dedup_key(text: str) -> str:
     return " ".join(words(text))
 
 
-# ----------------------------------------------------------------------------------------------- near duplicates
-
-
-def shingles(text: str, n: int) -> set[int]:
-    """crc32 hashes of the word n-grams of `text` (the whole text if it has fewer than n words)."""
-    toks = words(text)
-    grams = [" ".join(toks[i : i + n]) for i in range(max(1, len(toks) - n + 1))]
-    return {zlib.crc32(g.encode()) for g in grams}
-
-
-def minhash(shingle_set: set[int], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """MinHash signature (P,) of a shingle set under P hash functions (a * x + b) mod p."""
-    x = np.fromiter(shingle_set, np.uint64, len(shingle_set)) % _PRIME  # (S,)
-    return ((a[:, None] * x[None, :] + b[:, None]) % _PRIME).min(axis=1)  # (P,)
-
-
-def near_duplicates(
-    texts: list[str], threshold: float = 0.8, ngram: int = 2, num_perm: int = 64, bands: int = 16, seed: int = 0
-) -> dict[int, tuple[int, float]]:
-    """Near-duplicates in order: {index: (index of the earlier kept text, Jaccard)}; first occurrence wins.
-
-    MinHash + LSH banding proposes candidates; the exact Jaccard similarity of the word n-gram sets decides, so the
-    result does not depend on hash luck beyond recall (bands x rows tuned for thresholds >= 0.5).
-    """
-    if num_perm % bands:
-        raise ValueError(f"num_perm {num_perm} is not a multiple of bands {bands}")
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, _PRIME, num_perm, dtype=np.uint64)
-    b = rng.integers(0, _PRIME, num_perm, dtype=np.uint64)
-    rows = num_perm // bands
-    buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-    sets: dict[int, set[int]] = {}
-    removed: dict[int, tuple[int, float]] = {}
-    for i, text in enumerate(texts):
-        sh = shingles(text, ngram)
-        sig = minhash(sh, a, b)
-        keys = [sig[k * rows : (k + 1) * rows].tobytes() for k in range(bands)]
-        candidates = sorted({j for k, key in enumerate(keys) for j in buckets[k].get(key, ())})
-        best = max(((len(sh & sets[j]) / len(sh | sets[j]), -j) for j in candidates), default=(0.0, 0))
-        if best[0] >= threshold:
-            removed[i] = (-best[1], best[0])
-            continue
-        sets[i] = sh
-        for k, key in enumerate(keys):
-            buckets[k].setdefault(key, []).append(i)
-    return removed
-
-
 # ----------------------------------------------------------------------------------------------------- embeddings
 
 
 def hash_embed(texts: list[str], dim: int = 256) -> np.ndarray:
     """A model-free sentence embedding: hashed word unigrams + bigrams, L2-normalised -> (N, dim) float32."""
-    out = np.zeros((len(texts), dim), np.float32)
-    for i, text in enumerate(texts):
-        toks = words(text)
-        for g in [*toks, *(f"{x} {y}" for x, y in zip(toks, toks[1:], strict=False))]:
-            h = zlib.crc32(g.encode())
-            out[i, h % dim] += 1.0 if (h >> 31) & 1 else -1.0  # a sign bit keeps collisions unbiased
+    tokens, offsets = textsig.tokenize([dedup_key(t) for t in texts])
+    return hash_embed_tokens(tokens, offsets, dim)
+
+
+def hash_embed_tokens(tokens: np.ndarray, offsets: np.ndarray, dim: int = 256) -> np.ndarray:
+    """`hash_embed` of tokenised captions (`textsig.tokenize`): each gram adds +-1 at its hash mod `dim`."""
+    n = len(offsets) - 1
+    bi, bi_owner = textsig.ngrams(tokens, offsets, 2, whole_if_short=False)
+    grams = np.concatenate([textsig.splitmix64(tokens), textsig.splitmix64(bi)])
+    owner = np.concatenate([textsig.owners(offsets), bi_owner])
+    sign = np.where(grams >> np.uint64(63), 1.0, -1.0)  # a sign bit keeps collisions unbiased
+    flat = owner * dim + (grams % np.uint64(dim)).astype(np.int64)
+    out = np.bincount(flat, weights=sign, minlength=n * dim).reshape(n, dim)
     return l2_normalize(out)
 
 
@@ -115,7 +102,10 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means (k-means++ seeding) on unit rows: (centroids (k, D), labels (N,))."""
+    """Spherical k-means (k-means++ seeding) on unit rows: (centroids (k, D), labels (N,)).
+
+    For large sets fit it on a sample and label the rest with `assign` (what `build-captions` does).
+    """
     rng = np.random.default_rng(seed)
     n = len(x)
     k = max(1, min(k, n))
@@ -127,15 +117,32 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> tuple[np.nd
         centers.append(x[idx])
         dist = np.minimum(dist, 1.0 - x @ x[idx])
     c = np.stack(centers)
-    labels = np.zeros(n, np.int64)
     for _ in range(iters):
-        labels = (x @ c.T).argmax(1)  # (N,)
-        new = np.stack([x[labels == j].sum(0) if (labels == j).any() else c[j] for j in range(k)])
-        new = l2_normalize(new)
+        labels = assign(x, c)
+        new = l2_normalize(_cluster_sums(x, labels, c))
         if np.allclose(new, c):
             break
         c = new
-    return c, labels
+    return c, assign(x, c)
+
+
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Per-cluster sums of rows (k, D); an empty cluster keeps its old centre."""
+    from scipy.sparse import csr_matrix
+
+    onehot = csr_matrix((np.ones(len(x), np.float32), (labels, np.arange(len(x)))), shape=(len(old), len(x)))
+    out = np.asarray(onehot @ x)  # (k, D)
+    empty = np.bincount(labels, minlength=len(old)) == 0
+    out[empty] = old[empty]
+    return out
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """The nearest centroid (largest dot product) of each unit row -> (N,) int64."""
+    out = np.empty(len(x), np.int64)
+    for s in range(0, len(x), chunk):
+        out[s : s + chunk] = (x[s : s + chunk] @ centroids.T).argmax(1)  # (chunk, k)
+    return out
 
 
 def select_random(n_total: int, n: int, seed: int) -> np.ndarray:
@@ -182,9 +189,9 @@ def select_farthest(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def distinct_ngrams(texts: list[str], n: int) -> float:
     """Distinct word n-grams / all word n-grams over `texts` (distinct-n); 0 when there are none."""
-    grams = Counter(tuple(t[i : i + n]) for t in map(words, texts) for i in range(len(t) - n + 1))
-    total = sum(grams.values())
-    return len(grams) / total if total else 0.0
+    tokens, offsets = textsig.tokenize([dedup_key(t) for t in texts])
+    grams, _ = textsig.ngrams(tokens, offsets, n, whole_if_short=False)
+    return len(np.unique(grams)) / len(grams) if len(grams) else 0.0
 
 
 def mean_pairwise_distance(x: np.ndarray) -> float:
@@ -192,9 +199,9 @@ def mean_pairwise_distance(x: np.ndarray) -> float:
     n = len(x)
     if n < 2:
         return 0.0
-    s = x.sum(0)
+    s = x.sum(0, dtype=np.float64)
     # sum_{i != j} x_i . x_j = |sum x|^2 - sum |x_i|^2, so no N x N matrix is needed.
-    off_diag = float(s @ s - (x * x).sum())
+    off_diag = float(s @ s - (x.astype(np.float64) ** 2).sum())
     return 1.0 - off_diag / (n * (n - 1))
 
 

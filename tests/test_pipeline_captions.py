@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import re
 import tarfile
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline import diversity as dv
-from pipeline.caption_sources import read_captions
+from pipeline.caption_sources import plan_reads, read_captions, read_task
 from pipeline.captions import CaptionsConfig, caption_id, run_build_captions
 from pipeline.cli import app
 
@@ -84,16 +85,77 @@ def test_filters_and_duplicates_exact_counts(tmp_path):
         run_build_captions(cfg(tmp_path, srcs, n=3))
 
 
-def test_near_duplicates_and_minhash():
-    texts = [NEAR_A, NEAR_B, FAR, NEAR_A.replace("green", "red"), "a red circle"]
-    # NEAR_A vs the green->red variant: bigrams "a green", "green triangle" differ -> 9 / 13.
-    assert dv.near_duplicates(texts, threshold=0.8) == {1: (0, pytest.approx(11 / 12))}
-    assert dv.near_duplicates(texts, threshold=0.6) == {1: (0, pytest.approx(11 / 12)), 3: (0, pytest.approx(9 / 13))}
-    a = np.arange(1, 65, dtype=np.uint64) * 7919
-    b = np.arange(64, dtype=np.uint64)
-    s1, s2 = dv.shingles(NEAR_A, 2), dv.shingles(NEAR_B, 2)
-    estimate = float((dv.minhash(s1, a, b) == dv.minhash(s2, a, b)).mean())
-    assert abs(estimate - 11 / 12) < 0.2  # MinHash estimates Jaccard
+def test_near_duplicate_rules_components_and_details(tmp_path):
+    """Word-bigram Jaccard >= --near-dup-threshold, or one word apart (inserted / deleted: >= --near-dup-edit-words
+    words; changed: >= --near-dup-change-words);
+    near duplicates form components whose first caption is kept (the old greedy scan kept chain ends)."""
+    variant = NEAR_A.replace("green", "red")  # bigrams: 9 / 13 shared with NEAR_A, one word apart
+    chain = variant.replace("big", "small")  # one word from `variant`, two from NEAR_A
+    texts = [NEAR_A, NEAR_B, FAR, variant, chain, "a red circle", "a blue circle"]
+    src = tmp_path / "near.jsonl"
+    src.write_text("".join(json.dumps({"caption": t}) + "\n" for t in texts))
+
+    def near(**kw) -> dict[str, str]:
+        run_build_captions(CaptionsConfig([str(src)], str(tmp_path / "o"), embedder="hash", overwrite=True, **kw))
+        rej = pq.read_table(tmp_path / "o" / "rejects.parquet").to_pylist()
+        return {r["detail"].split(": ", 1)[1]: r["detail"].split(": ", 1)[0] for r in rej if r["reason"] == "near_dup"}
+
+    got = near()  # defaults: Jaccard 0.8; a word inserted / deleted at >= 8 words, changed at >= 14 words
+    assert got == {NEAR_B: f"~ {caption_id(NEAR_A)} (jaccard 0.917) one word apart"}  # 12 words: a change counts
+    got = near(near_dup_change_words=12)
+    assert set(got) == {NEAR_B, variant, chain}  # 3-word captions one word apart stay distinct
+    assert got[variant] == f"~ {caption_id(NEAR_A)} (jaccard 0.692) one word apart"
+    assert got[chain] == f"~ {caption_id(NEAR_A)} (jaccard 0.692) one word apart via {caption_id(variant)}"
+    assert set(near(near_dup_edit_words=13)) == {NEAR_B}  # the Jaccard rule alone (12-word captions)
+    assert set(near(near_dup_edit_words=0, near_dup_change_words=0, near_dup_threshold=0.6)) == set(got)
+    assert near(near_dup=False) == {}
+
+
+def test_bad_rows_become_rejects(tmp_path):
+    """Unparseable, non-UTF-8 and field-less rows of every format are rejects with a reason, never fatal."""
+    (tmp_path / "a.jsonl").write_bytes(b'{"caption": "a red circle"}\n\xff{"caption": "x"}\n{"caption": "ok"\n\n')
+    (tmp_path / "b.csv").write_bytes(b"caption,other\nred square,1\n\xff\xfe blue,2\n")
+    pq.write_table(
+        pa.table({"caption": pa.array([b"green cross", b"\xff\xfe", None], pa.binary())}), tmp_path / "c.parquet"
+    )
+    report = run_build_captions(cfg(tmp_path, [tmp_path / f for f in ("a.jsonl", "b.csv", "c.parquet")], min_words=1))
+    assert report["removed_by_reason"] == {"bad_json": 1, "bad_utf8": 3, "missing_field": 1}
+    assert (report["inputs"], report["kept"]) == (8, 3)
+    rej = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert [(r["source"], r["reason"]) for r in rej] == [
+        ("a.jsonl:2", "bad_utf8"), ("a.jsonl:3", "bad_json"), ("b.csv:3", "bad_utf8"), ("c.parquet:1", "bad_utf8"),
+        ("c.parquet:2", "missing_field"),
+    ]  # fmt: skip
+
+
+def test_jsonl_is_read_in_chunks_with_line_numbers(tmp_path):
+    src = tmp_path / "big.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"caption": f"caption number {i}"}) + "\n" + ("\n" if i % 7 == 0 else "") for i in range(500)
+        )
+    )
+    tasks = plan_reads([src], "caption", chunk_bytes=1000)
+    assert (
+        len(tasks) > 10
+        and tasks[0].start == 0
+        and all(a.stop == b.start for a, b in zip(tasks, tasks[1:], strict=False))
+    )
+    records = [r for t in tasks for batch in read_task(t, "caption", batch_rows=7) for r in batch]
+    assert [r.caption for r in records] == [f"caption number {i}" for i in range(500)]
+    assert [r.ref for r in records] == [r.ref for r in read_captions([src])]
+    assert records[8].ref == "big.jsonl:11"  # line numbers count the blank lines
+
+
+def test_normalize_batch_equals_the_per_caption_functions():
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(128)] + ["é", "ß", "ﬁ", "\u200b", "\xa0", "Ω"] + [" "] * 20
+    caps = [None, "", "  Hello,   World!!  ", "\x00\x1fA_b-C", "Straße"]
+    caps += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    texts, keys, n_words = dv.normalize_batch(caps)
+    for c, t, k, n in zip(caps[1:], texts[1:], keys[1:], n_words[1:], strict=True):
+        assert (t, k, n) == (dv.normalize(c), " ".join(dv.words(dv.normalize(c))), len(dv.words(dv.normalize(c))))
+    assert (texts[0], keys[0], n_words[0]) == ("", "", 0)
 
 
 def test_diversity_numbers_on_a_hand_made_set():
@@ -141,6 +203,30 @@ def test_shapes_source_and_selection_beats_random(tmp_path):
     # Shapes records read back with their metadata (build-captions output is a valid input).
     back = read_captions([tmp_path / "o"])
     assert [r.caption for r in back] == t.column("caption").to_pylist() and all(r.metadata for r in back)
+
+
+def test_farthest_and_random_selection_and_kmeans_on_a_sample(tmp_path, monkeypatch):
+    """farthest: greedy k-center on the pool (on a sample of FARTHEST_POOL, the rest at random beyond it); random;
+    k-means fitted on --kmeans-sample captions still labels every caption."""
+    import pipeline.captions as captions
+
+    def run(**kw) -> dict:
+        cfg = CaptionsConfig([], str(tmp_path / "o"), shapes=400, embedder="hash", clusters=6, overwrite=True, **kw)
+        report = run_build_captions(cfg)
+        clusters = pq.read_table(tmp_path / "o" / "part-00000.parquet").column("cluster").to_pylist()
+        assert report["inputs"] == report["kept"] + report["removed"] and all(0 <= c < 6 for c in clusters)
+        return report
+
+    pool = run(n=10_000)["kept"]
+    far, rnd = run(n=30, select="farthest"), run(n=30, select="random")
+    assert far["kept"] == rnd["kept"] == 30 and far["removed_by_reason"]["not_selected"] == pool - 30
+    assert (
+        far["diversity"]["selected"]["mean_pairwise_distance"] > rnd["diversity"]["selected"]["mean_pairwise_distance"]
+    )
+    monkeypatch.setattr(captions, "FARTHEST_POOL", 20)
+    assert run(n=30, select="farthest")["kept"] == 30  # 20 farthest of a 20-sample + 10 at random
+    sampled = run(n=50, kmeans_sample=40)
+    assert sampled["kept"] == 50 and sum(sampled["diversity"]["pool"]["cluster_histogram"]) == pool
 
 
 runner = CliRunner()

@@ -1,0 +1,204 @@
+"""Near-duplicate machinery: vectorised signatures against brute force, buckets, components, planted duplicates,
+metadata, partition / chunking invariance, and in-process = Ray."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import caption_sources, dedup, textsig
+from pipeline.captions import CaptionsConfig, run_build_captions
+
+
+def lev(a: list[str], b: list[str]) -> int:
+    d = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, d[0] = d[0], i
+        for j, y in enumerate(b, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (x != y))
+    return d[-1]
+
+
+def jaccard(a: str, b: str, n: int = 2) -> float:
+    grams = lambda t: {" ".join(t.split()[i : i + n]) for i in range(max(1, len(t.split()) - n + 1))}
+    return len(grams(a) & grams(b)) / len(grams(a) | grams(b))
+
+
+def small_vocab_captions(n: int, seed: int) -> list[str]:
+    """Captions over a 5-word vocabulary: every edit distance and repeated words occur."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(["a", "b", "c", "d", "e"]) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+
+
+def test_pair_edits_and_jaccard_match_brute_force():
+    caps = small_vocab_captions(150, 0)
+    tokens, offsets = textsig.tokenize(caps)
+    a, b = (np.array(x) for x in zip(*itertools.product(range(150), repeat=2), strict=True))
+    edits = textsig.pair_edits(tokens, offsets, a, b)
+    assert edits.tolist() == [min(lev(caps[i].split(), caps[j].split()), 2) for i, j in zip(a, b, strict=True)]
+    jac = textsig.pair_jaccard(tokens, offsets, a, b, 2)
+    assert np.allclose(jac, [jaccard(caps[i], caps[j]) for i, j in zip(a, b, strict=True)], atol=1e-6)
+
+
+def test_deletion_keys_equal_exactly_when_sequences_are_equal():
+    caps = small_vocab_captions(200, 1)
+    tokens, offsets = textsig.tokenize(caps)
+    salt = np.zeros(len(caps), np.uint64)
+    keys, row, pos = textsig.deletion_keys(tokens, offsets, np.arange(len(caps)), salt)
+    seq = [
+        tuple(caps[r].split()) if p == textsig.FULL else tuple(np.delete(caps[r].split(), p))
+        for r, p in zip(row, pos, strict=True)
+    ]
+    by_key: dict = {}
+    for k, s in zip(keys.tolist(), seq, strict=True):
+        by_key.setdefault(k, set()).add(s)
+    assert all(len(v) == 1 for v in by_key.values()) and len(by_key) == len(set(seq))
+    salted, _, _ = textsig.deletion_keys(tokens, offsets, np.arange(len(caps)), salt + np.uint64(7))
+    assert not set(salted.tolist()) & set(keys.tolist())  # a metadata salt separates the key spaces
+
+
+def test_minhash_estimates_jaccard():
+    a = "a big blue square on the left side of a green triangle"
+    tokens, offsets = textsig.tokenize([a, a + " today", "a red circle next to a tiny yellow cross"])
+    sh, owner = textsig.ngrams(tokens, offsets, 2)
+    sig = textsig.minhash(sh, owner, 3, 256, seed=0)
+    assert abs((sig[0] == sig[1]).mean() - 11 / 12) < 0.08 and (sig[0] == sig[2]).mean() < 0.1
+
+
+def test_bucket_pairs_are_linear_in_hot_buckets():
+    key = np.zeros(1000, np.uint64)  # one hot bucket of 1000 captions
+    a, b, hot = dedup.window_pairs(key, np.arange(1000), np.arange(1000) % 7, window=4)
+    assert len(a) == sum(1000 - d for d in range(1, 5)) and hot == 1  # not 1000 * 999 / 2
+    key = np.repeat(np.arange(50, dtype=np.uint64), 3)  # small buckets: every pair
+    a, b, hot = dedup.window_pairs(key, np.arange(150), np.zeros(150), window=4)
+    assert len(a) == 150 and hot == 0
+
+
+def test_deletion_buckets_and_components_find_every_one_word_pair():
+    caps = sorted(set(small_vocab_captions(300, 2)))
+    tokens, offsets = textsig.tokenize(caps)
+    keys, row, pos = textsig.deletion_keys(tokens, offsets, np.arange(len(caps)), np.zeros(len(caps), np.uint64))
+    a, b = dedup.deletion_pairs(keys, row, pos)
+    assert all(lev(caps[i].split(), caps[j].split()) == 1 for i, j in zip(a, b, strict=True))
+    root = dedup.connected_components(len(caps), a, b)
+    # Reference: components of the graph of all pairs one word apart, by a plain union-find.
+    parent = list(range(len(caps)))
+    find = lambda x: x if parent[x] == x else find(parent[x])
+    for i, j in itertools.combinations(range(len(caps)), 2):
+        if lev(caps[i].split(), caps[j].split()) == 1:
+            ri, rj = find(i), find(j)
+            parent[max(ri, rj)] = min(ri, rj)
+    assert root.tolist() == [find(i) for i in range(len(caps))]
+
+
+def test_connected_components_random_graph():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 500, 400), rng.integers(0, 500, 400)
+    root = dedup.connected_components(500, a, b)
+    parent = list(range(500))
+    find = lambda x: x if parent[x] == x else find(parent[x])
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        ri, rj = find(i), find(j)
+        parent[max(ri, rj)] = min(ri, rj)
+    assert root.tolist() == [find(i) for i in range(500)]
+
+
+WORDS = [f"w{i}" for i in range(3000)]
+
+
+def planted(root: Path, n: int = 600, seed: int = 0) -> tuple[Path, dict]:
+    """Distinct random captions (9-20 words from 3000, so >= 2 words apart), then one-word edits of some,
+    short captions (< 8 words) with edits, and metadata twins; returns the file and what must happen."""
+    rng = random.Random(seed)
+    rows = [{"caption": " ".join(rng.choices(WORDS, k=rng.randint(9, 20)))} for _ in range(n)]
+    rows += [{"caption": " ".join(rng.choices(WORDS, k=5))} for _ in range(50)]  # short
+    edits = []
+    for i in rng.sample(range(n + 50), 120):
+        w = rows[i]["caption"].split()
+        k = rng.randrange(len(w))
+        w = (
+            [*w[:k], rng.choice(WORDS), *w[k + 1 :]]
+            if i % 3 == 0
+            else w[:k] + w[k + 1 :]
+            if i % 3 == 1
+            else [*w[:k], "inserted", *w[k:]]
+        )
+        edits.append((i, len(rows)))
+        rows.append({"caption": " ".join(w)})
+    base = " ".join(rng.choices(WORDS, k=12))
+    twins = len(rows)
+    rows += [{"caption": base, "metadata": {"scene": 1}}, {"caption": base + " x", "metadata": {"scene": 2}}]
+    rows += [{"caption": base + " y", "metadata": {"scene": 1}}]  # same scene as the first: a near duplicate
+    path = root / "planted.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, {"edits": edits, "n_long": n, "twins": twins}
+
+
+def run(path: Path, out: Path, **kw) -> dict:
+    cfg = CaptionsConfig([str(path)], str(out), n=10_000, embedder="hash", clusters=4, overwrite=True, **kw)
+    return run_build_captions(cfg)
+
+
+def removed_rows(out: Path) -> dict[int, str]:
+    rej = pq.read_table(out / "rejects.parquet").to_pylist()
+    return {int(r["source"].rsplit(":", 1)[1]) - 1: r["reason"] for r in rej}
+
+
+def near_dup_rule(a: str, b: str, edit_words: int = 8, change_words: int = 14) -> bool:
+    """The rule, written plainly: one word inserted / deleted or changed at enough words, or bigram Jaccard >= 0.8."""
+    wa, wb = a.split(), b.split()
+    need = change_words if len(wa) == len(wb) else edit_words
+    return (lev(wa, wb) <= 1 and min(len(wa), len(wb)) >= need) or jaccard(a, b) >= 0.8
+
+
+def test_planted_one_word_edits_are_removed_and_distinct_kept(tmp_path):
+    path, truth = planted(tmp_path)
+    caps = [json.loads(line)["caption"] for line in path.read_text().splitlines()]
+    for kw in ({}, {"near_dup_change_words": 9}):
+        report = run(path, tmp_path / "o", **kw)
+        removed = removed_rows(tmp_path / "o")
+        assert not any(i in removed for i in range(truth["n_long"] + 50))  # no distinct caption removed
+        for i, e in truth["edits"]:  # every planted edit is removed exactly when the rule says so
+            rule = {"change_words": kw.get("near_dup_change_words", 14)}
+            assert (removed.get(e) == "near_dup") == near_dup_rule(caps[i], caps[e], **rule)
+        t = truth["twins"]
+        assert removed.get(t + 2) == "near_dup" and t not in removed and t + 1 not in removed  # other scene kept
+        assert report["inputs"] == report["kept"] + report["removed"]
+    long_edits = [e for i, e in truth["edits"] if i < truth["n_long"]]
+    assert all(removed.get(e) == "near_dup" for e in long_edits)  # recall 100 % on >= 9-word captions
+    off = run(path, tmp_path / "off", near_dup_edit_words=0, near_dup_change_words=0)  # the Jaccard rule alone
+    assert off["removed_by_reason"].get("near_dup", 0) < 0.6 * len(long_edits)
+
+
+def outputs(out: Path) -> tuple:
+    shards = sorted(out.glob("part-*.parquet"))
+    tables = [pq.read_table(p).to_pylist() for p in shards]
+    report = json.loads((out / "report.json").read_text())
+    report["near_dup"].pop("bucket_pairs")  # work done, which depends on the partitioning
+    keep = ("inputs", "kept", "removed", "removed_by_reason", "shards", "near_dup")
+    return (tables, pq.read_table(out / "rejects.parquet").to_pylist(),
+            json.loads((out / "diversity.json").read_text()), {k: report[k] for k in keep})  # fmt: skip
+
+
+def test_outputs_do_not_depend_on_partitions_or_chunks(tmp_path, monkeypatch):
+    path, _ = planted(tmp_path)
+    run(path, tmp_path / "a", shard_size=200, partitions=1)
+    monkeypatch.setattr(caption_sources, "CHUNK_BYTES", 4096)  # many JSONL read tasks
+    run(path, tmp_path / "b", shard_size=200, partitions=7)
+    assert len(caption_sources.plan_reads([path], "caption", 4096)) > 5
+    assert outputs(tmp_path / "a") == outputs(tmp_path / "b")
+    assert not (tmp_path / "a" / ".build-captions-work").exists()  # the work folder is removed
+
+
+@pytest.mark.slow
+def test_ray_workers_give_the_same_outputs(tmp_path):
+    path, _ = planted(tmp_path)
+    run(path, tmp_path / "local", shard_size=200, partitions=3, shapes=200)
+    run(path, tmp_path / "ray", shard_size=200, partitions=3, shapes=200, workers=2)
+    assert outputs(tmp_path / "local") == outputs(tmp_path / "ray")
