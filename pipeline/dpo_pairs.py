@@ -37,8 +37,8 @@ from pipeline.encode import Encoders, f16_column
 from pipeline.images import RejectError, center_crop_resize, decode_image
 from pipeline.judge import judge_name
 from pipeline.judge_stage import JudgeStage, judgements_dir, quiet_hf
-from pipeline.runner import rejects_name, shard_name
 from pipeline.schema import JUDGEMENT_FORMAT, MANIFEST, PAIR_FORMAT, PAIR_SCHEMA, PAIR_SCHEMA_VERSION
+from pipeline.shards import rejects_name, shard_name
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 from pipeline.storage import Storage
 

@@ -27,22 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.schema import MANIFEST, REJECT_SCHEMA, with_metadata
-from pipeline.shards import code_version, digest
+from pipeline.shards import REJECTS, REPORT, code_version, digest, parquet_writer, rejects_name, shard_name
 from pipeline.stage import Output, Reject, Stage, WorkUnit, batched
 from pipeline.storage import TMP_MARK, Storage
-
-REJECTS = "rejects.parquet"
-REPORT = "report.json"
-
-
-def shard_name(index: int, ext: str = "parquet") -> str:
-    """`part-00007.parquet` for shard 7 (`ext="tar"`: `part-00007.tar`)."""
-    return f"part-{index:05d}.{ext}"
-
-
-def rejects_name(index: int) -> str:
-    """`part-00007.rejects.parquet`: the inputs of shard 7 that were rejected."""
-    return f"part-{index:05d}.rejects.parquet"
 
 
 def receipt_name(index: int) -> str:
@@ -66,16 +53,6 @@ def _ours(name: str) -> bool:
 # ------------------------------------------------------------------------------------------------ the worker side
 
 
-def _float16_leaves(schema: pa.Schema) -> list[str]:
-    """Parquet leaf paths of float16 list columns (byte-stream-split makes their exponent bytes compressible)."""
-    return [
-        f"{f.name}.list.element"
-        for f in schema
-        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
-        if f.type.value_type == pa.float16()
-    ]
-
-
 class _ShardOut:
     """The open output of one shard: a Parquet writer or a webdataset tar writer on a storage stream."""
 
@@ -83,13 +60,7 @@ class _ShardOut:
         self.rows = 0
         self.schema = stage.schema
         if self.schema is not None:
-            self.writer = pq.ParquetWriter(
-                stream,
-                with_metadata(self.schema, meta),
-                compression="zstd",
-                use_dictionary=list(stage.dictionary_columns) or False,
-                use_byte_stream_split=_float16_leaves(self.schema) or False,
-            )
+            self.writer = parquet_writer(stream, with_metadata(self.schema, meta), stage.dictionary_columns)
         else:
             import webdataset
 

@@ -47,32 +47,28 @@ FORMAT = "lightgen-latents"
 MANIFEST = "manifest.json"
 METADATA_KEY = b"lightgen"  # Parquet/Arrow schema metadata key holding a JSON object per shard
 
-LATENT_SCHEMA = pa.schema(
-    [
+
+def _encoded_row(moments_columns: tuple[str, ...]) -> list[pa.Field]:
+    """The fields of a row of encoded images with its caption (training rows and DPO pairs share them)."""
+    f16 = pa.large_list(pa.float16())
+    return [
         pa.field("id", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
         pa.field("resolution", pa.int32(), nullable=False),
         pa.field("moments_shape", pa.list_(pa.int32(), 3), nullable=False),
-        pa.field("moments", pa.large_list(pa.float16()), nullable=False),
-        pa.field("moments_flip", pa.large_list(pa.float16()), nullable=False),
+        *[pa.field(name, f16, nullable=False) for name in moments_columns],
         pa.field("text_len", pa.int32(), nullable=False),
-        pa.field("text_emb", pa.large_list(pa.float16()), nullable=False),
+        pa.field("text_emb", f16, nullable=False),
         pa.field("vae", pa.string(), nullable=False),
         pa.field("text_encoder", pa.string(), nullable=False),
     ]
-)
+
+
+LATENT_SCHEMA = pa.schema(_encoded_row(("moments", "moments_flip")))
 
 REJECT_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("detail", pa.string(), nullable=False),
-    ]
+    [pa.field(name, pa.string(), nullable=False) for name in ("id", "source", "reason", "detail")]
 )
-
-# Parquet leaf columns holding float16 values: byte-stream-split makes their exponent bytes compressible.
-FLOAT16_COLUMNS = ("moments.list.element", "moments_flip.list.element", "text_emb.list.element")
 
 # ---- DPO pair shards (`build-dpo-pairs`) ----
 PAIR_SCHEMA_VERSION = 1
@@ -82,17 +78,8 @@ PAIR_MOMENTS_COLUMNS = ("winner_moments", "winner_moments_flip", "loser_moments"
 
 PAIR_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
-        pa.field("resolution", pa.int32(), nullable=False),
-        pa.field("moments_shape", pa.list_(pa.int32(), 3), nullable=False),
-        *[pa.field(name, pa.large_list(pa.float16()), nullable=False) for name in PAIR_MOMENTS_COLUMNS],
-        pa.field("text_len", pa.int32(), nullable=False),
-        pa.field("text_emb", pa.large_list(pa.float16()), nullable=False),
-        pa.field("vae", pa.string(), nullable=False),
-        pa.field("text_encoder", pa.string(), nullable=False),
-        pa.field("judge", pa.string(), nullable=False),
-        pa.field("judge_answer", pa.string(), nullable=False),
+        *_encoded_row(PAIR_MOMENTS_COLUMNS),
+        *(pa.field(name, pa.string(), nullable=False) for name in ("judge", "judge_answer")),
         pa.field("judge_score", pa.float32(), nullable=False),
         pa.field("loser_model", pa.string(), nullable=False),
         pa.field("loser_seed", pa.int64(), nullable=False),
@@ -120,6 +107,9 @@ JUDGEMENT_SCHEMA = pa.schema(
         pa.field("detail", pa.string(), nullable=False),
     ]
 )
+
+
+Name = str | None  # an encoder name a reader expects; None: any
 
 
 class IncompatibleShardsError(ValueError):
@@ -197,13 +187,12 @@ def _problems(
     return problems
 
 
+Listing = tuple[dict[str, Any], list[Path]]  # (manifest, shard paths in order)
+
+
 def training_shards(
-    directory: str | Path,
-    *,
-    vae: str | None = None,
-    text_encoder: str | None = None,
-    schema_version: int = SCHEMA_VERSION,
-) -> tuple[dict[str, Any], list[Path]]:
+    directory: str | Path, *, vae: Name = None, text_encoder: Name = None, schema_version: int = SCHEMA_VERSION
+) -> Listing:
     """Validate a shard directory for training: (manifest, shard paths in order) or `IncompatibleShardsError`."""
     manifest = load_manifest(directory)
     check_compatible(manifest, vae=vae, text_encoder=text_encoder, schema_version=schema_version)
@@ -225,12 +214,8 @@ def load_pair_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def pair_shards(
-    directory: str | Path,
-    *,
-    vae: str | None = None,
-    text_encoder: str | None = None,
-    schema_version: int = PAIR_SCHEMA_VERSION,
-) -> tuple[dict[str, Any], list[Path]]:
+    directory: str | Path, *, vae: Name = None, text_encoder: Name = None, schema_version: int = PAIR_SCHEMA_VERSION
+) -> Listing:
     """Validate a DPO pair-shard directory: (manifest, shard paths in order) or `IncompatibleShardsError`.
 
     Checks the format ("lightgen-dpo-pairs"), the schema version, the encoder names (`None` skips that check),

@@ -8,13 +8,11 @@ made from the same inputs and config, recorded in the file's schema metadata) an
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import subprocess
-import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import FLOAT16_COLUMNS, REJECT_SCHEMA, shard_metadata, with_metadata
+from pipeline.schema import REJECT_SCHEMA, with_metadata
 
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-TAR_SHARD_RE = re.compile(r"^part-(\d{5,})\.tar$")  # image shards (webdataset) of `synthesize`
 REJECTS_RE = re.compile(r"^part-(\d{5,})\.rejects\.parquet$")
 TMP_MARK = ".tmp-"
 REJECTS = "rejects.parquet"
@@ -41,13 +38,6 @@ def shard_name(index: int, ext: str = "parquet") -> str:
 def rejects_name(index: int) -> str:
     """`part-00007.rejects.parquet`: the inputs of shard 7 that were rejected."""
     return f"part-{index:05d}.rejects.parquet"
-
-
-def plan_shards(n_items: int, shard_size: int) -> list[range]:
-    """Split positions 0..n_items-1 into consecutive ranges of `shard_size` (the last may be shorter)."""
-    if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
-    return [range(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
 
 
 def digest(obj: Any) -> str:
@@ -117,6 +107,26 @@ class ShardResult:
         return asdict(self)
 
 
+def _float16_leaves(schema: pa.Schema) -> list[str]:
+    """Parquet leaf paths of float16 list columns (byte-stream-split makes their exponent bytes compressible)."""
+    return [
+        f"{f.name}.list.element"
+        for f in schema
+        if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type)) and f.type.value_type == pa.float16()
+    ]
+
+
+def parquet_writer(sink: Any, schema: pa.Schema, dictionary_columns: Sequence[str] = ()) -> pq.ParquetWriter:
+    """The one Parquet writer setup of every shard: zstd, dictionary encoding where asked, float16 lists split."""
+    return pq.ParquetWriter(
+        sink,
+        schema,
+        compression="zstd",
+        use_dictionary=list(dictionary_columns) or False,
+        use_byte_stream_split=_float16_leaves(schema) or False,
+    )
+
+
 class ShardWriter:
     """Stream row batches into `part-NNNNN.parquet` atomically; `commit(rejects)` publishes shard and rejects.
 
@@ -131,13 +141,7 @@ class ShardWriter:
         self.tmp = _tmp_path(self.path)
         self.schema = with_metadata(schema, {**meta, "shard": index})
         self.rows = 0
-        self._writer = pq.ParquetWriter(
-            self.tmp,
-            self.schema,
-            compression="zstd",
-            use_dictionary=["vae", "text_encoder", "resolution", "text_len"],
-            use_byte_stream_split=list(FLOAT16_COLUMNS),
-        )
+        self._writer = parquet_writer(self.tmp, self.schema)
 
     def write(self, table: pa.Table) -> None:
         """Append `table` (one row group) to the shard."""
@@ -169,88 +173,6 @@ class ShardWriter:
             self.abort()
 
 
-class TarShardWriter:
-    """Stream samples into `part-NNNNN.tar` (webdataset layout) atomically; `commit(rejects)` publishes both.
-
-    The shard's metadata (inputs, config, row count) rides in the schema of its rejects file, since a tar has no
-    place for it that webdataset readers would not take for a sample. Members get fixed owners and times, so the
-    same samples always give the same bytes.
-    """
-
-    def __init__(self, out_dir: str | Path, index: int, meta: dict[str, Any]) -> None:
-        self.out_dir = Path(out_dir)
-        self.index = index
-        self.path = self.out_dir / shard_name(index, "tar")
-        self.tmp = _tmp_path(self.path)
-        self.meta = {**meta, "shard": index}
-        self.rows = 0
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in commit/abort)
-
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        """Append one sample: `{ext: payload}` become members `<key>.<ext>`."""
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            self._tar.addfile(info, io.BytesIO(data))
-        self.rows += 1
-
-    def commit(self, rejects: pa.Table) -> ShardResult:
-        """Publish the rejects file (carrying the metadata), then the tar (its final name marks it complete)."""
-        self._tar.close()
-        meta = {**self.meta, "rows": self.rows}
-        write_table_atomic(self.out_dir / rejects_name(self.index), rejects.cast(with_metadata(rejects.schema, meta)))
-        _publish(self.tmp, self.path)
-        size = self.path.stat().st_size
-        return ShardResult(self.index, self.path.name, self.rows, len(rejects), size, sha256_file(self.path))
-
-    def abort(self) -> None:
-        """Drop the temporary file."""
-        try:
-            self._tar.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> TarShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
-def complete_tar_meta(out_dir: str | Path, index: int) -> dict[str, Any] | None:
-    """The metadata of tar shard `index` if it and its rejects file are complete, else None."""
-    out = Path(out_dir)
-    if not (out / shard_name(index, "tar")).is_file():
-        return None
-    try:
-        return shard_metadata(pq.read_schema(out / rejects_name(index))) or None
-    except (OSError, pa.ArrowInvalid, json.JSONDecodeError):
-        return None
-
-
-def tar_shard_result(out_dir: str | Path, index: int, known: dict[str, Any] | None = None) -> ShardResult:
-    """The `ShardResult` of a complete tar shard; reuses `known`'s checksum if size and rows match."""
-    out = Path(out_dir)
-    path = out / shard_name(index, "tar")
-    size, meta = path.stat().st_size, complete_tar_meta(out, index) or {}
-    rows, rejected = int(meta.get("rows", 0)), pq.read_metadata(out / rejects_name(index)).num_rows
-    if known and known.get("bytes") == size and known.get("rows") == rows and known.get("sha256"):
-        return ShardResult(index, path.name, rows, rejected, size, known["sha256"])
-    return ShardResult(index, path.name, rows, rejected, size, sha256_file(path))
-
-
-def complete_shard_meta(out_dir: str | Path, index: int) -> dict[str, Any] | None:
-    """The metadata of shard `index` if it and its rejects file are complete and readable, else None."""
-    out = Path(out_dir)
-    try:
-        meta = shard_metadata(pq.read_schema(out / shard_name(index)))
-        pq.read_metadata(out / rejects_name(index))
-    except (OSError, pa.ArrowInvalid, json.JSONDecodeError):
-        return None
-    return meta or None
-
-
 def shard_result(out_dir: str | Path, index: int, known: dict[str, Any] | None = None) -> ShardResult:
     """The `ShardResult` of a complete shard on disk; reuses `known` (a manifest entry) if the size matches."""
     out = Path(out_dir)
@@ -263,24 +185,10 @@ def shard_result(out_dir: str | Path, index: int, known: dict[str, Any] | None =
     return ShardResult(index, path.name, rows, rejected, size, sha256_file(path))
 
 
-def _shard_re(ext: str) -> re.Pattern:
-    """The shard-name pattern of `ext` ("parquet" or "tar")."""
-    return TAR_SHARD_RE if ext == "tar" else SHARD_RE
-
-
-def shard_indices(out_dir: str | Path, ext: str = "parquet") -> list[int]:
-    """Indices of all `part-NNNNN.parquet` (or `.tar`) files in `out_dir`."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in out.iterdir() if (m := _shard_re(ext).match(p.name)))
-
-
 def _ours(name: str) -> bool:
     """Whether a file name is one this module writes."""
     base = name.split(TMP_MARK)[0]
-    shard = SHARD_RE.match(base) or TAR_SHARD_RE.match(base) or REJECTS_RE.match(base)
-    return bool(shard) or base in (REJECTS, REPORT, "manifest.json", DIVERSITY)
+    return bool(SHARD_RE.match(base) or REJECTS_RE.match(base)) or base in (REJECTS, REPORT, "manifest.json", DIVERSITY)
 
 
 def clean_temporaries(out_dir: str | Path) -> int:
@@ -292,24 +200,15 @@ def clean_temporaries(out_dir: str | Path) -> int:
     return len(stale)
 
 
-def remove_outputs(out_dir: str | Path, keep_below: int = 0, ext: str = "parquet") -> None:
+def remove_outputs(out_dir: str | Path, keep_below: int = 0) -> None:
     """Delete this module's files in `out_dir`: all of them, or only shards with index >= `keep_below`."""
     out = Path(out_dir)
     if not out.is_dir():
         return
     for p in out.iterdir():
-        m = _shard_re(ext).match(p.name) or REJECTS_RE.match(p.name)
+        m = SHARD_RE.match(p.name) or REJECTS_RE.match(p.name)
         if (m and int(m.group(1)) >= keep_below) or (keep_below == 0 and _ours(p.name)):
             p.unlink(missing_ok=True)
-
-
-def merge_rejects(out_dir: str | Path, indices: Iterable[int]) -> pa.Table:
-    """Concatenate the per-shard rejects of `indices` (in order) into `rejects.parquet`; returns the table."""
-    out = Path(out_dir)
-    tables = [pq.read_table(out / rejects_name(i)).cast(REJECT_SCHEMA) for i in indices]
-    merged = pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
-    write_table_atomic(out / REJECTS, merged)
-    return merged
 
 
 def code_version() -> str:
@@ -340,13 +239,6 @@ class ManifestWriter:
         self.path = Path(out_dir) / "manifest.json"
         self.header = header
         self.results: dict[int, ShardResult] = {}
-
-    def previous_entries(self) -> dict[str, dict[str, Any]]:
-        """Shard entries of the manifest already on disk (a resumed run reuses their checksums), by name."""
-        try:
-            return {s["name"]: s for s in json.loads(self.path.read_text()).get("shards", [])}
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            return {}
 
     def add(self, result: ShardResult, write: bool = True) -> None:
         """Record a finished shard (and rewrite the manifest)."""
