@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import PIXEL_LOGVAR, random_shards, write_latent_shards
+from train_utils import PIXEL_LOGVAR, random_shards, user_error, write_latent_shards
 
 from training import checkpoint as ckpt_io
 from training import pretrain
@@ -186,18 +186,16 @@ def test_finetune_initialises_from_a_256_checkpoint_at_a_new_resolution(tmp_path
         ({"dim": 512}, "512-dim text states"),
     ],
 )
-def test_mismatched_shards_are_refused(tmp_path, kwargs, message):
+def test_mismatched_shards_are_refused(tmp_path, kwargs, message, capsys):
     d = random_shards(tmp_path / "bad", n=8, **kwargs)
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
-        train(tmp_path / "out", d, "train.max_steps=1")
+    user_error(capsys, lambda: train(tmp_path / "out", d, "train.max_steps=1"), message.replace("(", r"\("))
 
 
-def test_multi_resolution_needs_consent(tmp_path):
+def test_multi_resolution_needs_consent(tmp_path, capsys):
     a = random_shards(tmp_path / "a", n=16, res=32)
     b = random_shards(tmp_path / "b", n=16, res=64)
     args = [*BASE, f"data.shards=[{a},{b}]", f"train.out_dir={tmp_path / 'o'}", "train.max_steps=4"]
-    with pytest.raises(SystemExit, match="several resolutions"):
-        pretrain.main(args)
+    user_error(capsys, lambda: pretrain.main(args), "several resolutions")
     assert pretrain.main([*args, "data.allow_multi_resolution=true"])["step"] == 4
 
 
@@ -221,7 +219,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path, shards, capsys)
     assert "CRC" in ckpt_io.verify(c4)
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tmp_path, shards, monkeypatch):
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, shards, monkeypatch, capsys):
     real = pretrain.PretrainTrainer.loss
     calls = {"n": 0}
 
@@ -240,8 +238,8 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, shards, monkeypatch):
     assert all(torch.isfinite(v).all() for v in w.values())  # a skipped step never touches the weights
 
     monkeypatch.setattr(pretrain.PretrainTrainer, "loss", lambda self, m, b: (real(self, m, b)[0] * float("inf"), {}))
-    with pytest.raises(RuntimeError, match="3 consecutive steps with a non-finite loss"):
-        train(tmp_path / "b", shards, "train.max_steps=10", "train.max_nonfinite=3")
+    user_error(capsys, lambda: train(tmp_path / "b", shards, "train.max_steps=10", "train.max_nonfinite=3"),
+               "3 consecutive steps with a non-finite loss")  # fmt: skip
 
 
 def test_config_errors_name_the_bad_key(tmp_path):
@@ -359,15 +357,15 @@ def test_training_pads_text_as_generation_does(bert_shards, key_mask):
                                    atol=5e-3, rtol=0)  # fmt: skip  # real tokens: the shards' fp16 states
 
 
-def test_reference_padded_model_trains_and_checks_its_encoder(tmp_path, bert_shards):
+def test_reference_padded_model_trains_and_checks_its_encoder(tmp_path, bert_shards, capsys):
     bert, d, models = bert_shards
     summary = train(tmp_path / "run", d, f"model.init_from={models[False]}", f"data.text_encoder={bert}",
                     "train.max_steps=2", "optim.weight_decay_groups=reference")  # fmt: skip
     assert summary["step"] == 2 and all(np.isfinite(losses(tmp_path / "run")))
-    with pytest.raises(SystemExit, match="is not the one the shards were encoded with"):
-        train(tmp_path / "x", d, f"model.init_from={models[False]}", "data.text_encoder=minilm", "train.max_steps=1")
-    with pytest.raises(SystemExit, match="set data.text_encoder=DIR"):
-        train(tmp_path / "y", d, f"model.init_from={models[False]}", "train.max_steps=1")
+    user_error(capsys, lambda: train(tmp_path / "x", d, f"model.init_from={models[False]}", "data.text_encoder=minilm",
+                                     "train.max_steps=1"), "is not the one the shards were encoded with")  # fmt: skip
+    user_error(capsys, lambda: train(tmp_path / "y", d, f"model.init_from={models[False]}", "train.max_steps=1"),
+               "set data.text_encoder=DIR")  # fmt: skip
 
 
 def test_weight_decay_groups_default_and_reference():

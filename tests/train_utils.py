@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline import schema
 
 PIXEL_LOGVAR = -30.0
+
+
+def user_error(capsys: pytest.CaptureFixture, run: Callable[[], object], match: str) -> str:
+    """Run an entry point that must stop on bad input: exit code 2 and one `error: ...` line on stderr matching
+    `match` (a regular expression). The line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run()
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and re.search(match, lines[0]), err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def shard_entry(out: Path, index: int, name: str, rows: int) -> dict:
+    """A manifest entry as the pipeline writes it: index, name, rows, rejected, bytes, sha256."""
+    data = (out / name).read_bytes()
+    return {"index": index, "name": name, "rows": rows, "rejected": 0, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
 
 
 def write_latent_shards(
@@ -56,7 +81,7 @@ def write_latent_shards(
         )
         name = f"part-{k:05d}.parquet"
         pq.write_table(table, out / name)
-        entries.append({"index": k, "name": name, "rows": len(sl), "rejected": 0})
+        entries.append(shard_entry(out, k, name, len(sl)))
     manifest = {
         "format": schema.FORMAT, "schema_version": schema_version, "stage": "encode-latents", "complete": complete,
         "rows": n, "rejected": 0, "inputs": n, "rows_per_shard": [e["rows"] for e in entries], "shards": entries,
@@ -110,7 +135,7 @@ def write_pair_shards(
         }  # fmt: skip
         name = f"part-{k:05d}.parquet"
         pq.write_table(pa.table(cols, schema=schema.PAIR_SCHEMA), out / name)
-        entries.append({"index": k, "name": name, "rows": len(sl), "rejected": 0})
+        entries.append(shard_entry(out, k, name, len(sl)))
     manifest = {
         "format": schema.PAIR_FORMAT, "schema_version": schema.PAIR_SCHEMA_VERSION, "stage": "build-dpo-pairs",
         "complete": True, "rows": n, "rejected": 0, "inputs": n, "shards": entries, "vae": vae,

@@ -5,9 +5,11 @@
   loadable as is by `lightgen_model.from_pretrained`;
 - `optimizer.safetensors`: every tensor of the optimizer state (`state/<param index or name>/<name>`);
 - `state.json`: step, data-loader position, elapsed time, counters, the optimizer's param groups and non-tensor
-  state, the resolved training config, and the size + CRC-32 of every file above (written last).
+  state, the resolved training config, the size + CRC-32 of every file above (written last), and `checksum`: the
+  sha256 of its own canonical JSON without that field.
 The directory is assembled under a temporary name and renamed, so a crash never leaves a half-written
-`step-*` directory; a damaged one (truncated, edited) fails verification and the previous one is used.
+`step-*` directory; a damaged one (truncated, edited; a state.json of the wrong shape or types, or whose checksum
+does not match) fails verification and the previous one is used.
 
 Also here: the full (gathered) model, EMA and optimizer states of a DDP or FSDP2 run, and the weights a run
 starts from (`model.init_from`).
@@ -15,7 +17,9 @@ starts from (`model.init_from`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import zlib
@@ -35,6 +39,9 @@ from .optim import EMA
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 PREFIX = "step-"
+CHECKSUM = "checksum"
+# the counters a trainer resumes from (training.trainer.TrainState), all required in state.json
+RESUMED = ("step", "elapsed_s", "nonfinite", "loader", "schedule_total")
 
 
 def _crc(path: Path) -> int:
@@ -104,6 +111,7 @@ def save(
     save_file(opt_tensors, str(tmp / OPTIMIZER))
     files = {p.name: {"bytes": p.stat().st_size, "crc32": _crc(p)} for p in sorted(tmp.iterdir())}
     doc = {**state, "step": step, "optimizer": opt_meta, "files": files}
+    doc[CHECKSUM] = state_checksum(doc)
     with open(tmp / STATE, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
         f.flush()
@@ -116,6 +124,57 @@ def save(
     return final
 
 
+def state_checksum(doc: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of a state document without its checksum field."""
+    body = {k: v for k, v in doc.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _natural(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _files_ok(files: Any) -> bool:
+    """{plain file name: {"bytes": n, "crc32": n}}, the weights among them."""
+    return (
+        isinstance(files, dict)
+        and WEIGHTS_NAME in files
+        and all(isinstance(m, dict) and _natural(m.get("bytes")) and _natural(m.get("crc32")) for m in files.values())
+        and all(n not in ("", ".", "..") and "/" not in n and "\\" not in n for n in files)
+    )
+
+
+def state_problem(doc: Any, directory: Path) -> str | None:
+    """Why a parsed state.json is not one `save` wrote for this checkpoint directory (None when it is): not an
+    object, a checksum that does not match, a missing or mistyped field, a step other than the directory's."""
+    if not isinstance(doc, dict):
+        return f"{STATE} is not a JSON object"
+    if CHECKSUM not in doc:
+        return f"{STATE} has no checksum (edited, or written by an older version)"
+    if doc[CHECKSUM] != state_checksum(doc):
+        return f"{STATE} does not match its checksum (edited or damaged)"
+    loader, opt, elapsed = doc.get("loader"), doc.get("optimizer"), doc.get("elapsed_s")
+    ok = {
+        "step": _natural(doc.get("step")),
+        "elapsed_s": type(elapsed) in (int, float) and math.isfinite(elapsed) and elapsed >= 0,
+        "nonfinite": _natural(doc.get("nonfinite")),
+        "loader": isinstance(loader, dict) and set(loader) == {"epoch", "index"}
+        and all(map(_natural, loader.values())),
+        "schedule_total": doc.get("schedule_total") is None or _natural(doc.get("schedule_total")),
+        "kind": isinstance(doc.get("kind"), str),
+        "optimizer": isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in opt["param_groups"]) and isinstance(opt.get("scalars", {}), dict),
+        "files": _files_ok(doc.get("files")),
+    }  # fmt: skip
+    bad = [k for k, good in ok.items() if not good or k not in doc]
+    if bad:
+        return f"{STATE}: {', '.join(bad)} missing or of the wrong type"
+    name = directory.name
+    if name.startswith(PREFIX) and name[len(PREFIX) :].isdigit() and int(name[len(PREFIX) :]) != doc["step"]:
+        return f"{STATE} says step {doc['step']}, the directory is {name}"
+    return None
+
+
 def verify(directory: str | Path) -> str | None:
     """None when the checkpoint is complete and intact, else the reason it is not."""
     d = Path(directory)
@@ -123,18 +182,18 @@ def verify(directory: str | Path) -> str | None:
         doc = json.loads((d / STATE).read_text())
     except FileNotFoundError:
         return f"no {STATE} (incomplete checkpoint)"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         return f"{STATE} unreadable: {e}"
-    files = doc.get("files")
-    if not isinstance(files, dict) or WEIGHTS_NAME not in files:
-        return f"{STATE} lists no files"
-    for name, meta in files.items():
+    problem = state_problem(doc, d)
+    if problem is not None:
+        return problem
+    for name, meta in doc["files"].items():
         p = d / name
         if not p.is_file():
             return f"{name} is missing"
-        if p.stat().st_size != meta.get("bytes"):
-            return f"{name} has {p.stat().st_size} bytes, expected {meta.get('bytes')}"
-        if _crc(p) != meta.get("crc32"):
+        if p.stat().st_size != meta["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, expected {meta['bytes']}"
+        if _crc(p) != meta["crc32"]:
             return f"{name} fails its CRC-32 check"
     return None
 
@@ -177,6 +236,15 @@ def load(directory: str | Path) -> dict[str, Any]:
         "optimizer": unflatten_optimizer(load_file(str(d / OPTIMIZER)), doc["optimizer"]),
         "state": doc,
     }
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
+    """`model.load_state_dict(state, strict=True)`; ValueError naming `source` when the tensors do not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{source}: its weights do not fit its config ({first})") from None
 
 
 def initial_weights(directory: str | Path, prefers_ema: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -6,11 +6,16 @@ its own files), otherwise every rank reads all shards and keeps every W-th row. 
 of `shuffle_window` consecutive shards. All ranks run the same number of steps per epoch (the smallest rank's
 count); a batch never mixes resolutions. The loader's position (epoch, batch index) is all a checkpoint needs
 to continue exactly; the per-batch randomness (flip, posterior sample) is seeded by that position as well.
+
+Integrity: each shard's size is checked against its manifest entry at start-up, and each time a shard is read its
+file's bytes are read once, hashed (sha256, compared with the manifest's) and then parsed from memory, so a shard
+that changed after it was written stops the run before any of its rows is trained on.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -31,11 +36,26 @@ TextPad = Callable[[list[np.ndarray], list[str]], tuple[torch.Tensor, torch.Tens
 
 @dataclass
 class Shard:
-    """One Parquet shard: its path, row count and image resolution."""
+    """One Parquet shard: its path, row count and image resolution, and its size and sha256 per the manifest (None
+    when the manifest does not list them: not verified)."""
 
     path: Path
     rows: int
     resolution: int
+    sha256: str | None = None
+    bytes: int | None = None
+
+    def read(self) -> bytes:
+        """The file's bytes, checked against the manifest's sha256 (IncompatibleShardsError naming the shard)."""
+        data = self.path.read_bytes()
+        if self.sha256 is not None and (digest := hashlib.sha256(data).hexdigest()) != self.sha256:
+            from pipeline.schema import IncompatibleShardsError
+
+            raise IncompatibleShardsError(
+                f"{self.path}: sha256 {digest} does not match the manifest ({self.sha256}): the shard changed after "
+                "it was written (rerun the stage that wrote it)"
+            )
+        return data
 
 
 @dataclass
@@ -91,7 +111,7 @@ class ShardSet:
             entries = manifest["shards"]
             for p, e in zip(paths, entries, strict=True):
                 if int(e["rows"]) > 0:
-                    self.shards.append(Shard(p, int(e["rows"]), res))
+                    self.shards.append(listed_shard(p, e, res))
             self.manifests.append(manifest)
         if not self.shards:
             raise schema.IncompatibleShardsError(f"the shard directories {list(map(str, directories))} hold no rows")
@@ -102,6 +122,7 @@ class ShardSet:
                 "data.allow_multi_resolution=true"
             )
         self.resolutions = resolutions
+        self.unverified = sorted({str(s.path.parent) for s in self.shards if s.sha256 is None})
         self._cache: OrderedDict[int, Decoded] = OrderedDict()
         self._lock = threading.Lock()
         self.cache_size = 16
@@ -118,12 +139,13 @@ class ShardSet:
             if i in self._cache:
                 self._cache.move_to_end(i)
                 return self._cache[i]
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         from pipeline import schema
 
         shard = self.shards[i]
-        table = pq.read_table(shard.path)
+        table = pq.read_table(pa.BufferReader(shard.read()))
         if len(table) != shard.rows:
             raise schema.IncompatibleShardsError(f"{shard.path}: {len(table)} rows, the manifest says {shard.rows}")
         moments = {c: schema.moments_array(table, c) for c in self.moment_columns}
@@ -203,6 +225,24 @@ class ShardSet:
                 f"batch size {batch} x {world} processes is larger than the data ({self.rows} rows): no full batch"
             )
         return mine[:steps]
+
+
+def listed_shard(path: Path, entry: dict[str, Any], resolution: int) -> Shard:
+    """The Shard of a manifest entry; IncompatibleShardsError when the entry's sha256 or size is malformed or the
+    file's size differs from the listed one (a cheap check of every shard at start-up)."""
+    from pipeline.schema import IncompatibleShardsError
+
+    digest, size = entry.get("sha256"), entry.get("bytes")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise IncompatibleShardsError(f"{path}: the manifest's sha256 {digest!r} is not a sha256 hex digest")
+    if size is not None and not (type(size) is int and size >= 0):
+        raise IncompatibleShardsError(f"{path}: the manifest's size {size!r} is not a byte count")
+    if size is not None and (actual := path.stat().st_size) != size:
+        raise IncompatibleShardsError(
+            f"{path}: {actual} bytes, the manifest lists {size}: the shard changed after it was written (rerun the "
+            "stage that wrote it)"
+        )
+    return Shard(path, int(entry["rows"]), resolution, digest.lower() if digest else None, size)
 
 
 def check_shards(shards: ShardSet, mcfg: ModelConfig) -> None:
@@ -287,6 +327,11 @@ def latent_batch(
 
 
 Collate = Callable[[ShardSet, np.ndarray, torch.Generator], dict[str, Any]]
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors moved to `device` (other values as they are)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 class Loader:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -51,17 +52,25 @@ def count_flops(loss: Callable[[], Tensor], model: nn.Module) -> float:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines of steps after the checkpoint being resumed (they will be recomputed)."""
+    """Keep the metric lines of steps up to the checkpoint being resumed, each step once (later ones will be
+    recomputed; a line cut short by a kill is dropped). The file is replaced atomically."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
+    keep, seen = [], set()
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
+            s = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError, RecursionError):
             continue
-    path.write_text("".join(x + "\n" for x in keep))
+        if type(s) is int and s <= step and s not in seen:
+            keep.append(line)
+            seen.add(s)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(x + "\n" for x in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -170,6 +179,12 @@ class MetricsLog:
             from PIL import Image
 
             self.tb.add_image(tag, np.asarray(Image.open(path)), step, dataformats="HWC")
+
+    def flush(self) -> None:
+        """Write the rows so far through to the disk (before a checkpoint: a kill must not lose rows it covers)."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
         """Close metrics.jsonl, the progress bar and TensorBoard (idempotent)."""

@@ -49,6 +49,7 @@ class TrainerOutputs:
     last_ckpt_step: int
     last_ckpt_time: float
     last_grid_step: int | None
+    state: Any  # training.trainer.TrainState: step, elapsed_s, nonfinite, loader position, schedule length
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast (train.precision bf16, or auto on CUDA), else nothing."""
@@ -80,8 +81,17 @@ class TrainerOutputs:
         ema = ckpt_io.with_ema(state, self.ema) if (self.ema is not None and state is not None) else None
         return (state, ema) if self.info.is_main else (None, None)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint's state.json carries besides the step: loader position, training time, counters,
+        the schedule length, the resolved config."""
+        s = self.state
+        return {"loader": self.loader.state(), "elapsed_s": s.elapsed_s, "nonfinite": s.nonfinite, "kind": self.kind,
+                "schedule_total": self.schedule.recorded(s.step), "config": self.cfg.to_dict()}  # fmt: skip
+
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
-        """`checkpoints/step-N`: weights, EMA, optimizer and `state` (counters, loader position, ...)."""
+        """`checkpoints/step-N`: weights, EMA, optimizer and `state` (counters, loader position, ...). metrics.jsonl
+        is flushed to disk first, so a resumed run finds every row up to the step it resumes from."""
+        self.metrics.flush()
         weights, ema = self._full_states()
         opt = ckpt_io.full_optimizer_state(self.wrapped, self.optimizer, self.fsdp, self.info)
         if self.info.is_main:

@@ -4,25 +4,30 @@
     python training/pretrain.py --config conf/shapes.yaml train.max_steps=100     # one process, CPU or GPU
 
 Every option lives in the YAML config (see `conf/` and training/config.py); `section.key=value` overrides it.
+Bad input (config, shards, checkpoints, a locked out_dir, a run stopped by non-finite values) is one `error: ...`
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script (python training/pretrain.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import typer
 from torch import Tensor, nn
 
+from lightgen.errors import user_errors
 from lightgen_model import ModelConfig
-from pipeline.schema import IncompatibleShardsError
 from training.config import TrainConfig, load_config
 from training.data import Collate, ShardSet, latent_batch
-from training.trainer import Trainer
+from training.trainer import NonFiniteError, Trainer
 
 
 class PretrainTrainer(Trainer):
@@ -64,7 +69,7 @@ def resolve(argv: list[str] | None = None) -> TrainConfig | None:
     args, unknown = parse_args(argv)
     bad = [u for u in unknown if u.startswith("-")]
     if bad:
-        raise SystemExit(f"unknown option(s) {bad}; overrides are written section.key=value")
+        raise ValueError(f"unknown option(s) {bad}; overrides are written section.key=value")
     cfg = load_config(args.config, args.overrides + unknown)
     if args.print_config:
         print(cfg.to_json())
@@ -72,23 +77,29 @@ def resolve(argv: list[str] | None = None) -> TrainConfig | None:
     return cfg
 
 
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """`lightgen.errors.user_errors` for a plain script: bad input is one `error: ...` line on stderr and
+    `SystemExit(2)`, no traceback. A run stopped by non-finite values is reported the same way."""
+    try:
+        with user_errors():
+            try:
+                yield
+            except NonFiniteError as e:  # not one of lightgen.errors' user-error types
+                raise ValueError(str(e)) from None
+    except typer.Exit as e:  # click's Exit is a RuntimeError (a traceback) outside a click app
+        raise SystemExit(e.exit_code) from None
+
+
 def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = PretrainTrainer) -> dict[str, Any] | None:
-    """Parse, check and run; user errors exit with a one-line message. The run's summary."""
-    try:
+    """Parse, check and run (bad input: one `error:` line and exit code 2). The run's summary."""
+    with reported_errors():
         cfg = resolve(argv)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if cfg is None:
-        return None
-    trainer = trainer_cls(cfg)
-    try:
+        if cfg is None:
+            return None
+        trainer = trainer_cls(cfg)
         trainer.check_config()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
         return trainer.run()
-    except (IncompatibleShardsError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

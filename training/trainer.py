@@ -1,8 +1,9 @@
 """The training loop shared by `pretrain.py` and `dpo.py`, in torchtitan's shape.
 
 `Trainer.run()` = `build()` then `train()`. `build()` sets up everything a run holds, as attributes of the trainer:
-process, resume point, model config, data, model and its starting weights, parallelism (compile, DDP / FSDP2),
-AdamW with its schedule, EMA, loader, outputs (metrics, sample grids, held-out evaluation). `train()` is a short
+process, the output directory's lock (training/rundir.py), resume point, model config, data, model and its starting
+weights, parallelism (compile, DDP / FSDP2), AdamW with its schedule, EMA, loader, outputs (metrics, sample grids,
+held-out evaluation). `train()` is a short
 loop: `train_step()` (grad_accum x `forward_backward_step()`, clipping, the non-finite check, the optimizer and
 EMA step), the joint stop decision (time budget, SIGTERM/SIGINT), `after_step()` (metrics row and reports,
 evaluation, grids, periodic checkpoints); `finish()` writes the last checkpoint, grid and the exported model.
@@ -32,20 +33,17 @@ from lightgen_model import LightGen, ModelConfig, load_config, pad_text, preset
 
 from . import checkpoint as ckpt_io
 from . import dist as D
+from . import rundir
 from .config import TrainConfig
-from .data import Collate, Loader, ShardSet, TextPad, check_shards, reference_text_pad, seed_of
+from .data import Collate, Loader, ShardSet, TextPad, check_shards, reference_text_pad, seed_of, to_device
 from .metrics import MetricsLog, count_flops, log
 from .optim import EMA, LRSchedule, build_optimizer, clip_grad, peak_lr
 from .outputs import TrainerOutputs
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced non-finite losses or gradients too many steps in a row."""
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors moved to `device` (other values as they are)."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    """Training produced non-finite losses or gradients too many steps in a row (the entry points report it as an
+    `error:` line with exit code 2)."""
 
 
 @dataclass
@@ -84,6 +82,7 @@ class Trainer(TrainerOutputs):
         self.state = TrainState()
         self.stopped_by: str | None = None
         self.consecutive_bad = 0  # non-finite steps in a row
+        self.lock: rundir.OutDirLock | None = None  # on the main process, from `build` to the end of `run`
 
     # -- task hooks --------------------------------------------------------------------------------
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
@@ -143,6 +142,8 @@ class Trainer(TrainerOutputs):
             self.build(info)
             return self.train()
         finally:
+            if self.lock is not None:
+                self.lock.release()
             D.shutdown()
 
     def build(self, info: D.DistInfo) -> None:
@@ -150,23 +151,27 @@ class Trainer(TrainerOutputs):
         cfg, self.info = self.cfg, info
         # 1. the process: threads, deterministic kernels, TF32
         D.configure(info, cfg.train.deterministic, cfg.train.threads)
-        # 2. where to start: a checkpoint to resume (checkpoint.resume) or a fresh / finetune start
+        # 2. out_dir locked for this run (one trainer per directory), a killed run's leftovers removed
+        self.lock = rundir.claim(self.out, info)
+        # 3. where to start: a checkpoint to resume (checkpoint.resume) or a fresh / finetune start
         self.resumed_from = self._find_resume()
         self.mcfg = self.model_config(self.resumed_from)
-        # 3. the data, checked against the model; text padded as generation pads it
+        # 4. the data, checked against the model (sha256 checked as each shard is read); text padded as generation
         self.shards = self.shard_set(self.mcfg)
+        for d in self.shards.unverified:
+            log(f"warning: the manifest in {d} lists no sha256 of its shards: they are read unverified", info)
         check_shards(self.shards, self.mcfg)
         self.text_pad = self.text_padding(self.mcfg, self.shards, info)
-        # 4. the model with its starting weights, the task's own pieces, the FLOPs of one image
+        # 5. the model with its starting weights, the task's own pieces, the FLOPs of one image
         loaded = self._build_model()
-        # 5. compile, DDP / FSDP2, AdamW and its schedule, EMA
+        # 6. compile, DDP / FSDP2, AdamW and its schedule, EMA
         self._build_optimizer(loaded)
-        # 6. the loader, at the saved position
+        # 7. the loader, at the saved position
         d = cfg.data
         self.loader = Loader(self.shards, self.collate(), batch_size=d.batch_size, rank=info.rank, world=info.world,
                              seed=cfg.train.seed, window=d.shuffle_window, prefetch=d.prefetch, workers=d.workers,
                              **self.state.loader)  # fmt: skip
-        # 7. outputs: the resolved config, metrics, sample grids, the held-out evaluation
+        # 8. outputs: the resolved config, metrics, sample grids, the held-out evaluation
         self._build_outputs()
 
     def _find_resume(self) -> Path | None:
@@ -184,16 +189,14 @@ class Trainer(TrainerOutputs):
         loaded = None
         if self.resumed_from is not None:
             loaded = ckpt_io.load(self.resumed_from)
-            self.model.load_state_dict(loaded["model"], strict=True)
+            ckpt_io.load_weights(self.model, loaded["model"], self.resumed_from)
             self.ema_init = loaded["ema"]
-            saved = loaded["state"]
-            self.state = TrainState(**{k: saved[k] for k in ("step", "elapsed_s", "nonfinite", "loader",
-                                                             "schedule_total") if k in saved})  # fmt: skip
+            self.state = TrainState(**{k: loaded["state"][k] for k in ckpt_io.RESUMED})  # validated by `load`
             log(f"resuming from {self.resumed_from} (step {self.state.step})", info)
         else:
             start, self.ema_init = self.initial_weights()
             if start is not None:
-                self.model.load_state_dict(start, strict=True)
+                ckpt_io.load_weights(self.model, start, cfg.model.init_from)
                 log(f"initialised from {cfg.model.init_from}", info)
         self.setup_task(self.model, info)
         self.model.to(info.device).train()
@@ -390,10 +393,3 @@ class Trainer(TrainerOutputs):
             log(f"note: FLOP count unavailable ({e}); MFU not reported", info)
             model.zero_grad(set_to_none=True)
             return None
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """What a checkpoint's state.json carries besides the step: loader position, training time, counters,
-        the schedule length, the resolved config."""
-        s = self.state
-        return {"loader": self.loader.state(), "elapsed_s": s.elapsed_s, "nonfinite": s.nonfinite, "kind": self.kind,
-                "schedule_total": self.schedule.recorded(s.step), "config": self.cfg.to_dict()}  # fmt: skip
