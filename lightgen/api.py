@@ -202,8 +202,8 @@ class LightGenPipeline:
 
     def image_size(self, height: int | None, width: int | None, resolution: int | None) -> tuple[int, int]:
         """(height, width) in pixels: the given sizes, else `resolution`, else the model's base resolution."""
-        base = resolution or self.model.cfg.base_resolution
-        h, w = height or base, width or base
+        base = self.model.cfg.base_resolution if resolution is None else resolution
+        h, w = base if height is None else height, base if width is None else width  # 0 is refused, not a default
         self.model.cfg.grid_for(h, w)  # raises naming the size if it does not tile into tokens
         return h, w
 

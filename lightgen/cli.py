@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from lightgen.errors import user_errors
-from lightgen.options import DEVICE, MODEL, LoadOptions, SamplingOptions, with_options
+from lightgen.options import DEVICE, MODEL, LoadOptions, SamplingOptions, number, side, with_options
 from shapesworld.cli import app as shapes_app
 
 app = typer.Typer(help="LightGen model commands.", no_args_is_help=True, add_completion=False)
@@ -49,12 +49,12 @@ def generate_cmd(
     prompts: Path = typer.Option(None, help="Prompt file: one a line, or .jsonl objects (see --field)."),
     field: str = typer.Option("prompt", help="Field holding the prompt in a .jsonl prompt file."),
     out: Path = typer.Option(..., help="Output folder: 00000.png, 00001.png, ... and generation.json."),
-    resolution: int = typer.Option(None, help="Square image side in px (default: the model's base_resolution)."),
-    height: int = typer.Option(None, help="Image height in px (overrides --resolution)."),
-    width: int = typer.Option(None, help="Image width in px (overrides --resolution)."),
-    images_per_prompt: int = typer.Option(1, min=1, help="Images per prompt."),
+    resolution: int = side("Square image side in px (default: the model's base_resolution)."),
+    height: int = side("Image height in px (overrides --resolution)."),
+    width: int = side("Image width in px (overrides --resolution)."),
+    images_per_prompt: int = number(1, "Images per prompt.", min=1),
     sampling: SamplingOptions,
-    batch_size: int = typer.Option(8, min=1, help="Images per batch."),
+    batch_size: int = number(8, "Images per batch.", min=1),
     load: LoadOptions,
 ) -> None:
     """Generate images for prompts: PNGs plus generation.json (settings, the prompt of each file, images/s)."""
@@ -67,8 +67,9 @@ def generate_cmd(
     pipe = load.pipeline(model)
     res = run_generate(
         pipe, texts, out, settings=sampling.settings(pipe), seed=sampling.seed,
-        images_per_prompt=images_per_prompt, batch_size=batch_size, height=height or resolution,
-        width=width or resolution, record={"model": str(model)},
+        images_per_prompt=images_per_prompt, batch_size=batch_size,
+        height=resolution if height is None else height, width=resolution if width is None else width,
+        record={"model": str(model)},
     )  # fmt: skip
     typer.echo(
         f"wrote {len(res['images'])} images to {out} in {res['seconds']} s ({res['images_per_second']} images/s)"
@@ -89,7 +90,8 @@ def inpaint_cmd(
     load: LoadOptions,
 ) -> None:
     """Zero-shot inpainting: regenerate the white part of --mask; the rest is the input's tokenizer round trip."""
-    from lightgen.generate import read_image, run_inpaint
+    from lightgen.generate import run_inpaint
+    from lightgen.images import read_image
 
     src, msk = read_image(image, "RGB"), read_image(mask)
     sampling.check()
@@ -111,11 +113,11 @@ def geneval_cmd(
     out: Path = typer.Option(
         ..., help="Output folder in GenEval's layout: <00000>/{metadata.jsonl,samples/<0000>.png}."
     ),
-    samples: int = typer.Option(4, min=1, help="Images per prompt."),
-    resolution: int = typer.Option(None, help="Image side in px (default: the model's base_resolution)."),
+    samples: int = number(4, "Images per prompt.", min=1),
+    resolution: int = side("Image side in px (default: the model's base_resolution)."),
     sampling: SamplingOptions,
-    batch_size: int = typer.Option(16, min=1, help="Images per batch (batch_size // samples prompts at a time)."),
-    limit: int = typer.Option(None, min=1, help="Only the first N metadata lines."),
+    batch_size: int = number(16, "Images per batch (batch_size // samples prompts at a time).", min=1),
+    limit: int = number(None, "Only the first N metadata lines.", min=1),
     field: str = typer.Option("prompt", help="Metadata field used as the prompt (ShapesWorld also has 'caption')."),
     overwrite: bool = typer.Option(False, help="Start over (otherwise a rerun skips finished prompt folders)."),
     load: LoadOptions,
@@ -144,8 +146,8 @@ def fid_cmd(
     inception_weights: Path = typer.Option(
         None, envvar="LIGHTGEN_INCEPTION_WEIGHTS", help="Local pt_inception-2015-12-05 weights (.pth or .safetensors)."
     ),
-    feature: int = typer.Option(2048, help="Inception feature layer: 64, 192, 768 or 2048 (the FID standard)."),
-    batch_size: int = typer.Option(50, min=1, help="Images per batch."),
+    feature: int = number(2048, "Inception feature layer: 64, 192, 768 or 2048 (the FID standard)."),
+    batch_size: int = number(50, "Images per batch.", min=1),
     device: str = DEVICE,
     antialias: bool = typer.Option(False, help="Antialiased resize to 299 px (off = the original TF resize)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON here."),
@@ -165,10 +167,10 @@ def fid_cmd(
 def convert_reference_cmd(
     checkpoint: Path = typer.Option(..., help="Reference checkpoint (checkpoint-last.pth)."),
     out: Path = typer.Option(..., help="Output model directory (config.json + safetensors)."),
-    heads: int = typer.Option(None, min=1, help="Attention heads (default: from args.model, e.g. fluid_large = 16)."),
-    latent_channels: int = typer.Option(None, min=1, help="VAE latent channels (default: args.vae_embed_dim or 16)."),
-    patch_size: int = typer.Option(None, min=1, help="Token patch size (default: args.patch_size or 2)."),
-    vae_stride: int = typer.Option(None, min=1, help="VAE stride (default: args.vae_stride or 8)."),
+    heads: int = number(None, "Attention heads (default: from args.model, e.g. fluid_large = 16).", min=1),
+    latent_channels: int = number(None, "VAE latent channels (default: args.vae_embed_dim or 16).", min=1),
+    patch_size: int = number(None, "Token patch size (default: args.patch_size or 2).", min=1),
+    vae_stride: int = number(None, "VAE stride (default: args.vae_stride or 8).", min=1),
     vae_name: str = typer.Option(None, help="`vae` recorded in config.json (default: the lightgen preset's)."),
     text_encoder_name: str = typer.Option(None, help="`text_encoder` recorded in config.json (default: preset's)."),
     head_steps: str = typer.Option(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightgen.weights import load_torch_file
 from lightgen_model import PRESETS, LightGen, ModelConfig, count_parameters, save_pretrained
 
 # attention heads of the reference's model constructors (models/fluid_arbitrary.py), by args.model
@@ -33,28 +33,28 @@ REFERENCE_SAMPLING = {"steps": 64, "cfg": 4.0, "cfg_schedule": "constant", "temp
 
 def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict, loaded safely (tensors, containers and argparse.Namespace only)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint does not exist: {p}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise ValueError(f"{p}: cannot read the checkpoint: {str(e).splitlines()[0]}") from None
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        except (pickle.UnpicklingError, EOFError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{p}: refused by torch.load(weights_only=True): {first}") from None
+    ckpt = load_torch_file(path, allowed=[argparse.Namespace], what="checkpoint")
     if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{p}: not a reference checkpoint (no 'model' or 'model_ema' entry; found {keys})")
+        keys = sorted(map(str, ckpt))[:20] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a reference checkpoint (no 'model' or 'model_ema' entry; found {keys})")
     return ckpt
+
+
+def reference_args(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``args`` (an argparse Namespace in the reference) as a dict; {} if it has none."""
+    args = ckpt.get("args")
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ValueError(f"checkpoint entry 'args' is not an argparse Namespace or a dict, got {type(args).__name__}")
+    return args
 
 
 def clean_state(state: Any, name: str) -> dict[str, Tensor]:
     """A state dict with DDP / torch.compile prefixes removed; ValueError if it is not a dict of tensors."""
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise ValueError(f"checkpoint entry {name!r} is not a state dict of tensors")
     out = {}
     for k, v in state.items():
@@ -71,10 +71,24 @@ def _depth(state: dict[str, Tensor], prefix: str) -> int:
     return len(idx)
 
 
-def _shape(state: dict[str, Tensor], key: str) -> tuple[int, ...]:
+def _shape(state: dict[str, Tensor], key: str, ndim: int) -> tuple[int, ...]:
     if key not in state:
         raise ValueError(f"checkpoint has no {key!r}: not a reference LightGen (FLUID) state dict")
-    return tuple(state[key].shape)
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim:
+        raise ValueError(f"checkpoint tensor {key!r} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def _number(value: Any, name: str, kind: type[int] | type[float]) -> Any:
+    """``kind(value)`` for a value of the checkpoint's args; ValueError naming it if it is not a number."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        shown = repr(value)[:80]
+        raise ValueError(
+            f"checkpoint args.{name}={shown} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
 
 
 def _pick(option: Any, args: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
@@ -95,43 +109,44 @@ def infer_config(
     text_encoder: str = PRESETS["lightgen"]["text_encoder"],
 ) -> ModelConfig:
     """The ModelConfig of a reference state dict: widths and depths from shapes, the rest from args/options."""
-    enc_dim, token_dim = _shape(state, "z_proj.weight")
-    C = int(_pick(latent_channels, args, ("vae_embed_dim",), 16))
-    p = int(_pick(patch_size, args, ("patch_size",), 2))
-    stride = int(_pick(vae_stride, args, ("vae_stride",), 8))
+    enc_dim, token_dim = _shape(state, "z_proj.weight", 2)
+    C = _number(_pick(latent_channels, args, ("vae_embed_dim",), 16), "vae_embed_dim", int)
+    p = _number(_pick(patch_size, args, ("patch_size",), 2), "patch_size", int)
+    stride = _number(_pick(vae_stride, args, ("vae_stride",), 8), "vae_stride", int)
     if C * p * p != token_dim:
         raise ValueError(
             f"z_proj takes {token_dim}-dim tokens, but latent_channels={C} x patch_size={p}^2 = {C * p * p}: "
             "pass --latent-channels / --patch-size"
         )
-    L0 = _shape(state, "encoder_pos_embed_learned")[1]
+    L0 = _shape(state, "encoder_pos_embed_learned", 3)[1]
     g = math.isqrt(L0)
     if g * g != L0:
         raise ValueError(f"encoder_pos_embed_learned has {L0} positions, not a square grid")
-    n_heads = heads or next((int(args[n]) for n in ("num_heads", "encoder_num_heads") if args.get(n)), None)
+    n_heads = heads or next((_number(args[n], n, int) for n in ("num_heads", "encoder_num_heads") if args.get(n)), None)
     n_heads = n_heads or HEADS_BY_MODEL.get(str(args.get("model")))
     if n_heads is None:
         raise ValueError(f"cannot tell the number of attention heads (args.model={args.get('model')!r}): pass --heads")
     enc_depth = _depth(state, "encoder_blocks")
-    ratio = _shape(state, "encoder_blocks.0.mlp.fc1.weight")[0] / enc_dim if enc_depth else 4.0
-    head_width, head_in = _shape(state, "diffloss.net.input_proj.weight")
-    out_ch = _shape(state, "diffloss.net.final_layer.linear.weight")[0]
+    ratio = _shape(state, "encoder_blocks.0.mlp.fc1.weight", 2)[0] / enc_dim if enc_depth else 4.0
+    head_width, head_in = _shape(state, "diffloss.net.input_proj.weight", 2)
+    out_ch = _shape(state, "diffloss.net.final_layer.linear.weight", 2)[0]
     if out_ch not in (token_dim, 2 * token_dim):
         raise ValueError(f"diffloss.net.final_layer.linear has {out_ch} outputs for {token_dim}-dim tokens")
     stack = lambda name, dim, depth: {f"{name}_dim": dim, f"{name}_depth": depth, f"{name}_heads": n_heads}
     return ModelConfig(
         latent_channels=C, vae_stride=stride, patch_size=p, base_resolution=g * stride * p,
         **stack("encoder", enc_dim, enc_depth),
-        **stack("decoder", _shape(state, "decoder_embed.weight")[0], _depth(state, "decoder_blocks")),
-        **stack("cross", _shape(state, "last_embed.weight")[0], _depth(state, "cross_attn_blocks")),
-        mlp_ratio=ratio, attn_dropout=float(args.get("attn_dropout", 0.1)),
-        proj_dropout=float(args.get("proj_dropout", 0.1)), buffer_size=0,
-        text_dim=_shape(state, "text_emb.text_proj.linear_1.weight")[1],
-        text_aligner_depth=_depth(state, "text_emb.text_aligner"), max_text_len=int(args.get("max_length") or 128),
-        text_drop_prob=float(args.get("text_drop_prob", 0.1)), text_key_mask=False,
-        mask_ratio_min=float(args.get("mask_ratio_min", 0.7)), head_width=head_width,
+        **stack("decoder", _shape(state, "decoder_embed.weight", 2)[0], _depth(state, "decoder_blocks")),
+        **stack("cross", _shape(state, "last_embed.weight", 2)[0], _depth(state, "cross_attn_blocks")),
+        mlp_ratio=ratio, attn_dropout=_number(args.get("attn_dropout", 0.1), "attn_dropout", float),
+        proj_dropout=_number(args.get("proj_dropout", 0.1), "proj_dropout", float), buffer_size=0,
+        text_dim=_shape(state, "text_emb.text_proj.linear_1.weight", 2)[1],
+        text_aligner_depth=_depth(state, "text_emb.text_aligner"),
+        max_text_len=_number(args.get("max_length") or 128, "max_length", int),
+        text_drop_prob=_number(args.get("text_drop_prob", 0.1), "text_drop_prob", float), text_key_mask=False,
+        mask_ratio_min=_number(args.get("mask_ratio_min", 0.7), "mask_ratio_min", float), head_width=head_width,
         head_depth=_depth(state, "diffloss.net.res_blocks"),
-        diffusion_batch_mul=int(args.get("diffusion_batch_mul") or 4),
+        diffusion_batch_mul=_number(args.get("diffusion_batch_mul") or 4, "diffusion_batch_mul", int),
         num_sampling_steps=head_steps_spec(args.get("num_sampling_steps")), prediction="eps",
         sampling=dict(REFERENCE_SAMPLING),
         learn_sigma=out_ch == 2 * token_dim, interpolate_offset=0.1, vae=vae, text_encoder=text_encoder,
@@ -183,13 +198,14 @@ def convert_reference(
     the head's sampling steps taken from ``args.num_sampling_steps`` (a count, "ddimN" or "a,b,...").
     """
     ckpt = load_reference_checkpoint(checkpoint)
-    args = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else dict(ckpt.get("args") or {})
+    args = reference_args(ckpt)
     raw = clean_state(ckpt["model"], "model") if "model" in ckpt else None
     ema = clean_state(ckpt["model_ema"], "model_ema") if "model_ema" in ckpt else None
     cfg = infer_config(ema or raw, args, heads, latent_channels, patch_size, vae_stride, vae, text_encoder)
     if head_steps is not None:
         cfg = cfg.replace(num_sampling_steps=head_steps_spec(head_steps))
-    cfg.extra = {"converted_from": str(checkpoint), "epoch": ckpt.get("epoch"), "reference_args": _json_args(args)}
+    epoch = ckpt.get("epoch") if _json_args({"epoch": ckpt.get("epoch")}) else None  # only a plain value
+    cfg.extra = {"converted_from": str(checkpoint), "epoch": epoch, "reference_args": _json_args(args)}
     with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
         model = LightGen(cfg)
     for name, state in (("model", raw), ("model_ema", ema)):
@@ -202,6 +218,6 @@ def convert_reference(
         "weights": ["model"] * (raw is not None) + ["model_ema"] * (ema is not None),
         "loads": "model_ema" if ema is not None else "model",
         "parameters": count_parameters(model)["total"],
-        "epoch": ckpt.get("epoch"),
+        "epoch": epoch,
         "config": cfg.to_dict(),
     }

@@ -10,7 +10,6 @@ in for Inception (tests use a small random network).
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,11 @@ from unittest import mock
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from lightgen.images import read_image
+from lightgen.weights import load_safetensors, load_torch_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 INCEPTION_FEATURES = (64, 192, 768, 2048)
@@ -46,12 +47,8 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: Path) -> Tensor:
-    """(3, H, W) uint8 RGB; ValueError naming the file if it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+    """(3, H, W) uint8 RGB; ValueError naming the file if it cannot be decoded or is a decompression bomb."""
+    arr = np.asarray(read_image(path, "RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -71,19 +68,9 @@ def image_batches(paths: list[Path], batch_size: int) -> Iterator[Tensor]:
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """A tensor state dict from ``.safetensors`` or a torch file, without ever unpickling arbitrary objects."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file does not exist: {p}")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{p}: not a plain tensor state dict, refused by torch.load(weights_only=True): {first}"
-        ) from None
+        return load_safetensors(p)
+    state = load_torch_file(p, what="weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -25,15 +25,19 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompt file does not exist: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e})") from None
     prompts = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if p.suffix in (".jsonl", ".json"):
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not JSON ({e})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{p}:{lineno}: not JSON ({type(e).__name__}: {e})") from None
             value = rec.get(field) if isinstance(rec, dict) else rec
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{p}:{lineno}: no non-empty string field {field!r}")
@@ -43,13 +47,6 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     if not prompts:
         raise ValueError(f"no prompts in {p} (the file is empty or has only blank lines)")
     return prompts
-
-
-def read_image(path: str | Path, mode: str | None = None) -> Image.Image:
-    """An image file loaded into memory (converted to ``mode`` if given); a missing or unreadable file is an
-    OSError naming it."""
-    with Image.open(path) as im:
-        return im.convert(mode) if mode else im.copy()
 
 
 def components(pipe: LightGenPipeline) -> dict[str, Any]:

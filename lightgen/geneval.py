@@ -42,7 +42,7 @@ def read_metadata(path: str | Path, field: str = "prompt") -> list[tuple[bytes, 
             continue
         try:
             rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{p}:{lineno}: not a JSON line ({e})") from None
         prompt = rec.get(field) if isinstance(rec, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +24,31 @@ from typing import Any
 
 import typer
 
+MAX_SEED = 2**63 - 1
+MAX_SIDE = 16_384  # pixels of an image side: far above any trained size, low enough to stop absurd requests
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: refuse inf (typer's range check lets it through; nan it refuses itself)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def number(default: Any, help: str, *, min: float | None = None, max: float | None = None, **kw: Any) -> Any:
+    """A numeric ``typer.Option``: typer checks the type and the range [min, max] (shown in --help); a float
+    must also be finite. Every numeric option of the `lightgen` commands is declared with it."""
+    return typer.Option(default, min=min, max=max, callback=finite, help=help, **kw)
+
+
+def side(help: str) -> Any:
+    """An optional image size option in pixels: 1 .. MAX_SIDE (multiples of the token size are checked later)."""
+    return number(None, help, min=1, max=MAX_SIDE)
+
+
 MODEL = typer.Option(..., "--model", help="Model directory (config.json + model[_ema].safetensors).")
 DEVICE = typer.Option("auto", help="Device: auto (cuda if available), cpu, cuda, cuda:1, ...")
-SEED = typer.Option(0, help="Random seed (the same seed and batch size give the same images).")
+SEED = number(0, "Random seed (the same seed and batch size give the same images).", min=0, max=MAX_SEED)
 
 
 def flag(option: Any) -> Any:
@@ -40,10 +63,10 @@ class SamplingOptions:
     else the library's (named in the help)."""
 
     steps: int | None = flag(
-        typer.Option(None, min=1, help="Masked-generation iterations (default: the model's recorded one, else 64).")
+        number(None, "Masked-generation iterations (default: the model's recorded one, else 64).", min=1)
     )
     cfg: float | None = flag(
-        typer.Option(None, min=0.0, help="Classifier-free guidance scale, 1 = off (default: the model's, else 4.0).")
+        number(None, "Classifier-free guidance scale, 1 = off (default: the model's, else 4.0).", min=0.0)
     )
     cfg_schedule: str | None = flag(
         typer.Option(
@@ -53,7 +76,7 @@ class SamplingOptions:
         )
     )
     temperature: float | None = flag(
-        typer.Option(None, min=0.0, help="Temperature of the diffusion head's noise (default: the model's, else 1.0).")
+        number(None, "Temperature of the diffusion head's noise, > 0 (default: the model's, else 1.0).", min=0.0)
     )
     seed: int = flag(SEED)
 

@@ -40,12 +40,99 @@ def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float
     """Raise ValueError naming the first bad sampling setting."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps (num_inference_steps) must be an integer >= 1, got {steps!r}")
-    if not (math.isfinite(cfg) and cfg >= 0):
+    if not (_is_real(cfg) and math.isfinite(cfg) and cfg >= 0):
         raise ValueError(f"cfg (guidance_scale) must be a finite number >= 0, got {cfg}")
-    if cfg_schedule not in CFG_SCHEDULES:
+    if not isinstance(cfg_schedule, str) or cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg schedule (guidance_schedule) must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+# Bounds that refuse a config.json before a network is built from it (a depth of 10^9 would allocate until the
+# machine runs out of memory): every width and size, every depth, and the estimated parameter count.
+MAX_WIDTH, MAX_DEPTH, MAX_PARAMETERS = 65_536, 1024, 100e9
+POSITIVE_INTS = (
+    "latent_channels", "vae_stride", "patch_size", "base_resolution", "encoder_dim", "encoder_heads", "decoder_dim",
+    "decoder_heads", "cross_dim", "cross_heads", "text_dim", "max_text_len", "head_width", "diffusion_batch_mul",
+    "num_train_timesteps",
+)  # fmt: skip
+DEPTHS = ("encoder_depth", "decoder_depth", "cross_depth", "text_aligner_depth", "head_depth")
+INT_RANGES = (
+    {k: (1, MAX_WIDTH) for k in POSITIVE_INTS} | {k: (0, MAX_DEPTH) for k in DEPTHS} | {"buffer_size": (0, MAX_WIDTH)}
+)
+# float fields: (low, high, low inclusive, high inclusive); None = unbounded
+FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "mlp_ratio": (0.0, 1024.0, False, True),  # hidden width = dim * mlp_ratio, also bounded by the parameter count
+    "attn_dropout": (0.0, 1.0, True, False),
+    "proj_dropout": (0.0, 1.0, True, False),
+    "text_drop_prob": (0.0, 1.0, True, True),
+    "mask_ratio_min": (0.0, 1.0, False, True),
+    "mask_ratio_std": (0.0, None, False, True),
+    "interpolate_offset": (0.0, None, True, True),
+}
+CHOICES = {"prediction": ("eps", "v"), "pos_embed_init": ("normal", "sincos"), "noise_schedule": ("cosine", "linear")}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# what a field's annotation (its text) accepts, and how an error names it; ints are ints, never bools or floats
+KINDS: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", _is_int),
+    "float": ("a finite number", lambda v: _is_real(v) and math.isfinite(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int | str": ("an integer or a string", lambda v: _is_int(v) or isinstance(v, str)),
+    "dict[str, Any]": ("a JSON object", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+}
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first field whose value has the wrong type (e.g. a string or float depth)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        what, ok = KINDS[str(f.type)]
+        if not ok(value):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+            raise ValueError(f"config key {f.name!r} must be {what}, got {shown} ({type(value).__name__})")
+
+
+def _check_ranges(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first field outside its range."""
+    for key, (lo, hi) in INT_RANGES.items():
+        value = getattr(cfg, key)
+        if not lo <= value <= hi:
+            raise ValueError(f"config key {key!r} must be an integer in [{lo}, {hi}], got {value}")
+    for key, (lo, hi, lo_in, hi_in) in FLOAT_RANGES.items():
+        value = getattr(cfg, key)
+        ok_lo = lo is None or value > lo or (lo_in and value == lo)
+        ok_hi = hi is None or value < hi or (hi_in and value == hi)
+        if not (ok_lo and ok_hi):
+            span = f"{'[' if lo_in else '('}{lo}, " + ("inf)" if hi is None else f"{hi}{']' if hi_in else ')'}")
+            raise ValueError(f"config key {key!r} must be in {span}, got {value}")
+
+
+def estimate_parameters(cfg: ModelConfig) -> int:
+    """The trainable parameter count of ``LightGen(cfg)``, computed from the config alone (no tensor is made)."""
+    lin = lambda i, o: i * o + o
+    mlp = lambda d: lin(d, int(d * cfg.mlp_ratio)) + lin(int(d * cfg.mlp_ratio), d)
+    block = lambda d: lin(d, 3 * d) + lin(d, d) + mlp(d) + 4 * d
+    cross_block = lambda d: lin(d, d) + lin(d, 2 * d) + lin(d, d) + mlp(d) + 6 * d
+    de, dd, dc, w = cfg.encoder_dim, cfg.decoder_dim, cfg.cross_dim, cfg.head_width
+    L0 = (cfg.base_resolution // cfg.pixels_per_token) ** 2
+    encoder = lin(cfg.token_dim, de) + (L0 + cfg.buffer_size + 4) * de + cfg.encoder_depth * block(de)
+    decoder = lin(de, dd) + (L0 + 3) * dd + cfg.decoder_depth * block(dd)
+    text = lin(cfg.text_dim, dc) + lin(dc, dc) + cfg.text_aligner_depth * block(dc) + 3 * dc
+    cross = lin(dd, dc) + (L0 + 2) * dc + cfg.cross_depth * cross_block(dc)
+    out = cfg.token_dim * (2 if cfg.learn_sigma else 1)
+    head = lin(256, w) + lin(w, w) + lin(dc, w) + lin(cfg.token_dim, w) + lin(w, out) + lin(w, 2 * w)
+    head += cfg.head_depth * (2 * w + 2 * lin(w, w) + lin(w, 3 * w))
+    return encoder + decoder + text + cross + head
 
 
 @dataclass
@@ -131,26 +218,27 @@ class ModelConfig:
 
     # -- checks and (de)serialisation ---------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
+        """Raise ValueError naming the first bad field: types, ranges and size first, then consistency."""
+        _check_types(self)
+        _check_ranges(self)
         for name in ("encoder", "decoder", "cross"):
             dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
             if dim % heads:
                 raise ValueError(f"{name}_dim={dim} is not divisible by {name}_heads={heads}")
-        if self.prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
-        if self.pos_embed_init not in ("normal", "sincos"):
-            raise ValueError(f"pos_embed_init must be 'normal' or 'sincos', got {self.pos_embed_init!r}")
-        if self.noise_schedule not in ("cosine", "linear"):
-            raise ValueError(f"noise_schedule must be 'cosine' or 'linear', got {self.noise_schedule!r}")
-        if not 0.0 < self.mask_ratio_min <= 1.0:
-            raise ValueError(f"mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.base_resolution % self.pixels_per_token:
             raise ValueError(
                 f"base_resolution={self.base_resolution} is not a multiple of vae_stride*patch_size"
                 f"={self.pixels_per_token}"
             )
-        if self.diffusion_batch_mul < 1:
-            raise ValueError(f"diffusion_batch_mul must be >= 1, got {self.diffusion_batch_mul}")
+        params = estimate_parameters(self)
+        if params > MAX_PARAMETERS:
+            raise ValueError(
+                f"this config makes a network of about {params:.3g} parameters, above the limit of "
+                f"{MAX_PARAMETERS:.0e} (check the widths, depths, mlp_ratio and base_resolution)"
+            )
         try:
             space_timesteps(self.num_train_timesteps, self.num_sampling_steps)
         except ValueError as e:
@@ -170,7 +258,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a dictionary; unknown keys are an error (they usually are typos)."""
+        """Build from a dictionary; unknown keys are an error (they usually are typos); values are validated."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object (a dict), got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

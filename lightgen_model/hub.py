@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,11 +53,32 @@ def save_pretrained(
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of a saved model directory."""
+    """The ModelConfig of a saved model directory; ValueError naming the file if it is not a valid config."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in model directory {directory!s}")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    try:
+        d = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise ValueError(f"{path}: not a JSON config ({type(e).__name__}: {e})") from None
+    try:
+        return ModelConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_weights(model: LightGen, path: Path) -> None:
+    """Load the safetensors file ``path`` into ``model`` (strict); ValueError naming the file if it is damaged
+    or does not fit the model's config."""
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())  # torch's message spans lines; keep the error on one
+        raise ValueError(f"{path}: weights do not fit config.json: {detail[:500]}") from None
 
 
 def from_pretrained(
@@ -83,7 +105,7 @@ def from_pretrained(
     if torch.device(device).type == "cpu":
         torch.set_flush_denormal(True)
     model = LightGen(cfg)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    load_weights(model, weights)
     model.to(device=device, dtype=dtype).eval()
     return model
 

@@ -8,22 +8,24 @@ from pathlib import Path
 import typer
 
 from lightgen.errors import user_errors
+from lightgen.options import MAX_SEED, number
 
 app = typer.Typer(
     help="ShapesWorld: procedural GenEval-style prompts, a teacher that renders them, and a scorer.",
     no_args_is_help=True,
     add_completion=False,
 )
+SEED = number(0, "Random seed (output is deterministic in it).", min=0, max=MAX_SEED)
 
 
 @app.command()
 @user_errors()
 def prompts(
-    n: int = typer.Option(..., "--n", min=1, help="Number of records."),
-    seed: int = typer.Option(0, help="Random seed (output is deterministic in it)."),
+    n: int = number(..., "Number of records.", min=1),
+    seed: int = SEED,
     categories: str = typer.Option("", help="Comma-separated GenEval tags; empty = all six."),
-    diversity: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of captions paraphrased (0 = canonical)."),
-    scenes: int = typer.Option(0, min=0, help="Distinct scenes per category (0 = all)."),
+    diversity: float = number(1.0, "Share of captions paraphrased (0 = canonical).", min=0.0, max=1.0),
+    scenes: int = number(0, "Distinct scenes per category (0 = all).", min=0),
     out: Path = typer.Option(None, help="Output JSONL file (default: stdout)."),
 ) -> None:
     """Write GenEval-shaped scene metadata (+ a `caption`), one JSON object a line."""
@@ -43,9 +45,9 @@ def prompts(
 def render(
     metadata: Path = typer.Option(..., help="Metadata JSONL (from `prompts` or GenEval's file)."),
     out: Path = typer.Option(..., help="Output folder, GenEval layout."),
-    resolution: int = typer.Option(64, help="Image side in pixels, 32..1024."),
-    samples: int = typer.Option(4, min=1, help="Images per prompt."),
-    seed: int = typer.Option(0, help="Random seed (output is deterministic in it)."),
+    resolution: int = number(64, "Image side in pixels, 32..1024."),
+    samples: int = number(4, "Images per prompt.", min=1),
+    seed: int = SEED,
 ) -> None:
     """Render every metadata line with the teacher into <out>/<00000>/{metadata.jsonl,samples/<0000>.png}."""
     from shapesworld.render import render_folder

@@ -206,6 +206,17 @@ def test_config_rejects_unknown_and_bad_values() -> None:
         preset("debug").grid_for(33, 32)
 
 
+@pytest.mark.parametrize("name", ["debug", "shapes", "lightgen"])
+def test_parameter_estimate_matches_the_network(name: str) -> None:
+    """The config's bound on the network size uses an exact count, computed without building anything."""
+    from lightgen_model.config import estimate_parameters
+
+    for overrides in ({}, {"learn_sigma": False, "mlp_ratio": 2.5, "buffer_size": 3, "encoder_depth": 0}):
+        cfg = preset(name, **overrides)
+        with torch.device("meta"):
+            assert estimate_parameters(cfg) == count_parameters(LightGen(cfg))["total"], overrides
+
+
 def test_overfitting_one_batch_drives_loss_down() -> None:
     torch.manual_seed(0)
     m = LightGen(preset("debug", text_drop_prob=0.0)).train()
