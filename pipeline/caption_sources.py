@@ -227,7 +227,7 @@ def _parse_line(line: bytes, field: str, source: str, ref: str) -> CaptionRecord
         return CaptionRecord(source, ref, None, error="bad_utf8")
     try:
         return _record(json.loads(text), field, source, ref)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: brackets nested too deep to parse
         return CaptionRecord(source, ref, None, error="bad_json")
 
 
@@ -247,7 +247,7 @@ def _json(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     path, raw = Path(task.path), Path(task.path).read_bytes()
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         yield from _jsonl(ReadTask(task.path, "jsonl", 0, len(raw), 1), field)
         return
     for i, obj in enumerate(doc if isinstance(doc, list) else [doc]):
@@ -286,13 +286,27 @@ def _csv(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     """One record per CSV row (the header names the fields); a caption that is not UTF-8 is `bad_utf8`."""
     name = Path(task.path).name
     with open(task.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        for i, row in enumerate(csv.DictReader(f)):
+        for i, row in enumerate(_csv_rows(csv.DictReader(f))):
             ref = f"{name}:{i + 2}"  # +2: 1-based, after the header
+            if isinstance(row, csv.Error):  # e.g. a field over the csv module's size limit: that row only
+                yield CaptionRecord(task.path, ref, None, error="bad_record")
+                continue
             value = row.get(field)
             if isinstance(value, str) and not _utf8(value):
                 yield CaptionRecord(task.path, ref, None, error="bad_utf8")
             else:
                 yield _record(row, field, task.path, ref)
+
+
+def _csv_rows(reader: csv.DictReader) -> Iterator[dict[str, str] | csv.Error]:
+    """The rows of a CSV reader; a row the csv module refuses is yielded as its error and reading goes on."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield e
 
 
 def _utf8(text: str) -> bool:

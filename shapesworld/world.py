@@ -139,7 +139,10 @@ def validate_metadata(meta: Any) -> None:
         raise ValueError(f"'include' must be a non-empty list, got {include!r}")
     for i, entry in enumerate(include):
         _check_entry(entry, f"include[{i}]", len(include))
-    for i, entry in enumerate(meta.get("exclude", [])):
+    exclude = meta.get("exclude", [])
+    if not isinstance(exclude, list):
+        raise ValueError(f"'exclude' must be a list, got {exclude!r}")
+    for i, entry in enumerate(exclude):
         _check_entry(entry, f"exclude[{i}]", 0)
     if sum(e["count"] for e in include) > 4:
         raise ValueError(f"at most 4 objects per scene (32-px renders), got include={include!r}")
