@@ -30,6 +30,7 @@ from pipeline import diversity as dv
 from pipeline import workfiles as wf
 from pipeline.caption_sources import CAPTIONS_FORMAT, check_fields, plan_reads, shapes_task
 from pipeline.caption_stages import CaptionEmbedder  # noqa: F401 (the embedding stage, public here)
+from pipeline.options import opt
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -57,32 +58,38 @@ CONTENT_KEYS = (
 class CaptionsConfig:
     """Everything `build-captions` needs; written, resolved, into the manifest."""
 
-    inputs: list[str]
-    output: str
-    n: int = 1000
-    field: str = "caption"
-    shapes: int = 0
-    shapes_diversity: float = 1.0
-    shapes_scenes: int | None = None
-    min_words: int = 1
-    max_words: int = 128
-    charset: str = "any"
-    near_dup: bool = True
-    near_dup_threshold: float = 0.8
-    ngram: int = 2
-    near_dup_edit_words: int = 8
-    near_dup_change_words: int = 14
-    embedder: str = "minilm"
-    select: str = "cluster"
-    clusters: int = 64
-    kmeans_sample: int = 100_000
-    shard_size: int = 100_000
-    batch_size: int = 256
-    workers: int = 0
-    ray_address: str | None = None
-    partitions: int = 0
-    seed: int = 0
-    overwrite: bool = False
+    inputs: list[str] = opt(
+        [], "JSONL / JSON / Parquet / CSV files, webdataset .tar, folders or globs (repeat).", flag="--input"
+    )
+    output: str = opt("", "Output folder: caption shards, rejects, diversity.json, report, manifest.")
+    n: int = opt(1000, "Captions to select.")
+    field: str = opt("caption", "The record field / column holding the caption.")
+    shapes: int = opt(0, "Add N captions from the built-in ShapesWorld generator (with metadata).")
+    shapes_diversity: float = opt(1.0, "ShapesWorld caption diversity in [0, 1] (paraphrase rate).")
+    shapes_scenes: int | None = opt(None, "Distinct ShapesWorld scenes per category.", show="all")
+    min_words: int = opt(1, "Remove captions with fewer words (too_short).")
+    max_words: int = opt(128, "Remove captions with more words (too_long).")
+    charset: str = opt("any", "Keep captions whose letters are: any, latin, ascii (bad_charset).")
+    near_dup: bool = opt(True, "Remove near duplicates (MinHash LSH + one-word-edit buckets).")
+    near_dup_threshold: float = opt(0.8, "Word n-gram Jaccard similarity that makes a near duplicate.")
+    ngram: int = opt(2, "Word n-gram size of the near-duplicate shingles.")
+    near_dup_edit_words: int = opt(
+        8, "A word inserted or deleted makes a near duplicate when both captions have this many words (0 = off)."
+    )
+    near_dup_change_words: int = opt(
+        14, "A word changed makes a near duplicate when both captions have this many words (0 = off)."
+    )
+    embedder: str = opt("minilm", "Sentence embeddings for selection: minilm, hash (model-free).")
+    select: str = opt("cluster", "Selection: cluster (k-means, even per cluster), farthest, random.")
+    clusters: int = opt(64, "k of the k-means over caption embeddings.")
+    kmeans_sample: int = opt(100_000, "Captions k-means is fitted on (a seeded sample); all are assigned.")
+    shard_size: int = opt(100_000, "Captions per output shard.")
+    batch_size: int = opt(256, "Captions per embedding call.")
+    workers: int = opt(0, "Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray.")
+    ray_address: str | None = opt(None, "Join this Ray cluster.", show="start a local Ray")
+    partitions: int = opt(0, "Shuffle partitions of the de-duplication (0 = from the input size).")
+    seed: int = opt(0, "Random seed (selection, k-means, ShapesWorld).")
+    overwrite: bool = opt(False, "Replace earlier outputs; without it other settings are refused.")
 
     def content(self) -> dict[str, Any]:
         """The settings that determine the output."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lightgen.errors import exit_with_error, user_errors
+from lightgen.errors import user_errors
 from pipeline.options import command
 
 app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_completion=False)
@@ -16,9 +16,6 @@ app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_comp
 @app.callback()
 def _root() -> None:
     """LightGen data pipeline: build-captions, synthesize, encode-latents, build-dpo-pairs."""
-
-
-_fail = exit_with_error  # `error: <message>` on stderr and exit code 2, as every entry point (lightgen.errors)
 
 
 def _stage_command(name: str, config: str, run: str, doc: str, summary: str | None = None) -> None:
@@ -49,53 +46,25 @@ _stage_command(
 )
 
 
-@app.command("build-captions")
-def build_captions(
-    input: list[str] = typer.Option(
-        [], "--input", help="JSONL / JSON / Parquet / CSV files, webdataset .tar, folders or globs (repeat)."
-    ),
-    output: Path = typer.Option(..., help="Output folder: caption shards, rejects, diversity.json, report, manifest."),
-    n: int = typer.Option(1000, help="Captions to select."),
-    field: str = typer.Option("caption", help="The record field / column holding the caption."),
-    shapes: int = typer.Option(0, help="Add N captions from the built-in ShapesWorld generator (with metadata)."),
-    shapes_diversity: float = typer.Option(1.0, help="ShapesWorld caption diversity in [0, 1] (paraphrase rate)."),
-    shapes_scenes: int = typer.Option(None, help="Distinct ShapesWorld scenes per category.", show_default="all"),
-    min_words: int = typer.Option(1, help="Remove captions with fewer words (too_short)."),
-    max_words: int = typer.Option(128, help="Remove captions with more words (too_long)."),
-    charset: str = typer.Option("any", help="Keep captions whose letters are: any, latin, ascii (bad_charset)."),
-    near_dup: bool = typer.Option(True, help="Remove near duplicates (MinHash LSH + one-word-edit buckets)."),
-    near_dup_threshold: float = typer.Option(0.8, help="Word n-gram Jaccard similarity that makes a near duplicate."),
-    ngram: int = typer.Option(2, help="Word n-gram size of the near-duplicate shingles."),
-    near_dup_edit_words: int = typer.Option(
-        8, help="A word inserted or deleted makes a near duplicate when both captions have this many words (0 = off)."
-    ),
-    near_dup_change_words: int = typer.Option(
-        14, help="A word changed makes a near duplicate when both captions have this many words (0 = off)."
-    ),
-    embedder: str = typer.Option("minilm", help="Sentence embeddings for selection: minilm, hash (model-free)."),
-    select: str = typer.Option("cluster", help="Selection: cluster (k-means, even per cluster), farthest, random."),
-    clusters: int = typer.Option(64, help="k of the k-means over caption embeddings."),
-    kmeans_sample: int = typer.Option(
-        100_000, help="Captions k-means is fitted on (a seeded sample); all are assigned."
-    ),
-    shard_size: int = typer.Option(100_000, help="Captions per output shard."),
-    batch_size: int = typer.Option(256, help="Captions per embedding call."),
-    workers: int = typer.Option(0, help="Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray."),
-    partitions: int = typer.Option(0, help="Shuffle partitions of the de-duplication (0 = from the input size)."),
-    ray_address: str = typer.Option(None, help="Join this Ray cluster.", show_default="start a local Ray"),
-    seed: int = typer.Option(0, help="Random seed (selection, k-means, ShapesWorld)."),
-    overwrite: bool = typer.Option(False, help="Replace earlier outputs; without it other settings are refused."),
-) -> None:
-    """Clean, de-duplicate and diversity-select captions into Parquet caption shards, with a diversity report."""
-    options = {k: v for k, v in locals().items() if k not in ("input", "output")}
-    from pipeline.captions import CaptionsConfig, format_table, run_build_captions
+def _run_build_captions(cfg: object) -> None:
+    """build-captions: the diversity table, then the report as JSON."""
+    from pipeline.captions import format_table, run_build_captions
 
-    try:
-        report = run_build_captions(CaptionsConfig(inputs=input, output=str(output), **options))
-    except (ValueError, OSError) as e:
-        _fail(e)
+    with user_errors():
+        report = run_build_captions(cfg)
     typer.echo(format_table(report))
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "diversity"}))
+
+
+def _build_captions_command() -> None:
+    """Register build-captions (a global job with its own phases, not a per-shard stage; options from its config)."""
+    from pipeline.captions import CaptionsConfig
+
+    doc = "Clean, de-duplicate and diversity-select captions into Parquet caption shards, with a diversity report."
+    app.command("build-captions")(command(CaptionsConfig, _run_build_captions, doc, optional=("inputs",)))
+
+
+_build_captions_command()
 
 
 _stage_command(

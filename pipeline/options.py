@@ -95,8 +95,11 @@ def _default(f: dataclasses.Field) -> Any:
     return ...
 
 
-def command(config_cls: type[StageConfig], run: Callable[[Any], None], doc: str) -> Callable[..., None]:
-    """A typer command function whose options are `config_cls`'s fields; it calls `run(config)`."""
+def command(
+    config_cls: type, run: Callable[[Any], None], doc: str, optional: tuple[str, ...] = ()
+) -> Callable[..., None]:
+    """A typer command function whose options are the fields of the dataclass `config_cls`; it calls `run(config)`.
+    `--input` and `--output` are required unless named in `optional`."""
     import typer
 
     hints = typing.get_type_hints(config_cls)
@@ -106,7 +109,7 @@ def command(config_cls: type[StageConfig], run: Callable[[Any], None], doc: str)
     params = []
     for f in sorted(dataclasses.fields(config_cls), key=order):
         default = _default(f)
-        if f.name in ("inputs", "output") or f.metadata.get("required"):
+        if (f.name in ("inputs", "output") and f.name not in optional) or f.metadata.get("required"):
             default = ...  # required on the command line
         show = f.metadata.get("show")
         kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]

@@ -188,7 +188,7 @@ def test_a_bug_keeps_its_traceback() -> None:
 
 def test_lightgen_data_uses_the_same_wrapper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One implementation: `lightgen-data`'s stage commands report what `user_errors` maps, e.g. a csv.Error."""
-    assert data_cli._fail is lightgen.errors.exit_with_error
+    assert data_cli.user_errors is lightgen.errors.user_errors
 
     def explode(cfg: object) -> None:
         raise csv.Error("field larger than field limit (131072)")
