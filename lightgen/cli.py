@@ -196,8 +196,10 @@ def convert_reference_cmd(
 
 
 def main() -> None:
-    """Entry point for ``python -m lightgen``."""
-    app()
+    """Entry point of the ``lightgen`` console script and ``python -m lightgen``."""
+    from lightgen.errors import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":  # python -m lightgen.cli

@@ -77,3 +77,22 @@ def user_errors() -> Iterator[None]:
         if not is_user_error(e):
             raise
         exit_with_error(e)
+
+
+def run_app(app: typer.Typer) -> NoReturn:
+    """Run a typer app as a console script, with a usage error (a bad or missing option value) as one
+    ``error: <message>`` line and exit code 2, like every other user error."""
+    # typer ships its own click; its UsageError is the base of the public typer.BadParameter.
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:
+            typer.echo(e.ctx.get_help())
+            sys.exit(2)
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -99,3 +99,10 @@ def inspect_output(
 
     with user_errors():
         typer.echo(str(inspect_dataset(directory, out=out, limit=limit, seed=seed, vae=vae)))
+
+
+def main() -> None:
+    """Entry point of the ``lightgen-data`` console script."""
+    from lightgen.errors import run_app
+
+    run_app(app)

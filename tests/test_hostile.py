@@ -658,3 +658,20 @@ def test_build_captions_rejects_an_oversized_csv_field(tmp_path: Path) -> None:
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     kept, rejected = _kept_and_rejected(tmp_path / "out")
     assert kept == {"a red cube", "two cats"} and rejected >= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["lightgen", "generate", "--model", "m", "--prompt", "a", "--out", "o", "--resolution", "0"], "--resolution"),
+        (["lightgen", "generate", "--model", "m", "--prompt", "a", "--out", "o", "--cfg", "inf"], "--cfg"),
+        (["lightgen-data", "encode-latents", "--output", "o"], "Missing option '--input'"),
+        (["lightgen-data", "synthesize", "--input", "i", "--output", "o", "--workers", "x"], "--workers"),
+    ],
+)
+def test_console_scripts_report_usage_errors_in_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
+    exe = Path(sys.executable).with_name(argv[0])
+    res = subprocess.run([str(exe), *argv[1:]], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == "", (res.returncode, res.stdout)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
