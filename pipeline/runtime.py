@@ -53,6 +53,9 @@ def _quiet_data(quiet: bool) -> None:
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
     ctx.enable_auto_log_stats = False
+    # One unit is one output shard: a GPU teacher may work on it for hours with no block produced in between;
+    # Ray Data's no-progress timeout (30 min) would fail such a healthy run. A dead worker is still detected.
+    ctx.execution_no_progress_timeout_s = -1
     logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.INFO)
 
 
