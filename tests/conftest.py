@@ -66,3 +66,14 @@ def make_text(B: int, Lt: int = 7, dim: int = 384, lengths: list[int] | None = N
     lengths = lengths or [Lt] * B
     mask = torch.arange(Lt)[None] < torch.tensor(lengths)[:, None]
     return text, mask
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two cores are shared with other jobs: more torch threads only add contention to tiny models."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import wake_head
 from PIL import Image
-from tiny_models import make_tiny_vae, write_tar
+from tiny_models import make_tiny_vae, png_bytes, write_tar
 from typer.testing import CliRunner
 
 from lightgen import demo
@@ -45,19 +45,7 @@ STAGES = {"captions": "captions", "images": "images", "latents": "latents", "pai
           "judgements": "pairs/judgements"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores are shared with other jobs: more torch threads only add contention to these tiny models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bad_inputs(root: Path) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import wake_head
 from PIL import Image
-from tiny_models import make_tiny_bert, make_tiny_qwen25vl, write_tar
+from tiny_models import make_tiny_bert, make_tiny_qwen25vl, png_bytes, write_tar
 
 from lightgen.api import LightGenPipeline
 from lightgen_model import LightGen, encoders, preset, save_pretrained
@@ -43,19 +43,7 @@ from shapesworld.world import CATEGORIES, enumerate_scenes, mirror_relation
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores are shared with other jobs: more torch threads only add contention to these tiny models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def noise_png(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:

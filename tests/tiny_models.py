@@ -11,7 +11,9 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 # Words of ShapesWorld-style captions, so test captions mostly hit real tokens (others map to the unk token).
 WORDS = [
@@ -216,6 +218,13 @@ def make_tiny_flux(dir: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(out)
     shutil.rmtree(out / "t5")  # the saved pipeline has its own copy in text_encoder_2 / tokenizer_2
     return out
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
