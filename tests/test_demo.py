@@ -19,7 +19,8 @@ import pytest
 from lightgen import demo
 
 POOL, CAPTIONS, HELDOUT, SAMPLES = 240, 120, 6, 2
-TINY = ["--pool", str(POOL), "--captions", str(CAPTIONS), "--budget-minutes", "0.15", "--dpo-minutes", "0.1",
+STEPS, DPO_STEPS = 6, 3  # 6 steps of 2 x 32 images
+TINY = ["--pool", str(POOL), "--captions", str(CAPTIONS), "--images", str(64 * STEPS), "--dpo-steps", str(DPO_STEPS),
         "--heldout", str(HELDOUT), "--samples", str(SAMPLES), "--pairs", "40", "--curve-prompts", "6",
         "--curve-points", "2", "--num-iter", "4", "--workers", "1", "--nproc", "2"]  # fmt: skip
 STAGES = ("captions", "synthesize", "encode", "pretrain", "curve", "heldout", "geneval_pretrain", "pairs", "dpo",
@@ -77,12 +78,14 @@ def check_models(out: Path, res: dict[str, Any], heldout: list[bytes]) -> None:
     for which in ("pretrain", "dpo"):
         assert {p.name for p in (out / which / "model").iterdir()} >= {"config.json", "model.safetensors"}
         summary = json.loads((out / which / "summary.json").read_text())
-        assert summary["step"] >= 1 and summary["nonfinite"] == 0 and summary["stopped_by"] == "budget"
+        steps = STEPS if which == "pretrain" else DPO_STEPS  # the budget in work, whatever the machine's speed
+        assert (summary["step"], summary["nonfinite"], summary["stopped_by"]) == (steps, 0, "max_steps")
         metrics = [json.loads(x) for x in (out / which / "metrics.jsonl").read_text().splitlines()]
         assert metrics[-1]["step"] == summary["step"] and all(np.isfinite(m["loss"]) for m in metrics)
         doc = check_geneval_folder(out / "geneval" / which, heldout)
         model = res["models"][which]
         assert model["summary"] == doc["summary"]
+        assert model["sha256"] == hashlib.sha256((out / which / "model" / "model.safetensors").read_bytes()).hexdigest()
         seeds = recount_per_seed(doc["images"])
         assert sorted(seeds) == sorted(int(k) for k in model["per_seed"]["seeds"]) == list(range(SAMPLES))
         for k, row in model["per_seed"]["seeds"].items():
@@ -114,13 +117,15 @@ def expected_targets(res: dict[str, Any]) -> list[tuple[str, float, bool]]:
     mean = lambda which, key: res["models"][which]["per_seed"]["spread"].get(key, {"mean": 0.0})["mean"]
     d_over = mean("dpo", "overall") - mean("pretrain", "overall")
     d_pos = mean("dpo", "position") - mean("pretrain", "position")
+    stages = res["stages"]
+    share = sum(stages[k] for k in ("curve", "geneval_pretrain", "pairs", "geneval_dpo")) / sum(stages.values())
     return [
         ("pretrain single_object >= 0.8", acc("single_object"), acc("single_object") >= 0.8),
         ("pretrain colors >= 0.6", acc("colors"), acc("colors") >= 0.6),
-        ("pretrain overall >= 0.35", pre["overall"], pre["overall"] >= 0.35),
-        ("pretrain overall >= 0.5 (stretch)", pre["overall"], pre["overall"] >= 0.5),
+        ("pretrain overall >= 0.5", pre["overall"], pre["overall"] >= 0.5),
         (f"DPO: overall does not fall ({SAMPLES} seeds)", d_over, d_over >= 0),
         (f"DPO: position improves ({SAMPLES} seeds)", d_pos, d_pos > 0),
+        ("sampling <= 20% of the demo's time", share, share <= 0.2),
     ]
 
 
@@ -136,7 +141,8 @@ def check_verdicts(res: dict[str, Any], text: str, report: str, seconds: float) 
         cell = "PASS" if r["pass"] else "<b>FAIL</b>"
         assert f"<tr><td>{cell}</td><td>{html.escape(r['target'])}</td><td>{r['value']}</td></tr>" in report, r
     verdict = "PASS" if seconds <= 1800 else "FAIL"
-    assert f"total stage time {seconds / 60:.1f} min (target <= 30): {verdict}" in text
+    assert f"total stage time {seconds / 60:.1f} min (target <= 30 on 2 idle cores; " in text
+    assert f"): {verdict}\n" in text
 
 
 def check_report(out: Path, res: dict[str, Any], state: dict[str, Any], report: str) -> None:
@@ -168,7 +174,8 @@ def test_reduced_chain_produces_consistent_artifacts(tmp_path: Path, capsys: pyt
     assert list(state) == list(STAGES) and all(s["done"] and s["seconds"] > 0 for s in state.values())
     assert res["stages"] == {k: round(v["seconds"], 1) for k, v in state.items()}
     assert json.loads((out / "scores.json").read_text()) == json.loads(json.dumps(res))
-    assert (res["budget_minutes"], res["device"]) == (0.15, "cpu")
+    assert res["budget"] == {"steps": STEPS, "images": 64 * STEPS, "minutes": None, "dpo_steps": DPO_STEPS}
+    assert res["device"] == "cpu"
     # 2. data: complete manifests whose counts chain from stage to stage
     m = {folder: check_manifest(out / folder, stage) for folder, stage in MANIFESTS.items()}
     assert res["data"] == {k: {"in": m[k]["inputs"], "written": m[k]["rows"], "rejected": m[k]["rejected"]}
@@ -184,7 +191,7 @@ def test_reduced_chain_produces_consistent_artifacts(tmp_path: Path, capsys: pyt
     check_curve(out, res)
     # 4. verdicts and report
     report = (out / "report.html").read_text()
-    assert "=== targets (issue 9)" in text
+    assert "=== targets" in text and f"=== pretraining budget: {STEPS} steps of 64 = {64 * STEPS} images" in text
     check_verdicts(res, text, report, sum(res["stages"].values()))
     check_report(out, res, state, report)
     # 5. a rerun finds every stage done and recomputes the same results

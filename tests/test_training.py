@@ -69,6 +69,52 @@ def test_resume_is_bit_exact(tmp_path, shards):
     assert state["loader"] == {"epoch": 2, "index": 2}
 
 
+class SlowClock:
+    """`time` for the trainer's module whose clock advances `step` seconds at every reading: a machine so busy that
+    every step takes minutes."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 1e9, step
+
+    def time(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_the_budget_is_work_the_same_model_however_slow_the_machine(tmp_path, shards, monkeypatch):
+    """A budget in steps: the schedule is fixed before the first step, so a run on a (simulated) very slow machine
+    gives the same weights, loss curve and learning rates as one on a fast machine."""
+    extra = ["train.max_steps=12", "optim.schedule=cosine", "optim.warmup_steps=3", "checkpoint.every_steps=100"]
+    train(tmp_path / "fast", shards, *extra)
+    from training import trainer
+
+    monkeypatch.setattr(trainer, "time", SlowClock(90.0))
+    summary = train(tmp_path / "slow", shards, *extra)
+    assert summary["step"] == 12 and summary["stopped_by"] == "max_steps" and summary["elapsed_s"] > 12 * 60
+    assert_same(
+        weights(tmp_path / "fast/checkpoints/step-00000012"), weights(tmp_path / "slow/checkpoints/step-00000012")
+    )
+    rows = lambda run: [(r["loss"], r["lr"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())]
+    assert rows("fast") == rows("slow")
+
+
+def test_a_time_budget_anneals_by_its_end_on_a_slow_machine(tmp_path, shards, monkeypatch):
+    """With train.budget_minutes the cosine follows the elapsed share of the budget: a machine slower than planned
+    trains fewer steps, and its last steps still run at the floor of the schedule."""
+    from training import trainer
+
+    monkeypatch.setattr(trainer, "time", SlowClock(30.0))  # a step reads the clock twice: 30 s of training per step
+    summary = train(tmp_path / "timed", shards, "train.max_steps=1000", "train.budget_minutes=4", "optim.lr=1e-3",
+                    "optim.schedule=cosine", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1",
+                    "checkpoint.every_steps=1000")  # fmt: skip
+    assert summary["stopped_by"] == "budget" and summary["step"] == 8  # 240 s / 30 s
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "timed/metrics.jsonl").read_text().splitlines()]
+    shares = [30 * k / 240 for k in range(8)]  # elapsed share of the budget before each step
+    expect = [5e-4, 1e-3] + [1e-4 + 9e-4 * 0.5 * (1 + np.cos(np.pi * f)) for f in shares[2:]]
+    assert lrs == pytest.approx(expect)
+    assert lrs[-1] < 0.15e-3  # annealed: the last step ran near the floor although max_steps was far away
+
+
 @pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path, shards):
     out = tmp_path / "killed"
@@ -499,9 +545,16 @@ def test_metrics_log_rows_reports_and_mfu(tmp_path, monkeypatch, capsys):
     assert (
         report
         == "step 2/4 | loss 1.0000 | lr 1.00e-03 | gnorm 0.500 | 8.0 img/s | MFU 200.0% | acc 0.25 | non-finite steps 1"
+        " | ETA 2s"  # 2 steps left at 1 s a step
     )
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["eval"] == {"overall": 0.5} and rows[0]["acc"] == 0.25
+    timed = metrics.MetricsLog(tmp_path, cfg, DistInfo(), "pretrain", 0, 100, 8, None, budget_s=60.0)
+    timed.record({"step": 1, "loss": 1.0, "skipped": False} | row, 0, elapsed_s=10.0)
+    clock[0] += 1.0
+    timed.record({"step": 2, "loss": 1.0, "skipped": False} | row, 0, elapsed_s=15.0)
+    timed.close()  # 98 steps left at 0.5 s would be 49 s, but the time budget leaves 45 s
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| ETA 45s")
 
 
 def test_save_pretrained_is_atomic_and_drops_a_stale_ema(tmp_path, monkeypatch):

@@ -60,8 +60,8 @@ class OptimSection:
     warmup_steps: int = 1000
     schedule: str = "constant"  # constant | cosine (after warm-up)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
-    schedule_steps: int | None = None  # cosine length; default max_steps, or (with train.budget_minutes) the steps
-    # the budget allows, estimated once from the first steps' speed and kept in the checkpoint
+    schedule_steps: int | None = None  # cosine length (default train.max_steps); with train.budget_minutes the cosine
+    # also follows the elapsed share of the budget, whichever is further along
     grad_clip: float = 3.0  # 0 disables
     grad_accum: int = 1
     ema_decay: float = 0.9999  # 0 disables the EMA
@@ -73,8 +73,9 @@ class TrainSection:
     """The run: length, time budget, device, precision, parallelism, seeds."""
 
     out_dir: str = "runs/train"
-    max_steps: int = 1000
-    budget_minutes: float | None = None  # also stop after this much training time (summed over resumes)
+    max_steps: int = 1000  # the budget in work: the same schedule, and on a CPU the same model, on any machine
+    # also stop after this much training time (summed over resumes); the cosine follows its elapsed share
+    budget_minutes: float | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16

@@ -93,6 +93,15 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
     return float(t.item())
 
 
+def all_reduce_max_each(values: list[float], info: DistInfo) -> list[float]:
+    """Maximum of each scalar over ranks, in one collective (the values themselves in one process)."""
+    if not info.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean of a tensor over ranks (a detached copy)."""
     t = t.detach().clone()

@@ -51,6 +51,13 @@ def count_flops(loss: Callable[[], Tensor], model: nn.Module) -> float:
         model.zero_grad(set_to_none=True)
 
 
+def format_duration(seconds: float) -> str:
+    """`1h02m`, `12m05s` or `42s`."""
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric lines of steps up to the checkpoint being resumed, each step once (later ones will be
     recomputed; a line cut short by a kill is dropped). The file is replaced atomically."""
@@ -82,9 +89,11 @@ class MetricsLog:
 
     def __init__(
         self, out: Path, cfg: LogSection, info: DistInfo, kind: str, step: int, total: int,
-        global_batch: int, flops_per_image: float | None,
+        global_batch: int, flops_per_image: float | None, budget_s: float | None = None,
     ) -> None:  # fmt: skip
         self.cfg, self.info, self.total, self.global_batch = cfg, info, total, global_batch
+        self.budget_s = budget_s  # a time budget: the ETA is at most the time it leaves
+        self.eta_s: float | None = None  # training seconds left, as of the last report
         peak = peak_flops(info.device)
         # MFU = images/s x FLOPs per image / (peak x processes)
         self.mfu_per_image = flops_per_image / (peak * info.world) if (peak and flops_per_image) else None
@@ -102,6 +111,7 @@ class MetricsLog:
 
     def _new_window(self) -> None:
         self.window_t, self.window_imgs, self.window_loss, self.window_n = time.time(), 0, 0.0, 0
+        self.window_steps = 0
 
     def _tensorboard(self, out: Path, enabled: bool) -> Any:
         if not enabled:
@@ -117,13 +127,15 @@ class MetricsLog:
         """Leave `seconds` (evaluation, sample grids) out of the current window's images/s."""
         self.window_t += seconds
 
-    def record(self, row: dict[str, Any], nonfinite: int) -> None:
-        """Write one step's row ({"step", "loss", "lr", "grad_norm", "skipped", task metrics..., "eval"?})."""
+    def record(self, row: dict[str, Any], nonfinite: int, elapsed_s: float = 0.0) -> None:
+        """Write one step's row ({"step", "loss", "lr", "grad_norm", "skipped", task metrics..., "eval"?}) after
+        `elapsed_s` seconds of training (for the ETA of a time budget)."""
         if self.file is None:
             return
         step = row["step"]
         self.file.write(json.dumps(row) + "\n")
         self.window_imgs += self.global_batch
+        self.window_steps += 1
         if not row["skipped"]:
             self.window_loss, self.window_n = self.window_loss + row["loss"], self.window_n + 1
         if self.bar is not None:
@@ -133,7 +145,9 @@ class MetricsLog:
             self.file.flush()
         if step % self.cfg.every and step != self.total:
             return
-        ips = self.window_imgs / max(time.time() - self.window_t, 1e-9)
+        window_s = max(time.time() - self.window_t, 1e-9)
+        ips = self.window_imgs / window_s
+        self.eta_s = self.eta(step, window_s / max(self.window_steps, 1), elapsed_s)
         rec = {"loss": self.window_loss / max(self.window_n, 1), "lr": row["lr"], "grad_norm": row["grad_norm"],
                "img_per_s": ips} | ({"mfu": ips * self.mfu_per_image} if self.mfu_per_image else {})  # fmt: skip
         rec |= {k: v for k, v in row.items() if k not in ("step", "skipped", "eval", *STANDARD)}
@@ -150,8 +164,17 @@ class MetricsLog:
         parts += [f"{k} {v:.4g}" for k, v in rec.items() if k not in STANDARD]
         if nonfinite:
             parts.append(f"non-finite steps {nonfinite}")
+        if step < self.total and self.eta_s is not None:
+            parts.append(f"ETA {format_duration(self.eta_s)}")
         self.write(" | ".join(parts))
         self.scalars("train", rec, step)
+
+    def eta(self, step: int, s_per_step: float, elapsed_s: float) -> float:
+        """Seconds of training left at the current speed: the steps left, or the time budget left if sooner."""
+        left = (self.total - step) * s_per_step
+        if self.budget_s is not None:
+            left = min(left, max(0.0, self.budget_s - elapsed_s))
+        return left
 
     def report_eval(self, step: int, scores: dict[str, float]) -> None:
         """The held-out scores: one line, and `eval/<name>` scalars in TensorBoard."""

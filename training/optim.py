@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups, the lr schedule (with a budget run's length estimate), gradient clipping, and an
+"""AdamW with weight-decay groups, the lr schedule (steps, or the elapsed share of a time budget), gradient clipping, and an
 EMA of the weights."""
 
 from __future__ import annotations
@@ -42,44 +42,41 @@ def peak_lr(cfg: OptimSection, global_batch: int) -> float:
     return base * cfg.lr_scale
 
 
-def lr_at(step: int, peak: float, cfg: OptimSection, total_steps: int) -> float:
-    """Linear warm-up to `peak`, then constant or cosine down to `min_lr_ratio * peak` at `total_steps`."""
+def lr_at(step: int, peak: float, cfg: OptimSection, total_steps: int, share: float = 0.0) -> float:
+    """Linear warm-up to `peak`, then constant or cosine down to `min_lr_ratio * peak`. The cosine's progress is the
+    step share after warm-up, `(step - warmup) / (total_steps - warmup)`, or `share` (elapsed share of a time
+    budget) when that is larger."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return peak
     span = max(1, total_steps - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    frac = min(1.0, max((step - cfg.warmup_steps) / span, share))
     floor = cfg.min_lr_ratio * peak
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 class LRSchedule:
-    """`lr_at` over a length fixed by `optim.schedule_steps`, else `train.max_steps`; a cosine run with a time
-    budget (`train.budget_minutes`) instead fixes its length once, from the speed of its first steps (`fix` at step
-    `estimate_at`), and the checkpoint keeps that length (`recorded`) so that a resumed run continues the curve."""
+    """`lr_at` over a length fixed before the run: `optim.schedule_steps`, else `train.max_steps` — a budget in work,
+    so the same command gives the same schedule (and on a CPU the same model) on any machine. With a time budget
+    (`train.budget_minutes`) the cosine also follows the elapsed share of that budget (`lr(step, elapsed_s)`): a
+    slower machine stops earlier but still anneals to the floor by the end of the budget."""
 
     def __init__(
-        self, cfg: OptimSection, peak: float, max_steps: int, budget_minutes: float | None, step: int,
-        recorded_total: int | None,
+        self, cfg: OptimSection, peak: float, max_steps: int, budget_minutes: float | None,
+        recorded_total: int | None = None,
     ) -> None:  # fmt: skip
-        self.cfg, self.peak, self.max_steps = cfg, peak, max_steps
+        self.cfg, self.peak = cfg, peak
         self.total = recorded_total or cfg.schedule_steps or max_steps
-        self.estimate_at: int | None = None  # the step at which a budget run fixes its length
-        if recorded_total is None and cfg.schedule_steps is None and cfg.schedule == "cosine" and budget_minutes:
-            self.estimate_at = step + max(10, min(50, cfg.warmup_steps // 4))
+        self.budget_s = 60 * budget_minutes if budget_minutes else None
 
-    def lr(self, step: int) -> float:
-        """The learning rate of step `step` (0-based)."""
-        return lr_at(step, self.peak, self.cfg, self.total)
+    def share(self, elapsed_s: float) -> float:
+        """The elapsed share of the time budget (0 without one)."""
+        return min(1.0, elapsed_s / self.budget_s) if self.budget_s else 0.0
 
-    def fix(self, estimated_total: int) -> None:
-        """Set the length a budget run estimated (at most `max_steps`)."""
-        self.total = min(self.max_steps, estimated_total)
-
-    def recorded(self, step: int) -> int | None:
-        """The length to record in a checkpoint after `step` steps: None while a budget run has not fixed it."""
-        return None if (self.estimate_at is not None and step <= self.estimate_at) else self.total
+    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
+        """The learning rate of step `step` (0-based) after `elapsed_s` seconds of training."""
+        return lr_at(step, self.peak, self.cfg, self.total, self.share(elapsed_s))
 
 
 def clip_grad(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -86,7 +86,7 @@ class TrainerOutputs:
         the schedule length, the resolved config."""
         s = self.state
         return {"loader": self.loader.state(), "elapsed_s": s.elapsed_s, "nonfinite": s.nonfinite, "kind": self.kind,
-                "schedule_total": self.schedule.recorded(s.step), "config": self.cfg.to_dict()}  # fmt: skip
+                "schedule_total": self.schedule.total, "config": self.cfg.to_dict()}  # fmt: skip
 
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         """`checkpoints/step-N`: weights, EMA, optimizer and `state` (counters, loader position, ...). metrics.jsonl

@@ -5,7 +5,7 @@ process, the output directory's lock (training/rundir.py), resume point, model c
 weights, parallelism (compile, DDP / FSDP2), AdamW with its schedule, EMA, loader, outputs (metrics, sample grids,
 held-out evaluation). `train()` is a short
 loop: `train_step()` (grad_accum x `forward_backward_step()`, clipping, the non-finite check, the optimizer and
-EMA step), the joint stop decision (time budget, SIGTERM/SIGINT), `after_step()` (metrics row and reports,
+EMA step), the joint stop decision (time budget, SIGTERM/SIGINT; the ranks agree on the training time), `after_step()` (metrics row and reports,
 evaluation, grids, periodic checkpoints); `finish()` writes the last checkpoint, grid and the exported model.
 
 A task subclasses the trainer and supplies its data (`shard_set`, `collate`) and its loss (`loss`; DPO overrides
@@ -220,7 +220,7 @@ class Trainer(TrainerOutputs):
             if self.ema_init is not None:
                 self.ema.load(self.ema_init)
         s = self.state
-        self.schedule = LRSchedule(cfg.optim, self.peak_lr, cfg.train.max_steps, cfg.train.budget_minutes, s.step,
+        self.schedule = LRSchedule(cfg.optim, self.peak_lr, cfg.train.max_steps, cfg.train.budget_minutes,
                                    s.schedule_total)  # fmt: skip
 
     def _build_outputs(self) -> None:
@@ -233,9 +233,8 @@ class Trainer(TrainerOutputs):
             f"rows in {len(self.shards.shards)} shards | {info.world} process(es) on {info.device.type} | global batch "
             f"{self.global_batch} | lr {self.peak_lr:.3g} | {self.loader.steps_per_epoch} steps/epoch", info)  # fmt: skip
         self.metrics = MetricsLog(self.out, cfg.log, info, self.kind, self.state.step, cfg.train.max_steps,
-                                  self.global_batch, self.flops_per_image)  # fmt: skip
+                                  self.global_batch, self.flops_per_image, self.schedule.budget_s)  # fmt: skip
         self.signals = D.StopSignals()
-        self.session_s, self.session_start = 0.0, self.state.step  # this process's training time, for the schedule
         self.last_ckpt_step, self.last_ckpt_time, self.last_grid_step = self.state.step, time.time(), None
         self.grid, self.evaluator = self.build_generators()
 
@@ -255,21 +254,22 @@ class Trainer(TrainerOutputs):
             self.metrics.close()
 
     def _stop_reason(self) -> str | None:
-        """'signal' or 'budget' as soon as any rank has one (decided jointly: all ranks stop after the same step)."""
+        """'signal' or 'budget' as soon as any rank has one (decided jointly: all ranks stop after the same step).
+        The ranks also agree on the training time (the slowest rank's), which a time budget's schedule follows."""
         s, budget = self.state, self.cfg.train.budget_minutes
         if s.step >= self.cfg.train.max_steps:
             return None
-        reason = 2.0 if self.signals.received is not None else float(budget is not None and s.elapsed_s >= 60 * budget)
-        return {0: None, 1: "budget", 2: "signal"}[int(D.all_reduce_max(reason, self.info))]
+        signal, s.elapsed_s = D.all_reduce_max_each([float(self.signals.received is not None), s.elapsed_s], self.info)
+        if signal:
+            return "signal"
+        return "budget" if budget is not None and s.elapsed_s >= 60 * budget else None
 
     def train_step(self) -> StepResult:
         """One optimizer step: lr, seed, grad_accum x `forward_backward_step`, clipping, the non-finite check
         (a step with a non-finite loss or gradient on any rank is skipped everywhere), AdamW, EMA."""
         cfg, info, s = self.cfg, self.info, self.state
         t0 = time.time()
-        if s.step == self.schedule.estimate_at:
-            self._fix_schedule()
-        lr = self.schedule.lr(s.step)
+        lr = self.schedule.lr(s.step, s.elapsed_s)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(seed_of(cfg.train.seed, info.rank, s.step, 3))
@@ -287,9 +287,7 @@ class Trainer(TrainerOutputs):
             if self.ema is not None:
                 self.ema.update(self.wrapped if self.fsdp else self.model)
         s.step += 1
-        dt = time.time() - t0
-        s.elapsed_s += dt
-        self.session_s += dt
+        s.elapsed_s += time.time() - t0
         extra_vals = {k: float(D.all_reduce_mean(v, info)) for k, v in extra.items()}
         return StepResult(float(flags[0]), lr, float(gnorm), bad, extra_vals)
 
@@ -327,14 +325,6 @@ class Trainer(TrainerOutputs):
                 f"{s.step + 1}); lower optim.blr / check the data; the last good checkpoint is kept"
             )
 
-    def _fix_schedule(self) -> None:
-        """A budget run's cosine length: the steps the time left allows at the speed of this session's steps."""
-        s = self.state
-        per_step = self.session_s / max(1, s.step - self.session_start)
-        left = max(0.0, 60 * self.cfg.train.budget_minutes - s.elapsed_s)
-        self.schedule.fix(int(D.all_reduce_max(float(s.step + int(left / max(per_step, 1e-9))), self.info)))
-        log(f"schedule: {self.schedule.total} steps fit the budget ({per_step:.3f} s/step)", self.info)
-
     def after_step(self, r: StepResult) -> None:
         """The step's metrics row (with the held-out score when due), sample grids, periodic checkpoints."""
         s, final = self.state, self.stopped_by is not None or self.state.step == self.cfg.train.max_steps
@@ -345,7 +335,7 @@ class Trainer(TrainerOutputs):
             if scores is not None:
                 row["eval"] = scores
             self.metrics.pause(time.time() - t0)
-        self.metrics.record(row, s.nonfinite)
+        self.metrics.record(row, s.nonfinite, s.elapsed_s)
         if self._due(self.cfg.log.sample_every, final):
             t0 = time.time()
             self.sample_grid(s.step)
