@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PY) -m lightgen.demo --out runs/demo $(DEMO_ARGS)
 
 # The paper's data ablation in miniature: few diverse vs many low-diversity captions, same budget.
-ABLATION_ARGS ?= --budget-minutes 6
+ABLATION_ARGS ?=
 ablation: $(STAMP)
 	$(PY) -m lightgen.demo --ablation --out runs/ablation $(ABLATION_ARGS)
 

@@ -259,15 +259,17 @@ class Demo:
 
 
 class Ablation(Demo):
-    """The paper's data ablation in miniature: the same pretraining budget on (a) few, diverse captions (every scene,
-    paraphrased) and (b) more, low-diversity captions (40 scenes per category, paraphrase rate 0.3; exact duplicates
-    are still removed, so (b) keeps what is distinct); held-out scores side by side in <out>/ablation.json."""
+    """The paper's data ablation in miniature: the same number of captions and the same pretraining budget in images
+    on (a) diverse captions (every scene, paraphrased) and (b) low-diversity ones (--ablation-scenes scenes per
+    category, paraphrase rate 0.3; drawn from a larger pool, exact duplicates removed, so both arms hold the same
+    number of distinct captions): the arms differ in caption diversity only. Each arm is pretrained with every seed
+    of --seeds; held-out scores per seed and their mean and spread in <out>/ablation.json."""
 
-    def arm(self, name: str, n: int, extra: list[str]) -> dict[str, Any]:
-        a, o = self.a, self.out / name
+    def arm(self, name: str, extra: list[str], pool: int) -> dict[str, Any]:
+        a, o, n = self.a, self.out / name, self.a.ablation_captions
         workers = ["--workers", str(a.workers)]
         self.stage(f"{name}/captions", lambda: self.sh(f"{name}_captions", [
-            *tool("lightgen-data"), "build-captions", "--shapes", str(2 * n), "--n", str(n), "--embedder", "hash",
+            *tool("lightgen-data"), "build-captions", "--shapes", str(pool), "--n", str(n), "--embedder", "hash",
             "--seed", str(a.seed), "--output", str(o / "captions"), *extra, *workers,
         ]))  # fmt: skip
         self.stage(f"{name}/synthesize", lambda: self.sh(f"{name}_synthesize", [
@@ -278,50 +280,59 @@ class Ablation(Demo):
             *tool("lightgen-data"), "encode-latents", "--input", str(o / "images"), "--output", str(o / "latents"),
             "--vae", "pixel", "--text-encoder", "minilm", "--resolution", str(a.resolution), *workers,
         ]))  # fmt: skip
-        self.stage(f"{name}/pretrain", lambda: self.sh(f"{name}_pretrain", [
+        seeds = {str(seed): self.arm_seed(name, seed) for seed in a.seeds}  # JSON keys
+        keys = sorted({k for r in seeds.values() for k in r})
+        spread = {k: {"mean": float(np.mean([r.get(k, 0.0) for r in seeds.values()])),
+                      "std": float(np.std([r.get(k, 0.0) for r in seeds.values()]))} for k in keys}  # fmt: skip
+        return {"options": extra, "pool": pool, "data": data_counts(o), "seeds": seeds, "spread": spread}
+
+    def arm_seed(self, name: str, seed: int) -> dict[str, float]:
+        """Pretrain one arm with training seed `seed`; its held-out scores (overall and per category)."""
+        a, o = self.a, self.out / name
+        run, dest = o / f"pretrain-s{seed}", o / f"geneval-s{seed}"
+        budget = [x for x in self.budget_overrides() if not x.startswith("train.seed=")]
+        self.stage(f"{name}/pretrain-s{seed}", lambda: self.sh(f"{name}_pretrain", [
             *self.launcher(), str(ROOT / "training/pretrain.py"), "--config", str(ROOT / "conf/shapes.yaml"),
-            f"data.shards=[{o / 'latents'}]", f"train.out_dir={o / 'pretrain'}", *self.budget_overrides(),
-            *a.pretrain_set,
+            f"data.shards=[{o / 'latents'}]", f"train.out_dir={run}", *budget, f"train.seed={seed}", *a.pretrain_set,
         ]))  # fmt: skip
-        self.stage("heldout", lambda: self.sh("heldout", [
-            *tool("lightgen"), "shapes", "prompts", "--n", str(a.heldout), "--seed", str(HELDOUT_SEED),
-            "--out", str(self.out / "heldout.jsonl"),
-        ]))  # fmt: skip
-        dest = o / "geneval"
 
         def geneval() -> None:
             self.sh(f"{name}_geneval", [
-                *tool("lightgen"), "geneval", "--model", str(o / "pretrain" / "model"), "--metadata",
+                *tool("lightgen"), "geneval", "--model", str(run / "model"), "--metadata",
                 str(self.out / "heldout.jsonl"), "--out", str(dest), "--samples", str(a.samples), "--seed", str(a.seed),
                 "--batch-size", "64", *self.sampling_args(),
             ])  # fmt: skip
             self.sh(f"{name}_geneval", [*tool("lightgen"), "shapes", "score", str(dest)])
 
-        self.stage(f"{name}/geneval", geneval)
+        self.stage(f"{name}/geneval-s{seed}", geneval)
         summary = json.loads((dest / "scores.json").read_text())["summary"]
-        counts = data_counts(o)
-        return {"captions": n, "options": extra, "data": counts, "overall": summary["overall"],
-                "tasks": {t: v["accuracy"] for t, v in summary["tasks"].items()}}  # fmt: skip
+        return {"overall": summary["overall"]} | {t: v["accuracy"] for t, v in summary["tasks"].items()}
 
     def run(self) -> dict[str, Any]:
-        a = self.a
-        diverse, low = a.ablation_captions
+        a, n = self.a, self.a.ablation_captions
+        self.stage("heldout", lambda: self.sh("heldout", [
+            *tool("lightgen"), "shapes", "prompts", "--n", str(a.heldout), "--seed", str(HELDOUT_SEED),
+            "--out", str(self.out / "heldout.jsonl"),
+        ]))  # fmt: skip
+        low_extra = ["--shapes-diversity", "0.3", "--shapes-scenes", str(a.ablation_scenes)]
         res = {
             "budget": self.budget(),
-            "diverse": self.arm("diverse", diverse, ["--shapes-diversity", "1.0"]),
-            "low_diversity": self.arm(
-                "low_diversity", low, ["--shapes-diversity", "0.3", "--shapes-scenes", str(a.ablation_scenes)]
-            ),
+            "captions": n,
+            "diverse": self.arm("diverse", ["--shapes-diversity", "1.0"], 2 * n),
+            "low_diversity": self.arm("low_diversity", low_extra, 4 * n),
         }
         (self.out / "ablation.json").write_text(json.dumps(res, indent=1))
-        print("\n=== data ablation (same pretraining budget, held-out ShapesWorld)")
-        print(f"{'':16}{'diverse':>10}{'low-div':>10}")
+        seeds = ", ".join(map(str, a.seeds))
+        print(f"\n=== data ablation: {n} captions per arm, {res['budget']['images']} training images, seeds {seeds}")
+        print(f"{'':16}{'diverse':>16}{'low-diversity':>16}")
         for t in (*CATEGORIES, "overall"):
-            a_, b_ = (
-                r["overall"] if t == "overall" else r["tasks"].get(t, float("nan"))
-                for r in (res["diverse"], res["low_diversity"])
-            )
-            print(f"{t:16}{a_:>10.3f}{b_:>10.3f}")
+            nan = {"mean": float("nan"), "std": float("nan")}
+            cells = [res[arm]["spread"].get(t, nan) for arm in ("diverse", "low_diversity")]
+            print(f"{t:16}" + "".join(f"{c['mean']:>10.3f} ± {c['std']:.3f}" for c in cells))
+        for name in ("diverse", "low_diversity"):
+            written = res[name]["data"].get("captions", {}).get("written")
+            if written != n:
+                print(f"note: the {name} arm holds {written} distinct captions, not {n}: raise its pool")
         return res
 
 
@@ -540,16 +551,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ablation",
         action="store_true",
-        help="instead: the data ablation, few diverse vs many low-diversity captions, same budget",
+        help="instead: the data ablation, diverse vs low-diversity captions, same number and image budget",
     )
-    p.add_argument(
-        "--ablation-captions",
-        type=int,
-        nargs=2,
-        default=[1500, 6000],
-        metavar=("DIVERSE", "LOW"),
-        help="captions in the diverse and the low-diversity arm",
-    )
+    p.add_argument("--ablation-captions", type=int, default=3000, help="captions in each arm of the ablation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: pretraining seeds per arm")
     p.add_argument("--ablation-scenes", type=int, default=40, help="distinct scenes per category in the low arm")
     p.add_argument("--pairs", type=int, default=600, help="DPO pairs to build")
     p.add_argument("--num-iter", type=int, default=64, help="sampling iterations")
