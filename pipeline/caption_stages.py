@@ -181,7 +181,7 @@ def finalize_chunk(work: str, chunk: int, offset: int, parts: int, cover_block: 
     table = wf.read_arrow(dedup.chunk_file(work, chunk), ["text", "ref", "cid"])
     sl = slice(offset, offset + len(table))
     g = {k: np.asarray(wf.load_npy(Path(work) / f"{k}.npy")[sl]) for k in ("status", "partner", "baseline")}
-    near = {k: np.asarray(wf.load_npy(Path(work) / f"near_{k}.npy")[sl]) for k in ("jaccard", "edits", "via")}
+    near = {k: np.asarray(wf.load_npy(Path(work) / f"near_{k}.npy")[sl]) for k in ("jaccard", "edits")}
     rejects = rejects_table(table, g["status"], g["partner"], near)
     wf.write_arrow(wf.work_path(work, "rejects", f"c{chunk:05d}.arrow"), rejects)
     pool = np.flatnonzero((g["status"] == 0) | (g["status"] == CODE["not_selected"]))
@@ -231,8 +231,7 @@ def rejects_table(table: pa.Table, status: np.ndarray, partner: np.ndarray, near
             detail = f"= {format_id(int(partner[i]))}: {text}"
         elif reason == "near_dup":
             apart = " one word apart" if near["edits"][i] <= 1 else ""
-            via = "" if near["via"][i] == partner[i] else f" via {format_id(int(near['via'][i]))}"
-            detail = f"~ {format_id(int(partner[i]))} (jaccard {near['jaccard'][i]:.3f}){apart}{via}: {text}"
+            detail = f"~ {format_id(int(partner[i]))} (jaccard {near['jaccard'][i]:.3f}){apart}: {text}"
         rows.append(
             {"id": format_id(cids[i]) if text else refs[i], "source": refs[i], "reason": reason, "detail": detail}
         )

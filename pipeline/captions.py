@@ -6,9 +6,9 @@ over chunk or partition files in a work folder under the output (`caption_stages
 per-row arrays (status, cluster) and small statistics. Outputs do not depend on the number of workers.
 
 Steps: 1. read + normalise + filter (empty, too short / long, wrong charset, unreadable rows) -> 2. exact
-duplicates (hash partitions of the word key) -> 3. near duplicates (LSH + deletion-key buckets, verified, connected
-components; `dedup`) -> 4. embeddings (`CaptionEmbedder` in the workers), k-means fitted on a sample and assigned to
-all -> 5. selection of `--n` (clusters evenly, farthest-point on a sample, or random) -> 6. rejects and diversity
+duplicates (hash partitions of the word key) -> 3. near duplicates (LSH + deletion-key buckets, verified, removed
+when a kept earlier caption is one; `dedup`) -> 4. embeddings (`CaptionEmbedder` in the workers), k-means fitted
+on a sample and assigned to all -> 5. selection of `--n` (clusters evenly, farthest-point on a sample, or random) -> 6. rejects and diversity
 statistics per chunk -> 7. `part-NNNNN.parquet` caption shards, `rejects.parquet` (every removed caption with its
 reason), `diversity.json`, `report.json`, `manifest.json`. Counts add up: inputs = kept + removed.
 """
@@ -77,7 +77,7 @@ class CaptionsConfig:
         8, "A word inserted or deleted makes a near duplicate when both captions have this many words (0 = off)."
     )
     near_dup_change_words: int = opt(
-        14, "A word changed makes a near duplicate when both captions have this many words (0 = off)."
+        12, "A word changed makes a near duplicate when both captions have this many words (0 = off)."
     )
     embedder: str = opt("minilm", "Sentence embeddings for selection: minilm, hash (model-free).")
     select: str = opt("cluster", "Selection: cluster (k-means, even per cluster), farthest, random.")
@@ -238,33 +238,32 @@ class CaptionBuild:
         self._timed("exact_dedup", t0)
 
     def near_duplicates(self) -> None:
-        """3. Signatures per chunk, the token store, buckets per partition, connected components."""
+        """3. Signatures per chunk, the token store, buckets per partition, the first of each kept in order."""
         t0, work, keys = time.perf_counter(), str(self.work), self.cfg.near_dup
         self._map(
             dedup.near_signatures, [(work, c, int(self.offsets[c]), self.near, keys) for c in range(len(self.chunks))]
         )
         dedup.build_token_store(work, len(self.chunks), self.n)
-        self.near_info = {"jaccard": np.zeros(self.n, np.float32), "edits": np.zeros(self.n, np.int8),
-                          "via": np.zeros(self.n, np.uint64)}  # fmt: skip
+        self.near_info = {"jaccard": np.zeros(self.n, np.float32), "edits": np.zeros(self.n, np.int8)}
         if keys:
             parts = self._map(
                 dedup.near_partition, [(work, p, len(self.chunks), self.near) for p in range(self.parts)], "part"
             )
-            a, b = dedup.load_edges(work, self.parts)
+            a, b, pos = dedup.load_edges(work, self.parts)
             self.stats["near_dup"] = {
                 "bucket_pairs": sum(r["candidates"] for r in parts),  # work done (a pair may recur per partition)
                 "duplicate_pairs": len(np.unique(a * self.n + b)),
                 "hot_buckets": sum(r["hot_buckets"] for r in parts),
             }
-            root = dedup.connected_components(self.n, a, b)
-            removed = np.flatnonzero(root != np.arange(self.n))
+            keeper = dedup.keep_first(self.n, a, b, pos)
+            removed = np.flatnonzero(keeper != np.arange(self.n))
             self.status[removed] = st.CODE["near_dup"]
-            self.partner[removed] = self.cid[root[removed]]
-            node, nb = dedup.nearest_kept_neighbour(root, a, b)
+            self.partner[removed] = self.cid[keeper[removed]]
             tokens, offsets = dedup.token_store(work)
-            self.near_info["jaccard"][node] = st.textsig.pair_jaccard(tokens, offsets, node, nb, self.cfg.ngram)
-            self.near_info["edits"][node] = st.textsig.pair_edits(tokens, offsets, node, nb)
-            self.near_info["via"][node] = self.cid[nb]
+            self.near_info["jaccard"][removed] = st.textsig.pair_jaccard(
+                tokens, offsets, removed, keeper[removed], self.cfg.ngram
+            )
+            self.near_info["edits"][removed] = st.textsig.pair_edits(tokens, offsets, removed, keeper[removed])
         self._save(status=self.status, **{f"near_{k}": v for k, v in self.near_info.items()})
         self._timed("near_dedup", t0)
 

@@ -12,12 +12,13 @@ the same code runs in this process or as Ray tasks (`runtime.map_tasks`); none h
 3. Buckets (`near_partition`): rows sharing a key are candidates. LSH buckets are sorted by (length, row) and each
    member is paired with the next `window` members only, so a hot bucket (a template phrase shared by thousands of
    captions) costs O(size x window), not O(size^2). Deletion-key groups are exact (every member is one word from
-   every other), so each member is linked to the group's first: O(size). Candidates are verified vectorised: word
-   edit distance 1: a word inserted / deleted with both captions >= `edit_words` words, or a word changed with both
-   >= `change_words` words (a changed word alters content more often: "a red car" / "a blue car"), or word n-gram
-   Jaccard >= `threshold`.
-4. `connected_components` over the verified edges (vectorised union-find); the first row of each component is
-   kept, the rest are near duplicates of it.
+   every other), so each member is linked to the group's first, O(size), and the edge carries the group (its word
+   position). Candidates are verified vectorised: word edit distance 1: a word inserted / deleted with both
+   captions >= `edit_words` words, or a word changed with both >= `change_words` words (a changed word alters
+   content more often: "a red car" / "a blue car"), or word n-gram Jaccard >= `threshold`.
+4. `keep_first` over the verified edges, in input order: a row is removed when a kept earlier row is its near
+   duplicate. Nothing is removed through a chain: connected components removed "a photo of a golden helicopter"
+   because "a photo of a golden" (a near duplicate of it) was one of "a photo of a golden guitar".
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class NearDupSettings:
     threshold: float = 0.8  # word n-gram Jaccard that makes a near duplicate
     ngram: int = 2
     edit_words: int = 8  # a word inserted / deleted is a near duplicate when both captions have this many words
-    change_words: int = 14  # a word changed (substituted) is one when both captions have this many words
+    change_words: int = 12  # a word changed (substituted) is one when both captions have this many words
     num_perm: int = 60
     window: int = 8  # LSH bucket members are compared with the next `window` members by length
     sig_keep: int = 32  # MinHash values kept per caption to skip pairs far below the threshold before exact Jaccard
@@ -165,15 +166,20 @@ def near_partition(work: str, part: int, n_chunks: int, settings: NearDupSetting
             cols.setdefault(k, []).append(v)
     a = {k: np.concatenate(v) for k, v in cols.items()}
     lsh_a, lsh_b, hot = window_pairs(a["lsh_key"], a["lsh_row"], a["lsh_len"], settings.window)
-    del_a, del_b = deletion_pairs(a["del_key"], a["del_row"], a["del_pos"])
+    del_a, del_b, del_pos = deletion_pairs(a["del_key"], a["del_row"], a["del_pos"])
     pa, pb = np.concatenate([lsh_a, del_a]), np.concatenate([lsh_b, del_b])
+    pos = np.concatenate([np.full(len(lsh_a), -1, np.int64), del_pos])
     lo, hi = np.minimum(pa, pb), np.maximum(pa, pb)
     m = lo != hi
-    pair = np.unique((lo[m].astype(np.uint64) << np.uint64(32)) | hi[m].astype(np.uint64))
+    pair, pos = (lo[m].astype(np.uint64) << np.uint64(32)) | hi[m].astype(np.uint64), pos[m]
+    order = np.lexsort((-pos, pair))  # one edge per pair; a substitution group's edge (pos >= 0) first
+    pair, pos = pair[order], pos[order]
+    first = np.r_[True, pair[1:] != pair[:-1]] if len(pair) else np.zeros(0, bool)
+    pair, pos = pair[first], pos[first]
     lo, hi = (pair >> np.uint64(32)).astype(np.int64), (pair & np.uint64(0xFFFFFFFF)).astype(np.int64)
     sig = wf.load_npy(Path(work) / "sig.npy")
     ok = verify(*token_store(work), lo, hi, settings, sig)
-    wf.save_arrays(wf.work_path(work, EDGES, f"p{part:03d}.npz"), a=lo[ok], b=hi[ok])
+    wf.save_arrays(wf.work_path(work, EDGES, f"p{part:03d}.npz"), a=lo[ok], b=hi[ok], pos=pos[ok])
     return {"part": part, "candidates": len(pair), "edges": int(ok.sum()), "hot_buckets": hot}
 
 
@@ -195,9 +201,10 @@ def window_pairs(key: np.ndarray, row: np.ndarray, length: np.ndarray, window: i
     return np.concatenate(a), np.concatenate(b), hot
 
 
-def deletion_pairs(key: np.ndarray, row: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Deletion-key candidates: equal (key, position) -> substitutions, linked to the group's first member; a
-    caption's own key (`FULL`) equal to others' deletion keys -> insertions, linked to it. O(group size)."""
+def deletion_pairs(key: np.ndarray, row: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deletion-key candidates (a rows, b rows, word position): equal (key, position) -> substitutions, linked to the
+    group's first member a, with the position; a caption's own key (`FULL`) equal to others' deletion keys ->
+    insertions, linked to it, position -1. O(group size)."""
     order = np.lexsort((row, pos, key))
     k, r, p = key[order], row[order], pos[order]
     idx = np.arange(len(k))
@@ -207,7 +214,11 @@ def deletion_pairs(key: np.ndarray, row: np.ndarray, pos: np.ndarray) -> tuple[n
     key_first = np.maximum.accumulate(np.where(new_key, idx, 0)) if len(k) else idx
     sub = ~new_group & (p >= 0)
     ins = ~new_key & (p[key_first] == textsig.FULL) & (p >= 0)
-    return np.r_[r[group_first[sub]], r[key_first[ins]]], np.r_[r[sub], r[ins]]
+    return (
+        np.r_[r[group_first[sub]], r[key_first[ins]]],
+        np.r_[r[sub], r[ins]],
+        np.r_[p[sub], np.full(ins.sum(), -1, p.dtype)],
+    )
 
 
 def verify(
@@ -231,38 +242,48 @@ def verify(
     return ok
 
 
-def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Union-find over edges (a, b) of n nodes, vectorised: the smallest node of each node's component -> (n,).
+def keep_first(n: int, a: np.ndarray, b: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Greedy in input order: a row is removed when a kept earlier row is its near duplicate -> (n,) the kept row
+    each row duplicates (the smallest; itself where kept).
 
-    Each round hooks every edge's larger root under the smaller one, then compresses paths by pointer jumping.
+    Edges (a, b, pos) with pos >= 0 are the stars of substitution groups (captions equal but for word `pos`,
+    pairwise near duplicates) around their first row; a group counts as the clique it is: its first kept member is
+    what its later members duplicate. No two kept rows are joined by an edge or a group, and every removed row is a
+    near duplicate of the kept row it names (no chain: in x ~ y ~ z with x, z far apart, z stays when y goes).
     """
-    parent = np.arange(n, dtype=np.int64)
-    while True:
-        pa, pb = parent[a], parent[b]
-        lo, hi = np.minimum(pa, pb), np.maximum(pa, pb)
-        move = lo != hi
-        if not move.any():
-            return parent
-        np.minimum.at(parent, hi[move], lo[move])
-        while True:
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    sub = pos >= 0
+    gkey = lo[sub] * 65_536 + pos[sub].astype(np.int64)  # a group = (its first row, the position)
+    groups, g = np.unique(gkey, return_inverse=True)
+    # events by row: (row, 0, an earlier neighbour) per plain edge, (row, 1, group) per group member
+    row = np.concatenate([hi[~sub], groups // 65_536, hi[sub]])
+    kind = np.r_[np.zeros(len(row) - len(groups) - len(g), np.int64), np.ones(len(groups) + len(g), np.int64)]
+    other = np.concatenate([lo[~sub], np.arange(len(groups)), g])
+    order = np.lexsort((other, kind, row))
+    row, kind, other = row[order].tolist(), kind[order].tolist(), other[order].tolist()
+    removed: dict[int, int] = {}  # removed row -> the kept row it duplicates
+    owner = [-1] * len(groups)  # a group's first kept member
+    i = 0
+    while i < len(row):
+        y, best, member_of = row[i], -1, []
+        while i < len(row) and row[i] == y:
+            x = other[i] if kind[i] == 0 else owner[other[i]]
+            if kind[i]:
+                member_of.append(other[i])
+            if x >= 0 and x not in removed and (best < 0 or x < best):
+                best = x
+            i += 1
+        if best >= 0:
+            removed[y] = best
+        else:
+            for k in member_of:
+                owner[k] = y
+    keeper = np.arange(n, dtype=np.int64)
+    keeper[list(removed)] = list(removed.values())
+    return keeper
 
 
-def load_edges(work: str | Path, parts: int) -> tuple[np.ndarray, np.ndarray]:
-    """All verified edges (a, b) of the bucket phase."""
+def load_edges(work: str | Path, parts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All verified edges (a, b, substitution group position or -1) of the bucket phase."""
     edges = [wf.load_arrays(wf.work_path(work, EDGES, f"p{p:03d}.npz")) for p in range(parts)]
-    return np.concatenate([e["a"] for e in edges]), np.concatenate([e["b"] for e in edges])
-
-
-def nearest_kept_neighbour(root: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each removed node (root != node) one verified neighbour (its smallest): (nodes, neighbours)."""
-    node, nb = np.r_[a, b], np.r_[b, a]
-    m = root[node] != node
-    node, nb = node[m], nb[m]
-    order = np.lexsort((nb, node))
-    node, nb = node[order], nb[order]
-    first = np.r_[True, node[1:] != node[:-1]] if len(node) else np.zeros(0, bool)
-    return node[first], nb[first]
+    return tuple(np.concatenate([e[k] for e in edges]) for k in ("a", "b", "pos"))
