@@ -11,7 +11,6 @@ Sampling: ``generate`` at 64 iterations (CFG on), images/s.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -23,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import bench_parser  # noqa: E402
 from lightgen_model import LightGen, generate, preset  # noqa: E402
 from training.metrics import peak_flops  # noqa: E402  (the trainer's table of dense bf16 peaks)
 
@@ -99,14 +99,10 @@ def bench_sample(model: LightGen, args, device: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="debug")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = bench_parser(__doc__, preset="debug", device=device, batch=32, warmup=3, steps=10)
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the preset's base)")
     p.add_argument("--max-text", type=int, default=None, help="longest text (default: the preset's max_text_len)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--sample-iters", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block and the head")

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
+from bench._common import bench_parser
 from lightgen_model import preset
 from training.config import load_config
 from training.data import Decoded, Loader, Shard, ShardSet, latent_batch
@@ -130,12 +131,7 @@ def verify_cost(directory: Path, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="shapes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=10)
+    p = bench_parser(__doc__, preset="shapes", device="cpu", batch=64, warmup=10, steps=60)
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--text-len", type=int, default=12)
     p.add_argument("--random", action="store_true", help="in-memory random data instead of Parquet shards")
