@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -18,6 +19,12 @@ app.add_typer(shapes_app, name="shapes", help="ShapesWorld: prompts, teacher ren
 @app.callback()
 def _root() -> None:
     """LightGen: generate, inpaint, evaluate and inspect models; `lightgen shapes` for ShapesWorld."""
+
+
+def model_command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``@app.command(name)`` for a command that loads a model: its option groups (``SamplingOptions``,
+    ``LoadOptions``) are expanded by ``with_options``, and bad input is one error line (``user_errors``)."""
+    return lambda command: app.command(name)(with_options(user_errors()(command)))
 
 
 @app.command("model-info")
@@ -39,9 +46,7 @@ def model_info(
     typer.echo(json.dumps(info, indent=2))
 
 
-@app.command("generate")
-@with_options
-@user_errors()
+@model_command("generate")
 def generate_cmd(
     *,
     model: Path = MODEL,
@@ -76,9 +81,7 @@ def generate_cmd(
     )
 
 
-@app.command("inpaint")
-@with_options
-@user_errors()
+@model_command("inpaint")
 def inpaint_cmd(
     *,
     model: Path = MODEL,
@@ -103,9 +106,7 @@ def inpaint_cmd(
     typer.echo(f"wrote {out}")
 
 
-@app.command("geneval")
-@with_options
-@user_errors()
+@model_command("geneval")
 def geneval_cmd(
     *,
     model: Path = MODEL,
@@ -185,9 +186,9 @@ def convert_reference_cmd(
     from lightgen_model import PRESETS
 
     res = convert_reference(
-        checkpoint, out, heads, latent_channels, patch_size, vae_stride,
-        vae_name or PRESETS["lightgen"]["vae"], text_encoder_name or PRESETS["lightgen"]["text_encoder"],
-        head_steps,
+        checkpoint, out, head_steps, heads=heads, latent_channels=latent_channels, patch_size=patch_size,
+        vae_stride=vae_stride, vae=vae_name or PRESETS["lightgen"]["vae"],
+        text_encoder=text_encoder_name or PRESETS["lightgen"]["text_encoder"],
     )  # fmt: skip
     typer.echo(
         f"wrote {out}: {res['parameters']:,} parameters, weights {'+'.join(res['weights'])} "

@@ -182,26 +182,19 @@ def _json_args(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def convert_reference(
-    checkpoint: str | Path,
-    out: str | Path,
-    heads: int | None = None,
-    latent_channels: int | None = None,
-    patch_size: int | None = None,
-    vae_stride: int | None = None,
-    vae: str = PRESETS["lightgen"]["vae"],
-    text_encoder: str = PRESETS["lightgen"]["text_encoder"],
-    head_steps: int | str | None = None,
+    checkpoint: str | Path, out: str | Path, head_steps: int | str | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """Write ``config.json`` + ``model.safetensors`` (+ ``model_ema.safetensors``) to ``out``; returns a summary.
 
     ``from_pretrained(out)`` then loads the EMA weights when the checkpoint had them. ``head_steps`` replaces
-    the head's sampling steps taken from ``args.num_sampling_steps`` (a count, "ddimN" or "a,b,...").
+    the head's sampling steps taken from ``args.num_sampling_steps`` (a count, "ddimN" or "a,b,..."); the
+    ``overrides`` are :func:`infer_config`'s (heads, latent_channels, patch_size, vae_stride, vae, text_encoder).
     """
     ckpt = load_reference_checkpoint(checkpoint)
     args = reference_args(ckpt)
     raw = clean_state(ckpt["model"], "model") if "model" in ckpt else None
     ema = clean_state(ckpt["model_ema"], "model_ema") if "model_ema" in ckpt else None
-    cfg = infer_config(ema or raw, args, heads, latent_channels, patch_size, vae_stride, vae, text_encoder)
+    cfg = infer_config(ema or raw, args, **overrides)
     if head_steps is not None:
         cfg = cfg.replace(num_sampling_steps=head_steps_spec(head_steps))
     epoch = ckpt.get("epoch") if _json_args({"epoch": ckpt.get("epoch")}) else None  # only a plain value
