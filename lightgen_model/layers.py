@@ -51,11 +51,17 @@ class CrossAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, ctx: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def context(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, h, Lk, d) of the text ``ctx`` (B, Lk, D)."""
+        B, Lk, D = ctx.shape
+        k, v = self.kv(ctx).view(B, Lk, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: Tensor, ctx: Tensor | tuple[Tensor, Tensor], key_mask: Tensor | None = None) -> Tensor:
+        """x (B, L, D) queries the text ``ctx`` (B, Lk, D), or its keys and values from ``context``."""
         B, L, D = x.shape
-        Lk, h = ctx.shape[1], self.heads
-        q = self.query_linear(x).view(B, L, h, D // h).transpose(1, 2)  # (B, h, L, d)
-        k, v = self.kv(ctx).view(B, Lk, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, Lk, d) each
+        q = self.query_linear(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, h, L, d)
+        k, v = self.context(ctx) if isinstance(ctx, Tensor) else ctx
         out = _sdpa(q, k, v, key_mask, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, D)))
 
@@ -108,9 +114,15 @@ class CrossBlock(nn.Module):
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
-    def forward(self, x: Tensor, ctx: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def context(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the text ctx (B, Lk, D): they do not depend on the queries, so sampling computes
+        them once for all its iterations."""
+        return self.attn.context(self.normkv(ctx))
+
+    def forward(self, x: Tensor, ctx: Tensor | tuple[Tensor, Tensor], key_mask: Tensor | None = None) -> Tensor:
+        """x (B, L, D) queries the text ``ctx`` (B, Lk, D), or its keys and values from ``context``."""
         q = self.normq(x)
-        x = q + self.attn(q, self.normkv(ctx), key_mask)
+        x = q + self.attn(q, self.normkv(ctx) if isinstance(ctx, Tensor) else ctx, key_mask)
         return x + self.mlp(self.norm2(x))
 
 

@@ -22,6 +22,9 @@ from .diffusion import DiffusionHead
 from .layers import Block, CrossBlock, layer_norm
 from .rng import rand
 
+# per cross block, the keys and values (B, h, Lt, d) of the aligned text
+CrossContext = list[tuple[Tensor, Tensor]]
+
 
 class TextProjection(nn.Module):
     """Linear -> tanh-GELU -> Linear from the text encoder's width to the model's."""
@@ -163,7 +166,7 @@ class LightGen(nn.Module):
         return t.permute(0, 2, 3, 1).reshape(1, h * w, D).to(table.dtype)
 
     # -- the three stacks ---------------------------------------------------------------------------
-    def _run(self, blk: nn.Module, *args: Tensor | None) -> Tensor:
+    def _run(self, blk: nn.Module, *args: Tensor | tuple[Tensor, Tensor] | None) -> Tensor:
         if self.grad_checkpointing and self.training:
             return checkpoint(blk, *args, use_reentrant=False)
         return blk(*args)
@@ -222,17 +225,22 @@ class LightGen(nn.Module):
             x = self._run(blk, x)
         return self.decoder_norm(x)[:, nb:]
 
-    def cross(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None, pos: Tensor) -> Tensor:
+    def cross(self, x: Tensor, ctx: Tensor | CrossContext, ctx_mask: Tensor | None, pos: Tensor) -> Tensor:
         """Cross stack: decoder states (B, m, Dd) at positions whose embeddings are ``pos`` (B or 1, m, Dc)
-        attend to aligned text (B, Lt, Dc) -> z (B, m, Dc).
+        attend to aligned text (B, Lt, Dc), or to its keys and values from ``cross_context`` -> z (B, m, Dc).
 
         Image tokens never attend to each other here, so any subset of positions gives the same z as the
         full grid: training runs it on the masked tokens only, sampling on the tokens it predicts.
         """
         x = self.last_embed(x) + pos
-        for blk in self.cross_attn_blocks:
-            x = self._run(blk, x, ctx, ctx_mask)
+        for i, blk in enumerate(self.cross_attn_blocks):
+            x = self._run(blk, x, ctx if isinstance(ctx, Tensor) else ctx[i], ctx_mask)
         return self.cross_norm(x)
+
+    def cross_context(self, ctx: Tensor) -> CrossContext:
+        """Each cross block's keys and values (B, h, Lt, d) of the aligned text ctx (B, Lt, Dc): sampling computes
+        them once and every iteration's ``cross`` reuses them."""
+        return [blk.context(ctx) for blk in self.cross_attn_blocks]
 
     def cross_pos(self, grid: tuple[int, int], index: Tensor | None = None) -> Tensor:
         """Cross-stack positional embeddings at the grid, (1, L, Dc), or gathered at ``index`` (B, m)."""

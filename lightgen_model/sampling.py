@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .config import CFG_SCHEDULES, check_sampling
-from .mar import LightGen, gather_rows, select_rows
+from .mar import CrossContext, LightGen, gather_rows, select_rows
 from .rng import rand, randn
 
 # one generator for the whole batch, or one per row (a batch then equals each row generated alone)
@@ -67,6 +68,7 @@ def masked_generation(
     if use_cfg:
         ctx = torch.cat([ctx, model.null_context(ctx)])
         ctx_mask = None if ctx_mask is None else torch.cat([ctx_mask, ctx_mask])
+    kv = model.cross_context(ctx)  # the text's keys and values: the same in every iteration
     mask = gen_mask.clone()
     for step in range(num_iter):
         keep = reveal_counts(n, mask.sum(1), step, num_iter)
@@ -75,7 +77,7 @@ def masked_generation(
         if bool(to_pred.any()):
             x = model.encode_decode(tokens, mask, grid)  # (B, L, Dd), text-independent
             scale = _cfg_scale(cfg, cfg_schedule, n, keep) if use_cfg else None
-            new = _predict(model, x, to_pred, grid, ctx, ctx_mask, scale, temperature, generator, gens)  # (M, C)
+            new = _predict(model, x, to_pred, grid, kv, ctx_mask, scale, temperature, generator, gens)  # (M, C)
             tokens[to_pred] = new.to(tokens.dtype)
         mask = mask_next
         if callback is not None:
@@ -88,7 +90,7 @@ def _predict(
     x: Tensor,
     to_pred: Tensor,
     grid: tuple[int, int],
-    ctx: Tensor,
+    kv: CrossContext,
     ctx_mask: Tensor | None,
     scale: Tensor | None,
     temperature: float,
@@ -97,17 +99,17 @@ def _predict(
 ) -> Tensor:
     """New values (M, C) of the M tokens ``to_pred`` (B, L) from decoder states x (B, L, Dd), in row-major order.
 
-    ``scale`` (B,): the guidance scale per sample, with ``ctx`` holding the conditional then the unconditional
-    context (2B, Lt, Dc); None: no guidance, ``ctx`` (B, Lt, Dc)."""
+    ``scale`` (B,): the guidance scale per sample, with ``kv`` (the cross stack's keys and values of the text)
+    holding the conditional then the unconditional context (2B rows); None: no guidance, ``kv`` of B rows."""
     B = x.shape[0]
     idx, valid = select_rows(to_pred)  # (B, m)
     xs, pos = gather_rows(x, idx), model.cross_pos(grid, idx)
     noise = _row_noise(gens, valid, model, x.device)
     shared = None if gens else generator
     if scale is None:
-        z = model.cross(xs, ctx, ctx_mask, pos)[valid]  # (M, Dc)
+        z = model.cross(xs, kv, ctx_mask, pos)[valid]  # (M, Dc)
         return model.diffloss.sample(z, None, 1.0, temperature, shared, noise=noise)
-    z = model.cross(torch.cat([xs, xs]), ctx, ctx_mask, torch.cat([pos, pos]))  # (2B, m, Dc)
+    z = model.cross(torch.cat([xs, xs]), kv, ctx_mask, torch.cat([pos, pos]))  # (2B, m, Dc)
     z_c, z_u = z[:B][valid], z[B:][valid]  # (M, Dc) each
     scale = scale[:, None].expand_as(valid)[valid]  # (M,)
     return model.diffloss.sample(z_c, z_u, scale, temperature, shared, noise=noise)
@@ -177,28 +179,16 @@ def generate(
 
 @torch.no_grad()
 def inpaint(
-    model: LightGen,
-    latents: Tensor,
-    token_mask: Tensor,
-    text: Tensor,
-    text_mask: Tensor | None = None,
-    num_iter: int = 64,
-    cfg: float = 4.0,
-    cfg_schedule: str = "linear",
-    temperature: float = 1.0,
-    generator: Generator = None,
+    model: LightGen, latents: Tensor, token_mask: Tensor, text: Tensor, text_mask: Tensor | None = None, **settings: Any
 ) -> Tensor:
     """Zero-shot inpainting. latents (B, C, H, W); token_mask (B, L) or (B, h, w), True = regenerate.
-    Tokens outside the mask come back bit-identical."""
+    Tokens outside the mask come back bit-identical. ``settings`` are ``masked_generation``'s (``num_iter``, ``cfg``,
+    ``cfg_schedule``, ``temperature``, ``generator``, ``callback``), with its defaults."""
     grid = model.latent_grid(latents)
     B, L = latents.shape[0], grid[0] * grid[1]
     if token_mask.shape not in ((B, L), (B, *grid)):
         raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not match batch {B} and grid {grid}")
-    tokens = model.patchify(latents)
-    out = masked_generation(
-        model, tokens, token_mask.reshape(B, L), grid, text, text_mask, num_iter, cfg, cfg_schedule,
-        temperature, generator,
-    )  # fmt: skip
+    out = masked_generation(model, model.patchify(latents), token_mask.reshape(B, L), grid, text, text_mask, **settings)
     return model.unpatchify(out, grid)
 
 
