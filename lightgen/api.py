@@ -244,8 +244,8 @@ class LightGenPipeline:
         latents = []
         for i in range(0, len(prompts), bs):
             text, mask = self.encode_prompt(prompts[i : i + bs])
-            lat = generate(self.model, text, mask, size, st.steps, st.cfg, st.cfg_schedule, st.temperature, generator,
-                           callback)  # fmt: skip
+            lat = generate(self.model, text, mask, size, num_iter=st.steps, cfg=st.cfg, cfg_schedule=st.cfg_schedule,
+                           temperature=st.temperature, generator=generator, callback=callback)  # fmt: skip
             latents.append(lat)
         lat = torch.cat(latents)
         return LightGenOutput(to_pil(self.decode(lat)), lat)

@@ -157,23 +157,17 @@ def generate(
     text: Tensor,
     text_mask: Tensor | None = None,
     resolution: int | tuple[int, int] | None = None,
-    num_iter: int = 64,
-    cfg: float = 4.0,
-    cfg_schedule: str = "linear",
-    temperature: float = 1.0,
-    generator: Generator = None,
-    callback: Callable[[int, Tensor], None] | None = None,
+    **settings: Any,
 ) -> Tensor:
-    """Text-to-latents. text (B, Lt, text_dim) frozen-encoder states; resolution in pixels (int or (H, W)).
+    """Text-to-latents. text (B, Lt, text_dim) frozen-encoder states; resolution in pixels (int or (H, W));
+    ``settings``: `masked_generation`'s keywords (num_iter, cfg, cfg_schedule, temperature, generator, callback).
     Returns normalised latents (B, C, H/stride, W/stride)."""
     grid = _resolve_grid(model, resolution)
     B, L = text.shape[0], grid[0] * grid[1]
     p = next(model.parameters())
     tokens = torch.zeros(B, L, model.cfg.token_dim, device=text.device, dtype=p.dtype)
     gen_mask = torch.ones(B, L, dtype=torch.bool, device=text.device)
-    out = masked_generation(
-        model, tokens, gen_mask, grid, text, text_mask, num_iter, cfg, cfg_schedule, temperature, generator, callback
-    )
+    out = masked_generation(model, tokens, gen_mask, grid, text, text_mask, **settings)
     return model.unpatchify(out, grid)
 
 

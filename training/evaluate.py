@@ -67,8 +67,8 @@ def sample_images(
     rounded to 8 bits as `lightgen.api.LightGenPipeline` does."""
     s, dev = settings, next(net.parameters()).device
     with autocast():
-        lat = generate(net, prompts.text.to(dev), prompts.mask.to(dev), resolution, s.steps, s.cfg, s.cfg_schedule,
-                       s.temperature, generator)  # fmt: skip
+        lat = generate(net, prompts.text.to(dev), prompts.mask.to(dev), resolution, num_iter=s.steps, cfg=s.cfg,
+                       cfg_schedule=s.cfg_schedule, temperature=s.temperature, generator=generator)  # fmt: skip
     return to_uint8(decoder.decode(lat.float()))
 
 
