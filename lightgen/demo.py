@@ -166,7 +166,7 @@ class Demo:
             every = ["checkpoint.every_steps=0", f"checkpoint.every_minutes={a.budget_minutes / points:.3f}"]
         else:
             every = [
-                f"checkpoint.every_steps={max(1, self.pretrain_steps() // points)}",
+                f"checkpoint.every_steps={-(-self.pretrain_steps() // points)}",
                 "checkpoint.every_minutes=null",
             ]
         return [*every, "checkpoint.keep_last=100"]
