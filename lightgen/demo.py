@@ -37,7 +37,7 @@ HELDOUT_SEED = 999_001
 SYNTH_SHARD = 200  # images per synthesize shard (the DPO stage takes whole shards)  # never used by the training captions (build-captions draws ShapesWorld with --seed)
 
 BATCH_PER_PROCESS = 32  # pretraining batch per process (global 64 with the default 2 processes)
-IDLE_IMAGES_PER_S = 230  # the demo's pretraining speed on 2 idle cores (BENCHMARKS.md), for the expected time
+IDLE_IMAGES_PER_S = 216  # the demo's pretraining speed on 2 idle cores (BENCHMARKS.md, issue 17), for the ETA
 # targets at the default budget (issue 17; held-out ShapesWorld, after pretraining)
 TARGETS = {"single_object": 0.80, "colors": 0.60, "overall": 0.50}
 SAMPLING_STAGES = ("curve", "geneval_pretrain", "pairs", "geneval_dpo")  # what evaluation and DPO losers cost
@@ -151,13 +151,14 @@ class Demo:
         """The pretraining budget in optimizer steps: --images over the global batch, rounded up."""
         return -(-self.a.images // (BATCH_PER_PROCESS * max(1, self.a.nproc)))
 
-    def budget_overrides(self) -> list[str]:
-        """Trainer overrides of the pretraining budget: steps, and a time limit only when --budget-minutes is set."""
+    def budget_overrides(self, seed: int | None = None) -> list[str]:
+        """Trainer overrides of the pretraining budget: steps, and a time limit only when --budget-minutes is set;
+        the training seed (default --seed)."""
         a = self.a
         minutes = "null" if a.budget_minutes is None else str(a.budget_minutes)
         return [f"data.batch_size={BATCH_PER_PROCESS}", f"train.max_steps={self.pretrain_steps()}",
-                f"train.budget_minutes={minutes}", f"train.device={a.device}", f"train.seed={a.seed}",
-                "log.progress=false"]  # fmt: skip
+                f"train.budget_minutes={minutes}", f"train.device={a.device}",
+                f"train.seed={a.seed if seed is None else seed}", "log.progress=false"]  # fmt: skip
 
     def curve_checkpoints(self) -> list[str]:
         """A kept checkpoint every 1/--curve-points of the budget (of the steps, or of the minutes when timed)."""
@@ -290,10 +291,9 @@ class Ablation(Demo):
         """Pretrain one arm with training seed `seed`; its held-out scores (overall and per category)."""
         a, o = self.a, self.out / name
         run, dest = o / f"pretrain-s{seed}", o / f"geneval-s{seed}"
-        budget = [x for x in self.budget_overrides() if not x.startswith("train.seed=")]
         self.stage(f"{name}/pretrain-s{seed}", lambda: self.sh(f"{name}_pretrain", [
             *self.launcher(), str(ROOT / "training/pretrain.py"), "--config", str(ROOT / "conf/shapes.yaml"),
-            f"data.shards=[{o / 'latents'}]", f"train.out_dir={run}", *budget, f"train.seed={seed}", *a.pretrain_set,
+            f"data.shards=[{o / 'latents'}]", f"train.out_dir={run}", *self.budget_overrides(seed), *a.pretrain_set,
         ]))  # fmt: skip
 
         def geneval() -> None:
@@ -565,7 +565,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dpo-set", nargs="*", default=[], help="extra DPO overrides section.key=value")
     p.add_argument("--restart", action="store_true", help="delete the output folder first")
     p.add_argument("--verbose", action="store_true", help="also echo Ray / progress-bar lines")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("images", "dpo_steps", "ablation_captions", "curve_points", "heldout", "samples", "pairs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        p.error(f"--budget-minutes must be > 0, got {args.budget_minutes}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

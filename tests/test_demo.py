@@ -231,3 +231,15 @@ def test_ablation_arms_differ_in_diversity_only_and_report_the_spread_over_seeds
             for s in (0, 1))  # fmt: skip
     assert a != b
     assert scenes["low_diversity"] < scenes["diverse"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--images", "0"], "--images must be >= 1, got 0"), (["--dpo-steps", "-1"], "--dpo-steps must be >= 1"),
+     (["--budget-minutes", "0"], "--budget-minutes must be > 0, got 0.0")],
+)  # fmt: skip
+def test_demo_refuses_an_empty_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str], args, message) -> None:
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(tmp_path / "demo"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # refused before any stage ran

@@ -293,6 +293,8 @@ def test_config_errors_name_the_bad_key(tmp_path):
         load_config(ROOT / "conf/debug.yaml", ["data.bacth_size=3"])
     with pytest.raises(ValueError, match="train.parallel"):
         load_config(None, ["train.parallel=zero3"])
+    with pytest.raises(ValueError, match=r"train.budget_minutes must be > 0 \(or null\), got 0"):
+        load_config(None, ["train.budget_minutes=0"])
     cfg = load_config(ROOT / "conf/debug.yaml", ["model.overrides.encoder_depth=3", "optim.betas=[0.9,0.99]"])
     assert cfg.model.overrides == {"encoder_depth": 3} and cfg.optim.betas == [0.9, 0.99]
     for p in sorted((ROOT / "conf").glob("*.yaml")):

@@ -165,6 +165,10 @@ class TrainConfig:
             (0.0 <= self.optim.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}"),
             (len(self.optim.betas) == 2, f"optim.betas needs two values, got {self.optim.betas}"),
             (self.train.max_steps >= 0, f"train.max_steps must be >= 0, got {self.train.max_steps}"),
+            (
+                self.train.budget_minutes is None or self.train.budget_minutes > 0,
+                f"train.budget_minutes must be > 0 (or null), got {self.train.budget_minutes}",
+            ),
             (self.train.device in ("auto", "cpu", "cuda"), f"train.device: {self.train.device!r}"),
             (self.train.precision in ("auto", "fp32", "bf16"), f"train.precision: {self.train.precision!r}"),
             (self.train.parallel in ("ddp", "fsdp"), f"train.parallel: {self.train.parallel!r}"),

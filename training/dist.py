@@ -86,11 +86,7 @@ def shutdown() -> None:
 
 def all_reduce_max(value: float, info: DistInfo) -> float:
     """Maximum of a scalar over ranks (the value itself in one process)."""
-    if not info.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return all_reduce_max_each([value], info)[0]
 
 
 def all_reduce_max_each(values: list[float], info: DistInfo) -> list[float]:
