@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightgen.weights import load_torch_file
-from lightgen_model import PRESETS, LightGen, ModelConfig, count_parameters, save_pretrained
+from lightgen_model import PRESETS, LightGen, ModelConfig, Stack, count_parameters, save_pretrained
 
 # attention heads of the reference's model constructors (models/fluid_arbitrary.py), by args.model
 HEADS_BY_MODEL = {"fluid_base": 12, "fluid_large": 16, "fluid_huge": 16}
@@ -132,12 +132,11 @@ def infer_config(
     out_ch = _shape(state, "diffloss.net.final_layer.linear.weight", 2)[0]
     if out_ch not in (token_dim, 2 * token_dim):
         raise ValueError(f"diffloss.net.final_layer.linear has {out_ch} outputs for {token_dim}-dim tokens")
-    stack = lambda name, dim, depth: {f"{name}_dim": dim, f"{name}_depth": depth, f"{name}_heads": n_heads}
     return ModelConfig(
         latent_channels=C, vae_stride=stride, patch_size=p, base_resolution=g * stride * p,
-        **stack("encoder", enc_dim, enc_depth),
-        **stack("decoder", _shape(state, "decoder_embed.weight", 2)[0], _depth(state, "decoder_blocks")),
-        **stack("cross", _shape(state, "last_embed.weight", 2)[0], _depth(state, "cross_attn_blocks")),
+        encoder=Stack(enc_dim, enc_depth, n_heads),
+        decoder=Stack(_shape(state, "decoder_embed.weight", 2)[0], _depth(state, "decoder_blocks"), n_heads),
+        cross=Stack(_shape(state, "last_embed.weight", 2)[0], _depth(state, "cross_attn_blocks"), n_heads),
         mlp_ratio=ratio, attn_dropout=_number(args.get("attn_dropout", 0.1), "attn_dropout", float),
         proj_dropout=_number(args.get("proj_dropout", 0.1), "proj_dropout", float), buffer_size=0,
         text_dim=_shape(state, "text_emb.text_proj.linear_1.weight", 2)[1],

@@ -1,6 +1,6 @@
 """LightGen network, diffusion head, sampling and inpainting — pure PyTorch."""
 
-from .config import PRESETS, ModelConfig, SamplingDefaults, preset
+from .config import PRESETS, ModelConfig, SamplingDefaults, Stack, preset
 from .hub import count_parameters, from_pretrained, load_config, save_pretrained
 from .mar import LightGen
 from .sampling import generate, inpaint, masked_generation, pixel_mask_to_tokens
@@ -11,6 +11,7 @@ __all__ = [
     "LightGen",
     "ModelConfig",
     "SamplingDefaults",
+    "Stack",
     "count_parameters",
     "from_pretrained",
     "generate",

@@ -6,7 +6,9 @@ import dataclasses
 import json
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from .diffusion import space_timesteps
@@ -52,13 +54,17 @@ def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float
 # machine runs out of memory): every width and size, every depth, and the estimated parameter count.
 MAX_WIDTH, MAX_DEPTH, MAX_PARAMETERS = 65_536, 1024, 100e9
 POSITIVE_INTS = (
-    "latent_channels", "vae_stride", "patch_size", "base_resolution", "encoder_dim", "encoder_heads", "decoder_dim",
-    "decoder_heads", "cross_dim", "cross_heads", "text_dim", "max_text_len", "head_width", "diffusion_batch_mul",
-    "num_train_timesteps",
+    "latent_channels", "vae_stride", "patch_size", "base_resolution", "text_dim", "max_text_len", "head_width",
+    "diffusion_batch_mul", "num_train_timesteps",
 )  # fmt: skip
-DEPTHS = ("encoder_depth", "decoder_depth", "cross_depth", "text_aligner_depth", "head_depth")
+DEPTHS = ("text_aligner_depth", "head_depth")
+STACKS = ("encoder", "decoder", "cross")  # the transformer stacks: each a `Stack` field of ModelConfig
+STACK_RANGES = {"dim": (1, MAX_WIDTH), "depth": (0, MAX_DEPTH), "heads": (1, MAX_WIDTH)}
 INT_RANGES = (
-    {k: (1, MAX_WIDTH) for k in POSITIVE_INTS} | {k: (0, MAX_DEPTH) for k in DEPTHS} | {"buffer_size": (0, MAX_WIDTH)}
+    {k: (1, MAX_WIDTH) for k in POSITIVE_INTS}
+    | {k: (0, MAX_DEPTH) for k in DEPTHS}
+    | {"buffer_size": (0, MAX_WIDTH)}
+    | {f"{s}.{k}": r for s in STACKS for k, r in STACK_RANGES.items()}
 )
 # float fields: (low, high, low inclusive, high inclusive); None = unbounded
 FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
@@ -71,6 +77,19 @@ FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "interpolate_offset": (0.0, None, True, True),
 }
 CHOICES = {"prediction": ("eps", "v"), "pos_embed_init": ("normal", "sincos"), "noise_schedule": ("cosine", "linear")}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One transformer stack (the encoder, the decoder or the cross stack): its width, number of blocks and
+    attention heads; ``config.json`` holds it as ``{"dim": …, "depth": …, "heads": …}``."""
+
+    dim: int = 1024
+    depth: int = 16
+    heads: int = 16
+
+
+STACK_FIELDS = tuple(f.name for f in dataclasses.fields(Stack))
 
 
 def _is_int(value: Any) -> bool:
@@ -89,23 +108,35 @@ KINDS: dict[str, tuple[str, Any]] = {
     "str": ("a string", lambda v: isinstance(v, str)),
     "int | str": ("an integer or a string", lambda v: _is_int(v) or isinstance(v, str)),
     "dict[str, Any]": ("a JSON object", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+    "Stack": (f"an object with keys {', '.join(STACK_FIELDS)}", lambda v: isinstance(v, Stack)),
 }
+
+
+def _type_error(key: str, value: Any, kind: str) -> ValueError:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+    return ValueError(f"config key {key!r} must be {KINDS[kind][0]}, got {shown} ({type(value).__name__})")
+
+
+def _fields(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(key, value, annotation) of every field of a dataclass, then a Stack's own fields as 'encoder.dim'."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        yield prefix + f.name, value, str(f.type)
+        if isinstance(value, Stack):
+            yield from _fields(value, f"{prefix}{f.name}.")
 
 
 def _check_types(cfg: ModelConfig) -> None:
     """Raise ValueError naming the first field whose value has the wrong type (e.g. a string or float depth)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        what, ok = KINDS[str(f.type)]
-        if not ok(value):
-            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
-            raise ValueError(f"config key {f.name!r} must be {what}, got {shown} ({type(value).__name__})")
+    for key, value, kind in _fields(cfg):
+        if not KINDS[kind][1](value):
+            raise _type_error(key, value, kind)
 
 
 def _check_ranges(cfg: ModelConfig) -> None:
     """Raise ValueError naming the first field outside its range."""
     for key, (lo, hi) in INT_RANGES.items():
-        value = getattr(cfg, key)
+        value = attrgetter(key)(cfg)  # a stack's field as 'encoder.dim'
         if not lo <= value <= hi:
             raise ValueError(f"config key {key!r} must be an integer in [{lo}, {hi}], got {value}")
     for key, (lo, hi, lo_in, hi_in) in FLOAT_RANGES.items():
@@ -123,12 +154,12 @@ def estimate_parameters(cfg: ModelConfig) -> int:
     mlp = lambda d: lin(d, int(d * cfg.mlp_ratio)) + lin(int(d * cfg.mlp_ratio), d)
     block = lambda d: lin(d, 3 * d) + lin(d, d) + mlp(d) + 4 * d
     cross_block = lambda d: lin(d, d) + lin(d, 2 * d) + lin(d, d) + mlp(d) + 6 * d
-    de, dd, dc, w = cfg.encoder_dim, cfg.decoder_dim, cfg.cross_dim, cfg.head_width
+    de, dd, dc, w = cfg.encoder.dim, cfg.decoder.dim, cfg.cross.dim, cfg.head_width
     L0 = (cfg.base_resolution // cfg.pixels_per_token) ** 2
-    encoder = lin(cfg.token_dim, de) + (L0 + cfg.buffer_size + 4) * de + cfg.encoder_depth * block(de)
-    decoder = lin(de, dd) + (L0 + 3) * dd + cfg.decoder_depth * block(dd)
+    encoder = lin(cfg.token_dim, de) + (L0 + cfg.buffer_size + 4) * de + cfg.encoder.depth * block(de)
+    decoder = lin(de, dd) + (L0 + 3) * dd + cfg.decoder.depth * block(dd)
     text = lin(cfg.text_dim, dc) + lin(dc, dc) + cfg.text_aligner_depth * block(dc) + 3 * dc
-    cross = lin(dd, dc) + (L0 + 2) * dc + cfg.cross_depth * cross_block(dc)
+    cross = lin(dd, dc) + (L0 + 2) * dc + cfg.cross.depth * cross_block(dc)
     out = cfg.token_dim * (2 if cfg.learn_sigma else 1)
     head = lin(256, w) + lin(w, w) + lin(dc, w) + lin(cfg.token_dim, w) + lin(w, out) + lin(w, 2 * w)
     head += cfg.head_depth * (2 * w + 2 * lin(w, w) + lin(w, 3 * w))
@@ -145,16 +176,10 @@ class ModelConfig:
     vae_stride: int = 8
     patch_size: int = 2
     base_resolution: int = 256  # pixel size the positional tables are learned at
-    # transformer stacks
-    encoder_dim: int = 1024
-    encoder_depth: int = 16
-    encoder_heads: int = 16
-    decoder_dim: int = 1024
-    decoder_depth: int = 16
-    decoder_heads: int = 16
-    cross_dim: int = 1024
-    cross_depth: int = 16
-    cross_heads: int = 16
+    # transformer stacks (config.json and from_dict also take the flat keys of earlier versions: encoder_dim, ...)
+    encoder: Stack = field(default_factory=Stack)  # over the visible image tokens
+    decoder: Stack = field(default_factory=Stack)  # all image tokens, mask tokens where hidden
+    cross: Stack = field(default_factory=Stack)  # image tokens query the aligned text (and the text aligner's width)
     mlp_ratio: float = 4.0
     attn_dropout: float = 0.0
     proj_dropout: float = 0.0
@@ -221,10 +246,10 @@ class ModelConfig:
         """Raise ValueError naming the first bad field: types, ranges and size first, then consistency."""
         _check_types(self)
         _check_ranges(self)
-        for name in ("encoder", "decoder", "cross"):
-            dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
-            if dim % heads:
-                raise ValueError(f"{name}_dim={dim} is not divisible by {name}_heads={heads}")
+        for name in STACKS:
+            stack = getattr(self, name)
+            if stack.dim % stack.heads:
+                raise ValueError(f"{name}.dim={stack.dim} is not divisible by {name}.heads={stack.heads}")
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -253,43 +278,72 @@ class ModelConfig:
         return SamplingDefaults(**self.sampling)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dictionary of every field."""
+        """Plain-JSON dictionary of every field (a stack as a nested dictionary)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a dictionary; unknown keys are an error (they usually are typos); values are validated."""
+        """Build from a dictionary; unknown keys are an error (they usually are typos); values are validated.
+
+        A stack is a nested dictionary (``{"encoder": {"dim": 64, "depth": 2, "heads": 4}}``) or, as written by
+        earlier versions, flat keys (``encoder_dim``, ...); a stack's keys left out take the `Stack` defaults."""
         if not isinstance(d, dict):
             raise ValueError(f"a model config must be a JSON object (a dict), got {type(d).__name__}")
+        d = _nest(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = [str(k) for k in d if k not in known]
+        unknown += [f"{s}.{k}" for s in STACKS for k in d.get(s, ()) if k not in STACK_FIELDS]
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {unknown}")
-        return cls(**d)
+            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        return cls(**d | {s: Stack(**d[s]) for s in STACKS if s in d})
 
     def to_json(self) -> str:
         """JSON text of :meth:`to_dict`."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **overrides: Any) -> ModelConfig:
-        """Copy with some fields changed (validated, unknown keys rejected)."""
-        return ModelConfig.from_dict({**self.to_dict(), **overrides})
+        """Copy with some fields changed (validated, unknown keys rejected); a stack's fields change one by one,
+        named either way: ``replace(encoder={"depth": 3})`` or ``replace(encoder_depth=3)``."""
+        return ModelConfig.from_dict(_merged(self.to_dict(), overrides))
 
 
-def _stack(dim: int, depth: int, heads: int, aligner: int) -> dict[str, int]:
-    return {
-        "encoder_dim": dim, "encoder_depth": depth, "encoder_heads": heads,
-        "decoder_dim": dim, "decoder_depth": depth, "decoder_heads": heads,
-        "cross_dim": dim, "cross_depth": depth, "cross_heads": heads,
-        "text_aligner_depth": aligner,
-    }  # fmt: skip
+def _nest(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with each stack given as a dictionary of the fields it names: flat keys (``encoder_depth``) move
+    into it; a field given both ways is an error naming both keys."""
+    out = dict(d)
+    for s in STACKS:
+        given = out.get(s, {})
+        if isinstance(given, Stack):
+            given = dataclasses.asdict(given)
+        if not isinstance(given, dict):
+            raise _type_error(s, given, "Stack")
+        given = dict(given)
+        for k in STACK_FIELDS:
+            if f"{s}_{k}" in out:
+                if k in given:
+                    raise ValueError(f"config keys '{s}_{k}' and '{s}.{k}' both give the {s} stack's {k}: keep one")
+                given[k] = out.pop(f"{s}_{k}")
+        if given or s in out:
+            out[s] = given
+    return out
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied, each in either form; a stack's fields are overridden one by one."""
+    base, overrides = _nest(base), _nest(overrides)
+    return base | overrides | {s: base.get(s, {}) | overrides[s] for s in STACKS if s in overrides}
+
+
+def _stacks(dim: int, depth: int, heads: int) -> dict[str, Stack]:
+    """The encoder, decoder and cross stacks all of one shape."""
+    return dict.fromkeys(STACKS, Stack(dim, depth, heads))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # < 2 M parameters: unit tests and smoke runs (pixel tokens of a 32-px image, 384-dim MiniLM text)
     "debug": {
         "latent_channels": 3, "vae_stride": 1, "patch_size": 4, "base_resolution": 32,
-        **_stack(64, 1, 4, 1), "text_dim": 384, "max_text_len": 32,
+        **_stacks(64, 1, 4), "text_aligner_depth": 1, "text_dim": 384, "max_text_len": 32,
         "head_width": 64, "head_depth": 2, "diffusion_batch_mul": 2,
         "num_sampling_steps": 20, "prediction": "v", "buffer_size": 1,
         "vae": "pixel", "text_encoder": "minilm",
@@ -299,7 +353,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # sin-cos-initialised positional tables learned ~4x better held-out scores at 150 k images
     "shapes": {
         "latent_channels": 3, "vae_stride": 1, "patch_size": 4, "base_resolution": 32,
-        **_stack(128, 2, 4, 1), "text_dim": 384, "max_text_len": 32,
+        **_stacks(128, 2, 4), "text_aligner_depth": 1, "text_dim": 384, "max_text_len": 32,
         "head_width": 128, "head_depth": 3, "diffusion_batch_mul": 1,
         "num_sampling_steps": 50, "prediction": "v", "buffer_size": 4,
         "mask_ratio_min": 0.5, "pos_embed_init": "sincos",
@@ -307,7 +361,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # the released LightGen shape (reference fluid_large, SD3.5 VAE tokens, flan-T5-XXL text): ~0.79 B
     "lightgen": {
-        **_stack(1024, 16, 16, 6), "text_dim": 4096, "max_text_len": 128,
+        **_stacks(1024, 16, 16), "text_aligner_depth": 6, "text_dim": 4096, "max_text_len": 128,
         "head_width": 1536, "head_depth": 8, "diffusion_batch_mul": 4,
         "attn_dropout": 0.1, "proj_dropout": 0.1, "buffer_size": 16,
         "vae": "stabilityai/stable-diffusion-3.5-large/vae", "text_encoder": "google/flan-t5-xxl",
@@ -319,4 +373,4 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset with optional field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+    return ModelConfig.from_dict(_merged(PRESETS[name], overrides))

@@ -45,10 +45,10 @@ class TextAligner(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d = cfg.cross_dim
+        d = cfg.cross.dim
         self.text_proj = TextProjection(cfg.text_dim, d)
         self.text_aligner = nn.ModuleList(
-            Block(d, cfg.cross_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
+            Block(d, cfg.cross.heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
             for _ in range(cfg.text_aligner_depth)
         )
         self.text_aligner_norm = layer_norm(d)
@@ -69,9 +69,9 @@ class LightGen(nn.Module):
         cfg.validate()
         self.cfg = cfg
         L0 = cfg.base_grid[0] * cfg.base_grid[1]
-        de, dd, dc = cfg.encoder_dim, cfg.decoder_dim, cfg.cross_dim
-        blocks = lambda d, h, n: nn.ModuleList(
-            Block(d, h, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout) for _ in range(n)
+        de, dd, dc = cfg.encoder.dim, cfg.decoder.dim, cfg.cross.dim
+        blocks = lambda kind, s: nn.ModuleList(
+            kind(s.dim, s.heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout) for _ in range(s.depth)
         )
         # encoder
         self.z_proj = nn.Linear(cfg.token_dim, de)
@@ -79,23 +79,20 @@ class LightGen(nn.Module):
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L0, de))
         if cfg.buffer_size:
             self.buffer_tokens = nn.Parameter(torch.zeros(1, cfg.buffer_size, de))
-        self.encoder_blocks = blocks(de, cfg.encoder_heads, cfg.encoder_depth)
+        self.encoder_blocks = blocks(Block, cfg.encoder)
         self.encoder_norm = layer_norm(de)
         # decoder
         self.decoder_embed = nn.Linear(de, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L0, dd))
-        self.decoder_blocks = blocks(dd, cfg.decoder_heads, cfg.decoder_depth)
+        self.decoder_blocks = blocks(Block, cfg.decoder)
         self.decoder_norm = layer_norm(dd)
         # text and cross stack
         self.text_emb = TextAligner(cfg)
         self.fake_latent = nn.Parameter(torch.zeros(1, 1, dc))  # the learned null text for CFG
         self.last_embed = nn.Linear(dd, dc)
         self.last_pos_embed_learned = nn.Parameter(torch.zeros(1, L0, dc))
-        self.cross_attn_blocks = nn.ModuleList(
-            CrossBlock(dc, cfg.cross_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
-            for _ in range(cfg.cross_depth)
-        )
+        self.cross_attn_blocks = blocks(CrossBlock, cfg.cross)
         self.cross_norm = layer_norm(dc)
         self._init_weights()
         self.diffloss = DiffusionHead(

@@ -30,7 +30,7 @@ from pipeline import diversity as dv
 from pipeline import workfiles as wf
 from pipeline.caption_sources import CAPTIONS_FORMAT, check_fields, plan_reads, shapes_task
 from pipeline.caption_stages import CaptionEmbedder  # noqa: F401 (the embedding stage, public here)
-from pipeline.options import opt
+from pipeline.options import StageConfig, opt
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -55,13 +55,22 @@ CONTENT_KEYS = (
 
 
 @dataclass
-class CaptionsConfig:
+class CaptionsConfig(StageConfig):
     """Everything `build-captions` needs; written, resolved, into the manifest."""
 
-    inputs: list[str] = opt(
-        [], "JSONL / JSON / Parquet / CSV files, webdataset .tar, folders or globs (repeat).", flag="--input"
-    )
-    output: str = opt("", "Output folder: caption shards, rejects, diversity.json, report, manifest.")
+    shared_defaults = {
+        "inputs": ([], "JSONL / JSON / Parquet / CSV files, webdataset .tar, folders or globs (repeat)."),
+        "output": ("", "Output folder: caption shards, rejects, diversity.json, report, manifest."),
+        "batch_size": (256, "Captions per embedding call."),
+        "shard_size": (100_000, "Captions per output shard."),
+        "workers": (0, "Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray."),
+        "seed": (0, "Random seed (selection, k-means, ShapesWorld)."),
+        "overwrite": (False, "Replace earlier outputs; without it other settings are refused."),
+    }
+    # A global job of plain one-CPU Ray tasks (`runtime.map_tasks`), not a pool of model-holding workers with a
+    # progress bar over shards: these options have no effect here.
+    shared_unused = ("gpus_per_worker", "cpus_per_worker", "progress")
+
     n: int = opt(1000, "Captions to select.")
     field: str = opt("caption", "The record field / column holding the caption.")
     shapes: int = opt(0, "Add N captions from the built-in ShapesWorld generator (with metadata).")
@@ -83,13 +92,7 @@ class CaptionsConfig:
     select: str = opt("cluster", "Selection: cluster (k-means, even per cluster), farthest, random.")
     clusters: int = opt(64, "k of the k-means over caption embeddings.")
     kmeans_sample: int = opt(100_000, "Captions k-means is fitted on (a seeded sample); all are assigned.")
-    shard_size: int = opt(100_000, "Captions per output shard.")
-    batch_size: int = opt(256, "Captions per embedding call.")
-    workers: int = opt(0, "Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray.")
-    ray_address: str | None = opt(None, "Join this Ray cluster.", show="start a local Ray")
     partitions: int = opt(0, "Shuffle partitions of the de-duplication (0 = from the input size).")
-    seed: int = opt(0, "Random seed (selection, k-means, ShapesWorld).")
-    overwrite: bool = opt(False, "Replace earlier outputs; without it other settings are refused.")
 
     def content(self) -> dict[str, Any]:
         """The settings that determine the output."""
@@ -100,10 +103,11 @@ def validate(cfg: CaptionsConfig) -> None:
     """Check a config up front, with errors that name the bad value."""
     if not cfg.inputs and cfg.shapes <= 0:
         raise ValueError("no captions: give --input files and/or --shapes N (the built-in ShapesWorld source)")
-    for name in ("n", "min_words", "max_words", "ngram", "clusters", "kmeans_sample", "shard_size", "batch_size"):
+    cfg.check()  # --output, --batch-size, --shard-size, --workers
+    for name in ("n", "min_words", "max_words", "ngram", "clusters", "kmeans_sample"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("near_dup_edit_words", "near_dup_change_words", "partitions", "workers"):
+    for name in ("near_dup_edit_words", "near_dup_change_words", "partitions"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.select not in SELECTORS:
@@ -390,7 +394,8 @@ class CaptionBuild:
     def manifest(self, results: list[shards.ShardResult], removed: int) -> None:
         """The complete manifest (its `rejected` / `inputs` count the global removals, not per-shard rejects)."""
         cfg, out = self.cfg, self.out
-        config = {**asdict(cfg), "inputs": [str(Path(p).resolve()) for p in cfg.inputs], "output": str(out.resolve())}
+        config = {k: v for k, v in asdict(cfg).items() if k not in cfg.shared_unused}
+        config.update(inputs=[str(Path(p).resolve()) for p in cfg.inputs], output=str(out.resolve()))
         header = {
             "format": CAPTIONS_FORMAT,
             "schema_version": CAPTION_SCHEMA_VERSION,

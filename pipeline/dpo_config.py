@@ -30,10 +30,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 class PairsConfig(DeviceOption, ImageLimits, StageConfig):
     """Everything `build-dpo-pairs` needs (both stages); written, resolved, into the manifests."""
 
-    inputs: list[str] = opt(
-        [], "Images with captions: webdataset .tar, image folders, Parquet files, globs (repeat).", flag="--input"
-    )
-    output: str = opt("", "Output folder: pair shards, judgements/, rejects, report, manifest.")
+    shared_defaults = {
+        "inputs": ([], "Images with captions: webdataset .tar, image folders, Parquet files, globs (repeat)."),
+        "output": ("", "Output folder: pair shards, judgements/, rejects, report, manifest."),
+        "batch_size": (8, "Images per judge / encoder / generation call."),
+        "seed": (0, "Run seed; each loser's seed is a hash of it and the row id."),
+    }
+
     model: str = opt("", "LightGen checkpoint directory (save_pretrained) that draws the losers.", required=True)
     judge_backend: str = opt("transformers", "transformers, vllm (Qwen2.5-VL), shapes (ShapesWorld).")
     judge_model: str | None = opt(None, "Local Qwen2.5-VL directory (transformers, vllm).", show="none")
@@ -70,9 +73,7 @@ class PairsConfig(DeviceOption, ImageLimits, StageConfig):
     cfg_schedule: str | None = opt(None, "Guidance schedule: linear, linear-reference, constant.", show=MODEL_DEFAULT)
     temperature: float | None = opt(None, "Loser sampling temperature.", show=MODEL_DEFAULT)
     use_ema: bool = opt(True, "Draw losers with the EMA weights when the checkpoint has them.")
-    batch_size: int = opt(8, "Images per judge / encoder / generation call.")
     dtype: str = opt("float32", "LightGen + encoder compute dtype: float32, bfloat16, float16.")
-    seed: int = opt(0, "Run seed; each loser's seed is a hash of it and the row id.")
 
 
 def _abs(path: str) -> str:

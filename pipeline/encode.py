@@ -31,13 +31,16 @@ class EncodeConfig(DeviceOption, ImageLimits, StageConfig):
     """Everything `encode-latents` needs; written, resolved, into the manifest (bases: shared option groups,
     `StageConfig` last so that its fields come first)."""
 
+    shared_defaults = {
+        "batch_size": (32, "Images per encoder call."),
+        "shard_size": (1000, "Loose image files per output shard (each input .tar is one output shard)."),
+    }
+
     vae: str = opt("pixel", "'pixel' (ShapesWorld) or a local diffusers AutoencoderKL directory.")
     text_encoder: str = opt("minilm", "'minilm' or a local transformers encoder directory (T5, BERT).")
     resolution: int = opt(256, "Side of the center-cropped square image, in pixels.")
     max_text_len: int = opt(128, "Text tokens kept per caption (longer captions are truncated).")
     dtype: str = opt("float32", "Encoder compute dtype: float32, bfloat16, float16 (storage is 16-bit).")
-    batch_size: int = opt(32, "Images per encoder call.")
-    shard_size: int = opt(1000, "Loose image files per output shard (each input .tar is one output shard).")
 
 
 def _check_spec(kind: str, spec: str, builtin: str) -> None:

@@ -2,8 +2,17 @@
 
 A stage's config is a dataclass deriving from `StageConfig` (the run options every stage shares); each field
 declared with `opt(default, help)` becomes a `--flag` of the stage's command, with that default and help text
-(`command(...)` builds the typer command from the dataclass). A stage changes a shared default by redeclaring the
-field.
+(`command(...)` builds the typer command from the dataclass).
+
+A stage changes the default and help of an option it inherits (from `StageConfig`, `DeviceOption`,
+`ImageLimits`) in its `shared_defaults`, name -> (default, help), rather than by declaring the field again; the
+field keeps its type, flag and place. Shared options that a stage does not use are named in its `shared_unused`:
+they get no `--flag` and keep their defaults.
+
+    @dataclass
+    class SynthConfig(DeviceOption, StageConfig):
+        shared_defaults = {"batch_size": (4, "Images per teacher call.")}
+        teacher: str = opt("shapes", "flux, diffusers (any local T2I pipeline), shapes (ShapesWorld).")
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 RUN_FIELDS = ("workers", "gpus_per_worker", "cpus_per_worker", "shard_size", "ray_address", "overwrite", "progress")
 
@@ -51,6 +60,29 @@ class StageConfig:
     overwrite: bool = opt(False, "Replace earlier outputs instead of resuming.")
     progress: bool = opt(True, "Show a progress bar.", flag="--progress/--quiet")
 
+    # A stage's own default and help of inherited options, name -> (default, help); see the module docstring.
+    shared_defaults: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # Shared options a stage does not use: no --flag on its command; the fields keep their defaults.
+    shared_unused: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Before `@dataclass` reads the subclass: each `shared_defaults` entry becomes a field of the subclass
+        with the inherited field's type, flag and shown default, and the stage's default and help."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__annotations__", {})
+        if "__annotations__" not in cls.__dict__:
+            cls.__annotations__ = own
+        for name, (default, help) in cls.__dict__.get("shared_defaults", {}).items():
+            if name in own:
+                raise TypeError(f"{cls.__name__}.{name} is declared and in shared_defaults: give it once")
+            inherited, hint = _inherited(cls, name)
+            meta = inherited.metadata
+            flag, show, required = meta.get("flag"), meta.get("show"), meta.get("required", False)
+            setattr(cls, name, opt(default, help, flag=flag, show=show, required=required))
+            own[name] = hint
+        for name in cls.__dict__.get("shared_unused", ()):
+            _inherited(cls, name)  # a misspelt name is an error
+
     def check(self) -> None:
         """Checks every stage shares; errors name the bad value."""
         if not self.output:
@@ -81,6 +113,14 @@ class ImageLimits:
     min_size: int = opt(32, "Reject images whose shorter side is smaller.")
 
 
+def _inherited(cls: type, name: str) -> tuple[dataclasses.Field, Any]:
+    """The field `name` of the first dataclass base of `cls` that has it, and its type."""
+    for base in cls.__mro__[1:]:
+        if name in getattr(base, "__dataclass_fields__", {}):
+            return base.__dataclass_fields__[name], typing.get_type_hints(base)[name]
+    raise TypeError(f"{cls.__name__}: {name!r} is not an option it inherits")
+
+
 def _flag(f: dataclasses.Field) -> str:
     """The option declaration of a field."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
@@ -99,7 +139,7 @@ def command(
     config_cls: type, run: Callable[[Any], None], doc: str, optional: tuple[str, ...] = ()
 ) -> Callable[..., None]:
     """A typer command function whose options are the fields of the dataclass `config_cls`; it calls `run(config)`.
-    `--input` and `--output` are required unless named in `optional`."""
+    `--input` and `--output` are required unless named in `optional`; the config's `shared_unused` get no option."""
     import typer
 
     hints = typing.get_type_hints(config_cls)
@@ -107,7 +147,8 @@ def command(
     # --input and --output first, then the stage's own options, then the run options every stage shares.
     order = lambda f: (f.name not in ("inputs", "output"), f.name in shared)
     params = []
-    for f in sorted(dataclasses.fields(config_cls), key=order):
+    unused = getattr(config_cls, "shared_unused", ())
+    for f in sorted((f for f in dataclasses.fields(config_cls) if f.name not in unused), key=order):
         default = _default(f)
         if (f.name in ("inputs", "output") and f.name not in optional) or f.metadata.get("required"):
             default = ...  # required on the command line

@@ -48,7 +48,14 @@ NSFW_DETAIL = "the pipeline's safety checker flagged the image"
 class SynthConfig(DeviceOption, StageConfig):
     """Everything `synthesize` needs; written, resolved, into the manifest."""
 
-    inputs: list[str] = opt([], "Caption shards (build-captions) or JSONL/JSON/CSV/Parquet files.", flag="--input")
+    shared_defaults = {
+        "inputs": ([], "Caption shards (build-captions) or JSONL/JSON/CSV/Parquet files."),
+        "batch_size": (4, "Images per teacher call."),
+        "shard_size": (1000, "Captions per output shard, for Parquet captions (the unit of resume)."),
+        "workers": (1, "Ray workers, one teacher each; 0 = no Ray, draw in this process."),
+        "seed": (0, "Run seed; each image's seed is a hash of it and the caption id."),
+    }
+
     teacher: str = opt("shapes", "flux, diffusers (any local T2I pipeline), shapes (ShapesWorld).")
     model: str | None = opt(None, "Local diffusers pipeline directory (flux, diffusers).", show="none")
     field: str = opt("caption", "The record field / column holding the caption.")
@@ -58,11 +65,6 @@ class SynthConfig(DeviceOption, StageConfig):
     max_sequence_length: int = opt(512, "T5 tokens per caption (Flux / SD3-like pipelines).")
     dtype: str = opt("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
     post_filter: str = opt("blank,nsfw", "Reject outputs: comma-separated blank, nsfw; 'none' = off.")
-    # Shared options with this stage's defaults and help.
-    batch_size: int = opt(4, "Images per teacher call.")
-    shard_size: int = opt(1000, "Captions per output shard, for Parquet captions (the unit of resume).")
-    workers: int = opt(1, "Ray workers, one teacher each; 0 = no Ray, draw in this process.")
-    seed: int = opt(0, "Run seed; each image's seed is a hash of it and the caption id.")
 
 
 def filters(spec: str) -> list[str]:

@@ -21,7 +21,7 @@ def test_model_info_reports_parameter_split() -> None:
     p = info["parameters"]
     assert 0.70e9 <= p["total"] <= 0.82e9
     assert p["total"] == sum(v for k, v in p.items() if k != "total")
-    assert info["config"]["encoder_depth"] == 16 and info["config"]["head_width"] == 1536
+    assert info["config"]["encoder"]["depth"] == 16 and info["config"]["head_width"] == 1536
 
 
 def test_model_info_from_directory_and_bad_preset(tmp_path) -> None:

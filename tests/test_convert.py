@@ -96,10 +96,10 @@ def test_heads_come_from_the_model_name_or_must_be_given(tmp_path: Path) -> None
     # with args.model = fluid_base (12 heads), 64 is not divisible: the error names the field
     ckpt = _checkpoint(tmp_path / "c2.pth", src.state_dict(), None, _args(model="fluid_base"))
     res = _convert(ckpt, tmp_path / "out")
-    assert res.exit_code == 2 and "encoder_dim=64 is not divisible by encoder_heads=12" in res.output, res.output
+    assert res.exit_code == 2 and "encoder.dim=64 is not divisible by encoder.heads=12" in res.output, res.output
     res = _convert(ckpt, tmp_path / "out", "--heads", "2")  # only raw weights: loads them
     assert res.exit_code == 0 and "from_pretrained loads model" in res.output, res.output
-    assert load_config(tmp_path / "out").encoder_heads == 2
+    assert load_config(tmp_path / "out").encoder.heads == 2
     assert not (tmp_path / "out" / "model_ema.safetensors").exists()
 
 

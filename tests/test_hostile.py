@@ -10,6 +10,7 @@ hand come from a seeded random generator (hypothesis is not installed), so every
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -22,7 +23,9 @@ import subprocess
 import sys
 import tarfile
 import zlib
+from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,7 +43,7 @@ import lightgen.errors
 from lightgen.cli import app
 from lightgen.errors import user_errors
 from lightgen_model import LightGen, ModelConfig, preset, save_pretrained
-from lightgen_model.config import MAX_PARAMETERS, estimate_parameters
+from lightgen_model.config import MAX_PARAMETERS, STACK_FIELDS, STACKS, estimate_parameters
 from pipeline import cli as data_cli
 
 runner = CliRunner()
@@ -303,15 +306,33 @@ def test_fid_refuses_damaged_weights(tmp_path: Path, images: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- config.json
 
+
+def with_keys(cfg: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` (a config dict) with ``changes``, a dotted key ('encoder.depth') set inside its stack
+    (unless a change has made the stack itself something other than an object)."""
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        *parents, name = key.split(".")
+        node = out
+        for p in parents:
+            node = node[p] if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[name] = value
+    return out
+
+
 BAD_CONFIGS = [
-    ({"encoder_depth": "16"}, "'encoder_depth' must be an integer, got '16'"),
-    ({"decoder_depth": 2.0}, "'decoder_depth' must be an integer, got 2.0"),
-    ({"cross_depth": True}, "'cross_depth' must be an integer, got True"),
-    ({"encoder_heads": 0}, "'encoder_heads' must be an integer in [1, 65536], got 0"),
+    ({"encoder.depth": "16"}, "'encoder.depth' must be an integer, got '16'"),
+    ({"decoder.depth": 2.0}, "'decoder.depth' must be an integer, got 2.0"),
+    ({"cross.depth": True}, "'cross.depth' must be an integer, got True"),
+    ({"encoder.heads": 0}, "'encoder.heads' must be an integer in [1, 65536], got 0"),
     ({"patch_size": 0}, "'patch_size' must be an integer in [1, 65536], got 0"),
-    ({"decoder_depth": -1}, "'decoder_depth' must be an integer in [0, 1024], got -1"),
-    ({"encoder_depth": 2000}, "'encoder_depth' must be an integer in [0, 1024], got 2000"),
-    ({"cross_dim": 10**9}, "'cross_dim' must be an integer in [1, 65536], got 1000000000"),
+    ({"decoder.depth": -1}, "'decoder.depth' must be an integer in [0, 1024], got -1"),
+    ({"encoder.depth": 2000}, "'encoder.depth' must be an integer in [0, 1024], got 2000"),
+    ({"cross.dim": 10**9}, "'cross.dim' must be an integer in [1, 65536], got 1000000000"),
+    ({"cross": [64, 1, 4]}, "'cross' must be an object with keys dim, depth, heads, got [64, 1, 4]"),
+    ({"decoder.head": 4}, "unknown ModelConfig keys: ['decoder.head']"),
+    ({"encoder_depth": 2}, "config keys 'encoder_depth' and 'encoder.depth' both give the encoder stack's depth"),
     ({"mlp_ratio": float("nan")}, "'mlp_ratio' must be a finite number, got nan"),
     ({"mlp_ratio": "4"}, "'mlp_ratio' must be a finite number"),
     ({"text_key_mask": 1}, "'text_key_mask' must be true or false"),
@@ -324,10 +345,18 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("override", "message"), BAD_CONFIGS, ids=lambda x: str(x)[:40])
 def test_bad_config_json_is_one_error_naming_key_and_value(tmp_path: Path, override: dict, message: str) -> None:
-    cfg = preset("debug").to_dict() | override
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "config.json").write_text(json.dumps(with_keys(preset("debug").to_dict(), override)))
     res = invoke("model-info", "--model", tmp_path)
     assert_user_error(res.output, res.exit_code, str(tmp_path / "config.json"), message)
+
+
+def test_bad_flat_stack_key_of_an_earlier_config_json_is_named(tmp_path: Path) -> None:
+    """config.json of earlier versions has flat stack keys (encoder_depth); a bad one is named as the stack's key."""
+    cfg = {k: v for k, v in preset("debug").to_dict().items() if k != "encoder"}
+    cfg |= {"encoder_dim": 64, "encoder_depth": "16", "encoder_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    res = invoke("model-info", "--model", tmp_path)
+    assert_user_error(res.output, res.exit_code, str(tmp_path / "config.json"), "'encoder.depth' must be an integer")
 
 
 @pytest.mark.parametrize(
@@ -344,9 +373,9 @@ def test_unreadable_config_json(tmp_path: Path, text: bytes, message: str) -> No
 def test_absurd_sizes_are_refused_before_anything_is_built() -> None:
     """A depth or width of 10^9 would allocate until the machine runs out of memory: the config refuses it."""
     base = preset("debug").to_dict()
-    for override in ({"encoder_depth": 10**9}, {"head_width": 10**9}, {"mlp_ratio": 1e308}, {"text_dim": 2**40}):
+    for override in ({"encoder.depth": 10**9}, {"head_width": 10**9}, {"mlp_ratio": 1e308}, {"text_dim": 2**40}):
         with pytest.raises(ValueError, match=next(iter(override))):
-            ModelConfig.from_dict(base | override)
+            ModelConfig.from_dict(with_keys(base, override))
 
 
 HOSTILE_VALUES = [
@@ -360,17 +389,17 @@ def test_config_property_every_hostile_field_is_a_value_error_or_a_sane_config()
     within bounds); never another exception."""
     rng = random.Random(SEED)
     base = preset("debug").to_dict()
-    fields = sorted(base)
+    fields = sorted(base) + [f"{s}.{k}" for s in STACKS for k in STACK_FIELDS]
     accepted = 0
     for _ in range(400):
         override = {k: rng.choice(HOSTILE_VALUES) for k in rng.sample(fields, rng.randint(1, 3))}
         try:
-            cfg = ModelConfig.from_dict(base | override)
+            cfg = ModelConfig.from_dict(with_keys(base, override))
         except ValueError:
             continue
         accepted += 1
         assert estimate_parameters(cfg) <= MAX_PARAMETERS, override
-        numbers = [getattr(cfg, f) for f in ("encoder_depth", "encoder_dim", "head_width", "patch_size", "mlp_ratio")]
+        numbers = [attrgetter(f)(cfg) for f in ("encoder.depth", "cross.dim", "head_width", "patch_size", "mlp_ratio")]
         assert all(not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in numbers), override
         assert all(isinstance(getattr(cfg, f), str) for f in ("vae", "text_encoder", "prediction")), override
     assert accepted > 0  # some hostile-looking values are fine (e.g. a long vae name)
@@ -584,9 +613,9 @@ def test_console_scripts_give_one_error_line_and_exit_2(model_dir: Path, tmp_pat
     assert_user_error(res.stderr, res.returncode, "empty file")
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(preset("debug").to_dict() | {"encoder_depth": "16"}))
+    (bad / "config.json").write_text(json.dumps(with_keys(preset("debug").to_dict(), {"encoder.depth": "16"})))
     res = script("python", "-m", "lightgen", "model-info", "--model", bad)
-    assert_user_error(res.stderr, res.returncode, "'encoder_depth' must be an integer, got '16'")
+    assert_user_error(res.stderr, res.returncode, "'encoder.depth' must be an integer, got '16'")
     res = script("lightgen", "generate", "--model", model_dir, "--prompt", "a", "--out", tmp_path / "g", "--cfg", "inf")
     assert_usage_error(res.stderr, res.returncode, "--cfg")
     (tmp_path / "nested").mkdir()

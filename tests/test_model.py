@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import cross_states, make_text, wake_head
 
-from lightgen_model import LightGen, ModelConfig, count_parameters, preset
+from lightgen_model import LightGen, ModelConfig, Stack, count_parameters, from_pretrained, preset, save_pretrained
+from lightgen_model.config import STACKS
 from lightgen_model.layers import CrossBlock
 
 
@@ -204,6 +206,33 @@ def test_config_rejects_unknown_and_bad_values() -> None:
         preset("nope")
     with pytest.raises(ValueError, match="33x32"):
         preset("debug").grid_for(33, 32)
+
+
+def test_config_json_has_an_object_per_stack_and_reads_the_flat_keys_of_earlier_versions(tmp_path) -> None:
+    cfg = preset("shapes")
+    d = cfg.to_dict()
+    assert d["encoder"] == d["decoder"] == d["cross"] == {"dim": 128, "depth": 2, "heads": 4}
+    assert "encoder_dim" not in d
+    flat = {k: v for k, v in d.items() if k not in STACKS} | {f"{s}_{k}": v for s in STACKS for k, v in d[s].items()}
+    assert ModelConfig.from_dict(flat) == cfg
+    m = LightGen(cfg)
+    save_pretrained(m, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(flat))  # as an earlier version wrote it
+    loaded = from_pretrained(tmp_path)
+    assert loaded.cfg == cfg and all(torch.equal(v, m.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # a stack's fields change one by one, named either way; the other stacks keep theirs
+    deeper = cfg.replace(encoder_depth=3)
+    assert deeper == cfg.replace(encoder={"depth": 3}) == cfg.replace(encoder=Stack(128, 3, 4))
+    assert deeper.encoder == Stack(128, 3, 4) and deeper.decoder == deeper.cross == Stack(128, 2, 4)
+    assert preset("shapes", cross={"heads": 8}).cross == preset("shapes", cross_heads=8).cross == Stack(128, 2, 8)
+    with pytest.raises(ValueError, match="config keys 'cross_heads' and 'cross.heads' both give the cross stack's"):
+        ModelConfig.from_dict(d | {"cross_heads": 8})
+    with pytest.raises(ValueError, match=r"unknown ModelConfig keys: \['encoder.width'\]"):
+        cfg.replace(encoder={"width": 3})
+    with pytest.raises(ValueError, match="config key 'decoder' must be an object with keys dim, depth, heads, got 3"):
+        cfg.replace(decoder=3)
+    with pytest.raises(ValueError, match=r"config key 'cross.depth' must be an integer in \[0, 1024\], got -1"):
+        ModelConfig(cross=Stack(64, -1, 4))
 
 
 @pytest.mark.parametrize("name", ["debug", "shapes", "lightgen"])

@@ -77,6 +77,7 @@ def test_filters_and_duplicates_exact_counts(tmp_path):
     assert [r["source"] for r in rej if r["reason"] in ("bad_record", "bad_json")] == ["a.jsonl:6", "a.jsonl:8"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and (manifest["rows"], manifest["rejected"], manifest["inputs"]) == (6, 11, 17)
+    assert manifest["config"]["shard_size"] == 100_000 and "progress" not in manifest["config"]  # no unused options
     # Selecting 2 of the 6 adds exactly 4 not_selected; counts still add up.
     again = run_build_captions(cfg(tmp_path, srcs, n=2, overwrite=True))
     assert again["kept"] == 2 and again["removed_by_reason"] == {**expected, "not_selected": 4}

@@ -12,8 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from lightgen_model import LightGen, preset, save_pretrained
+from pipeline.captions import CaptionsConfig
 from pipeline.cli import app
 from pipeline.dpo_config import PairsConfig
+from pipeline.encode import EncodeConfig
 from pipeline.options import StageConfig
 from pipeline.synthesize import SynthConfig
 
@@ -42,10 +44,46 @@ def test_help_lists_every_config_field_with_its_default(command, config):
 def test_shared_options_are_declared_once():
     import dataclasses
 
-    shared = {f.name for f in dataclasses.fields(StageConfig)}
-    for config in (SynthConfig, PairsConfig):
+    shared = [f.name for f in dataclasses.fields(StageConfig)]
+    for config in (SynthConfig, PairsConfig, EncodeConfig, CaptionsConfig):
         names = [f.name for f in dataclasses.fields(config)]
-        assert len(names) == len(set(names)) and shared <= set(names)
+        assert len(names) == len(set(names)) and names[: len(shared)] == shared  # inherited, in StageConfig's order
+
+
+def test_shared_defaults_change_default_and_help_only():
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(SynthConfig)}
+    assert (SynthConfig().batch_size, SynthConfig().workers, SynthConfig().inputs) == (4, 1, [])
+    assert fields["batch_size"].metadata["help"] == "Images per teacher call."
+    assert fields["inputs"].metadata["flag"] == "--input"  # the inherited flag
+    assert CaptionsConfig().shard_size == 100_000 and EncodeConfig().batch_size == 32 and PairsConfig().seed == 0
+    with pytest.raises(TypeError, match="'batchsize' is not an option it inherits"):
+
+        @dataclasses.dataclass
+        class Misspelt(StageConfig):
+            shared_defaults = {"batchsize": (4, "Items per call.")}
+
+    with pytest.raises(TypeError, match="give it once"):
+
+        @dataclasses.dataclass
+        class Twice(StageConfig):
+            shared_defaults = {"seed": (1, "Seed.")}
+            seed: int = 2
+
+
+def test_build_captions_help_keeps_its_options_and_leaves_out_the_unused_ones():
+    text = re.sub(r"\s+", " ", invoke("build-captions", "--help").output)
+    for expected in (
+        "--shard-size INT Captions per output shard. [default: 100000]",
+        "--batch-size INT Captions per embedding call. [default: 256]",
+        "--workers INT Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray. [default: 0]",
+        "--seed INT Random seed (selection, k-means, ShapesWorld). [default: 0]",
+        "--ray-address", "--overwrite", "--partitions", "--kmeans-sample",
+    ):  # fmt: skip
+        assert expected in text, expected
+    for unused in ("--gpus-per-worker", "--cpus-per-worker", "--quiet", "--progress"):
+        assert unused not in text, unused
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from train_utils import PIXEL_LOGVAR, random_shards, user_error, write_latent_shards
 
+from lightgen_model import preset
 from training import checkpoint as ckpt_io
 from training import pretrain
 from training.config import load_config
@@ -295,8 +296,10 @@ def test_config_errors_name_the_bad_key(tmp_path):
         load_config(None, ["train.parallel=zero3"])
     with pytest.raises(ValueError, match=r"train.budget_minutes must be > 0 \(or null\), got 0"):
         load_config(None, ["train.budget_minutes=0"])
-    cfg = load_config(ROOT / "conf/debug.yaml", ["model.overrides.encoder_depth=3", "optim.betas=[0.9,0.99]"])
-    assert cfg.model.overrides == {"encoder_depth": 3} and cfg.optim.betas == [0.9, 0.99]
+    cfg = load_config(ROOT / "conf/debug.yaml", ["model.overrides.encoder.depth=3", "optim.betas=[0.9,0.99]"])
+    assert cfg.model.overrides == {"encoder": {"depth": 3}} and cfg.optim.betas == [0.9, 0.99]
+    flat = load_config(ROOT / "conf/debug.yaml", ["model.overrides.encoder_depth=3"])  # the flat key of before
+    assert preset("debug", **cfg.model.overrides) == preset("debug", **flat.model.overrides)
     for p in sorted((ROOT / "conf").glob("*.yaml")):
         load_config(p)  # every shipped preset parses and validates
 

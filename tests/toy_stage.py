@@ -27,8 +27,9 @@ TOY_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("value", pa.int64(
 class ToyConfig(StageConfig):
     """Toy settings."""
 
+    shared_defaults = {"batch_size": (2, "Items per call.")}
+
     offset: int = opt(0, "Added to every value.")
-    batch_size: int = opt(2, "Items per call.")
 
 
 class ToyStage(Stage):

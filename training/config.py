@@ -256,7 +256,7 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` (value parsed as YAML; `model.overrides.encoder_depth=3` reaches one level deeper)."""
+    """Apply `section.key=value` (value parsed as YAML); more dots reach deeper: `model.overrides.encoder.depth=3`."""
     out = json.loads(json.dumps(d or {}))
     for item in overrides:
         if "=" not in item:
