@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from lightgen_model.config import CFG_SCHEDULES, SamplingDefaults
+
 ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 HELDOUT_SEED = 999_001
@@ -220,9 +222,16 @@ class Demo:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
 
     def sampling_args(self) -> list[str]:
+        """The sampling options given on the command line; the rest are the model's recorded defaults (the `shapes`
+        preset's `sampling`)."""
         a = self.a
-        return ["--steps", str(a.num_iter), "--cfg", str(a.cfg), "--temperature", str(a.temperature),
-                "--device", a.device]  # fmt: skip
+        given = {
+            "--steps": a.num_iter,
+            "--cfg": a.cfg,
+            "--cfg-schedule": a.cfg_schedule,
+            "--temperature": a.temperature,
+        }
+        return [x for flag, v in given.items() if v is not None for x in (flag, str(v))] + ["--device", a.device]
 
     def geneval(self, which: str) -> None:
         o, a = self.out, self.a
@@ -557,9 +566,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: pretraining seeds per arm")
     p.add_argument("--ablation-scenes", type=int, default=40, help="distinct scenes per category in the low arm")
     p.add_argument("--pairs", type=int, default=600, help="DPO pairs to build")
-    p.add_argument("--num-iter", type=int, default=64, help="sampling iterations")
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=0.5)
+    model = "(default: the model's recorded setting)"
+    p.add_argument("--num-iter", type=int, help=f"sampling iterations {model}")
+    p.add_argument("--cfg", type=float, help=f"classifier-free guidance scale {model}")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help=f"guidance schedule {model}")
+    p.add_argument("--temperature", type=float, help=f"the diffusion head's temperature {model}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-set", nargs="*", default=[], help="extra pretrain overrides section.key=value")
     p.add_argument("--dpo-set", nargs="*", default=[], help="extra DPO overrides section.key=value")
@@ -571,6 +582,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         p.error(f"--budget-minutes must be > 0, got {args.budget_minutes}")
+    try:  # a bad sampling setting is refused now, not after the pretraining
+        SamplingDefaults().replace(steps=args.num_iter, cfg=args.cfg, temperature=args.temperature)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

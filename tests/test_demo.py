@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightgen import demo
+from lightgen_model.config import PRESETS
 
 POOL, CAPTIONS, HELDOUT, SAMPLES = 240, 120, 6, 2
 STEPS, DPO_STEPS = 6, 3  # 6 steps of 2 x 32 images
@@ -190,6 +191,10 @@ def test_reduced_chain_produces_consistent_artifacts(tmp_path: Path, capsys: pyt
     assert len(heldout) == HELDOUT
     check_models(out, res, heldout)
     check_curve(out, res)
+    # the models record the `shapes` preset's sampling settings, which every sampling stage used but for --num-iter
+    for which in ("pretrain", "dpo"):
+        recorded = json.loads((out / which / "model" / "config.json").read_text())["sampling"]
+        assert recorded == PRESETS["shapes"]["sampling"] and recorded["cfg_schedule"] == "constant"
     # 4. verdicts and report
     report = (out / "report.html").read_text()
     assert "=== targets" in text and f"=== pretraining budget: {STEPS} steps of 64 = {64 * STEPS} images" in text
@@ -236,10 +241,19 @@ def test_ablation_arms_differ_in_diversity_only_and_report_the_spread_over_seeds
 @pytest.mark.parametrize(
     "args, message",
     [(["--images", "0"], "--images must be >= 1, got 0"), (["--dpo-steps", "-1"], "--dpo-steps must be >= 1"),
-     (["--budget-minutes", "0"], "--budget-minutes must be > 0, got 0.0")],
+     (["--budget-minutes", "0"], "--budget-minutes must be > 0, got 0.0"),
+     (["--temperature", "0"], "temperature must be a finite number > 0, got 0.0")],
 )  # fmt: skip
 def test_demo_refuses_an_empty_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str], args, message) -> None:
     with pytest.raises(SystemExit) as e:
         demo.main(["--out", str(tmp_path / "demo"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()  # refused before any stage ran
+
+
+def test_the_demo_samples_with_the_models_recorded_settings_unless_told(tmp_path: Path) -> None:
+    """No sampling flag given: none is passed on (the model's recorded `sampling` applies); given ones are."""
+    chain = demo.Demo(demo.parse_args(["--out", str(tmp_path / "a")]))
+    assert chain.sampling_args() == ["--device", "cpu"]
+    chain = demo.Demo(demo.parse_args(["--out", str(tmp_path / "b"), "--cfg", "2", "--cfg-schedule", "linear"]))
+    assert chain.sampling_args() == ["--cfg", "2.0", "--cfg-schedule", "linear", "--device", "cpu"]

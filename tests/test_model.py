@@ -10,7 +10,7 @@ import torch
 from conftest import cross_states, make_text, wake_head
 
 from lightgen_model import LightGen, ModelConfig, Stack, count_parameters, from_pretrained, preset, save_pretrained
-from lightgen_model.config import STACKS
+from lightgen_model.config import PRESETS, STACKS
 from lightgen_model.layers import CrossBlock
 
 
@@ -343,3 +343,9 @@ def test_sincos_position_init():
     assert not torch.equal(LightGen(preset("debug")).encoder_pos_embed_learned[0], sincos_table(64, (8, 8)))
     with pytest.raises(ValueError, match="pos_embed_init"):
         preset("debug", pos_embed_init="rope")
+
+
+def test_a_preset_config_shares_nothing_with_the_table() -> None:
+    first = preset("shapes")
+    first.sampling["cfg"] = 9.0  # a caller editing its config must not change the next one
+    assert preset("shapes").sampling == PRESETS["shapes"]["sampling"] and PRESETS["shapes"]["sampling"]["cfg"] == 2.0

@@ -304,6 +304,22 @@ def test_config_errors_name_the_bad_key(tmp_path):
         load_config(p)  # every shipped preset parses and validates
 
 
+def test_grids_and_held_out_scores_sample_with_the_models_settings_unless_told():
+    model = preset("shapes")
+    cfg = load_config(ROOT / "conf/shapes_learn.yaml")
+    for section in (cfg.log, cfg.eval):  # nothing set: the model's recorded settings, all four
+        assert model.sampling_defaults().replace(**section.sampling()) == model.sampling_defaults()
+    told = load_config(None, ["eval.cfg=1.5", "eval.cfg_schedule=linear", "log.sample_temperature=0.3"])
+    assert model.sampling_defaults().replace(**told.eval.sampling()) == model.sampling_defaults().replace(
+        cfg=1.5, cfg_schedule="linear"
+    )
+    assert model.sampling_defaults().replace(**told.log.sampling()).temperature == 0.3
+    with pytest.raises(ValueError, match=r"eval: cfg schedule .* got 'cosine'"):
+        load_config(None, ["eval.cfg_schedule=cosine"])
+    with pytest.raises(ValueError, match=r"log: temperature must be a finite number > 0, got 0"):
+        load_config(None, ["log.sample_temperature=0"])
+
+
 @pytest.mark.slow
 def test_loss_falls_on_a_tiny_shapesworld_set(tmp_path):
     from lightgen_model.encoders import build_text_encoder

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from lightgen_model.config import check_sampling
+from lightgen_model.config import SamplingDefaults
 
 DECAY_GROUPS = ("default", "reference")
 
@@ -106,10 +106,17 @@ class LogSection:
     progress: bool = True  # a progress bar on the main process
     sample_every: int = 0  # sample-grid interval in steps (0 = only at the end)
     sample_count: int = 16  # grid of the first N captions of the data (fixed prompts)
-    sample_steps: int = 32  # masked-generation iterations
-    sample_cfg: float = 3.0
-    sample_temperature: float = 1.0
+    # the grids' sampling settings; None = the model's recorded default (ModelConfig.sampling)
+    sample_steps: int | None = None  # masked-generation iterations
+    sample_cfg: float | None = None
+    sample_cfg_schedule: str | None = None
+    sample_temperature: float | None = None
     vae: str | None = None  # image tokenizer to decode grids with (default: the model config's `vae` name)
+
+    def sampling(self) -> dict[str, Any]:
+        """The grids' sampling settings as `SamplingDefaults.replace` keywords (None = the model's)."""
+        return {"steps": self.sample_steps, "cfg": self.sample_cfg, "cfg_schedule": self.sample_cfg_schedule,
+                "temperature": self.sample_temperature}  # fmt: skip
 
 
 @dataclass
@@ -121,11 +128,22 @@ class EvalSection:
     prompts: int = 120  # held-out scenes: shapesworld.generate_prompts(prompts, seed=prompt_seed), canonical text
     prompt_seed: int = 999_001  # the demo's held-out seed (lightgen/demo.py HELDOUT_SEED)
     seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt and seed (generator seeds)
-    steps: int = 64  # masked-generation iterations
-    cfg: float = 3.0
-    temperature: float = 0.5
+    # sampling settings; None = the model's recorded default (ModelConfig.sampling), as `lightgen geneval`
+    steps: int | None = None  # masked-generation iterations
+    cfg: float | None = None
+    cfg_schedule: str | None = None
+    temperature: float | None = None
     batch_size: int = 64  # images per generate call
     text_encoder: str | None = None  # encodes the prompts (default: the model config's text_encoder)
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings as `SamplingDefaults.replace` keywords (None = the model's)."""
+        return {
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "cfg_schedule": self.cfg_schedule,
+            "temperature": self.temperature,
+        }
 
 
 @dataclass
@@ -184,10 +202,11 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        try:
-            check_sampling(self.eval.steps, self.eval.cfg, "linear", self.eval.temperature)
-        except ValueError as e:
-            raise ValueError(f"eval: {e}") from None
+        for section, settings in (("log", self.log.sampling()), ("eval", self.eval.sampling())):
+            try:
+                SamplingDefaults().replace(**settings)
+            except ValueError as e:
+                raise ValueError(f"{section}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dictionaries (JSON-ready)."""

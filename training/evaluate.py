@@ -93,8 +93,7 @@ class SampleGrid:
     def __call__(self, net: LightGen, step: int, autocast: Autocast) -> Path:
         """Sample the grid with `net` in one batch (generator seeded with `train.seed`); the PNG's path."""
         c = self.cfg
-        settings = net.cfg.sampling_defaults().replace(steps=c.sample_steps, cfg=c.sample_cfg,
-                                                       temperature=c.sample_temperature)  # fmt: skip
+        settings = net.cfg.sampling_defaults().replace(**c.sampling())
         imgs = sample_images(net, self.decoder, self.prompts, resolution=self.resolution, settings=settings,
                              generator=torch.Generator().manual_seed(self.seed), autocast=autocast)  # fmt: skip
         path = self.out / "samples" / f"step-{step:08d}.png"
@@ -132,7 +131,7 @@ class HeldOutScore:
     def images(self, net: LightGen, seed: int, autocast: Autocast) -> np.ndarray:
         """(prompts, H, W, 3) uint8: one sample of every held-out prompt, drawn from a generator seeded `seed`."""
         c, g = self.cfg, torch.Generator().manual_seed(seed)
-        settings = net.cfg.sampling_defaults().replace(steps=c.steps, cfg=c.cfg, temperature=c.temperature)
+        settings = net.cfg.sampling_defaults().replace(**c.sampling())
         return np.concatenate([sample_images(net, self.decoder, p, resolution=self.resolution, settings=settings,
                                              generator=g, autocast=autocast) for p in self.batches])  # fmt: skip
 

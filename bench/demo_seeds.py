@@ -1,0 +1,56 @@
+"""What DPO does across pretraining seeds: the held-out scores of several `lightgen.demo` runs, before and after DPO.
+
+    for s in 0 1 2; do python -m lightgen.demo --seed $s --out runs/demo-s$s; done
+    python bench/demo_seeds.py runs/demo-s0 runs/demo-s1 runs/demo-s2
+
+Each run's `scores.json` holds its pretrained and DPO models' GenEval summaries (120 held-out prompts x 4 sample
+seeds by default). Printed: per run and category the score after pretraining, after DPO and the change; then the
+mean and standard deviation of each over the runs (the spread over pretraining seeds, with the sample seeds
+averaged inside each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
+
+
+def scores(run: Path) -> dict[str, dict[str, float]]:
+    """{"pretrain": {category: accuracy, "overall": x}, "dpo": {...}} of one demo run."""
+    doc = json.loads((run / "scores.json").read_text())
+    out = {}
+    for which in ("pretrain", "dpo"):
+        summary = doc["models"][which]["summary"]
+        out[which] = {t: v["accuracy"] for t, v in summary["tasks"].items()} | {"overall": summary["overall"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", help="demo output folders (each with scores.json)")
+    args = p.parse_args(argv)
+    rows = {run.name: scores(run) for run in args.runs}
+    print(f"{'run':14}{'model':10}" + "".join(f"{c[:8]:>10}" for c in CATEGORIES))
+    deltas: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    before: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    after: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    for name, s in rows.items():
+        for c in CATEGORIES:
+            before[c].append(s["pretrain"].get(c, 0.0))
+            after[c].append(s["dpo"].get(c, 0.0))
+            deltas[c].append(after[c][-1] - before[c][-1])
+        print(f"{name:14}{'pretrain':10}" + "".join(f"{s['pretrain'].get(c, 0.0):>10.3f}" for c in CATEGORIES))
+        print(f"{'':14}{'dpo':10}" + "".join(f"{s['dpo'].get(c, 0.0):>10.3f}" for c in CATEGORIES))
+    n = len(rows)
+    for label, values in (("pretrain", before), ("dpo", after), ("dpo - pre", deltas)):
+        mean = "".join(f"{statistics.mean(values[c]):>10.3f}" for c in CATEGORIES)
+        std = "".join(f"{(statistics.stdev(values[c]) if n > 1 else 0.0):>10.3f}" for c in CATEGORIES)
+        print(f"{'mean of ' + str(n):14}{label:10}{mean}\n{'std':14}{label:10}{std}")
+
+
+if __name__ == "__main__":
+    main()
