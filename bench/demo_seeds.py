@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", type=Path, nargs="+", help="demo output folders (each with scores.json)")
     args = p.parse_args(argv)
+    for run in args.runs:
+        if not (run / "scores.json").is_file():
+            p.error(f"{run}: no scores.json (a demo run that has not finished?)")
     rows = {run.name: scores(run) for run in args.runs}
     print(f"{'run':14}{'model':10}" + "".join(f"{c[:8]:>10}" for c in CATEGORIES))
     deltas: dict[str, list[float]] = {c: [] for c in CATEGORIES}

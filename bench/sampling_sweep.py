@@ -60,11 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", type=setting, nargs="*", default=[("steps", "64"), ("cfg", "3"), ("temperature", "0.5")])
     p.add_argument("--grid", nargs="+", required=True, help='"key=v1,v2,..." one axis each')
     args = p.parse_args(argv)
+    for path in (args.model / "config.json", args.metadata):
+        if not path.is_file():
+            p.error(f"{path}: no such file")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     base = dict(args.base)
     points = [base]
     for axis in args.grid:
-        key, values = setting(axis)
+        try:
+            key, values = setting(axis)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--grid: {e}")
         points += [base | {key: v} for v in values.split(",") if v != base.get(key)]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "sweep.jsonl"

@@ -138,12 +138,8 @@ class EvalSection:
 
     def sampling(self) -> dict[str, Any]:
         """The sampling settings as `SamplingDefaults.replace` keywords (None = the model's)."""
-        return {
-            "steps": self.steps,
-            "cfg": self.cfg,
-            "cfg_schedule": self.cfg_schedule,
-            "temperature": self.temperature,
-        }
+        return {"steps": self.steps, "cfg": self.cfg, "cfg_schedule": self.cfg_schedule,
+                "temperature": self.temperature}  # fmt: skip
 
 
 @dataclass
