@@ -134,7 +134,7 @@ class Demo:
         self.stage("pairs", lambda: self.sh("pairs", [
             *tool("lightgen-data"), "build-dpo-pairs", *self.pair_inputs(), "--output", str(o / "pairs"),
             "--judge-backend", "shapes", "--model", str(o / "pretrain" / "model"), "--seed", str(a.seed + 1),
-            "--resolution", str(a.resolution), "--batch-size", "64", *self.sampling_args(), *workers,
+            "--resolution", str(a.resolution), "--batch-size", "64", "--judge-losers", *self.sampling_args(), *workers,
         ]))  # fmt: skip
         self.stage("dpo", lambda: self.sh("dpo", [
             *self.launcher(), str(ROOT / "training/dpo.py"), "--config", str(ROOT / "conf/dpo_shapes.yaml"),

@@ -43,6 +43,11 @@ class PairsConfig(DeviceOption, ImageLimits, StageConfig):
     min_judge_score: float = opt(
         0.8, "Keep images the judge scores at least this, in [0, 1] ('Score: N' = N/10, yes = 1, no = 0)."
     )
+    judge_losers: bool = opt(
+        False,
+        "Judge each loser too; keep a pair only when the judge scores its loser below its winner (the rest are "
+        "rejects, reason loser_not_worse).",
+    )
     judge_max_new_tokens: int = opt(16, "Tokens the judge may answer with.")
     judge_max_pixels: int = opt(1024 * 1024, "Images are resized to at most this many pixels for Qwen.")
     judge_dtype: str = opt("auto", "Judge dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")

@@ -9,9 +9,10 @@ Two stages on `pipeline.runner`, one after the other (`run_build_dpo_pairs`):
    judge did not keep become rejects (`judge_rejected` / `judge_unparseable`, the answer in the detail). Per batch
    of kept images: the captions' text states (unpadded, as `encode-latents` stores them), one loser per caption
    drawn by `lightgen.api.LightGenPipeline` with a CPU generator seeded by `loser_seed(--seed, id)` (what
-   `lightgen generate --seed <that seed>` draws for the caption), and the moments of winner (center-cropped like
-   `encode-latents`) and loser, each with its flip, through `encode_with_flip`. Rows go to `part-NNNNN.parquet`
-   (`PAIR_SCHEMA`).
+   `lightgen generate --seed <that seed>` draws for the caption), with `--judge-losers` the judge's verdict on each
+   loser (a pair whose loser scores no lower than its winner would teach nothing true: a reject, `loser_not_worse`),
+   and the moments of winner (center-cropped like `encode-latents`) and loser, each with its flip, through
+   `encode_with_flip`. Rows go to `part-NNNNN.parquet` (`PAIR_SCHEMA`).
 
 Counts add up: `inputs = written + rejected` for the run, and the judge stage's inputs are the run's inputs. Each
 stage resumes on its own: a finished judgement shard is not judged again, a finished pair shard is not remade.
@@ -35,8 +36,8 @@ from pipeline import shards
 from pipeline.dpo_config import PairsConfig, judge_content, loser_seed, resolve
 from pipeline.encode import Encoders, f16_column
 from pipeline.images import RejectError, center_crop_resize, decode_image
-from pipeline.judge import judge_name
-from pipeline.judge_stage import JudgeStage, judgements_dir, quiet_hf
+from pipeline.judge import judge_batch, judge_name
+from pipeline.judge_stage import JudgeStage, judgements_dir, load_judge, quiet_hf
 from pipeline.schema import JUDGEMENT_FORMAT, MANIFEST, PAIR_FORMAT, PAIR_SCHEMA, PAIR_SCHEMA_VERSION
 from pipeline.shards import rejects_name, shard_name
 from pipeline.stage import Output, Reject, Stage, WorkUnit
@@ -54,6 +55,7 @@ class Kept:
     caption: str
     judge_answer: str
     judge_score: float
+    metadata: dict[str, Any] | None
     winner: np.ndarray
 
 
@@ -90,6 +92,7 @@ class PairsStage(Stage):
                 "max_text_len": res.max_text_len,
                 "sampling": res.sampling,
                 "seed": cfg.seed,
+                "judge_losers": cfg.judge_losers,
                 "max_pixels": cfg.max_pixels,
                 "min_size": cfg.min_size,
                 "schema_version": PAIR_SCHEMA_VERSION,
@@ -130,6 +133,7 @@ class PairsStage(Stage):
         )
         self.store = Storage(judgements_dir(cfg.output))
         self.judge = judge_name(cfg.judge_backend, cfg.judge_model)
+        self.loser_judge = load_judge(cfg) if cfg.judge_losers else None
 
     def shard_meta(self) -> dict[str, Any]:
         """Encoder names and shapes (the trainer checks them), judge, loser model and sampling settings."""
@@ -161,7 +165,8 @@ class PairsStage(Stage):
                 yield Reject(r["id"], r["source"], e.reason, str(e))
                 continue
             winner = center_crop_resize(image, self.res.resolution)
-            yield Kept(r["id"], r["source"], r["caption"], r["judge_answer"], r["judge_score"], winner)
+            meta = None if r["metadata"] is None else json.loads(r["metadata"])
+            yield Kept(r["id"], r["source"], r["caption"], r["judge_answer"], r["judge_score"], meta, winner)
 
     def draw_losers(self, captions: list[str], seeds: list[int]) -> list[np.ndarray | None]:
         """The model's images for `captions`, one CPU generator per image seeded with its seed (a batch gives each
@@ -199,7 +204,9 @@ class PairsStage(Stage):
                     Reject(it.id, it.source, "nonfinite_loser", f"the model's image (seed {seed}) has NaN or inf")
                 )
             else:
-                rows.append((it, text, seed, loser))
+                rows.append((it, text, seed, loser, None))
+        if self.loser_judge is not None and rows:
+            rows = self._judge_losers(rows, rejects)
         if not rows:
             return Output(None, rejects)
         pixels = torch.from_numpy(np.stack([r[0].winner for r in rows] + [r[3] for r in rows])).permute(0, 3, 1, 2)
@@ -218,6 +225,25 @@ class PairsStage(Stage):
         losers_m = [(m16[n + i], f16[n + i]) for i in keep]
         return Output(self._table([rows[i] for i in keep], winners, losers_m), rejects)
 
+    def _judge_losers(self, rows: list[tuple], rejects: list[Reject]) -> list[tuple]:
+        """The rows whose loser the judge scores below the winner, each with that judgement; rejects for the rest."""
+        from PIL import Image
+
+        judged = judge_batch(
+            self.loser_judge, [Image.fromarray(r[3]) for r in rows], [r[0].caption for r in rows],
+            [r[0].metadata for r in rows], self.cfg.min_judge_score,
+        )  # fmt: skip
+        kept = []
+        for (it, text, seed, loser, _), j in zip(rows, judged, strict=True):
+            if j.score is None:
+                rejects.append(Reject(it.id, it.source, "loser_judge_unparseable", f"answer: {j.answer}"))
+            elif j.score >= it.judge_score:
+                detail = f"the judge scores the loser {j.score:g}, the winner {it.judge_score:g}; answer: {j.answer}"
+                rejects.append(Reject(it.id, it.source, "loser_not_worse", detail))
+            else:
+                kept.append((it, text, seed, loser, j))
+        return kept
+
     def _table(self, rows: list[tuple], winners: list[tuple], losers: list[tuple]) -> pa.Table:
         """Assemble kept pairs into a table with `PAIR_SCHEMA`."""
         meta = self.shard_meta()
@@ -234,6 +260,8 @@ class PairsStage(Stage):
             loser_model=pa.array([meta["loser_model"]] * n, pa.string()),
             loser_seed=pa.array([r[2] for r in rows], pa.int64()),
             sampling=pa.array([json.dumps(meta["sampling"], sort_keys=True)] * n, pa.string()),
+            loser_judge_answer=pa.array([None if r[4] is None else r[4].answer for r in rows], pa.string()),
+            loser_judge_score=pa.array([None if r[4] is None else r[4].score for r in rows], pa.float32()),
         )
         return pa.table({f.name: columns[f.name] for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
 

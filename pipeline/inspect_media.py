@@ -110,7 +110,7 @@ def pairs_section(stage: StageDir, limit: int, seed: int, vae: str | None) -> st
     """Winner and loser of seeded random pairs side by side, with the judge's answer and the loser's settings."""
     decoder = MomentsDecoder(stage.manifest.get("vae", ""), vae)
     cols = ["id", "caption", "moments_shape", "winner_moments", "loser_moments", "judge", "judge_answer",
-            "judge_score", "loser_model", "loser_seed", "sampling"]  # fmt: skip
+            "judge_score", "loser_model", "loser_seed", "sampling", "loser_judge_answer", "loser_judge_score"]  # fmt: skip
     t = read_sampled_rows(stage, sample_positions(stage.rows_per_shard, limit, seed), cols)
     winners = decoder(moments_array(t, "winner_moments")) if decoder.can_decode and len(t) else []
     losers = decoder(moments_array(t, "loser_moments")) if winners else []
@@ -130,6 +130,9 @@ def pair_meta(row: dict[str, Any]) -> str:
     score = tag("span", esc(f"{row['judge_score']:.3g}"), data_score=row["judge_score"])
     text = tag("b", esc(row["caption"])) + f"<br>id {esc(row['id'])}<br>judge {esc(row['judge'])}, score {score}"
     text += tag("pre", esc(row["judge_answer"]), class_="answer")
+    if row["loser_judge_answer"] is not None:  # --judge-losers
+        text += f"judge on the loser: score {row['loser_judge_score']:.3g}"
+        text += tag("pre", esc(row["loser_judge_answer"]), class_="answer")
     text += f"loser: {esc(row['loser_model'])}, seed {esc(row['loser_seed'])}" + tag("pre", esc(settings))
     return tag("div", text, class_="meta")
 

@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline import inputs
 from pipeline.dpo_config import PairsConfig, check_judge_options, judge_content
 from pipeline.images import RejectError, decode_image
-from pipeline.judge import Judgement, build_judge, judge_batch
+from pipeline.judge import Judge, Judgement, build_judge, judge_batch
 from pipeline.schema import (
     JUDGEMENT_FORMAT,
     JUDGEMENT_SCHEMA,
@@ -182,6 +182,18 @@ def _metadata(fields: dict[str, Any]) -> dict[str, Any] | None:
     return meta
 
 
+def load_judge(cfg: PairsConfig) -> Judge:
+    """The judge the settings name, loaded (the judge stage's, and the pairs stage's with --judge-losers)."""
+    if cfg.judge_backend != "shapes":
+        quiet_hf()
+    model = str(Path(cfg.judge_model).resolve()) if cfg.judge_model else None
+    return build_judge(
+        cfg.judge_backend, model, device=cfg.device, dtype=cfg.judge_dtype, max_new_tokens=cfg.judge_max_new_tokens,
+        max_pixels=cfg.judge_max_pixels, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------- the stage
 
 
@@ -233,17 +245,9 @@ class JudgeStage(Stage):
 
     def setup(self) -> None:
         """Load the judge; open the readers."""
-        cfg = self.cfg
-        if cfg.judge_backend != "shapes":
-            quiet_hf()
-        model = str(Path(cfg.judge_model).resolve()) if cfg.judge_model else None
-        self.judge = build_judge(
-            cfg.judge_backend, model, device=cfg.device, dtype=cfg.judge_dtype, max_new_tokens=cfg.judge_max_new_tokens,
-            max_pixels=cfg.judge_max_pixels, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
-        )  # fmt: skip
+        self.judge = load_judge(self.cfg)
         self.blobs = BlobReader()
-        self.folders = [Path(p).resolve() for p in cfg.inputs if Path(p).is_dir()]
+        self.folders = [Path(p).resolve() for p in self.cfg.inputs if Path(p).is_dir()]
         self.jsonl = JsonlIndex()  # captions.jsonl files are read once per worker, not once per unit
 
     def shard_meta(self) -> dict[str, Any]:
@@ -307,6 +311,7 @@ class JudgeStage(Stage):
                 continue
             rows.append(
                 {"id": s.raw.id, "source": s.raw.source, "caption": s.raw.caption, "image": s.raw.image,
+                 "metadata": None if s.metadata is None else json.dumps(s.metadata, sort_keys=True),
                  "aesthetic": s.aesthetic, "judge": self.judge.name, "judge_answer": j.answer,
                  "judge_score": j.score, "kept": j.kept, "reason": j.reason, "detail": j.detail}
             )  # fmt: skip

@@ -27,10 +27,11 @@ layout and encodings with one row per (winner, loser) pair: id, caption, resolut
 text_emb, vae and text_encoder as above; `winner_moments` / `winner_moments_flip` (the kept source image) and
 `loser_moments` / `loser_moments_flip` (the image the current model drew for the caption), made by the same image
 tokenizer code as `moments`; `judge` (backend and model), `judge_answer` (raw text), `judge_score` (in [0, 1]),
-`loser_model` (checkpoint path @ config hash), `loser_seed` and `sampling` (the sampling settings as JSON).
+`loser_model` (checkpoint path @ config hash), `loser_seed`, `sampling` (the sampling settings as JSON), and
+`loser_judge_answer` / `loser_judge_score` (the judge on the loser with `--judge-losers`, else null).
 `moments_array(table, "winner_moments")` etc. read them. Its judge stage leaves `judgements/` beside the pair shards
 (manifest `format` "lightgen-judgements", `JUDGEMENT_SCHEMA`): one row per image the judge saw, with the image's
-bytes, the raw answer, the score and whether it was kept.
+bytes, its metadata (JSON, null when it had none), the raw answer, the score and whether it was kept.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ REJECT_SCHEMA = pa.schema(
 )
 
 # ---- DPO pair shards (`build-dpo-pairs`) ----
-PAIR_SCHEMA_VERSION = 1
+PAIR_SCHEMA_VERSION = 2  # 2: loser_judge_answer, loser_judge_score
 PAIR_FORMAT = "lightgen-dpo-pairs"
 # The four moments columns of a pair row, each shaped like `moments_shape` (read them with `moments_array`).
 PAIR_MOMENTS_COLUMNS = ("winner_moments", "winner_moments_flip", "loser_moments", "loser_moments_flip")
@@ -84,11 +85,13 @@ PAIR_SCHEMA = pa.schema(
         pa.field("loser_model", pa.string(), nullable=False),
         pa.field("loser_seed", pa.int64(), nullable=False),
         pa.field("sampling", pa.string(), nullable=False),
+        pa.field("loser_judge_answer", pa.string()),  # raw text; null unless --judge-losers
+        pa.field("loser_judge_score", pa.float32()),  # in [0, 1], below judge_score; null unless --judge-losers
     ]
 )
 
 # ---- judgement shards (`build-dpo-pairs`' judge stage, in `<pairs output>/judgements/`) ----
-JUDGEMENT_SCHEMA_VERSION = 1
+JUDGEMENT_SCHEMA_VERSION = 2  # 2: metadata
 JUDGEMENT_FORMAT = "lightgen-judgements"
 
 # One row per image the judge saw (kept or not); inputs screened out before the judge are rejects instead.
@@ -97,6 +100,7 @@ JUDGEMENT_SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),  # where the image was read: file, tar, Parquet row
         pa.field("caption", pa.string(), nullable=False),
+        pa.field("metadata", pa.string()),  # the input's GenEval metadata as JSON (the shapes judge), else null
         pa.field("image", pa.binary(), nullable=False),  # the image file's bytes as read (the pairs stage's winner)
         pa.field("aesthetic", pa.float32()),  # the input's aesthetic score, if it had one
         pa.field("judge", pa.string(), nullable=False),  # backend and model

@@ -198,6 +198,7 @@ def check_shapes_pairs(out: Path, shapes_images: Path, debug_ckpt: str) -> pa.Ta
     assert set(t.column("judge_score").to_pylist()) == {1.0} and set(t.column("judge").to_pylist()) == {"shapes"}
     assert all(a.startswith("Score: 10\ncorrect\n") for a in t.column("judge_answer").to_pylist())
     assert json.loads(t.column("sampling")[0].as_py()) == manifest["sampling"]
+    assert t.column("loser_judge_answer").null_count == t.column("loser_judge_score").null_count == len(t)
     assert [len(x) for x in text_arrays(t)] == t.column("text_len").to_pylist()
     return t
 
@@ -254,6 +255,51 @@ def test_shapes_two_stages_counts_pairs_losers_and_resume(tmp_path, shapes_image
         run_build_dpo_pairs(PairsConfig(**{**vars(cfg), "steps": 2}))
     redone = run_build_dpo_pairs(PairsConfig(**{**vars(cfg), "steps": 2, "overwrite": True}))
     assert redone["written"] == 10 and pair_shards(out)[0]["sampling"]["steps"] == 2
+
+
+def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images, debug_ckpt, monkeypatch):
+    """With --judge-losers a loser the judge finds as good as its winner makes no pair (`loser_not_worse`); the
+    kept pairs record the judge on their loser; counts still add up."""
+    from pipeline.dpo_pairs import PairsStage
+
+    pixels, key_of = teacher_pixels(shapes_images), {}
+    with tarfile.open(shapes_images / "part-00000.tar") as tf:
+        for m in tf:
+            if m.name.endswith(".json"):
+                key_of[json.loads(tf.extractfile(m).read())["caption"]] = m.name[:-5]
+    perfect = set(sorted(key_of)[::3])  # these captions get the teacher's own render as their "loser"
+    draw = PairsStage.draw_losers
+
+    def some_perfect(self, captions, seeds):
+        drawn = draw(self, captions, seeds)
+        return [pixels[key_of[c]] if c in perfect else im for c, im in zip(captions, drawn, strict=True)]
+
+    monkeypatch.setattr(PairsStage, "draw_losers", some_perfect)
+    out = tmp_path / "pairs"
+    cfg = PairsConfig([str(shapes_images)], str(out), model=debug_ckpt, judge_backend="shapes", steps=2,
+                      workers=0, batch_size=4, progress=False, judge_losers=True)  # fmt: skip
+    report = run_build_dpo_pairs(cfg)
+    assert (report["inputs"], report["written"], report["rejected"]) == (10, 10 - len(perfect), len(perfect))
+    assert report["rejected_by_reason"] == {"loser_not_worse": len(perfect)}
+    rej = rejects(out)
+    assert {rid.rsplit("/", 1)[1] for rid in rej} == {key_of[c] for c in perfect}
+    assert all(d.startswith("the judge scores the loser 1, the winner 1; answer: Score: 10") for _, d in rej.values())
+    t = read_rows(out)
+    assert t.schema.equals(PAIR_SCHEMA) and set(t.column("caption").to_pylist()) == set(key_of) - perfect
+    assert set(t.column("loser_judge_score").to_pylist()) == {0.0}  # random-weight losers: wrong scenes
+    assert all(a.startswith("Score: 0\n") for a in t.column("loser_judge_answer").to_pylist())
+    # The judgements keep each input's metadata, which the shapes judge needs to score the losers.
+    judged = read_judgements(out)
+    metas = [json.loads(m) for m in judged["metadata"].to_pylist()]
+    assert [m["prompt"] for m in metas] == judged["caption"].to_pylist()
+    # `inspect` shows the judge's answer on each loser beside the pair.
+    from pipeline.inspect import inspect_dataset
+
+    page = inspect_dataset(out, out=tmp_path / "pairs.html", limit=20).read_text()
+    assert page.count("judge on the loser: score 0") == len(t)
+    # Other --judge-losers settings are other pairs: refused without --overwrite.
+    with pytest.raises(ValueError, match="other settings.*--overwrite"):
+        run_build_dpo_pairs(PairsConfig(**{**vars(cfg), "judge_losers": False}))
 
 
 # ------------------------------------------------------------------------------ Parquet / tar / folder sources

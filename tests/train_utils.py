@@ -132,6 +132,7 @@ def write_pair_shards(
             "vae": [vae] * len(sl), "text_encoder": [text_encoder] * len(sl), "judge": ["test"] * len(sl),
             "judge_answer": ["yes"] * len(sl), "judge_score": pa.array([1.0] * len(sl), pa.float32()),
             "loser_model": ["m"] * len(sl), "loser_seed": pa.array(list(sl), pa.int64()), "sampling": ["{}"] * len(sl),
+            "loser_judge_answer": pa.nulls(len(sl), pa.string()), "loser_judge_score": pa.nulls(len(sl), pa.float32()),
         }  # fmt: skip
         name = f"part-{k:05d}.parquet"
         pq.write_table(pa.table(cols, schema=schema.PAIR_SCHEMA), out / name)
