@@ -13,6 +13,14 @@ from lightgen_model import LightGen, preset
 GENEVAL_METADATA = Path(__file__).resolve().parents[2] / "shared" / "geneval" / "evaluation_metadata.jsonl"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Create transformers' log handler now, on the session's stderr: created during a CliRunner invocation, it would
+    keep that invocation's stream and, once it is closed, print a 'Logging error' traceback into later tests' output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip the tests marked `gpu` where torch sees no CUDA device."""
     if torch.cuda.is_available():
