@@ -36,8 +36,8 @@ from pipeline import shards
 from pipeline.dpo_config import PairsConfig, judge_content, loser_seed, resolve
 from pipeline.encode import Encoders, f16_column
 from pipeline.images import RejectError, center_crop_resize, decode_image
-from pipeline.judge import judge_batch, judge_name
-from pipeline.judge_stage import JudgeStage, judgements_dir, load_judge, quiet_hf
+from pipeline.judge import judge_name
+from pipeline.judge_stage import JudgeStage, ask_judge, judgements_dir, load_judge, quiet_hf
 from pipeline.schema import JUDGEMENT_FORMAT, MANIFEST, PAIR_FORMAT, PAIR_SCHEMA, PAIR_SCHEMA_VERSION
 from pipeline.shards import rejects_name, shard_name
 from pipeline.stage import Output, Reject, Stage, WorkUnit
@@ -229,13 +229,15 @@ class PairsStage(Stage):
         """The rows whose loser the judge scores below the winner, each with that judgement; rejects for the rest."""
         from PIL import Image
 
-        judged = judge_batch(
+        judged = ask_judge(
             self.loser_judge, [Image.fromarray(r[3]) for r in rows], [r[0].caption for r in rows],
             [r[0].metadata for r in rows], self.cfg.min_judge_score,
         )  # fmt: skip
         kept = []
         for (it, text, seed, loser, _), j in zip(rows, judged, strict=True):
-            if j.score is None:
+            if isinstance(j, str):  # the judge refused the image
+                rejects.append(Reject(it.id, it.source, "loser_judge_error", j))
+            elif j.score is None:
                 rejects.append(Reject(it.id, it.source, "loser_judge_unparseable", f"answer: {j.answer}"))
             elif j.score >= it.judge_score:
                 detail = f"the judge scores the loser {j.score:g}, the winner {it.judge_score:g}; answer: {j.answer}"

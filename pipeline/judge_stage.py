@@ -194,6 +194,24 @@ def load_judge(cfg: PairsConfig) -> Judge:
     )  # fmt: skip
 
 
+def ask_judge(
+    judge: Judge, images: list[Image.Image], captions: list[str], metadata: list[dict | None], min_score: float
+) -> list[Judgement | str]:
+    """Judgements for a batch. An image the judge refuses (ValueError, e.g. an extreme aspect ratio for Qwen's
+    resizer) gets its error text instead, found by retrying the batch one by one; other errors end the run."""
+    try:
+        return list(judge_batch(judge, images, captions, metadata, min_score))
+    except ValueError:
+        pass
+    out: list[Judgement | str] = []
+    for i in range(len(images)):
+        try:
+            out.append(judge_batch(judge, images[i : i + 1], captions[i : i + 1], metadata[i : i + 1], min_score)[0])
+        except ValueError as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- the stage
 
 
@@ -318,20 +336,8 @@ class JudgeStage(Stage):
         return Output(pa.Table.from_pylist(rows, schema=JUDGEMENT_SCHEMA), rejects)
 
     def _ask(self, items: Sequence[Sample]) -> list[Judgement | str]:
-        """Judgements for a batch. An input the judge refuses (ValueError, e.g. an extreme aspect ratio for Qwen's
-        resizer) gets its error text instead, found by retrying the batch one by one; other errors end the run."""
-        ask = lambda batch: judge_batch(
-            self.judge, [s.pixels for s in batch], [s.raw.caption for s in batch], [s.metadata for s in batch],
+        """Judgements for a batch (`ask_judge`)."""
+        return ask_judge(
+            self.judge, [s.pixels for s in items], [s.raw.caption for s in items], [s.metadata for s in items],
             self.cfg.min_judge_score,
         )  # fmt: skip
-        try:
-            return list(ask(items))
-        except ValueError:
-            pass
-        out: list[Judgement | str] = []
-        for s in items:
-            try:
-                out.append(ask([s])[0])
-            except ValueError as e:
-                out.append(f"{type(e).__name__}: {e}")
-        return out

@@ -258,9 +258,11 @@ def test_shapes_two_stages_counts_pairs_losers_and_resume(tmp_path, shapes_image
 
 
 def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images, debug_ckpt, monkeypatch):
-    """With --judge-losers a loser the judge finds as good as its winner makes no pair (`loser_not_worse`); the
-    kept pairs record the judge on their loser; counts still add up."""
+    """With --judge-losers a loser the judge finds as good as its winner makes no pair (`loser_not_worse`), one it
+    refuses neither (`loser_judge_error`, the rest of its batch judged one by one); the kept pairs record the judge on
+    their loser; counts still add up."""
     from pipeline.dpo_pairs import PairsStage
+    from pipeline.judge import ShapesJudge
 
     pixels, key_of = teacher_pixels(shapes_images), {}
     with tarfile.open(shapes_images / "part-00000.tar") as tf:
@@ -268,24 +270,34 @@ def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images
             if m.name.endswith(".json"):
                 key_of[json.loads(tf.extractfile(m).read())["caption"]] = m.name[:-5]
     perfect = set(sorted(key_of)[::3])  # these captions get the teacher's own render as their "loser"
-    draw = PairsStage.draw_losers
+    refused = sorted(set(key_of) - perfect)[0]  # this one a black "loser" the judge refuses
+    draw, answers = PairsStage.draw_losers, ShapesJudge.answers
 
     def some_perfect(self, captions, seeds):
         drawn = draw(self, captions, seeds)
-        return [pixels[key_of[c]] if c in perfect else im for c, im in zip(captions, drawn, strict=True)]
+        drawn = [pixels[key_of[c]] if c in perfect else im for c, im in zip(captions, drawn, strict=True)]
+        return [np.zeros_like(im) if c == refused else im for c, im in zip(captions, drawn, strict=True)]
+
+    def refuse_black(self, images, captions, metadata):
+        if any(np.asarray(im).max() == 0 for im in images):
+            raise ValueError("a black image")
+        return answers(self, images, captions, metadata)
 
     monkeypatch.setattr(PairsStage, "draw_losers", some_perfect)
+    monkeypatch.setattr(ShapesJudge, "answers", refuse_black)
     out = tmp_path / "pairs"
     cfg = PairsConfig([str(shapes_images)], str(out), model=debug_ckpt, judge_backend="shapes", steps=2,
                       workers=0, batch_size=4, progress=False, judge_losers=True)  # fmt: skip
     report = run_build_dpo_pairs(cfg)
-    assert (report["inputs"], report["written"], report["rejected"]) == (10, 10 - len(perfect), len(perfect))
-    assert report["rejected_by_reason"] == {"loser_not_worse": len(perfect)}
-    rej = rejects(out)
-    assert {rid.rsplit("/", 1)[1] for rid in rej} == {key_of[c] for c in perfect}
+    n_bad = len(perfect) + 1
+    assert (report["inputs"], report["written"], report["rejected"]) == (10, 10 - n_bad, n_bad)
+    assert report["rejected_by_reason"] == {"loser_not_worse": len(perfect), "loser_judge_error": 1}
+    rej = {rid.rsplit("/", 1)[1]: v for rid, v in rejects(out).items()}
+    assert rej.pop(key_of[refused]) == ("loser_judge_error", "ValueError: a black image")
+    assert set(rej) == {key_of[c] for c in perfect}
     assert all(d.startswith("the judge scores the loser 1, the winner 1; answer: Score: 10") for _, d in rej.values())
     t = read_rows(out)
-    assert t.schema.equals(PAIR_SCHEMA) and set(t.column("caption").to_pylist()) == set(key_of) - perfect
+    assert t.schema.equals(PAIR_SCHEMA) and set(t.column("caption").to_pylist()) == set(key_of) - perfect - {refused}
     assert set(t.column("loser_judge_score").to_pylist()) == {0.0}  # random-weight losers: wrong scenes
     assert all(a.startswith("Score: 0\n") for a in t.column("loser_judge_answer").to_pylist())
     # The judgements keep each input's metadata, which the shapes judge needs to score the losers.
