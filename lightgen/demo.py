@@ -270,10 +270,12 @@ class Demo:
 
 class Ablation(Demo):
     """The paper's data ablation in miniature: the same number of captions and the same pretraining budget in images
-    on (a) diverse captions (every scene, paraphrased) and (b) low-diversity ones (--ablation-scenes scenes per
-    category, paraphrase rate 0.3; drawn from a larger pool, exact duplicates removed, so both arms hold the same
-    number of distinct captions): the arms differ in caption diversity only. Each arm is pretrained with every seed
-    of --seeds; held-out scores per seed and their mean and spread in <out>/ablation.json."""
+    on (a) diverse captions (every scene) and (b) low-diversity ones (--ablation-scenes scenes per category, drawn
+    from a larger pool, exact duplicates removed, so both arms hold the same number of distinct captions). Both arms
+    paraphrase every caption with the same grammar, so they differ in the scenes their captions describe only, not
+    in wording (the held-out prompts' canonical template is no more common in one arm than in the other). Each arm
+    is pretrained with every seed of --seeds; held-out scores per seed and their mean and spread in
+    <out>/ablation.json."""
 
     def arm(self, name: str, extra: list[str], pool: int) -> dict[str, Any]:
         a, o, n = self.a, self.out / name, self.a.ablation_captions
@@ -323,7 +325,7 @@ class Ablation(Demo):
             *tool("lightgen"), "shapes", "prompts", "--n", str(a.heldout), "--seed", str(HELDOUT_SEED),
             "--out", str(self.out / "heldout.jsonl"),
         ]))  # fmt: skip
-        low_extra = ["--shapes-diversity", "0.3", "--shapes-scenes", str(a.ablation_scenes)]
+        low_extra = ["--shapes-diversity", "1.0", "--shapes-scenes", str(a.ablation_scenes)]
         res = {
             "budget": self.budget(),
             "captions": n,
@@ -564,7 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ablation-captions", type=int, default=3000, help="captions in each arm of the ablation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: pretraining seeds per arm")
-    p.add_argument("--ablation-scenes", type=int, default=40, help="distinct scenes per category in the low arm")
+    p.add_argument("--ablation-scenes", type=int, default=4, help="distinct scenes per category in the low arm")
     p.add_argument("--pairs", type=int, default=600, help="DPO pairs to build")
     model = "(default: the model's recorded setting)"
     p.add_argument("--num-iter", type=int, help=f"sampling iterations {model}")
