@@ -31,7 +31,7 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m lightgen.demo --out runs/demo $(DEMO_ARGS)
 
-# The paper's data ablation in miniature: few diverse vs many low-diversity captions, same budget.
+# The paper's data ablation in miniature: as many diverse as low-diversity captions (all scenes vs 4 per category), same budget.
 ABLATION_ARGS ?=
 ablation: $(STAMP)
 	$(PY) -m lightgen.demo --ablation --out runs/ablation $(ABLATION_ARGS)

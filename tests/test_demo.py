@@ -211,7 +211,7 @@ def test_reduced_chain_produces_consistent_artifacts(tmp_path: Path, capsys: pyt
 def test_ablation_arms_differ_in_diversity_only_and_report_the_spread_over_seeds(tmp_path: Path) -> None:
     """Both arms: the same number of captions and training images; each seed's model scored; mean and spread over
     the seeds recount from the per-seed scores; the low arm's captions are fewer distinct scenes, worded alike (both
-    arms paraphrase every caption: none is its scene's canonical GenEval prompt)."""
+    arms paraphrase every caption: the canonical GenEval prompt of the held-out set is a rare paraphrase in either)."""
     out = tmp_path / "ablation"
     res = demo.main(["--ablation", "--out", str(out), "--ablation-captions", "40", "--ablation-scenes", "3",
                      "--images", "96", "--seeds", "0", "1", "--heldout", "6", "--samples", "1", "--num-iter", "4",
@@ -235,7 +235,8 @@ def test_ablation_arms_differ_in_diversity_only_and_report_the_spread_over_seeds
         metadata = table.column("metadata").to_pylist()
         scenes[arm] = len(set(metadata))  # GenEval metadata: the scene of a caption
         prompts = [json.loads(m)["prompt"] for m in metadata]
-        assert not set(prompts) & set(table.column("caption").to_pylist())
+        canonical = sum(p == c for p, c in zip(prompts, table.column("caption").to_pylist(), strict=True))
+        assert canonical <= 0.05 * len(prompts)  # the grammar's own rate (~0.3 %); a paraphrase rate of 0.3 gives ~70 %
     # the seeds trained different models on the same data
     a, b = (hashlib.sha256((out / "diverse" / f"pretrain-s{s}" / "model" / "model.safetensors").read_bytes()).digest()
             for s in (0, 1))  # fmt: skip
