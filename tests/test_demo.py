@@ -248,6 +248,7 @@ def test_ablation_arms_differ_in_diversity_only_and_report_the_spread_over_seeds
     "args, message",
     [(["--images", "0"], "--images must be >= 1, got 0"), (["--dpo-steps", "-1"], "--dpo-steps must be >= 1"),
      (["--budget-minutes", "0"], "--budget-minutes must be > 0, got 0.0"),
+     (["--ablation", "--ablation-scenes", "0"], "--ablation-scenes must be >= 1, got 0"),
      (["--temperature", "0"], "temperature must be a finite number > 0, got 0.0")],
 )  # fmt: skip
 def test_demo_refuses_an_empty_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str], args, message) -> None:
