@@ -579,7 +579,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart", action="store_true", help="delete the output folder first")
     p.add_argument("--verbose", action="store_true", help="also echo Ray / progress-bar lines")
     args = p.parse_args(argv)
-    counts = ("images", "dpo_steps", "ablation_captions", "ablation_scenes", "curve_points", "heldout", "samples", "pairs")
+    counts = (
+        "images",
+        "dpo_steps",
+        "ablation_captions",
+        "ablation_scenes",
+        "curve_points",
+        "heldout",
+        "samples",
+        "pairs",
+    )
     for name in counts:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
