@@ -5,11 +5,13 @@
 
 Each run's `scores.json` holds its pretrained and DPO models' GenEval summaries (120 held-out prompts x 4 sample
 seeds by default). With --geneval, each argument is instead BEFORE:AFTER, two `lightgen geneval` output folders
-scored by `lightgen shapes score` (e.g. one model on validation prompts before and after a DPO variant):
+scored by `lightgen shapes score` (e.g. one model on validation prompts before and after a DPO variant, or a
+baseline and a recipe lever on the same prompts); its rows are then labelled "before" / "after":
 
-    python bench/demo_seeds.py --geneval runs/val/pre-s0:runs/val/jl100-s0 runs/val/pre-s1:runs/val/jl100-s1 Printed: per run and category the score after pretraining, after DPO and the change; then the
-mean and standard deviation of each over the runs (the spread over pretraining seeds, with the sample seeds
-averaged inside each run).
+    python bench/demo_seeds.py --geneval runs/val/pre-s0:runs/val/jl100-s0 runs/val/pre-s1:runs/val/jl100-s1
+
+Printed: per run and category the score after pretraining, after DPO and the change; then the mean and standard
+deviation of each over the runs (the spread over pretraining seeds, with the sample seeds averaged inside each run).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             if not (run / "scores.json").is_file():
                 p.error(f"{run}: no scores.json (a demo run that has not finished?)")
         rows = {Path(run).name: scores(Path(run)) for run in args.runs}
+    first, second = ("before", "after") if args.geneval else ("pretrain", "dpo")
     width = max(14, *(len(name) + 2 for name in rows))
     print(f"{'run':{width}}{'model':10}" + "".join(f"{c[:8]:>10}" for c in CATEGORIES))
     deltas: dict[str, list[float]] = {c: [] for c in CATEGORIES}
@@ -67,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
             before[c].append(s["pretrain"].get(c, 0.0))
             after[c].append(s["dpo"].get(c, 0.0))
             deltas[c].append(after[c][-1] - before[c][-1])
-        print(f"{name:{width}}{'pretrain':10}" + "".join(f"{s['pretrain'].get(c, 0.0):>10.3f}" for c in CATEGORIES))
-        print(f"{'':{width}}{'dpo':10}" + "".join(f"{s['dpo'].get(c, 0.0):>10.3f}" for c in CATEGORIES))
+        print(f"{name:{width}}{first:10}" + "".join(f"{s['pretrain'].get(c, 0.0):>10.3f}" for c in CATEGORIES))
+        print(f"{'':{width}}{second:10}" + "".join(f"{s['dpo'].get(c, 0.0):>10.3f}" for c in CATEGORIES))
     n = len(rows)
-    for label, values in (("pretrain", before), ("dpo", after), ("dpo - pre", deltas)):
+    for label, values in ((first, before), (second, after), ("change", deltas)):
         mean = "".join(f"{statistics.mean(values[c]):>10.3f}" for c in CATEGORIES)
         std = "".join(f"{(statistics.stdev(values[c]) if n > 1 else 0.0):>10.3f}" for c in CATEGORIES)
         print(f"{'mean of ' + str(n):{width}}{label:10}{mean}\n{'std':{width}}{label:10}{std}")
