@@ -25,6 +25,7 @@ from torch import Tensor
 from lightgen_model import LightGen, from_pretrained, generate, inpaint, load_config, pad_text, pixel_mask_to_tokens
 from lightgen_model.config import SamplingDefaults, check_sampling
 from lightgen_model.encoders import resolve_device, resolve_dtype
+from lightgen_model.hub import EMA_NAME, weights_file
 
 __all__ = ["LightGenOutput", "LightGenPipeline", "check_sampling", "from_pil", "mask_from_pil", "to_pil"]
 
@@ -101,10 +102,11 @@ class LightGenPipeline:
 
     ``vae`` is an ``ImageTokenizer`` (``lightgen_model.encoders``: "pixel" or a diffusers ``AutoencoderKL``) and
     ``text_encoder`` a ``TextEncoder`` ("minilm" or a transformers encoder); their shapes are checked against
-    the model's config.
+    the model's config. ``weights`` names the weights the model was loaded from ("ema" or "raw"; None when it was
+    built in memory), for the records that samples carry.
     """
 
-    def __init__(self, model: LightGen, vae: Any, text_encoder: Any) -> None:
+    def __init__(self, model: LightGen, vae: Any, text_encoder: Any, weights: str | None = None) -> None:
         cfg = model.cfg
         if vae.latent_channels != cfg.latent_channels or vae.stride != cfg.vae_stride:
             raise ValueError(
@@ -116,7 +118,7 @@ class LightGenPipeline:
                 f"text encoder {text_encoder.name!r} gives {text_encoder.dim}-dim states, the model expects "
                 f"text_dim={cfg.text_dim}"
             )
-        self.model, self.vae, self.text_encoder = model.eval(), vae, text_encoder
+        self.model, self.vae, self.text_encoder, self.weights = model.eval(), vae, text_encoder, weights
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
@@ -158,7 +160,8 @@ class LightGenPipeline:
             text_encoder = build_text_encoder(spec, device=dev, dtype=component_dtype, max_len=cfg.max_text_len)
         net_dtype = None if dtype is None else resolve_dtype(dtype, dev)
         model = from_pretrained(d, use_ema=use_ema, device=dev, dtype=net_dtype, head_steps=head_steps)
-        return cls(model, vae, text_encoder)
+        weights = "ema" if weights_file(d, use_ema).name == EMA_NAME else "raw"
+        return cls(model, vae, text_encoder, weights=weights)
 
     # -- sampling settings ---------------------------------------------------------------------------
     def sampling_settings(

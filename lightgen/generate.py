@@ -50,9 +50,11 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
 
 
 def components(pipe: LightGenPipeline) -> dict[str, Any]:
-    """What a sidecar records of the loaded pipeline: head steps, the network's dtype, tokenizer, text encoder."""
+    """What a sidecar records of the loaded pipeline: head steps, the weights (EMA or raw), the network's dtype,
+    tokenizer and text encoder."""
     return {
         "head_steps": pipe.model.cfg.num_sampling_steps,
+        "weights": pipe.weights,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "vae": pipe.vae.name,
         "text_encoder": pipe.text_encoder.name,

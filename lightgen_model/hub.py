@@ -81,6 +81,12 @@ def load_weights(model: LightGen, path: Path) -> None:
         raise ValueError(f"{path}: weights do not fit config.json: {detail[:500]}") from None
 
 
+def weights_file(directory: str | os.PathLike, use_ema: bool = True) -> Path:
+    """The weights file ``from_pretrained`` loads: the EMA's when present and ``use_ema``, else the raw ones."""
+    d = Path(directory)
+    return d / EMA_NAME if use_ema and (d / EMA_NAME).is_file() else d / WEIGHTS_NAME
+
+
 def from_pretrained(
     directory: str | os.PathLike,
     use_ema: bool = True,
@@ -99,7 +105,7 @@ def from_pretrained(
     cfg = load_config(d)
     if head_steps is not None:
         cfg = cfg.replace(num_sampling_steps=head_steps)
-    weights = d / EMA_NAME if use_ema and (d / EMA_NAME).is_file() else d / WEIGHTS_NAME
+    weights = weights_file(d, use_ema)
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in model directory {d}")
     if torch.device(device).type == "cpu":

@@ -205,7 +205,7 @@ def _encoders(cfg: PairsConfig, model_dir: Path, mcfg: Any) -> tuple[str, str]:
 def resolve(cfg: PairsConfig) -> Resolved:
     """Check the pairs settings up front (errors name the bad value) and resolve what the checkpoint implies."""
     from lightgen_model.encoders import image_tokenizer_name, text_encoder_name
-    from lightgen_model.hub import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, load_config
+    from lightgen_model.hub import CONFIG_NAME, WEIGHTS_NAME, load_config, weights_file
 
     model_dir = Path(cfg.model)
     if not cfg.model or not (model_dir / CONFIG_NAME).is_file():
@@ -215,7 +215,7 @@ def resolve(cfg: PairsConfig) -> Resolved:
     given = {k: getattr(cfg, k) for k in recorded}
     cfg = dataclasses.replace(cfg, **{k: recorded[k] if v is None else v for k, v in given.items()})
     _check_sampling(cfg)
-    weights = model_dir / (EMA_NAME if cfg.use_ema and (model_dir / EMA_NAME).is_file() else WEIGHTS_NAME)
+    weights = weights_file(model_dir, cfg.use_ema)
     if not weights.is_file():
         raise ValueError(f"--model {cfg.model!r} has no {WEIGHTS_NAME}")
     vae, text = _encoders(cfg, model_dir, mcfg)

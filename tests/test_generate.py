@@ -350,6 +350,32 @@ def test_geneval_resumes_and_equals_the_api(
     assert "0 already done, 5 generated" in _geneval(model_dir, meta, out, "--seed", 8, "--overwrite")
 
 
+def test_geneval_records_and_checks_which_weights_it_sampled(
+    tmp_path: Path, bert_dir: Path, geneval_metadata: Path
+) -> None:
+    """A model saved with EMA weights: the settings say "ema" or "raw", the two give other images, and resuming a
+    folder with the other weights is refused with the change named (the samples would mix two networks)."""
+    torch.manual_seed(0)
+    net = wake_head(LightGen(preset("debug", text_dim=32, text_encoder=str(bert_dir))))
+    ema = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    model = save_pretrained(net, tmp_path / "m", ema_state=ema)
+    meta = tmp_path / "meta.jsonl"
+    meta.write_bytes(geneval_metadata.read_bytes().splitlines(keepends=True)[0])
+    _geneval(model, meta, tmp_path / "e")
+    _geneval(model, meta, tmp_path / "r", "--no-ema")
+    weights = {w: json.loads((tmp_path / w / "geneval_settings.json").read_text())["weights"] for w in "er"}
+    assert weights == {"e": "ema", "r": "raw"}
+    image = "00000/samples/0000.png"
+    assert not np.array_equal(_arr(tmp_path / "e" / image), _arr(tmp_path / "r" / image))
+    res = _invoke("geneval", "--model", model, "--metadata", meta, "--out", tmp_path / "e", "--samples", 2,
+                  "--batch-size", 4, "--steps", 3, "--device", "cpu", "--no-ema")  # fmt: skip
+    assert res.exit_code == 2 and "'weights': ('ema', 'raw')" in res.output, res.output
+    res = _invoke("generate", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "g", "--steps", 2,
+                  "--device", "cpu", "--no-ema")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]["weights"] == "raw"
+
+
 def test_geneval_refuses_a_folder_of_other_metadata(model_dir: Path, tmp_path: Path, geneval_metadata: Path) -> None:
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     lines = geneval_metadata.read_bytes().splitlines(keepends=True)
