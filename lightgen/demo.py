@@ -1,6 +1,6 @@
 """The embedded default, end to end: every stage of LightGen on ShapesWorld, on a CPU, through the real CLIs.
 
-    python -m lightgen.demo [--out runs/demo] [--images 275000] [--device cpu|cuda] [--ablation]
+    python -m lightgen.demo [--out runs/demo] [--images 330000] [--device cpu|cuda] [--ablation]
 
 captions (build-captions) -> teacher images (synthesize) -> training shards (encode-latents) -> pretraining
 (torchrun, 2 processes) -> held-out GenEval-layout samples + scores -> DPO pairs (build-dpo-pairs, shapes judge)
@@ -474,7 +474,7 @@ def inspect_links(o: Path) -> str:
 
 
 def budget_text(b: dict[str, Any]) -> str:
-    """'Pretraining budget 4297 steps = 275008 images; DPO 150 steps' (with a time limit when there was one)."""
+    """'Pretraining budget 5157 steps = 330048 images; DPO 150 steps' (with a time limit when there was one)."""
     limit = "" if b["minutes"] is None else f" (at most {b['minutes']:g} min of training)"
     return f"Pretraining budget {b['steps']} steps = {b['images']} images{limit}; DPO {b['dpo_steps']} steps"
 
@@ -537,9 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--images",
         type=int,
-        default=275_000,
+        default=330_000,
         help="pretraining budget in training images (steps = images / global batch, rounded up); "
-        f"about {275_000 / IDLE_IMAGES_PER_S / 60:.0f} min on 2 idle CPU cores",
+        f"about {330_000 / IDLE_IMAGES_PER_S / 60:.0f} min on 2 idle CPU cores",
     )
     p.add_argument(
         "--budget-minutes",
