@@ -39,6 +39,7 @@ HELDOUT_SEED = 999_001
 SYNTH_SHARD = 200  # images per synthesize shard (the DPO stage takes whole shards)  # never used by the training captions (build-captions draws ShapesWorld with --seed)
 
 BATCH_PER_PROCESS = 32  # pretraining batch per process (global 64 with the default 2 processes)
+DEFAULT_IMAGES = 330_000  # the pretraining budget: 5,157 steps of 64 (why 330 k: BENCHMARKS.md, issue 17)
 IDLE_IMAGES_PER_S = 260  # the demo's pretraining speed on 2 idle cores: 248-265 measured (BENCHMARKS.md, issue 17)
 # targets at the default budget (issue 17; held-out ShapesWorld, after pretraining)
 TARGETS = {"single_object": 0.80, "colors": 0.60, "overall": 0.50}
@@ -537,9 +538,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--images",
         type=int,
-        default=330_000,
+        default=DEFAULT_IMAGES,
         help="pretraining budget in training images (steps = images / global batch, rounded up); "
-        f"about {330_000 / IDLE_IMAGES_PER_S / 60:.0f} min on 2 idle CPU cores",
+        f"about {DEFAULT_IMAGES / IDLE_IMAGES_PER_S / 60:.0f} min on 2 idle CPU cores",
     )
     p.add_argument(
         "--budget-minutes",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from lightgen import demo
 from lightgen_model.config import PRESETS
@@ -256,6 +257,14 @@ def test_demo_refuses_an_empty_budget(tmp_path: Path, capsys: pytest.CaptureFixt
         demo.main(["--out", str(tmp_path / "demo"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()  # refused before any stage ran
+
+
+def test_the_shapes_preset_trains_the_demos_default_budget() -> None:
+    """Training by hand with conf/shapes.yaml (the README's walk) gives the budget `make demo` trains by default."""
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/shapes.yaml").read_text())
+    a = demo.parse_args([])
+    assert conf["data"]["batch_size"] == demo.BATCH_PER_PROCESS and a.images == demo.DEFAULT_IMAGES
+    assert conf["train"]["max_steps"] == -(-a.images // (demo.BATCH_PER_PROCESS * a.nproc))
 
 
 def test_the_demo_samples_with_the_models_recorded_settings_unless_told(tmp_path: Path) -> None:
