@@ -259,12 +259,12 @@ def test_demo_refuses_an_empty_budget(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not (tmp_path / "demo").exists()  # refused before any stage ran
 
 
-def test_the_shapes_preset_trains_the_demos_default_budget() -> None:
+def test_the_shapes_preset_trains_the_demos_default_budget(tmp_path: Path) -> None:
     """Training by hand with conf/shapes.yaml (the README's walk) gives the budget `make demo` trains by default."""
     conf = yaml.safe_load((Path(__file__).parents[1] / "conf/shapes.yaml").read_text())
-    a = demo.parse_args([])
-    assert conf["data"]["batch_size"] == demo.BATCH_PER_PROCESS and a.images == demo.DEFAULT_IMAGES
-    assert conf["train"]["max_steps"] == -(-a.images // (demo.BATCH_PER_PROCESS * a.nproc))
+    chain = demo.Demo(demo.parse_args(["--out", str(tmp_path / "demo")]))
+    assert chain.a.images == demo.DEFAULT_IMAGES and conf["data"]["batch_size"] == demo.BATCH_PER_PROCESS
+    assert conf["train"]["max_steps"] == chain.pretrain_steps()
 
 
 def test_the_demo_samples_with_the_models_recorded_settings_unless_told(tmp_path: Path) -> None:
