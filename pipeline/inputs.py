@@ -9,76 +9,133 @@ of work already), image files are grouped `shard_size` at a time, a Parquet file
 
 from __future__ import annotations
 
-import glob
 import os
+import posixpath
+import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import PurePosixPath
 
+import pyarrow.fs as pafs
+
+from pipeline import storage
 from pipeline.stage import WorkUnit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 # Files the pipeline writes beside its shards: never inputs.
 BOOKKEEPING = ("manifest.json", "report.json", "diversity.json", "rejects.parquet")
+_GLOB = "*?["
 
 
-def _bookkeeping(p: Path) -> bool:
+def _bookkeeping(name: str) -> bool:
     """The pipeline's own non-shard files (manifests, reports, rejects, receipts)."""
-    n = p.name
-    return n in BOOKKEEPING or n.endswith((".rejects.parquet", ".done.json")) or ".tmp-" in n
+    return name in BOOKKEEPING or name.endswith((".rejects.parquet", ".done.json")) or storage.TMP_MARK in name
 
 
-def _hidden(p: Path, root: Path) -> bool:
+def _hidden(path: str, root: str) -> bool:
     """Dot files and files inside dot folders below `root`."""
-    return any(part.startswith(".") for part in p.relative_to(root).parts)
+    return any(part.startswith(".") for part in posixpath.relpath(path, root).split("/"))
 
 
-def _matches(spec: str) -> list[Path]:
-    """A file, folder or glob -> existing paths; a clear error when nothing is there."""
-    if any(c in spec for c in "*?["):
-        found = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+def _files_below(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Every file below folder `root` (recursively) but dot files and the pipeline's bookkeeping files."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return [
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and not _hidden(i.path, root) and not _bookkeeping(i.base_name)
+    ]
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob as `glob.glob(recursive=True)` reads it: `*` and `?` stay inside one folder, `**/` spans any depth."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and (j := pattern.find("]", i + 2)) > 0:
+            body = pattern[i + 1 : j]
+            out, i = out + "[" + ("^" + body[1:] if body.startswith("!") else body) + "]", j + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def _glob(fs: pafs.FileSystem, pattern: str, spec: str) -> list[pafs.FileInfo]:
+    """Entries of `fs` matching `pattern`, listed from the deepest folder without wildcards."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB))
+    root = "/".join(parts[:fixed]) or "/"
+    recursive = "**" in pattern or len(parts) - fixed > 1
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot list {storage.public(spec)}: {e}") from None
+    regex = _glob_regex(pattern)
+    # as glob.glob: wildcards do not match dot files or dot folders
+    return sorted((i for i in infos if regex.match(i.path) and not _hidden(i.path, root)), key=lambda i: i.path)
+
+
+def _matches(spec: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """A file, folder or glob (local or URI) -> its filesystem and the existing entries; a clear error when none."""
+    fs, path = storage.resolve(spec)
+    if any(c in path for c in _GLOB):
+        found = _glob(fs, path, spec)
         if not found:
-            raise FileNotFoundError(f"input glob matches nothing: {spec}")
-        return found
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"input path does not exist: {spec}")
-    return [Path(spec)]
+            raise FileNotFoundError(f"input glob matches nothing: {storage.public(spec)}")
+        return fs, found
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read input {storage.public(spec)}: {e}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input path does not exist: {storage.public(spec)}")
+    return fs, [info]
 
 
-def expand(inputs: Sequence[str | Path], keep: Callable[[Path], bool] = lambda _: True) -> list[Path]:
-    """Input specs -> absolute files (folders recursively), sorted and unique, filtered by `keep`."""
+def expand(inputs: Sequence[str | os.PathLike], keep: Callable[[PurePosixPath], bool] = lambda _: True) -> list[str]:
+    """Input specs (paths, folders, globs; local or any pyarrow filesystem URI) -> files, sorted and unique, filtered
+    by `keep` (given the file's path). Local files come back as absolute paths, others as URIs (`s3://bkt/key`)."""
     if not inputs:
         raise ValueError("no --input given")
-    files: set[Path] = set()
-    for spec in inputs:
-        for path in _matches(str(spec)):
-            path = path.resolve()
-            if path.is_file():
-                files.add(path)
-                continue
-            for p in path.rglob("*"):
-                if p.is_file() and not _hidden(p, path) and not _bookkeeping(p):
-                    files.add(p)
-    return sorted(f for f in files if keep(f))
+    files: set[str] = set()
+    for spec in map(str, inputs):
+        fs, infos = _matches(spec)
+        for info in infos:
+            found = [info.path] if info.type == pafs.FileType.File else _files_below(fs, info.path)
+            files.update(storage.uri_of(fs, p, spec) for p in found)
+    return sorted(f for f in files if keep(PurePosixPath(f)))
 
 
-def ext(path: Path | str) -> str:
+def ext(path: str | os.PathLike) -> str:
     """Lower-case suffix without the dot."""
-    return Path(path).suffix.lower().lstrip(".")
+    return PurePosixPath(str(path)).suffix.lower().lstrip(".")
 
 
-def common_base(files: Sequence[Path]) -> str:
-    """The common parent folder of `files` (ids are relative to it)."""
-    return os.path.commonpath([str(f.parent) for f in files]) if files else ""
+def common_base(files: Sequence[str]) -> str:
+    """The common parent folder of `files` (ids are relative to it); URIs keep their scheme."""
+    if not files:
+        return ""
+    parents = [posixpath.dirname(str(f)) for f in files]
+    head = next((p[: p.index("://") + 3] for p in parents if storage.is_uri(p)), "")
+    base = posixpath.commonpath([p[len(head) :] for p in parents]) if head else os.path.commonpath(parents)
+    return head + base
 
 
-def _parquet_rows(path: Path) -> int:
+def _parquet_rows(path: str) -> int:
     """Rows of a Parquet file, from its footer."""
     import pyarrow.parquet as pq
 
-    return pq.read_metadata(path).num_rows
+    with storage.open_input(path) as f:
+        return pq.read_metadata(f).num_rows
 
 
-def plan_units(files: Sequence[Path], shard_size: int, base: str | None = None) -> list[WorkUnit]:
+def plan_units(files: Sequence[str], shard_size: int, base: str | None = None) -> list[WorkUnit]:
     """One unit per output shard, in a fixed order: tars, Parquet row ranges, other files, then image groups."""
     base = common_base(files) if base is None else base
     units: list[tuple[str, tuple[str, ...], int, int]] = []

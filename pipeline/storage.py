@@ -7,9 +7,11 @@ a run that died; `clean_temporaries` removes them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +20,90 @@ from typing import IO, Any
 import pyarrow.fs as pafs
 
 TMP_MARK = ".tmp-"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_uri(spec: str) -> bool:
+    """Whether `spec` names a filesystem URI (`s3://`, `gs://`, `hdfs://`, `file://`, ...) rather than a local path."""
+    return _SCHEME.match(str(spec)) is not None
+
+
+def is_remote(spec: str) -> bool:
+    """Whether `spec` is a URI of a filesystem other than the local disk (`file://` is local)."""
+    return is_uri(spec) and not str(spec).lower().startswith("file://")
+
+
+def public(spec: str) -> str:
+    """`spec` without credentials: `user:secret@` and query options (which may hold keys) are dropped."""
+    spec = str(spec)
+    m = _SCHEME.match(spec)
+    if m is None:
+        return spec
+    rest = spec[m.end() :].split("?", 1)[0]
+    host, sep, path = rest.partition("/")
+    return f"{m.group(0)}{host.rsplit('@', 1)[-1]}{sep}{path}"
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(head: str) -> pafs.FileSystem:
+    """One filesystem object per scheme + bucket (+ options): S3 clients are costly to create."""
+    return pafs.FileSystem.from_uri(head)[0]
+
+
+def resolve(spec: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or URI -> (filesystem, path on it). Credentials and endpoints come from the environment
+    (`AWS_*`, incl. `AWS_ENDPOINT_URL`, Google's `GOOGLE_*`), never from files the pipeline writes."""
+    spec = str(spec)
+    if not is_uri(spec):
+        return pafs.LocalFileSystem(), os.path.abspath(spec)
+    if spec.lower().startswith("file://"):
+        return pafs.FileSystem.from_uri(spec)
+    m = _SCHEME.match(spec)
+    rest = spec[m.end() :]
+    rest, _, query = rest.partition("?")
+    bucket = rest.split("/", 1)[0]
+    if not bucket:
+        raise ValueError(f"{public(spec)}: no bucket name in the URI (expected {m.group(1)}://BUCKET/path)")
+    fs = _filesystem(f"{m.group(0)}{bucket}" + (f"?{query}" if query else ""))
+    if m.group(1).lower() in ("s3", "gs", "gcs"):  # object stores: the path is bucket/key (may hold glob characters)
+        return fs, rest.rstrip("/")
+    from urllib.parse import quote
+
+    return fs, pafs.FileSystem.from_uri(quote(spec, safe=":/@?=&%"))[1]
+
+
+def join(spec: str, *names: str) -> str:
+    """`spec`/`name`/...: the same kind of location (a path or a URI) one level or more down."""
+    out = str(spec)
+    for name in names:
+        out = f"{out.rstrip('/')}/{name}" if is_uri(out) else os.path.join(out, name)
+    return out
+
+
+def uri_of(fs: pafs.FileSystem, path: str, like: str) -> str:
+    """The spec a user would write for `path` on `fs`: an absolute local path, or `like`'s scheme + path."""
+    if isinstance(fs, pafs.LocalFileSystem) and not is_remote(like):
+        return path
+    return f"{_SCHEME.match(str(like)).group(0)}{path.lstrip('/')}"
+
+
+def open_input(spec: str) -> pafs.NativeFile:
+    """A seekable binary file on any filesystem (local path or URI)."""
+    fs, path = resolve(spec)
+    return fs.open_input_file(path)
+
+
+def read_bytes(spec: str) -> bytes:
+    """The bytes of a file on any filesystem."""
+    fs, path = resolve(spec)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def file_info(spec: str) -> pafs.FileInfo:
+    """pyarrow's FileInfo of `spec` (type NotFound when it does not exist)."""
+    fs, path = resolve(spec)
+    return fs.get_file_info(path)
 
 
 class Storage:
@@ -27,10 +113,7 @@ class Storage:
         if not uri:
             raise ValueError("--output is required")
         self.uri = str(uri)
-        if "://" in self.uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(self.uri)
+        self.fs, self.root = resolve(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, name: str) -> str:

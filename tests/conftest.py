@@ -54,6 +54,27 @@ def wake_head(model: LightGen, std: float = 0.05) -> LightGen:
     return model
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port for the whole session, this process's AWS_* environment pointing at
+    it (subprocesses inherit it); stopped at the end."""
+    from s3_server import S3Server, apply_env, restore_env
+
+    server = S3Server().start()
+    old = apply_env(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+        restore_env(old)
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the test S3 server: `s3://NAME`."""
+    return s3_server.bucket()
+
+
 @pytest.fixture
 def debug_model() -> LightGen:
     """The `debug` preset with an awake diffusion head, seeded."""
