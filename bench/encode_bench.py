@@ -31,8 +31,7 @@ import pyarrow as pa
 from pipeline import shards
 from pipeline.encode import EncodeConfig, run_encode_latents
 from pipeline.schema import LATENT_SCHEMA
-
-GENEVAL = Path(__file__).resolve().parents[2] / "shared" / "geneval" / "evaluation_metadata.jsonl"
+from shapesworld import GENEVAL_METADATA as GENEVAL
 
 
 def make_inputs(root: Path, n: int, render_res: int, per_tar: int, seed: int) -> list[Path]:
@@ -184,7 +183,7 @@ def storage(shapes_bytes: float, args, tmp: Path) -> dict:
     """Bytes per sample: ShapesWorld measured, and the real shapes at measured / chosen caption lengths."""
     res = args.resolution
     ref_shapes = npz_bytes((6, res, res), 384, tmp)
-    geneval = [json.loads(line)["prompt"] for line in GENEVAL.read_text().splitlines()] if GENEVAL.exists() else []
+    geneval = [json.loads(line)["prompt"] for line in GENEVAL.read_text().splitlines()]
     lens = caption_lengths(geneval) if geneval else np.array([12])
     ref_real = npz_bytes((32, 32, 32), 4096, tmp)
     real = {}

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import shapesworld
 from lightgen_model import LightGen, preset
 
-# GenEval's metadata lives beside the repository, in ../shared/geneval/ (CI has it at the same place)
-GENEVAL_METADATA = Path(__file__).resolve().parents[2] / "shared" / "geneval" / "evaluation_metadata.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+# Fixtures that hand tests data files: each must resolve inside the repository (tests/test_self_contained.py runs
+# the tests using them in a copy of the repository with nothing beside it).
+DATA_FIXTURES = ("geneval_metadata",)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -22,7 +25,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the tests marked `gpu` where torch sees no CUDA device."""
+    """Mark the tests that read data files (`reads_data`); skip those marked `gpu` where torch sees no CUDA device."""
+    for item in items:
+        if set(DATA_FIXTURES) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.reads_data)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device (torch.cuda.is_available() is False)")
@@ -31,16 +37,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def inside_repo(path: Path) -> Path:
+    """`path`, resolved, after checking that it lies inside the repository (the suite reads nothing beside it)."""
+    path = Path(path).resolve()
+    if not path.is_relative_to(REPO):
+        pytest.fail(f"a test fixture reads {path}, outside the repository {REPO}", pytrace=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def geneval_metadata() -> Path:
-    """GenEval's evaluation_metadata.jsonl; its absence is a failure (it must be in ../shared/geneval/)."""
-    if not GENEVAL_METADATA.is_file():
-        pytest.fail(
-            f"GenEval's metadata file is missing: expected {GENEVAL_METADATA} (../shared/geneval/ beside the "
-            "repository, as in CI)",
-            pytrace=False,
-        )
-    return GENEVAL_METADATA
+    """GenEval's evaluation_metadata.jsonl as the package ships it (shapesworld/data/geneval/); missing: a failure."""
+    path = inside_repo(shapesworld.GENEVAL_METADATA)
+    if not path.is_file():
+        pytest.fail(f"GenEval's metadata file is missing: expected {path}", pytrace=False)
+    return path
 
 
 def wake_head(model: LightGen, std: float = 0.05) -> LightGen:
