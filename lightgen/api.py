@@ -26,8 +26,11 @@ from lightgen_model import LightGen, from_pretrained, generate, inpaint, load_co
 from lightgen_model.config import SamplingDefaults, check_sampling
 from lightgen_model.encoders import resolve_device, resolve_dtype
 from lightgen_model.hub import EMA_NAME, weights_file
+from lightgen_model.text import check_text
 
-__all__ = ["LightGenOutput", "LightGenPipeline", "check_sampling", "from_pil", "mask_from_pil", "to_pil"]
+__all__ = [
+    "LightGenOutput", "LightGenPipeline", "check_prompts", "check_sampling", "from_pil", "mask_from_pil", "to_pil"
+]  # fmt: skip
 
 BUILTIN_VAES = ("pixel",)
 BUILTIN_TEXT_ENCODERS = ("minilm",)
@@ -89,12 +92,16 @@ def _as_list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _check_prompts(prompts: list[str]) -> None:
+def check_prompts(prompts: list[Any], what: str = "prompt", start: int = 0) -> list[str]:
+    """``prompts`` unchanged if each is a non-empty string UTF-8 can encode; else a ValueError naming the first
+    bad one by ``what`` and position (counted from ``start``) and giving its repr."""
     if not prompts:
-        raise ValueError("no prompt given")
-    for i, p in enumerate(prompts):
+        raise ValueError(f"no {what} given")
+    for i, p in enumerate(prompts, start=start):
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is empty or not a string: {p!r}")
+            raise ValueError(f"{what} {i} is empty or not a string: {p!r}")
+        check_text(p, f"{what} {i}")
+    return prompts
 
 
 class LightGenPipeline:
@@ -187,7 +194,7 @@ class LightGenPipeline:
         ``max_text_len`` with the text encoder's own states at the padded positions, as the reference did.
         """
         prompts = _as_list(prompts)
-        _check_prompts(prompts)
+        check_prompts(prompts)
         text, mask = pad_text(captions=prompts, cfg=self.model.cfg, encoder=self.text_encoder)
         return text.to(self.device, self.dtype), mask.to(self.device)
 
@@ -239,7 +246,7 @@ class LightGenPipeline:
             raise ValueError(
                 f"need num_images_per_prompt >= 1 and batch_size >= 1, got {num_images_per_prompt}, {batch_size}"
             )
-        _check_prompts(_as_list(prompt))
+        check_prompts(_as_list(prompt))
         prompts = [p for p in _as_list(prompt) for _ in range(num_images_per_prompt)]
         st = self.sampling_settings(num_inference_steps, guidance_scale, guidance_schedule, temperature)
         size = self.image_size(height, width, resolution)
@@ -274,7 +281,7 @@ class LightGenPipeline:
         at None take the model's recorded defaults.
         """
         st = self.sampling_settings(num_inference_steps, guidance_scale, guidance_schedule, temperature)
-        images, masks, prompts = _as_list(image), _as_list(mask_image), _as_list(prompt)
+        images, masks, prompts = _as_list(image), _as_list(mask_image), check_prompts(_as_list(prompt))
         B = max(len(images), len(masks), len(prompts))
         for name, xs in (("image", images), ("mask_image", masks), ("prompt", prompts)):
             if len(xs) not in (1, B):

@@ -29,11 +29,15 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 # how the reference's generation scripts sample (scripts/geneval.py, sample.py, dpo_sample.py, pipeline_image.py):
 # 64 iterations, constant cfg 4.0, temperature 1.0; the head's steps come from args.num_sampling_steps ("100")
 REFERENCE_SAMPLING = {"steps": 64, "cfg": 4.0, "cfg_schedule": "constant", "temperature": 1.0}
+CONVERT_HINT = (
+    "`lightgen convert-reference` converts a checkpoint of tensors, containers and the reference's argparse args: "
+    "one you trust that holds more converts once it is saved again with only its 'model', 'model_ema' and 'args'"
+)
 
 
 def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict, loaded safely (tensors, containers and argparse.Namespace only)."""
-    ckpt = load_torch_file(path, allowed=[argparse.Namespace], what="checkpoint")
+    ckpt = load_torch_file(path, allowed=[argparse.Namespace], what="checkpoint", hint=CONVERT_HINT)
     if not isinstance(ckpt, dict) or not ({"model", "model_ema"} & set(ckpt)):
         keys = sorted(map(str, ckpt))[:20] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a reference checkpoint (no 'model' or 'model_ema' entry; found {keys})")

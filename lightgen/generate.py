@@ -13,15 +13,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lightgen.api import LightGenPipeline
-from lightgen_model import SamplingDefaults
+from lightgen.api import LightGenPipeline, check_prompts
+from lightgen_model import SamplingDefaults, check_text
 
 SIDECAR = "generation.json"
 
 
 def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     """Prompts from a file: one a line (blank lines skipped), or JSONL objects whose ``field`` is the prompt
-    (``.jsonl`` / ``.json`` files, e.g. GenEval metadata). Errors name the file and line."""
+    (``.jsonl`` / ``.json`` files, e.g. GenEval metadata). Errors name the file and line: a bad line (not JSON, no
+    prompt, a prompt that is not valid text) stops the whole run before any image is made, none is skipped."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompt file does not exist: {p}")
@@ -41,9 +42,9 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
             value = rec.get(field) if isinstance(rec, dict) else rec
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{p}:{lineno}: no non-empty string field {field!r}")
-            prompts.append(value.strip())
+            prompts.append(check_text(value.strip(), f"{p}:{lineno}: prompt"))
         else:
-            prompts.append(line.strip())
+            prompts.append(line.strip())  # strict UTF-8 decoding above: no lone surrogate here
     if not prompts:
         raise ValueError(f"no prompts in {p} (the file is empty or has only blank lines)")
     return prompts
@@ -100,6 +101,7 @@ def run_generate(
     """
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"need images_per_prompt >= 1 and batch_size >= 1, got {images_per_prompt}, {batch_size}")
+    check_prompts(prompts)
     st = settings or pipe.sampling_settings()
     size = pipe.image_size(height, width, None)
     jobs = [(i, k, p) for i, p in enumerate(prompts) for k in range(images_per_prompt)]

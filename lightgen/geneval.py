@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from lightgen.api import LightGenPipeline
 from lightgen.generate import components, per_second, timed_call
-from lightgen_model import SamplingDefaults
+from lightgen_model import SamplingDefaults, check_text
 
 SETTINGS = "geneval_settings.json"
 
 
 def read_metadata(path: str | Path, field: str = "prompt") -> list[tuple[bytes, str]]:
-    """(raw line bytes, prompt) per non-blank line of a GenEval-style metadata JSONL file."""
+    """(raw line bytes, prompt) per non-blank line of a GenEval-style metadata JSONL file; a bad line (not JSON, no
+    prompt, a prompt that is not valid text) is an error naming the file and line, before any image is made."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"metadata file does not exist: {p}")
@@ -47,7 +48,7 @@ def read_metadata(path: str | Path, field: str = "prompt") -> list[tuple[bytes, 
         prompt = rec.get(field) if isinstance(rec, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{p}:{lineno}: no non-empty string field {field!r}")
-        out.append((raw, prompt))
+        out.append((raw, check_text(prompt, f"{p}:{lineno}: field {field!r}")))
     if not out:
         raise ValueError(f"no metadata lines in {p}")
     return out

@@ -119,15 +119,31 @@ class LoadOptions:
         )
     )
 
+    verbose: bool = flag(
+        typer.Option(False, "--verbose", help="Errors in full: every key of weights that do not fit the config.")
+    )
+
     def pipeline(self, model: Path) -> Any:
-        """The ``LightGenPipeline`` of the model directory ``model`` (torch is imported here: --help stays fast)."""
+        """The ``LightGenPipeline`` of the model directory ``model`` (torch is imported here: --help stays fast).
+
+        Weights that do not fit the config are one error line naming the first few keys; with ``--verbose`` every
+        key is listed on stderr first."""
         from lightgen.api import LightGenPipeline
+        from lightgen_model.hub import WeightsMismatchError
 
         steps = self.head_steps
-        return LightGenPipeline.from_pretrained(
-            model, vae=self.vae, text_encoder=self.text_encoder, device=self.device, dtype=self.dtype,
-            use_ema=self.ema, head_steps=int(steps) if steps is not None and steps.strip().isdigit() else steps,
-        )  # fmt: skip
+        try:
+            return LightGenPipeline.from_pretrained(
+                model, vae=self.vae, text_encoder=self.text_encoder, device=self.device, dtype=self.dtype,
+                use_ema=self.ema, head_steps=int(steps) if steps is not None and steps.strip().isdigit() else steps,
+            )  # fmt: skip
+        except WeightsMismatchError as e:
+            if self.verbose:
+                typer.echo("\n".join(e.details()), err=True)
+                e.args = (f"{e.args[0]} (all {len(e.details())} listed above)",)
+            else:
+                e.args = (f"{e.args[0]}; --verbose lists them all",)
+            raise
 
 
 def _is_group(hint: Any) -> bool:

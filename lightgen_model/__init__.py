@@ -4,7 +4,7 @@ from .config import PRESETS, ModelConfig, SamplingDefaults, Stack, preset
 from .hub import count_parameters, from_pretrained, load_config, save_pretrained
 from .mar import LightGen
 from .sampling import generate, inpaint, masked_generation, pixel_mask_to_tokens
-from .text import pad_text
+from .text import check_text, pad_text
 
 __all__ = [
     "PRESETS",
@@ -12,6 +12,7 @@ __all__ = [
     "ModelConfig",
     "SamplingDefaults",
     "Stack",
+    "check_text",
     "count_parameters",
     "from_pretrained",
     "generate",

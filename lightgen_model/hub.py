@@ -67,18 +67,57 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
+class WeightsMismatchError(ValueError):
+    """Weights that do not fit a model: the message is one line with the counts and the first few keys of each
+    kind; ``missing``, ``unexpected`` and ``mismatched`` ("key: shape in the file vs the model's") list them all."""
+
+    SHOWN = 3  # keys of each kind named in the message
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        parts = [f"{len(keys)} {what if len(keys) == 1 else many} ({self._first(keys)})"
+                 for what, many, keys in self.kinds() if keys]  # fmt: skip
+        super().__init__(f"{source}: {', '.join(parts)}")
+
+    def kinds(self) -> list[tuple[str, str, list[str]]]:
+        """(what one is, what several are, keys) for the missing keys, unexpected ones and those of another shape."""
+        return [("missing key", "missing keys", self.missing), ("unexpected key", "unexpected keys", self.unexpected),
+                ("key of another shape", "keys of another shape", self.mismatched)]  # fmt: skip
+
+    @classmethod
+    def _first(cls, keys: list[str]) -> str:
+        shown = ", ".join(keys[: cls.SHOWN])
+        return shown if len(keys) <= cls.SHOWN else f"{shown} and {len(keys) - cls.SHOWN} more"
+
+    def details(self) -> list[str]:
+        """Every key that does not fit, one a line: ``missing key: KEY``, ``unexpected key: KEY``, ..."""
+        return [f"{what}: {k}" for what, _, keys in self.kinds() for k in keys]
+
+
+def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``WeightsMismatchError`` (message starting with ``source``) unless ``state`` has exactly the model's keys,
+    each with the model's shape (what ``load_state_dict(strict=True)`` needs)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        raise WeightsMismatchError(source, missing, unexpected, mismatched)
+
+
 def load_weights(model: LightGen, path: Path) -> None:
-    """Load the safetensors file ``path`` into ``model`` (strict); ValueError naming the file if it is damaged
-    or does not fit the model's config."""
+    """Load the safetensors file ``path`` into ``model`` (strict); ValueError naming the file if it is damaged,
+    ``WeightsMismatchError`` if it does not fit the model's config."""
     try:
         state = load_file(str(path))
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())  # torch's message spans lines; keep the error on one
-        raise ValueError(f"{path}: weights do not fit config.json: {detail[:500]}") from None
+    check_fit(model, state, f"{path}: weights do not fit config.json")
+    model.load_state_dict(state, strict=True)
 
 
 def weights_file(directory: str | os.PathLike, use_ema: bool = True) -> Path:

@@ -19,7 +19,28 @@ from torch import Tensor
 from .config import ModelConfig
 from .encoders import TextEncoder
 
-__all__ = ["pad_text", "reference_padding"]
+__all__ = ["check_text", "pad_text", "reference_padding"]
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` unchanged when UTF-8 can encode it (what every tokenizer needs); otherwise a ValueError naming
+    ``what`` (e.g. "prompt 3", "p.jsonl:7: prompt"), the text's repr and the offending character.
+
+    Python keeps a byte that is not UTF-8 in a command-line argument or file name as a lone surrogate
+    U+DC80..U+DCFF (``surrogateescape``); JSON's ``\\ud800`` escapes give other lone surrogates. Either would make
+    the tokenizer fail with a TypeError deep inside generation or training.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        cause = (
+            f"byte 0x{code - 0xDC00:02x} at character {e.start} is not UTF-8 (an argument or file in another encoding?)"
+            if 0xDC80 <= code <= 0xDCFF
+            else f"lone surrogate U+{code:04X} at character {e.start} (a JSON \\u{code:04x} escape?)"
+        )
+        raise ValueError(f"{what} {text!r} is not valid text: {cause}") from None
+    return text
 
 
 def reference_padding(cfg: ModelConfig | None) -> bool:
@@ -42,6 +63,9 @@ def pad_text(
     caption re-encoded padded to ``max_text_len`` (its real positions too, in float32, as the reference computed
     them); given ``rows`` must then have the token counts the encoder's tokenizer gives (the same encoder).
     """
+    if captions is not None and (rows is None or reference_padding(cfg)):  # the encoder's tokenizer reads them
+        for i, caption in enumerate(captions):
+            check_text(caption, f"caption {i}")
     if cfg is not None and reference_padding(cfg):
         if captions is None or encoder is None or not hasattr(encoder, "encode_padded"):
             name = getattr(encoder, "name", encoder)

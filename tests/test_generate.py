@@ -120,7 +120,7 @@ def test_generate_prompt_file_non_square_and_default_encoder(tmp_path: Path) -> 
         (["--model", "{model}"], "give either --prompt"),
         (["--model", "{model}", "--prompt", "a", "--prompts", "{tmp}/empty.txt"], "give either --prompt"),
         (["--model", "{model}", "--prompt", "a cube", "--resolution", "30"], "not a positive multiple of 4"),
-        (["--model", "{model}", "--prompt", "   "], "prompt 0 is empty"),
+        (["--model", "{model}", "--prompt", "   "], "--prompt 1 is empty"),
         (
             ["--model", "{model}", "--prompt", "a", "--cfg-schedule", "cosine"],
             "schedule (guidance_schedule) must be one of",

@@ -17,6 +17,7 @@ import json
 import math
 import pickle
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -222,9 +223,9 @@ def _convert(ckpt: Path, tmp_path: Path):
     ("name", "make", "message"),
     [
         ("empty.pth", lambda marker: b"", "empty file"),
-        ("legacy.pth", lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, True), "refused by torch.load"),
-        ("zip.pth", lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, False), "refused by torch.load"),
-        ("raw5.pkl", lambda m: pickle.dumps({"model": {}, "x": Touch(m)}, protocol=5), "refused by torch.load"),
+        ("legacy.pth", lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, True), "not loaded: this checkpoint is a pickle"),
+        ("zip.pth", lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, False), "not loaded: this checkpoint is a pickle"),
+        ("raw5.pkl", lambda m: pickle.dumps({"model": {}, "x": Touch(m)}, protocol=5), "not loaded: this checkpoint is a pickle"),
         ("raw2.pkl", lambda m: pickle.dumps({"model": {"a": 1}}, protocol=2), "not a readable torch checkpoint"),
         ("text.pth", lambda m: b"just some text\n", "checkpoint"),
         # bytes that make torch's legacy unpickler raise IndexError, struct.error and KeyError
@@ -242,6 +243,37 @@ def test_convert_reference_refuses_damaged_or_foreign_files(tmp_path: Path, name
     res = _convert(tmp_path / name, tmp_path)
     assert_user_error(res.output, res.exit_code, str(tmp_path / name), message)
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+UNSAFE_ADVICE = ("weights_only=False", "weights_only` set to `False", "safe_globals", "allowlist", "can still be loaded",
+                 "if you trust")  # fmt: skip
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_refused_pickle_says_what_it_is_and_how_to_convert_never_to_unpickle(
+    tmp_path: Path, images: Path, legacy: bool
+) -> None:
+    """torch's refusal advises `weights_only=False` or allowlisting the global: never repeated to the user."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "c.pth").write_bytes(_checkpoint_bytes({**_reference_like(), "x": Touch(marker)}, legacy))
+    res = _convert(tmp_path / "c.pth", tmp_path)
+    line = assert_user_error(
+        res.output,
+        res.exit_code,
+        f"{tmp_path / 'c.pth'}: not loaded: this checkpoint is a pickle holding more than tensors",
+        "GLOBAL io.open",
+        "'model', 'model_ema' and 'args'",
+    )
+    assert not any(advice in line for advice in UNSAFE_ADVICE), line
+    res = _fid(images, tmp_path / "c.pth")
+    line = assert_user_error(res.output, res.exit_code, "not loaded: this weights file is a pickle", ".safetensors",
+                             "`lightgen convert-reference`")  # fmt: skip
+    assert not any(advice in line for advice in UNSAFE_ADVICE), line
+    assert not marker.exists()
+    for i, data in enumerate(mutations(_checkpoint_bytes(_reference_like(), legacy), 12, SEED + 7)):
+        (tmp_path / f"{i}.pth").write_bytes(data)
+        res = _convert(tmp_path / f"{i}.pth", tmp_path)
+        assert not any(advice in res.output for advice in UNSAFE_ADVICE), res.output
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -419,6 +451,44 @@ def test_damaged_or_mismatched_weights_are_one_error(model_dir: Path, tmp_path: 
         line = assert_user_error(res.output, res.exit_code, str(d / "model.safetensors"))
         assert ("not a readable safetensors file" if change == "weights" else "do not fit config.json") in line
         assert not (tmp_path / "o").exists()
+
+
+def test_weights_that_do_not_fit_are_a_short_line_and_all_keys_with_verbose(model_dir: Path, tmp_path: Path) -> None:
+    """One readable line: the count and the first three keys of each kind; `--verbose` lists every key first."""
+    d = tmp_path / "deeper"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"head_depth": 3}))  # 8 more keys than the file has
+    args = ["generate", "--model", d, "--prompt", "a", "--out", tmp_path / "o", "--device", "cpu"]
+    res = invoke(*args)
+    line = assert_user_error(res.output, res.exit_code, f"{d / 'model.safetensors'}: weights do not fit config.json: "
+                             "8 missing keys (diffloss.net.res_blocks.2.in_ln.weight, ", "and 5 more)",
+                             "--verbose lists them all")  # fmt: skip
+    assert len(line) < 300 and "res_blocks.2.mlp.2.bias" not in line, line
+    res = invoke(*args, "--verbose")
+    line = assert_user_error(res.output, res.exit_code, "8 missing keys", "(all 8 listed above)")
+    listed = [x for x in res.output.splitlines() if x.startswith("missing key: ")]
+    assert len(listed) == 8 and "missing key: diffloss.net.res_blocks.2.adaLN_modulation.1.bias" in listed
+    from lightgen_model.hub import WeightsMismatchError, from_pretrained
+
+    with pytest.raises(WeightsMismatchError) as e:  # the Python API: the same line, every key on the error
+        from_pretrained(d)
+    assert len(e.value.missing) == 8 and not e.value.unexpected and "and 5 more" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_trainer_weights_that_do_not_fit_name_counts_and_keys(model_dir: Path) -> None:
+    """The trainer's resume / init_from check says the same: counts and first keys (was torch's first line only)."""
+    from lightgen_model.hub import load_config
+    from training.checkpoint import load_weights
+
+    model = LightGen(load_config(model_dir))
+    state = model.state_dict()
+    state = {k: v for k, v in state.items() if "res_blocks.0" not in k} | {"extra.weight": torch.zeros(1)}
+    state["z_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"^src: its weights do not fit its config: \d+ missing keys \(") as e:
+        load_weights(model, state, "src")
+    assert "1 unexpected key (extra.weight), 1 key of another shape (z_proj.weight: (3, 3) vs (" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------- command-line numbers
@@ -704,3 +774,71 @@ def test_console_scripts_report_usage_errors_in_one_line(tmp_path: Path, argv: l
     assert res.returncode == 2 and res.stdout == "", (res.returncode, res.stdout)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- invalid text
+
+# what a shell's $'a red \xff circle' becomes in Python's argv (surrogateescape), and a JSON "\ud800" escape
+BAD_TEXTS = [("a red \udcff circle", "byte 0xff at character 6 is not UTF-8"),
+             ("a red \ud800 circle", "lone surrogate U+D800 at character 6")]  # fmt: skip
+
+
+def _inpaint_inputs(tmp_path: Path) -> list[object]:
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "image.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    return ["--image", tmp_path / "image.png", "--mask", tmp_path / "mask.png"]
+
+
+def test_console_script_refuses_an_undecodable_prompt_argument(model_dir: Path, tmp_path: Path) -> None:
+    """`lightgen generate --prompt $'a red \\xff circle'` as a shell runs it: argv bytes that are not UTF-8."""
+    argv = [BIN / "lightgen", "generate", "--model", model_dir, "--prompt", "fine", "--prompt", b"a red \xff circle",
+            "--out", tmp_path / "o", "--device", "cpu"]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert_user_error(res.stderr, res.returncode, r"--prompt 2 'a red \udcff circle' is not valid text", "0xff")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_TEXTS, ids=["argv-byte", "json-surrogate"])
+@pytest.mark.parametrize("command", ["generate --prompt", "generate --prompts", "inpaint", "geneval"])
+def test_commands_refuse_prompts_that_are_not_valid_text(
+    model_dir: Path, tmp_path: Path, command: str, text: str, message: str
+) -> None:
+    """One error line naming the prompt (its repr) and where it is (argument number, or file and line); nothing
+    is written: a prompt file with a bad line is refused as a whole, before any image, not skipped."""
+    out = tmp_path / ("o.png" if command == "inpaint" else "o")
+    lines = [json.dumps({"prompt": "a blue square"}), json.dumps({"prompt": text})]  # ASCII JSON: "\udcff" escapes
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    source = {
+        "generate --prompt": ["--prompt", "a blue square", "--prompt", text],
+        "generate --prompts": ["--prompts", tmp_path / "p.jsonl"],
+        "inpaint": [*_inpaint_inputs(tmp_path), "--prompt", text],
+        "geneval": ["--metadata", tmp_path / "p.jsonl"],
+    }[command]
+    res = invoke(command.split()[0], "--model", model_dir, *source, "--out", out, "--device", "cpu", "--steps", 2)
+    where = {"generate --prompt": "--prompt 2", "inpaint": "--prompt 1"}.get(command, f"{tmp_path / 'p.jsonl'}:2:")
+    line = assert_user_error(res.output, res.exit_code, where, repr(text), "is not valid text", message)
+    assert "TypeError" not in line and not out.exists()
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_TEXTS, ids=["argv-byte", "json-surrogate"])
+def test_python_api_refuses_prompts_that_are_not_valid_text(model_dir: Path, text: str, message: str) -> None:
+    """`LightGenPipeline` (call, inpaint, encode_prompt), `run_generate` and `pad_text`: a ValueError naming the
+    prompt and its position, never the tokenizer's TypeError."""
+    from lightgen.api import LightGenPipeline
+    from lightgen.generate import run_generate
+    from lightgen_model import pad_text
+
+    pipe = LightGenPipeline.from_pretrained(model_dir, device="cpu")
+    image, mask = Image.new("RGB", (32, 32)), Image.new("L", (32, 32), 255)
+    calls = {
+        "prompt 1": lambda: pipe(["a blue square", text], num_inference_steps=2),
+        "prompt 0": lambda: pipe.inpaint(image, mask, text, num_inference_steps=2),
+        "prompt 2": lambda: pipe.encode_prompt(["a", "b", text]),
+        "caption 1": lambda: pad_text(captions=["a", text], cfg=pipe.model.cfg, encoder=pipe.text_encoder),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match="is not valid text") as e:
+            call()
+        assert str(e.value).startswith(f"{where} {text!r} is not valid text: {message}"), str(e.value)
+    with pytest.raises(ValueError, match=f"prompt 0 {re.escape(repr(text))}"):
+        run_generate(pipe, [text], "/nonexistent/never-written", progress=False)
