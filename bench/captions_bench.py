@@ -2,11 +2,12 @@
 
 Planted set: distinct captions from a text-to-image prompt generator (27 templates, 3-45 words, multi-word slot
 fillers drawn from ~1,000 phrases, optional clauses) plus ShapesWorld captions with their GenEval metadata; then
-one-word edits (a word substituted by a random vocabulary word, a random word inserted, or a word deleted) of a
-random subset, placed after all originals. Recall = planted edits removed as duplicates; false removal = distinct
-captions removed as near duplicates (the report also says by which rule each went: one word changed or inserted /
-deleted from the distinct caption kept in its place, the generator's own near duplicates, or Jaccard). Every run of `run_build_captions` selects everything
-(`--n` = inputs), so only de-duplication removes captions.
+one-word edits (a word substituted by a random vocabulary word, a random word inserted, a word deleted, or two
+adjacent different words swapped: one edit too) of a random subset, placed after all originals. Recall = planted
+edits removed as duplicates, per edit kind and caption length; false removal = distinct captions removed as near
+duplicates (the report also says by which rule each went: one word changed, inserted / deleted or two words swapped
+from the distinct caption kept in its place, the generator's own near duplicates, or Jaccard). Every run of
+`run_build_captions` selects everything (`--n` = inputs), so only de-duplication removes captions.
 
 Scale: N inputs (generator captions + 8 % exact copies with case / punctuation changes + 4 % one-word edits + bad
 rows) in 4 JSONL and 4 Parquet files; `lightgen-data build-captions --embedder hash` timed under /usr/bin/time -v
@@ -233,12 +234,20 @@ def sample_caption(rng: random.Random, dense_share: float) -> str:
     return dense_caption(rng) if rng.random() < dense_share else caption(rng)
 
 
+EDIT_KINDS = ("substitute", "insert", "delete", "transpose")
+
+
 def one_word_edit(text: str, rng: random.Random) -> tuple[str, str]:
-    """A random one-word edit: (edited text, kind in substitute / insert / delete)."""
+    """A random one-word edit: (edited text, kind in substitute / insert / delete / transpose)."""
     words = text.split()
-    kind = rng.choice(["substitute", "insert", "delete"] if len(words) > 2 else ["substitute", "insert"])
+    swappable = [i for i in range(len(words) - 1) if words[i] != words[i + 1]]
+    kinds = ["substitute", "insert"] + ["delete"] * (len(words) > 2) + ["transpose"] * bool(swappable)
+    kind = rng.choice(kinds)
     i = rng.randrange(len(words))
-    if kind == "substitute":
+    if kind == "transpose":  # two adjacent, different words swapped
+        i = rng.choice(swappable)
+        words[i], words[i + 1] = words[i + 1], words[i]
+    elif kind == "substitute":
         words[i] = rng.choice([w for w in rng.sample(VOCAB, 3) if w != words[i].strip(",")] or ["zebra"])
     elif kind == "insert":
         words.insert(rng.randrange(len(words) + 1), rng.choice(VOCAB))
@@ -253,8 +262,8 @@ def one_word_edit(text: str, rng: random.Random) -> tuple[str, str]:
 def planted_set(root: Path, distinct: int, shapes: int, edits: int, seed: int, dense_share: float) -> Path:
     """JSONL of distinct generator + ShapesWorld captions, then one-word edits of a random subset of them.
 
-    Each row has `caption`, `kind` (distinct / substitute / insert / delete), `of` (the edited row) and the
-    ShapesWorld metadata (which edits keep: an edit describes the same scene)."""
+    Each row has `caption`, `kind` (distinct / substitute / insert / delete / transpose), `of` (the edited row) and
+    the ShapesWorld metadata (which edits keep: an edit describes the same scene)."""
     from shapesworld.world import generate_prompts
 
     rng, rows, seen = random.Random(seed), [], set()
@@ -307,7 +316,9 @@ def score_planted(path: Path, out: Path, **kw) -> dict:
     n_words = lambda i: len(dedup_key(rows[i]["caption"]).split())
     groups = {"all": edits, "<=10 words": [i for i in edits if n_words(i) <= 10],
               ">10 words": [i for i in edits if n_words(i) > 10]}  # fmt: skip
-    groups |= {k: [i for i in edits if rows[i]["kind"] == k] for k in ("substitute", "insert", "delete")}
+    groups |= {k: [i for i in edits if rows[i]["kind"] == k] for k in EDIT_KINDS}
+    groups |= {f"{k} {w}": [i for i in groups[k] if (n_words(i) <= 10) == (w == "<=10 words")]
+               for k in EDIT_KINDS for w in ("<=10 words", ">10 words")}  # fmt: skip
     groups |= {"shapes": [i for i in edits if "metadata" in rows[i]]}
     recall = {
         k: {"n": len(v), "recall": round(sum(i in removed for i in v) / max(1, len(v)), 4)} for k, v in groups.items()
@@ -319,6 +330,7 @@ def score_planted(path: Path, out: Path, **kw) -> dict:
         a, b = dedup_key(rows[i]["caption"]).split(), dedup_key(kept["caption"] if kept else "").split()
         apart = kept and "one word apart" in removed[i]["detail"]  # the pipeline's own word edit distance
         cause = ("changed" if len(a) == len(b) else "inserted/deleted") if apart else "jaccard"
+        cause = "swapped" if kept and "two words swapped" in removed[i]["detail"] else cause
         cause = ("shapes same scene: " if "metadata" in rows[i] else "generator: ") + cause
         causes[cause] = causes.get(cause, 0) + 1
     generator = [i for i in distinct if "metadata" not in rows[i]]

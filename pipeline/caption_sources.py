@@ -16,16 +16,20 @@ write them) keep it as a JSON string in `metadata`; a `metadata` column (caption
 from __future__ import annotations
 
 import csv
-import glob
+import io
 import json
 import os
+import posixpath
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.inputs import expand
 
 CAPTIONS_FORMAT = "lightgen-captions"
 CAPTION_EXTS = ("jsonl", "json", "parquet", "csv", "tar")
@@ -68,44 +72,44 @@ class ReadTask:
         return SHAPES if self.kind == SHAPES else self.path
 
 
-def expand_caption_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files, folders and globs -> caption files, sorted and unique; caption-shard folders give their shards."""
-    files: set[Path] = set()
-    for raw in inputs:
-        spec = str(raw)
-        matches = [Path(p) for p in glob.glob(spec, recursive=True)] if any(c in spec for c in "*?[") else [Path(spec)]
-        if not matches or not matches[0].exists():
-            raise FileNotFoundError(f"input path does not exist: {spec}")
-        for path in matches:
-            files.update(_caption_files(path.resolve()))
+def expand_caption_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Files, folders and globs (local paths or URIs, `inputs.expand`) -> caption files, sorted and unique (absolute
+    local paths or URIs); a caption-shard folder (its manifest says so) gives the shards its manifest lists."""
+    files: set[str] = set()
+    for spec in map(str, inputs):
+        listed = _manifest_shards(spec)
+        files.update(listed if listed is not None else expand([spec], keep=lambda p: _ext(str(p)) in CAPTION_EXTS))
     if not files:
-        raise ValueError(f"no caption files ({', '.join(CAPTION_EXTS)}) found in inputs: {list(inputs)}")
+        raise ValueError(
+            f"no caption files ({', '.join(CAPTION_EXTS)}) found in inputs: {[storage.public(str(p)) for p in inputs]}"
+        )
     return sorted(files)
 
 
-def _caption_files(path: Path) -> list[Path]:
-    """A file itself, the shards listed in a caption-shard manifest, or every caption file below a folder."""
-    if path.is_file():
-        return [path]
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        meta = json.loads(manifest.read_text())
-        if meta.get("format") == CAPTIONS_FORMAT:
-            return [path / s["name"] for s in meta["shards"]]
-    found = []
-    for p in path.rglob("*"):
-        ext = p.name.rsplit(".", 1)[-1].lower()
-        skip = p.name in _NOT_INPUTS or p.name.endswith(".rejects.parquet") or p.name.startswith(".")
-        if p.is_file() and ext in CAPTION_EXTS and not skip:
-            found.append(p)
-    return found
+def _manifest_shards(spec: str) -> list[str] | None:
+    """The shards a caption-shard folder's manifest lists; None when `spec` is not such a folder."""
+    if any(c in spec for c in "*?[") or storage.file_info(spec).type != pafs.FileType.Directory:
+        return None
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(spec, "manifest.json")))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != CAPTIONS_FORMAT:
+        return None
+    fs, root = storage.resolve(spec)
+    return [storage.join(storage.uri_of(fs, root, spec), s["name"]) for s in meta["shards"]]
 
 
-def _ext(path: Path) -> str:
-    return path.name.rsplit(".", 1)[-1].lower()
+def _ext(path: str) -> str:
+    return posixpath.basename(path).rsplit(".", 1)[-1].lower()
 
 
-def plan_reads(inputs: Sequence[str | Path], field: str, chunk_bytes: int | None = None) -> list[ReadTask]:
+def _name(path: str) -> str:
+    """The file name of a local path or URI (the `ref` prefix of its rows)."""
+    return posixpath.basename(path)
+
+
+def plan_reads(inputs: Sequence[str | os.PathLike], field: str, chunk_bytes: int | None = None) -> list[ReadTask]:
     """The read tasks of `inputs` in input order; checks Parquet / CSV columns for `field` up front."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     tasks: list[ReadTask] = []
@@ -113,7 +117,7 @@ def plan_reads(inputs: Sequence[str | Path], field: str, chunk_bytes: int | None
         kind = _ext(path)
         if kind == "parquet":
             tasks += _plan_parquet(path, field)
-        elif kind == "jsonl" or (kind == "json" and os.path.getsize(path) > chunk_bytes and not _one_document(path)):
+        elif kind == "jsonl" or (kind == "json" and _size(path) > chunk_bytes and not _one_document(path)):
             tasks += _plan_jsonl(path, chunk_bytes)
         else:
             if kind == "csv":
@@ -122,38 +126,49 @@ def plan_reads(inputs: Sequence[str | Path], field: str, chunk_bytes: int | None
     return tasks
 
 
-def _one_document(path: Path) -> bool:
+def _size(path: str) -> int:
+    """Bytes of a file (local path or URI)."""
+    return int(storage.file_info(path).size)
+
+
+def _one_document(path: str) -> bool:
     """Whether a `.json` file starts like a single JSON document (a list) rather than JSON lines."""
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         return f.read(1024).lstrip()[:1] == b"["
 
 
-def _plan_parquet(path: Path, field: str) -> list[ReadTask]:
+def _plan_parquet(path: str, field: str) -> list[ReadTask]:
     """Consecutive row groups of about `CHUNK_ROWS` rows per task."""
-    pf = pq.ParquetFile(path)
-    if field not in pf.schema_arrow.names:
-        raise ValueError(f"unknown --field {field!r}: {path} has columns {pf.schema_arrow.names}")
+    with storage.open_input(path) as f:
+        pf = pq.ParquetFile(f)
+        names, groups = pf.schema_arrow.names, [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    if field not in names:
+        raise ValueError(f"unknown --field {field!r}: {storage.public(path)} has columns {names}")
     tasks, start, first, rows = [], 0, 0, 0
-    for g in range(pf.num_row_groups):
-        rows += pf.metadata.row_group(g).num_rows
-        if rows - first >= CHUNK_ROWS or g == pf.num_row_groups - 1:
+    for g, n in enumerate(groups):
+        rows += n
+        if rows - first >= CHUNK_ROWS or g == len(groups) - 1:
             tasks.append(ReadTask(str(path), "parquet", start, g + 1, first))
             start, first = g + 1, rows
     return tasks or [ReadTask(str(path), "parquet", 0, 0, 0)]
 
 
-def _plan_jsonl(path: Path, chunk_bytes: int) -> list[ReadTask]:
+def _plan_jsonl(path: str, chunk_bytes: int) -> list[ReadTask]:
     """Byte ranges that start at line starts, with the line number of their first line (one scan of the file)."""
-    size, tasks, start, line = os.path.getsize(path), [], 0, 1
-    with open(path, "rb") as f:
+    size, tasks, start, line = _size(path), [], 0, 1
+    with storage.open_input(path) as f:
         while start < size:
             f.seek(start)
             block = f.read(chunk_bytes)
             cut = block.rfind(b"\n") + 1 if start + len(block) < size else len(block)
-            cut = cut or len(block) + len(f.readline())  # one line longer than a chunk
+            if not cut:  # one line longer than a chunk: read on to its end
+                rest = b""
+                while b"\n" not in rest and start + len(block) + len(rest) < size:
+                    rest += f.read(chunk_bytes)
+                cut = len(block) + (rest.find(b"\n") + 1 if b"\n" in rest else len(rest))
+                block += rest
             tasks.append(ReadTask(str(path), "jsonl", start, start + cut, line))
-            f.seek(start)
-            line += f.read(cut).count(b"\n")
+            line += block[:cut].count(b"\n")
             start += cut
     return tasks or [ReadTask(str(path), "jsonl", 0, 0, 1)]
 
@@ -171,7 +186,7 @@ def read_task(task: ReadTask, field: str, batch_rows: int = 65_536) -> Iterator[
         yield batch
 
 
-def read_captions(inputs: Sequence[str | Path], field: str = "caption") -> list[CaptionRecord]:
+def read_captions(inputs: Sequence[str | os.PathLike], field: str = "caption") -> list[CaptionRecord]:
     """All caption records of `inputs`, in order (small inputs); `ValueError` if a file has no `field` at all."""
     records: list[CaptionRecord] = []
     counts: dict[str, dict[str, int]] = {}
@@ -233,8 +248,8 @@ def _parse_line(line: bytes, field: str, source: str, ref: str) -> CaptionRecord
 
 def _jsonl(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     """The lines of bytes [start, stop) of a JSON-lines file; blank lines are skipped but counted."""
-    name = Path(task.path).name
-    with open(task.path, "rb") as f:
+    name = _name(task.path)
+    with storage.open_input(task.path) as f:
         f.seek(task.start)
         data = f.read(task.stop - task.start)
     for i, line in enumerate(data.split(b"\n")):
@@ -244,21 +259,26 @@ def _jsonl(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
 
 def _json(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     """A `.json` file: a JSON list, a single object, or (if it is not one document) JSON lines."""
-    path, raw = Path(task.path), Path(task.path).read_bytes()
+    raw = storage.read_bytes(task.path)
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         yield from _jsonl(ReadTask(task.path, "jsonl", 0, len(raw), 1), field)
         return
     for i, obj in enumerate(doc if isinstance(doc, list) else [doc]):
-        yield _record(obj, field, task.path, f"{path.name}:{i}")
+        yield _record(obj, field, task.path, f"{_name(task.path)}:{i}")
 
 
 def _parquet(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     """Rows of row groups [start, stop); only the caption, `id` and `metadata` columns are read."""
-    pf = pq.ParquetFile(task.path)
+    with storage.open_input(task.path) as f:
+        yield from _parquet_rows(pq.ParquetFile(f), task, field)
+
+
+def _parquet_rows(pf: pq.ParquetFile, task: ReadTask, field: str) -> Iterator[CaptionRecord]:
+    """The records of `_parquet`, from an open file."""
     cols = [c for c in (field, "id", "metadata") if c in pf.schema_arrow.names]
-    name, row = Path(task.path).name, task.first_row
+    name, row = _name(task.path), task.first_row
     for batch in pf.iter_batches(batch_size=65_536, row_groups=range(task.start, task.stop), columns=cols):
         values = {c: batch.column(c).to_pylist() for c in cols}
         for k in range(batch.num_rows):
@@ -273,19 +293,43 @@ def _parquet(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
             yield _record(obj, field, task.path, ref)
 
 
-def _csv_header(path: Path, field: str) -> list[str]:
+def _text(path: str, errors: str) -> io.TextIOWrapper:
+    """A text stream of a file on any filesystem (UTF-8, newlines as the csv module wants them)."""
+    return io.TextIOWrapper(io.BufferedReader(_Raw(storage.open_input(path))), "utf-8", errors, newline="")
+
+
+class _Raw(io.RawIOBase):
+    """A pyarrow input file as a Python raw stream (for `io.BufferedReader`)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _csv_header(path: str, field: str) -> list[str]:
     """The header of a CSV file; `ValueError` if `field` is not in it."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with _text(path, "replace") as f:
         names = next(csv.reader(f), [])
     if field not in names:
-        raise ValueError(f"unknown --field {field!r}: {path} has columns {names}")
+        raise ValueError(f"unknown --field {field!r}: {storage.public(path)} has columns {names}")
     return names
 
 
 def _csv(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     """One record per CSV row (the header names the fields); a caption that is not UTF-8 is `bad_utf8`."""
-    name = Path(task.path).name
-    with open(task.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    name = _name(task.path)
+    with _text(task.path, "surrogateescape") as f:
         for i, row in enumerate(_csv_rows(csv.DictReader(f))):
             ref = f"{name}:{i + 2}"  # +2: 1-based, after the header
             if isinstance(row, csv.Error):  # e.g. a field over the csv module's size limit: that row only
@@ -320,8 +364,8 @@ def _utf8(text: str) -> bool:
 
 def _tar(task: ReadTask, field: str) -> Iterator[CaptionRecord]:
     """The `.json` members of a webdataset tar, one record per sample key."""
-    name = Path(task.path).name
-    with tarfile.open(task.path, mode="r:") as tf:
+    name = _name(task.path)
+    with storage.open_input(task.path) as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
         for member in tf:
             base = member.name.rsplit("/", 1)[-1]
             if not (member.isfile() and base.split(".", 1)[-1].lower() == "json"):

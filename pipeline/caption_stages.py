@@ -1,9 +1,10 @@
 """The per-chunk phases of `build-captions`: read + clean, embed, label, finalise (rejects + statistics), shards.
 
 Each phase is a plain function of small arguments (a chunk number, its first global row, settings) that reads and
-writes files in the work folder and returns small metadata, so `runtime.map_tasks` runs it in this process or as
-a Ray task. Global per-row state (status, cluster, selection) lives in `.npy` arrays the driver writes and the
-tasks memory-map. A chunk is the rows of one `ReadTask`, in input order; global row = chunk offset + local row.
+writes files in the work folder and returns small metadata, so the runner's executor (`runner.execute`) runs it in
+this process or as a Ray Data task; `write_shard` publishes with the runner's writer (`runner.publish_shard`).
+Global per-row state (status, cluster, selection) lives in `.npy` arrays the driver writes and the tasks
+memory-map. A chunk is the rows of one `ReadTask`, in input order; global row = chunk offset + local row.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import dedup, shards, textsig
+from pipeline import dedup, runner, shards, textsig
 from pipeline import diversity as dv
 from pipeline import workfiles as wf
 from pipeline.caption_sources import READ_ERRORS, ReadTask, field_counts, read_task
+from pipeline.storage import Storage
 
 FILTERS = ("empty", "too_short", "too_long", "bad_charset")
 REASONS = ("", *FILTERS, *READ_ERRORS, "exact_dup", "near_dup", "not_selected")  # status codes, 0 = kept
@@ -181,7 +183,7 @@ def finalize_chunk(work: str, chunk: int, offset: int, parts: int, cover_block: 
     table = wf.read_arrow(dedup.chunk_file(work, chunk), ["text", "ref", "cid"])
     sl = slice(offset, offset + len(table))
     g = {k: np.asarray(wf.load_npy(Path(work) / f"{k}.npy")[sl]) for k in ("status", "partner", "baseline")}
-    near = {k: np.asarray(wf.load_npy(Path(work) / f"near_{k}.npy")[sl]) for k in ("jaccard", "edits")}
+    near = {k: np.asarray(wf.load_npy(Path(work) / f"near_{k}.npy")[sl]) for k in ("jaccard", "edits", "swapped")}
     rejects = rejects_table(table, g["status"], g["partner"], near)
     wf.write_arrow(wf.work_path(work, "rejects", f"c{chunk:05d}.arrow"), rejects)
     pool = np.flatnonzero((g["status"] == 0) | (g["status"] == CODE["not_selected"]))
@@ -230,7 +232,7 @@ def rejects_table(table: pa.Table, status: np.ndarray, partner: np.ndarray, near
         if reason == "exact_dup":
             detail = f"= {format_id(int(partner[i]))}: {text}"
         elif reason == "near_dup":
-            apart = " one word apart" if near["edits"][i] <= 1 else ""
+            apart = " two words swapped" if near["swapped"][i] else " one word apart" if near["edits"][i] <= 1 else ""
             detail = f"~ {format_id(int(partner[i]))} (jaccard {near['jaccard'][i]:.3f}){apart}: {text}"
         rows.append(
             {"id": format_id(cids[i]) if text else refs[i], "source": refs[i], "reason": reason, "detail": detail}
@@ -257,9 +259,10 @@ def shard_spans(kept: list[int], offsets: list[int], shard_size: int, sources: l
     return plan
 
 
-def write_shard(work: str, out: str, index: int, spans: list[tuple], schema: pa.Schema, meta: dict) -> Any:
+def write_shard(work: str, out: str, index: int, spans: list[tuple], schema: pa.Schema, meta: dict) -> dict[str, Any]:
     """Caption shard `index` from `spans` [(chunk, offset, skip, take, source)]: the chunk's kept rows [skip,
-    skip + take) in order. A shard already on disk with the same config and ids is kept. Returns its result."""
+    skip + take) in order, published to `out` by the runner's writer (a shard finished earlier with the same config
+    and ids is kept). Returns its receipt."""
     parts = []
     for chunk, offset, skip, take, source in spans:
         t = wf.read_arrow(dedup.chunk_file(work, chunk), ["text", "metadata", "cid"])
@@ -280,41 +283,8 @@ def write_shard(work: str, out: str, index: int, spans: list[tuple], schema: pa.
             )
         )
     table = pa.concat_tables(parts)
-    meta = {**meta, "input_digest": shards.digest(table.column("id").to_pylist())}
-    if _same_shard(Path(out), index, meta):
-        return shards.shard_result(out, index)
-    with shards.ShardWriter(out, index, schema, meta) as writer:
-        writer.write(table)
-        return writer.commit(shards.rejects_table([]))
-
-
-def _same_shard(out: Path, index: int, meta: dict) -> bool:
-    """Whether shard `index` is on disk, complete (with its rejects file), made from the same config and ids."""
-    import pyarrow.parquet as pq
-
-    from pipeline.schema import shard_metadata
-
-    try:
-        old = shard_metadata(pq.read_schema(out / f"part-{index:05d}.parquet"))
-        pq.read_metadata(out / f"part-{index:05d}.rejects.parquet")
-    except (OSError, pa.ArrowInvalid, ValueError):
-        return False
-    return bool(old) and all(old.get(k) == v for k, v in meta.items())
-
-
-def existing_config_digest(out: Path) -> str | None:
-    """The config digest of the caption shards already in `out` (None when there are none)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.schema import shard_metadata
-
-    for path in sorted(out.glob("part-*.parquet")):
-        if not path.name.endswith(".rejects.parquet"):
-            try:
-                return shard_metadata(pq.read_schema(path)).get("config_digest")
-            except (OSError, pa.ArrowInvalid, ValueError):
-                return None
-    return None
+    meta = {**meta, "input_digest": shards.digest(table.column("id").to_pylist()), "shard": index}
+    return runner.publish_shard(Storage(out), index, schema, meta, [table])
 
 
 # --------------------------------------------------------------------------------------------------- diversity

@@ -1,9 +1,13 @@
 """`build-captions`: caption sources -> cleaned, de-duplicated, diversity-selected caption shards plus a report.
 
-Built for millions of captions: inputs are read in chunks (`caption_sources.ReadTask`), every phase is a function
-over chunk or partition files in a work folder under the output (`caption_stages`, `dedup`), run by
-`runtime.map_tasks` in this process (`--workers 0`, no Ray) or as Ray tasks (`--workers N`); the driver keeps only
-per-row arrays (status, cluster) and small statistics. Outputs do not depend on the number of workers.
+Built for millions of captions: inputs (local paths or URIs such as `s3://bucket/captions`) are read in chunks
+(`caption_sources.ReadTask`), every phase is a function over chunk or partition files in a work folder
+(`caption_stages`, `dedup`), run by the runner's executor (`runner.execute`, as the stages' units) in this process
+(`--workers 0`, no Ray) or as Ray Data tasks (`--workers N`); the driver keeps only per-row arrays (status,
+cluster) and small statistics. The work folder is local scratch: under `--output` when that is a local path, else
+`--work-dir` (a temporary folder by default); on a Ray cluster of several nodes it must be a path every node sees.
+The outputs are published by the runner's writer (`runner.publish_shard`, receipts, `runner.write_manifest`) to
+`--output`, local or a URI. Outputs do not depend on the number of workers.
 
 Steps: 1. read + normalise + filter (empty, too short / long, wrong charset, unreadable rows) -> 2. exact
 duplicates (hash partitions of the word key) -> 3. near duplicates (LSH + deletion-key buckets, verified, removed
@@ -15,6 +19,7 @@ reason), `diversity.json`, `report.json`, `manifest.json`. Counts add up: inputs
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,14 +28,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import caption_stages as st
-from pipeline import dedup, shards
+from pipeline import dedup, runner, shards, storage
 from pipeline import diversity as dv
 from pipeline import workfiles as wf
 from pipeline.caption_sources import CAPTIONS_FORMAT, check_fields, plan_reads, shapes_task
 from pipeline.caption_stages import CaptionEmbedder  # noqa: F401 (the embedding stage, public here)
 from pipeline.options import StageConfig, opt
+from pipeline.schema import MANIFEST, REJECT_SCHEMA
+from pipeline.storage import Storage
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -60,15 +68,15 @@ class CaptionsConfig(StageConfig):
 
     shared_defaults = {
         "inputs": ([], "JSONL / JSON / Parquet / CSV files, webdataset .tar, folders or globs (repeat)."),
-        "output": ("", "Output folder: caption shards, rejects, diversity.json, report, manifest."),
+        "output": ("", "Output folder or URI: caption shards, rejects, diversity.json, report, manifest."),
         "batch_size": (256, "Captions per embedding call."),
         "shard_size": (100_000, "Captions per output shard."),
         "workers": (0, "Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray."),
         "seed": (0, "Random seed (selection, k-means, ShapesWorld)."),
         "overwrite": (False, "Replace earlier outputs; without it other settings are refused."),
     }
-    # A global job of plain one-CPU Ray tasks (`runtime.map_tasks`), not a pool of model-holding workers with a
-    # progress bar over shards: these options have no effect here.
+    # A global job of plain one-CPU tasks per phase (`runner.execute(actors=False)`), not a pool of model-holding
+    # workers with a progress bar over shards: these options have no effect here.
     shared_unused = ("gpus_per_worker", "cpus_per_worker", "progress")
 
     n: int = opt(1000, "Captions to select.")
@@ -83,7 +91,9 @@ class CaptionsConfig(StageConfig):
     near_dup_threshold: float = opt(0.8, "Word n-gram Jaccard similarity that makes a near duplicate.")
     ngram: int = opt(2, "Word n-gram size of the near-duplicate shingles.")
     near_dup_edit_words: int = opt(
-        8, "A word inserted or deleted makes a near duplicate when both captions have this many words (0 = off)."
+        8,
+        "A word inserted or deleted, or two adjacent words swapped, makes a near duplicate when both captions have "
+        "this many words (0 = off).",
     )
     near_dup_change_words: int = opt(
         12, "A word changed makes a near duplicate when both captions have this many words (0 = off)."
@@ -93,6 +103,11 @@ class CaptionsConfig(StageConfig):
     clusters: int = opt(64, "k of the k-means over caption embeddings.")
     kmeans_sample: int = opt(100_000, "Captions k-means is fitted on (a seeded sample); all are assigned.")
     partitions: int = opt(0, "Shuffle partitions of the de-duplication (0 = from the input size).")
+    work_dir: str | None = opt(
+        None,
+        "Scratch folder of the intermediate files (a local path; on a multi-node Ray cluster one every node sees).",
+        show="under --output if local, else a temporary folder",
+    )
 
     def content(self) -> dict[str, Any]:
         """The settings that determine the output."""
@@ -144,10 +159,25 @@ def run_build_captions(cfg: CaptionsConfig) -> dict[str, Any]:
 
     validate(cfg)
     build = CaptionBuild(cfg)
-    with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
-        report = build.run()
-    wf.remove(build.work)
-    return report
+    try:
+        with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
+            if cfg.workers > 0:
+                build.check_shared()
+            return build.run()
+    finally:
+        wf.remove(build.work)
+
+
+def work_folder(cfg: CaptionsConfig) -> Path:
+    """The scratch folder of a run: `--work-dir`, else under a local `--output`, else a new temporary folder."""
+    if cfg.work_dir:
+        if storage.is_remote(cfg.work_dir):
+            raise ValueError(f"--work-dir must be a local path (or a shared mount), got {storage.public(cfg.work_dir)}")
+        return Path(cfg.work_dir) / wf.WORK_DIR
+    if not storage.is_remote(cfg.output):
+        root = storage.resolve(cfg.output)[1]
+        return Path(root) / wf.WORK_DIR
+    return Path(tempfile.mkdtemp(prefix="lightgen-captions-"))  # removed whole at the end
 
 
 class CaptionBuild:
@@ -155,18 +185,33 @@ class CaptionBuild:
 
     def __init__(self, cfg: CaptionsConfig) -> None:
         self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.work = self.out / wf.WORK_DIR
+        self.store = Storage(cfg.output)
+        self.work = work_folder(cfg)
         self.config_digest = shards.digest(cfg.content())
         self.timings: dict[str, float] = {}
         self.stats: dict[str, Any] = {}
 
-    def _map(self, fn: Any, args: list[tuple], key: str = "chunk") -> list[dict[str, Any]]:
-        """Run a phase over its tasks (in process or on Ray); results in task order."""
+    def check_shared(self) -> None:
+        """On a multi-node Ray cluster: every node must see the output and the work folder."""
         from pipeline import runtime
 
-        results = runtime.map_tasks(fn, args, workers=self.cfg.workers, address=self.cfg.ray_address)
-        return sorted(results, key=lambda r: getattr(r, key) if hasattr(r, key) else r[key])
+        runtime.check_shared_storage(self.cfg.output)
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            runtime.check_shared_storage(str(self.work))
+        except ValueError as e:
+            raise ValueError(
+                f"the work folder {self.work} is not visible from every node ({e}); pass --work-dir, a folder on "
+                "storage every node mounts"
+            ) from None
+
+    def _map(self, fn: Any, args: list[tuple], key: str = "chunk") -> list[dict[str, Any]]:
+        """Run a phase over its tasks with the runner's executor (in process or Ray Data); results in task order."""
+        cfg = self.cfg
+        results = runner.execute(
+            runner.calls(fn), args, workers=cfg.workers, ray_address=cfg.ray_address, cpus=1.0, gpus=0.0, actors=False
+        )
+        return sorted(results, key=lambda r: r[key])
 
     def _save(self, **arrays: np.ndarray) -> None:  # driver arrays the tasks memory-map
         for name, a in arrays.items():
@@ -190,21 +235,13 @@ class CaptionBuild:
 
     def prepare(self) -> None:
         """Refuse outputs made with other settings (unless --overwrite); plan the reads and the partitions."""
-        cfg, out = self.cfg, self.out
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite:
-            shards.remove_outputs(out)
-        shards.clean_temporaries(out)
-        old = st.existing_config_digest(out)
-        if old is not None and old != self.config_digest:
-            raise ValueError(
-                f"{out} holds caption shards made with other settings (e.g. part-00000.parquet); "
-                "pass --overwrite to replace them or choose another --output"
-            )
+        cfg = self.cfg
+        runner.prepare_output(self.store, "build-captions", cfg.overwrite, self.config_digest)
         self.tasks = plan_reads(cfg.inputs, cfg.field) if cfg.inputs else []
         if cfg.shapes:
             self.tasks.append(shapes_task(cfg.shapes, cfg.seed, cfg.shapes_diversity, cfg.shapes_scenes))
-        estimate = sum(Path(p).stat().st_size // 100 for p in {t.path for t in self.tasks if t.kind != "shapes"})
+        files = {t.path for t in self.tasks if t.kind != "shapes"}
+        estimate = sum(storage.file_info(p).size // 100 for p in files)
         self.parts = cfg.partitions or int(np.clip(-(-(estimate + cfg.shapes) // 200_000), max(1, cfg.workers), 64))
         rules = (cfg.near_dup_threshold, cfg.ngram, cfg.near_dup_edit_words, cfg.near_dup_change_words)
         self.near = dedup.NearDupSettings(*rules, seed=cfg.seed, parts=self.parts)
@@ -248,7 +285,9 @@ class CaptionBuild:
             dedup.near_signatures, [(work, c, int(self.offsets[c]), self.near, keys) for c in range(len(self.chunks))]
         )
         dedup.build_token_store(work, len(self.chunks), self.n)
-        self.near_info = {"jaccard": np.zeros(self.n, np.float32), "edits": np.zeros(self.n, np.int8)}
+        self.near_info = {
+            k: np.zeros(self.n, t) for k, t in (("jaccard", np.float32), ("edits", np.int8), ("swapped", bool))
+        }
         if keys:
             parts = self._map(
                 dedup.near_partition, [(work, p, len(self.chunks), self.near) for p in range(self.parts)], "part"
@@ -268,6 +307,7 @@ class CaptionBuild:
                 tokens, offsets, removed, keeper[removed], self.cfg.ngram
             )
             self.near_info["edits"][removed] = st.textsig.pair_edits(tokens, offsets, removed, keeper[removed])
+            self.near_info["swapped"][removed] = st.textsig.pair_transposed(tokens, offsets, removed, keeper[removed])
         self._save(status=self.status, **{f"near_{k}": v for k, v in self.near_info.items()})
         self._timed("near_dedup", t0)
 
@@ -342,9 +382,12 @@ class CaptionBuild:
         for r in self._map(st.distinct_partition, [(work, p, n_chunks) for p in range(self.parts)], "part"):
             for k, (d, t) in r["counts"].items():
                 grams[k] = [grams[k][0] + d, grams[k][1] + t] if k in grams else [d, t]
-        files = [wf.work_path(self.work, "rejects", f"c{c:05d}.arrow") for c in range(len(self.chunks))]
-        rejects = pa.concat_tables([wf.read_arrow(f) for f in files]) if files else shards.rejects_table([])
-        shards.write_table_atomic(self.out / "rejects.parquet", rejects)
+        with (
+            self.store.writer(shards.REJECTS) as stream,
+            pq.ParquetWriter(stream, REJECT_SCHEMA, compression="zstd") as w,
+        ):
+            for c in range(n_chunks):  # streamed, one chunk at a time, in input order
+                w.write_table(wf.read_arrow(wf.work_path(self.work, "rejects", f"c{c:05d}.arrow")))
         sets = {"pool": np.arange(len(self.pool)), "selected": self.chosen}
         sets["random_baseline"] = dv.select_random(len(self.pool), len(self.chosen), self.cfg.seed + 2)
         hist = {name: np.bincount(self.labels[idx], minlength=self.k) for name, idx in sets.items()}
@@ -352,20 +395,23 @@ class CaptionBuild:
         self._timed("finalize", t0)
         return diversity
 
-    def write_shards(self) -> list[shards.ShardResult]:
-        """7a. Caption shards of `--shard-size` kept rows each, in input order (a shard already on disk is kept)."""
+    def write_shards(self) -> list[dict[str, Any]]:
+        """7a. Caption shards of `--shard-size` kept rows each, in input order, published with the runner's writer (a
+        shard finished earlier with the same ids is kept); returns their receipts."""
         t0 = time.perf_counter()
         bounds = zip(self.offsets[:-1], self.offsets[1:], strict=True)
         kept = [int((self.status[a:b] == 0).sum()) for a, b in bounds]
         plan = st.shard_spans(kept, self.offsets.tolist(), self.cfg.shard_size, [t.source for t in self.tasks])
+        # From here on the folder is this run's: an incomplete manifest refuses other settings if the run dies.
+        self.store.write_json(MANIFEST, {**self.header(len(plan)), "complete": False})
         meta = {"config_digest": self.config_digest}
-        args = [(str(self.work), str(self.out), i, spans, CAPTION_SCHEMA, meta) for i, spans in enumerate(plan)]
+        args = [(str(self.work), self.cfg.output, i, spans, CAPTION_SCHEMA, meta) for i, spans in enumerate(plan)]
         results = self._map(st.write_shard, args, key="index")
-        shards.remove_outputs(self.out, keep_below=len(results))
+        runner.drop_shards_beyond(self.store, len(results))
         self._timed("write", t0)
         return results
 
-    def report(self, results: list[shards.ShardResult], diversity: dict[str, Any], seconds: float) -> dict[str, Any]:
+    def report(self, results: list[dict[str, Any]], diversity: dict[str, Any], seconds: float) -> dict[str, Any]:
         """7b. `report.json`, `diversity.json` and the manifest (written once, complete)."""
         codes = Counter(self.status.tolist())
         reasons = {st.REASONS[c]: n for c, n in sorted(codes.items()) if c != 0}
@@ -386,26 +432,33 @@ class CaptionBuild:
             "workers": self.cfg.workers,
             "diversity": diversity,
         }
-        shards.write_json_atomic(self.out / "diversity.json", diversity)
-        shards.write_json_atomic(self.out / "report.json", {k: v for k, v in report.items() if k != "diversity"})
+        self.store.write_json(shards.DIVERSITY, diversity)
+        self.store.write_json(shards.REPORT, {k: v for k, v in report.items() if k != "diversity"})
         self.manifest(results, removed)
         return report
 
-    def manifest(self, results: list[shards.ShardResult], removed: int) -> None:
-        """The complete manifest (its `rejected` / `inputs` count the global removals, not per-shard rejects)."""
-        cfg, out = self.cfg, self.out
+    def header(self, n_shards: int | None) -> dict[str, Any]:
+        """The manifest's fixed part: format, versions, the resolved config (no credentials), its digest."""
+        cfg = self.cfg
         config = {k: v for k, v in asdict(cfg).items() if k not in cfg.shared_unused}
-        config.update(inputs=[str(Path(p).resolve()) for p in cfg.inputs], output=str(out.resolve()))
-        header = {
+        if cfg.work_dir is None:
+            config.pop("work_dir")
+        config.update(inputs=[_resolved(p) for p in cfg.inputs], output=_resolved(cfg.output))
+        return {
             "format": CAPTIONS_FORMAT,
             "schema_version": CAPTION_SCHEMA_VERSION,
             "stage": "build-captions",
             "code_version": shards.code_version(),
             "config": config,
             "config_digest": self.config_digest,
-            "n_shards": len(results),
+            "n_shards": n_shards,
         }
-        writer = shards.ManifestWriter(out, header)
-        for r in results:
-            writer.add(r, write=False)
-        writer.write(complete=True, rejected=removed, inputs=sum(r.rows for r in results) + removed)
+
+    def manifest(self, results: list[dict[str, Any]], removed: int) -> None:
+        """The complete manifest (its `rejected` / `inputs` count the global removals, not per-shard rejects)."""
+        runner.write_manifest(self.store, self.header(len(results)), results, removed)
+
+
+def _resolved(spec: str) -> str:
+    """A local path made absolute (links resolved), a URI without credentials."""
+    return storage.public(spec) if storage.is_uri(spec) else str(Path(spec).resolve())

@@ -9,6 +9,7 @@ import typer
 
 from lightgen.errors import user_errors
 from pipeline.options import command
+from pipeline.storage import masked_errors
 
 app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_completion=False)
 
@@ -29,7 +30,12 @@ def _stage_command(name: str, config: str, run: str, doc: str, summary: str | No
 
     def run_cfg(cfg: object) -> None:
         mod, fn = run.rsplit(".", 1)
-        with user_errors():
+        with user_errors(), masked_errors():  # no storage endpoint or key in the error line
+            if getattr(cfg, "dry_run", False):  # models on the meta device; nothing read or written
+                from pipeline.dryrun import dry_run
+
+                typer.echo(json.dumps(dry_run(cfg)))
+                return
             report = getattr(importlib.import_module(mod), fn)(cfg)
         if summary:
             typer.echo(summary.format(**report))
@@ -50,14 +56,15 @@ def _run_build_captions(cfg: object) -> None:
     """build-captions: the diversity table, then the report as JSON."""
     from pipeline.captions import format_table, run_build_captions
 
-    with user_errors():
+    with user_errors(), masked_errors():  # no storage endpoint or key in the error line
         report = run_build_captions(cfg)
     typer.echo(format_table(report))
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "diversity"}))
 
 
 def _build_captions_command() -> None:
-    """Register build-captions (a global job with its own phases, not a per-shard stage; options from its config)."""
+    """Register build-captions (global phases on the runner's executor, not per-shard units; options from its
+    config)."""
     from pipeline.captions import CaptionsConfig
 
     doc = "Clean, de-duplicate and diversity-select captions into Parquet caption shards, with a diversity report."
@@ -88,7 +95,9 @@ _stage_command(
 
 @app.command("inspect")
 def inspect_output(
-    directory: Path = typer.Argument(..., metavar="DIR", help="A finished stage output folder (with manifest.json)."),
+    directory: str = typer.Argument(
+        ..., metavar="DIR", help="A finished stage output folder (with manifest.json): a local path or a URI."
+    ),
     out: Path = typer.Option(None, help="The HTML page to write.", show_default="<DIR>-inspect.html beside DIR"),
     limit: int = typer.Option(48, help="Rows sampled per section."),
     seed: int = typer.Option(0, help="Sampling seed (the same seed shows the same rows)."),
@@ -97,7 +106,7 @@ def inspect_output(
     """One self-contained HTML page showing a stage output: counts, samples, plots, rejects. Prints its path."""
     from pipeline.inspect import inspect_dataset
 
-    with user_errors():
+    with user_errors(), masked_errors():
         typer.echo(str(inspect_dataset(directory, out=out, limit=limit, seed=seed, vae=vae)))
 
 

@@ -1,7 +1,7 @@
 """Exact and near-duplicate removal as shuffles over partition files, for millions of captions.
 
 The phases are plain functions of small arguments that read and write files in the work folder (`workfiles`), so
-the same code runs in this process or as Ray tasks (`runtime.map_tasks`); none holds more than one partition.
+the same code runs in this process or as Ray Data tasks (`runner.execute`); none holds more than one partition.
 
 1. Exact: the read phase writes each chunk's (key hash, row, caption id) split by `key hash % parts`;
    `exact_partition` finds, per key, the first row in input order (global row number) and lists the others.
@@ -13,9 +13,12 @@ the same code runs in this process or as Ray tasks (`runtime.map_tasks`); none h
    member is paired with the next `window` members only, so a hot bucket (a template phrase shared by thousands of
    captions) costs O(size x window), not O(size^2). Deletion-key groups are exact (every member is one word from
    every other), so each member is linked to the group's first, O(size), and the edge carries the group (its word
-   position). Candidates are verified vectorised: word edit distance 1: a word inserted / deleted with both
-   captions >= `edit_words` words, or a word changed with both >= `change_words` words (a changed word alters
-   content more often: "a red car" / "a blue car"), or word n-gram Jaccard >= `threshold`.
+   position). Equal deletion keys with the same deleted word at adjacent positions are adjacent transpositions
+   ("a red big car" / "a big red car"; `textsig.transposition_pairs`), linked in position order, O(size).
+   Candidates are verified vectorised: word edit distance 1 (a transposition counts as one edit): a word inserted /
+   deleted or two adjacent words swapped with both captions >= `edit_words` words, or a word changed with both >=
+   `change_words` words (a changed word alters content more often: "a red car" / "a blue car"; a swap keeps every
+   word), or word n-gram Jaccard >= `threshold`.
 4. `keep_first` over the verified edges, in input order: a row is removed when a kept earlier row is its near
    duplicate. Nothing is removed through a chain: connected components removed "a photo of a golden helicopter"
    because "a photo of a golden" (a near duplicate of it) was one of "a photo of a golden guitar".
@@ -40,7 +43,7 @@ class NearDupSettings:
 
     threshold: float = 0.8  # word n-gram Jaccard that makes a near duplicate
     ngram: int = 2
-    edit_words: int = 8  # a word inserted / deleted is a near duplicate when both captions have this many words
+    edit_words: int = 8  # a word inserted / deleted, or two adjacent words swapped: a near duplicate from this many
     change_words: int = 12  # a word changed (substituted) is one when both captions have this many words
     num_perm: int = 60
     window: int = 8  # LSH bucket members are compared with the next `window` members by length
@@ -112,6 +115,7 @@ def near_signatures(work: str, chunk: int, offset: int, settings: NearDupSetting
     shortest = min([w for w in (settings.edit_words, settings.change_words) if w > 0], default=0)
     long = np.flatnonzero(lengths >= shortest) if shortest else np.zeros(0, np.int64)
     dkey, drow, dpos = textsig.deletion_keys(tokens, offsets, long, salt)
+    dword = tokens[offsets[drow] + np.maximum(dpos, 0)] if len(dkey) else np.zeros(0, np.uint64)  # the deleted word
     lsh_part = (lsh % np.uint64(settings.parts)).astype(np.int64)
     del_part = (dkey % np.uint64(settings.parts)).astype(np.int64)
     for p in range(settings.parts):
@@ -119,7 +123,7 @@ def near_signatures(work: str, chunk: int, offset: int, settings: NearDupSetting
         wf.save_arrays(
             wf.work_path(work, NEAR, wf.piece(chunk, p)),
             **{"lsh_key": lsh[m], "lsh_row": rows[lsh_row[m]], "lsh_len": lengths[lsh_row[m]]},
-            **{"del_key": dkey[d], "del_row": rows[drow[d]], "del_pos": dpos[d]},
+            **{"del_key": dkey[d], "del_row": rows[drow[d]], "del_pos": dpos[d], "del_word": dword[d]},
         )
     return {"chunk": chunk, "rows": len(local), "tokens": len(tokens), "lsh": len(lsh), "deletion": len(dkey)}
 
@@ -167,8 +171,9 @@ def near_partition(work: str, part: int, n_chunks: int, settings: NearDupSetting
     a = {k: np.concatenate(v) for k, v in cols.items()}
     lsh_a, lsh_b, hot = window_pairs(a["lsh_key"], a["lsh_row"], a["lsh_len"], settings.window)
     del_a, del_b, del_pos = deletion_pairs(a["del_key"], a["del_row"], a["del_pos"])
-    pa, pb = np.concatenate([lsh_a, del_a]), np.concatenate([lsh_b, del_b])
-    pos = np.concatenate([np.full(len(lsh_a), -1, np.int64), del_pos])
+    tr_a, tr_b = textsig.transposition_pairs(a["del_key"], a["del_word"], a["del_row"], a["del_pos"])
+    pa, pb = np.concatenate([lsh_a, tr_a, del_a]), np.concatenate([lsh_b, tr_b, del_b])
+    pos = np.concatenate([np.full(len(lsh_a) + len(tr_a), -1, np.int64), del_pos])
     lo, hi = np.minimum(pa, pb), np.maximum(pa, pb)
     m = lo != hi
     pair, pos = (lo[m].astype(np.uint64) << np.uint64(32)) | hi[m].astype(np.uint64), pos[m]
@@ -224,15 +229,18 @@ def deletion_pairs(key: np.ndarray, row: np.ndarray, pos: np.ndarray) -> tuple[n
 def verify(
     tokens: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, s: NearDupSettings, sig: np.ndarray | None
 ) -> np.ndarray:
-    """Which pairs are near duplicates: a word inserted / deleted (both >= `edit_words` words) or changed (both >=
-    `change_words` words), or word n-gram Jaccard >= `threshold` (computed exactly, for the pairs whose MinHash
-    prefixes `sig` agree on at least threshold - 0.25: 3.5 standard errors below at 32 values)."""
+    """Which pairs are near duplicates: a word inserted / deleted or two adjacent words swapped (both >= `edit_words`
+    words), a word changed (both >= `change_words` words), or word n-gram Jaccard >= `threshold` (computed exactly,
+    for the pairs whose MinHash prefixes `sig` agree on at least threshold - 0.25: 3.5 standard errors below at 32
+    values)."""
     la, lb = offsets[a + 1] - offsets[a], offsets[b + 1] - offsets[b]
     ok = np.zeros(len(a), bool)
     if s.edit_words > 0 or s.change_words > 0:
-        one = textsig.pair_edits(tokens, offsets, a, b) <= 1
-        need = np.where(la == lb, s.change_words or 1 << 30, s.edit_words or 1 << 30)
-        ok = one & (np.minimum(la, lb) >= need)
+        one = np.flatnonzero(textsig.pair_edits(tokens, offsets, a, b) <= 1)
+        changed = la[one] == lb[one]
+        changed[changed] = ~textsig.pair_transposed(tokens, offsets, a[one][changed], b[one][changed])
+        need = np.where(changed, s.change_words or 1 << 30, s.edit_words or 1 << 30)
+        ok[one] = np.minimum(la[one], lb[one]) >= need
     todo = np.flatnonzero(~ok)
     if sig is not None and len(todo):
         est = np.concatenate([(sig[a[c]] == sig[b[c]]).mean(1) for c in np.array_split(todo, len(todo) // 65_536 + 1)])

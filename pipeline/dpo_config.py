@@ -12,11 +12,12 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.judge import BACKENDS, PROMPT_VERSION, judge_name
 from pipeline.options import DeviceOption, ImageLimits, StageConfig, opt
 from pipeline.schema import JUDGEMENT_SCHEMA_VERSION
@@ -82,7 +83,9 @@ class PairsConfig(DeviceOption, ImageLimits, StageConfig):
 
 
 def _abs(path: str) -> str:
-    """An existing path resolved to absolute; other specs unchanged."""
+    """An existing path resolved to absolute; a URI without credentials; other specs unchanged."""
+    if storage.is_uri(path):
+        return storage.public(path)
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
@@ -146,6 +149,14 @@ class Resolved:
     loser_model: str  # checkpoint path @ config hash
     weights: str
     sampling: dict[str, Any]
+    shown: dict[str, str] = dataclasses.field(default_factory=dict)  # local copy -> the URI it came from
+
+    def public(self, path: str) -> str:
+        """`path` as recorded: a file of a remote folder's local copy under that folder's URI."""
+        for local, uri in self.shown.items():
+            if path == local or path.startswith(local + os.sep):
+                return uri + path[len(local) :].replace(os.sep, "/")
+        return path
 
 
 def _text_dim(spec: str) -> int:
@@ -180,10 +191,13 @@ def _check_sampling(cfg: PairsConfig) -> None:
     _check_device(cfg.device)
 
 
-def _encoders(cfg: PairsConfig, model_dir: Path, mcfg: Any) -> tuple[str, str]:
-    """(image tokenizer, text encoder) specs, as `LightGenPipeline` resolves them, checked against the model."""
+def _encoders(cfg: PairsConfig, model_dir: Path, mcfg: Any, shown: dict[str, str]) -> tuple[str, str]:
+    """(image tokenizer, text encoder) specs, as `LightGenPipeline` resolves them, checked against the model; remote
+    folders given as URIs are copied locally (and recorded in `shown`)."""
     from lightgen.api import BUILTIN_TEXT_ENCODERS, BUILTIN_VAES, resolve_component
 
+    given_vae, given_text = (_local(spec, shown) if spec else spec for spec in (cfg.vae, cfg.text_encoder))
+    cfg = dataclasses.replace(cfg, vae=given_vae, text_encoder=given_text)
     vae = resolve_component(cfg.vae or mcfg.vae, model_dir, BUILTIN_VAES, "image tokenizer", "--vae", bool(cfg.vae))
     text = cfg.text_encoder or mcfg.text_encoder
     given = bool(cfg.text_encoder)
@@ -207,7 +221,12 @@ def resolve(cfg: PairsConfig) -> Resolved:
     from lightgen_model.encoders import image_tokenizer_name, text_encoder_name
     from lightgen_model.hub import CONFIG_NAME, WEIGHTS_NAME, load_config, weights_file
 
-    model_dir = Path(cfg.model)
+    shown: dict[str, str] = {}
+    if cfg.model and storage.is_remote(cfg.model) and not storage.is_file(storage.join(cfg.model, CONFIG_NAME)):
+        raise ValueError(
+            f"--model {storage.public(cfg.model)!r} is not a LightGen checkpoint directory (no {CONFIG_NAME})"
+        )
+    model_dir = Path(_local(cfg.model, shown)) if cfg.model else Path(cfg.model)
     if not cfg.model or not (model_dir / CONFIG_NAME).is_file():
         raise ValueError(f"--model {cfg.model!r} is not a LightGen checkpoint directory (no {CONFIG_NAME})")
     mcfg = load_config(model_dir)
@@ -218,7 +237,7 @@ def resolve(cfg: PairsConfig) -> Resolved:
     weights = weights_file(model_dir, cfg.use_ema)
     if not weights.is_file():
         raise ValueError(f"--model {cfg.model!r} has no {WEIGHTS_NAME}")
-    vae, text = _encoders(cfg, model_dir, mcfg)
+    vae, text = _encoders(cfg, model_dir, mcfg, shown)
     resolution = mcfg.base_resolution if cfg.resolution is None else cfg.resolution
     try:
         mcfg.grid_for(resolution, resolution)
@@ -245,10 +264,20 @@ def resolve(cfg: PairsConfig) -> Resolved:
         text_encoder_name=text_encoder_name(text),
         resolution=resolution,
         max_text_len=max_text_len,
-        loser_model=f"{model_dir.resolve()}@{shards.digest(mcfg.to_dict())[:12]}",
+        loser_model=f"{shown.get(str(model_dir), model_dir.resolve())}@{shards.digest(mcfg.to_dict())[:12]}",
         weights=str(weights.resolve()),
         sampling=sampling,
+        shown=shown,
     )
+
+
+def _local(spec: str, shown: dict[str, str]) -> str:
+    """A local path for a model folder spec (a remote one copied once per node), the copy recorded in `shown`."""
+    if not storage.is_remote(spec):
+        return spec
+    local = storage.local_copy(spec)
+    shown[local] = storage.public(spec)
+    return local
 
 
 def loser_seed(seed: int, row_id: str) -> int:

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.dpo_config import PairsConfig, judge_content, loser_seed, resolve
 from pipeline.encode import Encoders, f16_column
 from pipeline.images import RejectError, center_crop_resize, decode_image
@@ -87,8 +87,8 @@ class PairsStage(Stage):
                 "judgements": shards.digest(judge_content(cfg)),
                 "loser_model": res.loser_model,
                 "weights_sha256": shards.sha256_file(res.weights),
-                "vae": res.vae,
-                "text_encoder": res.text_encoder,
+                "vae": res.public(res.vae),
+                "text_encoder": res.public(res.text_encoder),
                 "max_text_len": res.max_text_len,
                 "sampling": res.sampling,
                 "seed": cfg.seed,
@@ -106,7 +106,7 @@ class PairsStage(Stage):
         if not (isinstance(manifest, dict) and manifest.get("complete") and manifest.get("format") == JUDGEMENT_FORMAT):
             raise ValueError(f"{store.uri} holds no finished judge-images run (run_build_dpo_pairs runs it first)")
         return [
-            WorkUnit(i, "judgements", (store.path(shard_name(i)), store.path(rejects_name(i))), base=store.uri)
+            WorkUnit(i, "judgements", (store.spec(shard_name(i)), store.spec(rejects_name(i))), base=store.uri)
             for i in range(manifest["n_shards"])
         ]
 
@@ -129,7 +129,12 @@ class PairsStage(Stage):
         enc = Encoders(res.vae, res.text_encoder, device, cfg.dtype, res.max_text_len, res.resolution)
         self.encoders, self.tokenizer, self.text, self.moments_shape = enc, enc.tokenizer, enc.text, enc.moments_shape
         self.pipe = LightGenPipeline.from_pretrained(
-            cfg.model, vae=self.tokenizer, text_encoder=self.text, device=device, dtype=cfg.dtype, use_ema=cfg.use_ema
+            storage.local_copy(cfg.model),
+            vae=self.tokenizer,
+            text_encoder=self.text,
+            device=device,
+            dtype=cfg.dtype,
+            use_ema=cfg.use_ema,
         )
         self.store = Storage(judgements_dir(cfg.output))
         self.judge = judge_name(cfg.judge_backend, cfg.judge_model)
@@ -146,7 +151,7 @@ class PairsStage(Stage):
 
     def _rows(self, path: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """The rows of a Parquet file of the judge stage, a few at a time (judgement rows carry images)."""
-        with self.store.fs.open_input_file(path) as f:
+        with storage.open_input(path) as f, storage.named_errors(path, "cannot read"):
             for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
                 yield from batch.to_pylist()
 

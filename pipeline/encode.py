@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import inputs
+from pipeline import inputs, storage
 from pipeline.images import RejectError, center_crop_resize, decode_image
 from pipeline.options import DeviceOption, ImageLimits, StageConfig, opt
 from pipeline.schema import FORMAT, LATENT_SCHEMA, SCHEMA_VERSION
-from pipeline.sources import BlobReader, JsonlIndex, Raw, read_raws, unit_records
+from pipeline.sources import BlobReader, JsonlIndex, Raw, input_folders, read_raws, unit_records
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 
 # Settings whose change changes the rows: a resume refuses to mix shards made with different values.
@@ -44,11 +44,13 @@ class EncodeConfig(DeviceOption, ImageLimits, StageConfig):
 
 
 def _check_spec(kind: str, spec: str, builtin: str) -> None:
-    """A model spec is the built-in name or an existing local directory."""
-    if spec != builtin and not Path(spec).is_dir():
+    """A model spec is the built-in name or an existing directory (local or a URI)."""
+    if spec != builtin and not storage.is_dir(spec):
         flag = "--vae" if kind == "vae" else "--text-encoder"
         what = "diffusers AutoencoderKL" if kind == "vae" else "transformers encoder"
-        raise ValueError(f"unknown {flag} {spec!r}: expected {builtin!r} or a local {what} directory")
+        raise ValueError(
+            f"unknown {flag} {storage.public(spec)!r}: expected {builtin!r} or a {what} directory (local or a URI)"
+        )
 
 
 def validate(cfg: EncodeConfig) -> None:
@@ -73,7 +75,8 @@ def _vae_stride(spec: str) -> int:
         return 1
     from lightgen_model.encoders import find_vae_dir
 
-    config = json.loads((find_vae_dir(spec) / "config.json").read_text())
+    configs = storage.local_copy(spec, files=("config.json", "vae/config.json"))  # no weights fetched
+    config = json.loads((find_vae_dir(configs) / "config.json").read_text())
     return 2 ** (len(config.get("block_out_channels", [0])) - 1)  # one downsampler per block but the last
 
 
@@ -157,10 +160,12 @@ class LatentEncoder(Stage):
         validate(self.cfg)
 
     def content(self) -> dict[str, Any]:
-        """The settings that determine the rows (model specs resolved to absolute paths)."""
+        """The settings that determine the rows (local model specs resolved to absolute paths, URIs public)."""
         out = {k: getattr(self.cfg, k) for k in CONTENT_KEYS}
         for k in ("vae", "text_encoder"):
-            if Path(out[k]).exists():
+            if storage.is_uri(out[k]):
+                out[k] = storage.public(out[k])
+            elif Path(out[k]).exists():
                 out[k] = str(Path(out[k]).resolve())
         return {**out, "schema_version": SCHEMA_VERSION}
 
@@ -180,12 +185,11 @@ class LatentEncoder(Stage):
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         _quiet_hf()
-        enc = Encoders(
-            cfg.vae, cfg.text_encoder, resolve_device(cfg.device), cfg.dtype, cfg.max_text_len, cfg.resolution
-        )
+        vae, text = storage.local_copy(cfg.vae), storage.local_copy(cfg.text_encoder)  # remote folders: cached copies
+        enc = Encoders(vae, text, resolve_device(cfg.device), cfg.dtype, cfg.max_text_len, cfg.resolution)
         self.encoders, self.tokenizer, self.text, self.moments_shape = enc, enc.tokenizer, enc.text, enc.moments_shape
         self.reader = BlobReader()
-        self.folders = [Path(p).resolve() for p in cfg.inputs if Path(p).is_dir()]
+        self.folders = input_folders(cfg.inputs)
         self.jsonl = JsonlIndex()  # captions.jsonl files are read once per worker, not once per unit
 
     def shard_meta(self) -> dict[str, Any]:

@@ -36,13 +36,11 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith(".") for part in posixpath.relpath(path, root).split("/"))
 
 
-def _files_below(fs: pafs.FileSystem, root: str) -> list[str]:
+def _files_below(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     """Every file below folder `root` (recursively) but dot files and the pipeline's bookkeeping files."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     return [
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File and not _hidden(i.path, root) and not _bookkeeping(i.base_name)
+        i for i in infos if i.type == pafs.FileType.File and not _hidden(i.path, root) and not _bookkeeping(i.base_name)
     ]
 
 
@@ -98,17 +96,25 @@ def _matches(spec: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     return fs, [info]
 
 
-def expand(inputs: Sequence[str | os.PathLike], keep: Callable[[PurePosixPath], bool] = lambda _: True) -> list[str]:
+def expand(
+    inputs: Sequence[str | os.PathLike],
+    keep: Callable[[PurePosixPath], bool] = lambda _: True,
+    nonempty: bool = False,
+) -> list[str]:
     """Input specs (paths, folders, globs; local or any pyarrow filesystem URI) -> files, sorted and unique, filtered
-    by `keep` (given the file's path). Local files come back as absolute paths, others as URIs (`s3://bkt/key`)."""
+    by `keep` (given the file's path) and, with `nonempty`, without empty files (sizes come with the listing). Local
+    files come back as absolute paths with symbolic links of the matched paths resolved, others as URIs."""
     if not inputs:
         raise ValueError("no --input given")
     files: set[str] = set()
     for spec in map(str, inputs):
         fs, infos = _matches(spec)
-        for info in infos:
-            found = [info.path] if info.type == pafs.FileType.File else _files_below(fs, info.path)
-            files.update(storage.uri_of(fs, p, spec) for p in found)
+        with storage.named_errors(spec, "cannot list input"):
+            for info in infos:
+                if isinstance(fs, pafs.LocalFileSystem):
+                    info = fs.get_file_info(os.path.realpath(info.path))
+                found = [info] if info.type == pafs.FileType.File else _files_below(fs, info.path)
+                files.update(storage.uri_of(fs, i.path, spec) for i in found if not (nonempty and i.size == 0))
     return sorted(f for f in files if keep(PurePosixPath(f)))
 
 
@@ -131,7 +137,7 @@ def _parquet_rows(path: str) -> int:
     """Rows of a Parquet file, from its footer."""
     import pyarrow.parquet as pq
 
-    with storage.open_input(path) as f:
+    with storage.open_input(path) as f, storage.named_errors(path, "cannot read"):
         return pq.read_metadata(f).num_rows
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.inspect_captions import captions_sections
 from pipeline.inspect_html import cells, esc, page, table, tag
 from pipeline.inspect_media import (
@@ -34,7 +36,10 @@ __all__ = ["FORMATS", "InspectError", "default_output", "inspect_dataset"]
 
 
 def default_output(directory: str | Path) -> Path:
-    """`<DIR>-inspect.html` beside the folder (not inside it: a stage output folder may be another stage's input)."""
+    """`<DIR>-inspect.html` beside the folder (not inside it: a stage output folder may be another stage's input);
+    for a URI, in the current folder."""
+    if storage.is_uri(str(directory)):
+        return Path(f"{posixpath.basename(str(directory).rstrip('/')) or 'output'}-inspect.html").resolve()
     d = Path(directory).resolve()
     return d.parent / f"{d.name}-inspect.html"
 
@@ -50,7 +55,7 @@ def inspect_dataset(
     body = header(stage, rejects, limit, seed) + stage_sections(stage, rejects, limit, seed, vae)
     body += rejects_section(rejects)
     fmt = stage.manifest["format"]
-    doc = page(f"inspect {stage.path.name} ({fmt})", body, data_format=fmt, data_stage=stage.manifest.get("stage"))
+    doc = page(f"inspect {stage.name} ({fmt})", body, data_format=fmt, data_stage=stage.manifest.get("stage"))
     path = Path(out) if out else default_output(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -88,7 +93,7 @@ def header(stage: StageDir, rejects: RejectSample, limit: int, seed: int) -> str
     size = sum(int(s.get("bytes", 0)) for s in m.get("shards", []))
     items = [
         ("stage", esc(m.get("stage", "?")) + f" ({esc(m['format'])}, schema {esc(m.get('schema_version'))})"),
-        ("folder", esc(stage.path.resolve())),
+        ("folder", esc(stage.where)),
         ("code version", esc(m.get("code_version", "?"))),
         ("config digest", tag("code", esc(m.get("config_digest", "?")))),
         ("counts", counts + consistency(stage, rejects)),
@@ -100,7 +105,7 @@ def header(stage: StageDir, rejects: RejectSample, limit: int, seed: int) -> str
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     config = tag("details", tag("summary", "resolved config") + tag("pre", esc(config_text(m))))
     return (
-        tag("h1", f"{esc(m.get('stage', '?'))}: {esc(stage.path.name)}")
+        tag("h1", f"{esc(m.get('stage', '?'))}: {esc(stage.name)}")
         + tag("dl", dl, class_="counts", id="counts")
         + config
     )

@@ -4,11 +4,12 @@ pairs side by side and the judge's verdicts (build-dpo-pairs and its `judgements
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import posixpath
 from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.inspect_html import esc, histogram, image_file_uri, img, png_uri, tag
 from pipeline.inspect_read import (
     InspectError,
@@ -77,7 +78,8 @@ def images_section(stage: StageDir, limit: int, seed: int) -> str:
             key = sample["__key__"].decode()
             image = next((sample[e] for e in ("png", "jpg", "jpeg", "webp") if e in sample), b"")
             settings = ", ".join(f"{k} {meta.get(k)}" for k in SETTINGS if meta.get(k) is not None)
-            title = f"{meta.get('caption', '')}\nid {meta.get('id', key)} ({stage.shards[s].name})\n{settings}"
+            shard = posixpath.basename(stage.shards[s])
+            title = f"{meta.get('caption', '')}\nid {meta.get('id', key)} ({shard})\n{settings}"
             body = img(image_file_uri(image), title) + tag("figcaption", esc(meta.get("caption", "")))
             figures.append(tag("figure", body, class_="sample", data_id=meta.get("id", key), title=title))
     head = tag("h2", f"Images: {len(figures)} random samples")
@@ -181,5 +183,5 @@ def judgements_section(stage: StageDir, limit: int, seed: int) -> str:
 
 def pairs_judgements(stage: StageDir) -> StageDir | None:
     """The judge stage's folder beside pair shards (`judgements/`), None when it is absent."""
-    path = Path(stage.path) / "judgements"
-    return open_stage(path, (JUDGEMENT_FORMAT,)) if path.is_dir() else None
+    path = storage.join(stage.path, "judgements")
+    return open_stage(path, (JUDGEMENT_FORMAT,)) if storage.is_dir(path) else None

@@ -8,17 +8,19 @@ rows' worth of shards; the rejects file is streamed in batches, keeping a bounde
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.schema import MANIFEST, IncompatibleShardsError, read_manifest
 from pipeline.shards import DIVERSITY, REJECTS, REPORT
 
@@ -33,12 +35,23 @@ class InspectError(ValueError):
 
 @dataclass
 class StageDir:
-    """A finished stage output: its folder, manifest, report (may be empty) and shard paths in manifest order."""
+    """A finished stage output: its folder (a local path or a URI), manifest, report (may be empty) and shard paths
+    in manifest order."""
 
-    path: Path
+    path: str
     manifest: dict[str, Any]
     report: dict[str, Any]
-    shards: list[Path]
+    shards: list[str]
+
+    @property
+    def name(self) -> str:
+        """The folder's name."""
+        return posixpath.basename(self.path.rstrip("/")) if storage.is_uri(self.path) else Path(self.path).name
+
+    @property
+    def where(self) -> str:
+        """The folder as shown: an absolute local path, or the URI without credentials."""
+        return storage.public(self.path) if storage.is_uri(self.path) else str(Path(self.path).resolve())
 
     @property
     def rows_per_shard(self) -> list[int]:
@@ -47,26 +60,54 @@ class StageDir:
 
     def json_file(self, name: str) -> dict[str, Any]:
         """A JSON file of the folder (`report.json`, `diversity.json`), {} when absent."""
-        path = self.path / name
-        return json.loads(path.read_text()) if path.is_file() else {}
+        path = storage.join(self.path, name)
+        return json.loads(storage.read_bytes(path)) if storage.is_file(path) else {}
+
+
+def _manifest(root: str, formats: tuple[str, ...]) -> dict[str, Any]:
+    """`read_manifest` of a local folder; the same checks on a remote one, read through `pipeline.storage`."""
+    if not storage.is_remote(root):
+        return read_manifest(root, formats, "a stage output folder")
+    path = storage.join(root, MANIFEST)
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"no {MANIFEST} in {storage.public(root)}: not a stage output folder, or never begun")
+    try:
+        manifest = json.loads(storage.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IncompatibleShardsError(f"{storage.public(path)} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") not in formats:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise IncompatibleShardsError(f"{storage.public(path)}: format {fmt!r}, expected one of {formats}")
+    return manifest
 
 
 def open_stage(directory: str | Path, formats: tuple[str, ...]) -> StageDir:
-    """The stage output in `directory`, read through its manifest; `InspectError` when it is not a finished one."""
-    root = Path(directory)
-    path = root / MANIFEST
+    """The stage output in `directory` (a local folder or a URI), read through its manifest; `InspectError` when it
+    is not a finished one."""
+    root = str(directory) if storage.is_uri(str(directory)) else str(Path(directory))
+    path = storage.public(storage.join(root, MANIFEST))
     try:
-        manifest = read_manifest(root, formats, "a stage output folder")
+        manifest = _manifest(root, formats)
     except (FileNotFoundError, IncompatibleShardsError) as e:
         raise InspectError(str(e)) from e
     if not manifest.get("complete"):
-        raise InspectError(f"{path}: the run that wrote {root} has not finished (complete: false); rerun its stage")
-    shards = [root / s["name"] for s in manifest.get("shards", [])]
-    missing = [p.name for p in shards if not p.is_file()]
+        shown = storage.public(root)
+        raise InspectError(f"{path}: the run that wrote {shown} has not finished (complete: false); rerun its stage")
+    shards = [storage.join(root, s["name"]) for s in manifest.get("shards", [])]
+    missing = [posixpath.basename(p) for p in shards if not storage.is_file(p)]
     if missing:
         raise InspectError(f"shards listed in {path} are missing: {missing[:5]}")
-    report = json.loads((root / REPORT).read_text()) if (root / REPORT).is_file() else {}
+    report = (
+        json.loads(storage.read_bytes(storage.join(root, REPORT)))
+        if storage.is_file(storage.join(root, REPORT))
+        else {}
+    )
     return StageDir(root, manifest, report, shards)
+
+
+def _source(path: str) -> str | IO[bytes]:
+    """What pyarrow's Parquet readers take for `path`: a local path, or an open file on the URI's store."""
+    return storage.open_input(path) if storage.is_uri(path) else path
 
 
 def diversity(stage: StageDir) -> dict[str, Any]:
@@ -104,9 +145,9 @@ def scan_shards(rows_per_shard: list[int], seed: int, budget: int | None = None)
     return sorted(chosen)
 
 
-def read_parquet_rows(path: Path, rows: list[int], columns: list[str]) -> pa.Table:
+def read_parquet_rows(path: str, rows: list[int], columns: list[str]) -> pa.Table:
     """Rows `rows` (sorted, within the file) of `columns`, reading only the row groups that hold them."""
-    f = pq.ParquetFile(path)
+    f = pq.ParquetFile(_source(path))
     sizes = [f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups)]
     starts = np.cumsum([0, *sizes])
     parts = []
@@ -126,7 +167,7 @@ def scan_column(stage: StageDir, column: str, seed: int) -> tuple[pa.Table, int]
     """One column over a seeded subset of shards (`scan_shards`): (table of shard, row, value; rows read)."""
     parts = []
     for s in scan_shards(stage.rows_per_shard, seed):
-        values = pq.read_table(stage.shards[s], columns=[column]).column(column)
+        values = pq.read_table(_source(stage.shards[s]), columns=[column]).column(column)
         index = {"shard": pa.array(np.full(len(values), s, np.int32)), "row": pa.array(np.arange(len(values)))}
         parts.append(pa.table({**index, column: values}))
     if not parts:
@@ -135,13 +176,13 @@ def scan_column(stage: StageDir, column: str, seed: int) -> tuple[pa.Table, int]
     return table, table.num_rows
 
 
-def read_tar_samples(path: Path, rows: list[int]) -> list[dict[str, bytes]]:
+def read_tar_samples(path: str, rows: list[int]) -> list[dict[str, bytes]]:
     """Samples number `rows` (sorted, in member order) of a webdataset tar: {"__key__": key, ext: bytes} each."""
     try:
-        with tarfile.open(path) as tf:
+        with storage.open_buffered(path) as raw, tarfile.open(fileobj=raw) as tf:
             return _tar_samples(tf, set(rows), max(rows))
     except tarfile.TarError as e:
-        raise InspectError(f"{path} is not a readable tar shard: {e}") from e
+        raise InspectError(f"{storage.public(path)} is not a readable tar shard: {e}") from e
 
 
 def _tar_samples(tf: tarfile.TarFile, wanted: set[int], last: int) -> list[dict[str, bytes]]:
@@ -177,10 +218,10 @@ class RejectSample:
     examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
 
-def _batches(path: Path, columns: list[str]):
+def _batches(path: str, columns: list[str]):
     """Record batches of a Parquet file's `columns` (nothing when the file is absent)."""
-    if path.is_file():
-        yield from pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=columns)
+    if storage.is_file(path):
+        yield from pq.ParquetFile(_source(path)).iter_batches(batch_size=65_536, columns=columns)
 
 
 def sample_rejects(stage: StageDir, per_reason: int, seed: int) -> RejectSample:
@@ -188,7 +229,7 @@ def sample_rejects(stage: StageDir, per_reason: int, seed: int) -> RejectSample:
     rng = np.random.default_rng(seed)
     out = RejectSample()
     keys: dict[str, np.ndarray] = {}
-    for batch in _batches(stage.path / REJECTS, ["id", "source", "reason", "detail"]):
+    for batch in _batches(storage.join(stage.path, REJECTS), ["id", "source", "reason", "detail"]):
         reasons = batch.column("reason").to_numpy(zero_copy_only=False)
         for reason in np.unique(reasons).tolist():
             rows = np.flatnonzero(reasons == reason)
@@ -215,7 +256,7 @@ def dup_groups(stage: StageDir, kept_ids: list[str], per_group: int) -> dict[str
     """{kept id: {"size": removed rows, "members": up to `per_group` reject rows}} of the groups of `kept_ids`."""
     groups: dict[str, dict[str, Any]] = {k: {"size": 0, "members": []} for k in kept_ids}
     wanted = pa.array(kept_ids, pa.string())
-    for batch in _batches(stage.path / REJECTS, ["id", "source", "reason", "detail"]):
+    for batch in _batches(storage.join(stage.path, REJECTS), ["id", "source", "reason", "detail"]):
         dedup = pc.is_in(batch.column("reason"), pa.array(DEDUP_REASONS))
         batch = batch.filter(dedup)
         kept = pc.extract_regex(batch.column("detail"), r"^[=~] (?P<kept>[^\s:]+)").field("kept")
@@ -239,7 +280,7 @@ def lookup_captions(stage: StageDir, ids: list[str], seed: int) -> dict[str, dic
                 found[row["id"]] = {**row, "status": "kept"}
         if len(found) == len(ids):
             return found
-    for batch in _batches(stage.path / REJECTS, ["id", "reason", "detail"]):
+    for batch in _batches(storage.join(stage.path, REJECTS), ["id", "reason", "detail"]):
         other = pc.invert(pc.is_in(batch.column("reason"), pa.array(DEDUP_REASONS)))
         hits = pc.and_(pc.is_in(batch.column("id"), wanted), other)
         for row in batch.filter(hits).to_pylist():

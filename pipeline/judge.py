@@ -172,8 +172,11 @@ class Judge(Protocol):
 def _model_name(model: str) -> str:
     """`<directory name>-<config hash>` of a local model directory (the pipeline's encoder naming)."""
     from lightgen_model.encoders import config_name
+    from pipeline import storage
 
-    model_dir = Path(model)
+    if storage.is_remote(model) and not storage.is_file(storage.join(model, "config.json")):
+        raise ValueError(f"--judge-model {storage.public(model)!r} is not a model directory (no config.json)")
+    model_dir = Path(storage.local_copy(model, files=("config.json",)))  # a remote folder: its config only
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--judge-model {model!r} is not a local model directory (no config.json)")
     return config_name(model_dir, model_dir / "config.json")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import inputs
+from pipeline import inputs, storage
 from pipeline.dpo_config import PairsConfig, check_judge_options, judge_content
 from pipeline.images import RejectError, decode_image
 from pipeline.judge import Judge, Judgement, build_judge, judge_batch
@@ -37,7 +38,17 @@ from pipeline.schema import (
     JUDGEMENT_SCHEMA_VERSION,
     PAIR_FORMAT,
 )
-from pipeline.sources import BlobReader, JsonlIndex, Raw, check_caption, read_raws, unit_records
+from pipeline.sources import (
+    BlobReader,
+    JsonlIndex,
+    Raw,
+    check_caption,
+    folder_of,
+    input_folders,
+    raise_if_store_failed,
+    read_raws,
+    unit_records,
+)
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 
 JUDGEMENTS = "judgements"  # sub-folder of the pairs output holding the judge stage's output
@@ -73,18 +84,24 @@ def quiet_hf() -> None:
 # ------------------------------------------------------------------------------------------------ reading inputs
 
 
-def _pick(names: Sequence[str], wanted: str | None, candidates: Sequence[str], flag: str, path: Path) -> str | None:
+def _pick(names: Sequence[str], wanted: str | None, candidates: Sequence[str], flag: str, path: str) -> str | None:
     """The column for `flag`: `wanted` (must exist) or the first candidate present (None if none is)."""
     if wanted:
         if wanted not in names:
-            raise ValueError(f"unknown {flag} {wanted!r}: {path} has columns {list(names)}")
+            raise ValueError(f"unknown {flag} {wanted!r}: {storage.public(path)} has columns {list(names)}")
         return wanted
     return next((c for c in candidates if c in names), None)
 
 
-def parquet_columns(path: Path, cfg: PairsConfig) -> dict[str, str | None]:
+def _parquet_file(path: str) -> pq.ParquetFile:
+    """A Parquet input (local path or URI), its footer read."""
+    with storage.named_errors(path, "cannot read"):
+        return pq.ParquetFile(storage.open_input(path) if storage.is_uri(path) else path)
+
+
+def parquet_columns(path: str, cfg: PairsConfig) -> dict[str, str | None]:
     """The columns of a Parquet input holding caption, image, aesthetic score, metadata and id (from its footer)."""
-    names = pq.read_schema(path).names
+    names = _parquet_file(path).schema_arrow.names
     columns = {
         "caption": _pick(names, cfg.caption_field, CAPTION_FIELDS, "--caption-field", path),
         "image": _pick(names, cfg.image_field, IMAGE_FIELDS, "--image-field", path),
@@ -94,7 +111,9 @@ def parquet_columns(path: Path, cfg: PairsConfig) -> dict[str, str | None]:
     }
     for key, flag in (("caption", "--caption-field"), ("image", "--image-field")):
         if columns[key] is None:
-            raise ValueError(f"{path} has no {key} column (tried {flag} candidates); columns: {list(names)}")
+            raise ValueError(
+                f"{storage.public(path)} has no {key} column (tried {flag} candidates); columns: {list(names)}"
+            )
     return columns
 
 
@@ -122,11 +141,12 @@ def _parquet_raw(rid: str, source: str, row: dict[str, Any], columns: dict[str, 
 def parquet_rows(unit: WorkUnit, cfg: PairsConfig) -> Iterator[Raw | Reject]:
     """Rows [start, stop) of a Parquet unit, read a row group at a time. Ids: the `id` column where there is one,
     else `<file path without suffix>/<row number>`."""
-    path = Path(unit.paths[0])
+    path = unit.paths[0]
     columns = parquet_columns(path, cfg)
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     stop = pf.metadata.num_rows if unit.stop < 0 else unit.stop
-    prefix = path.relative_to(unit.base).with_suffix("").as_posix()
+    rel = storage.relative(path, unit.base) if storage.is_uri(path) else Path(path).relative_to(unit.base).as_posix()
+    prefix = posixpath.splitext(rel)[0]
     wanted = sorted({c for c in columns.values() if c})
     first = 0
     for group in range(pf.metadata.num_row_groups):
@@ -136,6 +156,7 @@ def parquet_rows(unit: WorkUnit, cfg: PairsConfig) -> Iterator[Raw | Reject]:
             try:
                 rows: list[Any] = pf.read_row_group(group, columns=wanted).slice(lo - first, hi - lo).to_pylist()
             except (OSError, pa.ArrowException) as e:
+                raise_if_store_failed(path, e)
                 rows = [RejectError("read_error", f"{path} row group {group}: {type(e).__name__}: {e}")] * (hi - lo)
             for r, row in zip(range(lo, hi), rows, strict=True):
                 given = row.get(columns["id"]) if columns["id"] and isinstance(row, dict) else None
@@ -186,7 +207,7 @@ def load_judge(cfg: PairsConfig) -> Judge:
     """The judge the settings name, loaded (the judge stage's, and the pairs stage's with --judge-losers)."""
     if cfg.judge_backend != "shapes":
         quiet_hf()
-    model = str(Path(cfg.judge_model).resolve()) if cfg.judge_model else None
+    model = str(Path(storage.local_copy(cfg.judge_model)).resolve()) if cfg.judge_model else None
     return build_judge(
         cfg.judge_backend, model, device=cfg.device, dtype=cfg.judge_dtype, max_new_tokens=cfg.judge_max_new_tokens,
         max_pixels=cfg.judge_max_pixels, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
@@ -237,23 +258,26 @@ class JudgeStage(Stage):
 
     def plan(self) -> list[WorkUnit]:
         """One unit per input tar, per `--shard-size` images and per `--shard-size` rows of a Parquet file."""
-        formats: dict[Path, str | None] = {}
+        formats: dict[str, str | None] = {}
 
-        def output_format(folder: Path) -> str | None:
+        def output_format(folder: str) -> str | None:
             """The `format` of the pipeline output in `folder`, if it holds one."""
             if folder not in formats:
+                manifest = storage.join(folder, "manifest.json")
                 try:
-                    formats[folder] = json.loads((folder / "manifest.json").read_text()).get("format")
-                except (OSError, ValueError, AttributeError):
+                    formats[folder] = json.loads(storage.read_bytes(manifest)).get("format")
+                except (OSError, ValueError, AttributeError) as e:
+                    raise_if_store_failed(manifest, e)  # a missing manifest is no pipeline output; a failed store ends
                     formats[folder] = None
             return formats[folder]
 
-        for spec in self.cfg.inputs:
-            if Path(spec).is_dir() and output_format(Path(spec).resolve()) in NOT_SOURCES:
-                raise ValueError(f"input {spec} holds {output_format(Path(spec).resolve())!r} shards, not images")
+        for spec in map(str, self.cfg.inputs):
+            if storage.is_dir(spec) and output_format(folder_of(spec)) in NOT_SOURCES:
+                shown = storage.public(spec)
+                raise ValueError(f"input {shown} holds {output_format(folder_of(spec))!r} shards, not images")
         ok_ext = ("tar", "parquet", *inputs.IMAGE_EXTS)
-        keep = lambda p: inputs.ext(p) in ok_ext and output_format(p.parent) not in NOT_SOURCES
-        files = inputs.expand(self.cfg.inputs, keep=keep)
+        files = inputs.expand(self.cfg.inputs, keep=lambda p: inputs.ext(p) in ok_ext)
+        files = [f for f in files if output_format(storage.parent(f)) not in NOT_SOURCES]
         if not files:
             raise ValueError(f"no .tar shards, images or Parquet files found in inputs: {list(self.cfg.inputs)}")
         for f in files:
@@ -265,7 +289,7 @@ class JudgeStage(Stage):
         """Load the judge; open the readers."""
         self.judge = load_judge(self.cfg)
         self.blobs = BlobReader()
-        self.folders = [Path(p).resolve() for p in self.cfg.inputs if Path(p).is_dir()]
+        self.folders = input_folders(self.cfg.inputs)
         self.jsonl = JsonlIndex()  # captions.jsonl files are read once per worker, not once per unit
 
     def shard_meta(self) -> dict[str, Any]:

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-RUN_FIELDS = ("workers", "gpus_per_worker", "cpus_per_worker", "shard_size", "ray_address", "overwrite", "progress")
+RUN_FIELDS = (
+    "workers", "gpus_per_worker", "cpus_per_worker", "shard_size", "ray_address", "overwrite", "progress", "dry_run",
+)  # fmt: skip
 
 
 def opt(
@@ -103,6 +105,10 @@ class DeviceOption:
     """For stages that run a model."""
 
     device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
+    dry_run: bool = opt(
+        False, "Build the models on the meta device from their configs (conf/models names work) and report FLOPs, "
+        "memory and shapes of one batch; read no weights, write nothing."
+    )  # fmt: skip
 
 
 @dataclass

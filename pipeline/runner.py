@@ -8,18 +8,22 @@
    `stage.process` batch by batch and publishes the shard, its rejects and then its receipt (atomic writes; the
    receipt last, so a shard counts as finished only when all three are there). Only the receipt, a few hundred
    bytes, goes back to the driver.
-   `--workers 0` runs the units in this process without importing Ray; otherwise Ray Data maps them on an actor
-   pool (models loaded once per actor, actors restarted and units retried when a worker dies).
+   The executor (`execute`) runs the units in this process without importing Ray (`--workers 0`), or maps them
+   with Ray Data on an actor pool (models loaded once per actor, actors restarted and units retried when a worker
+   dies). `build-captions` runs its global phases through the same executor and publishes its shards with the
+   same writer (`publish_shard`, `write_manifest`).
 4. The driver merges the per-shard rejects, writes `manifest.json` once (from the receipts) and `report.json`.
 Counts add up: inputs = written + rejected, for each shard and in total.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import pickle
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -27,9 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.schema import MANIFEST, REJECT_SCHEMA, with_metadata
-from pipeline.shards import REJECTS, REPORT, code_version, digest, parquet_writer, rejects_name, shard_name
+from pipeline.shards import DIVERSITY, REJECTS, REPORT, code_version, digest, parquet_writer, rejects_name, shard_name
 from pipeline.stage import Output, Reject, Stage, WorkUnit, batched
-from pipeline.storage import TMP_MARK, Storage
+from pipeline.storage import TMP_MARK, Storage, public, public_values
 
 
 def receipt_name(index: int) -> str:
@@ -47,7 +51,7 @@ def _index_of(name: str) -> int | None:
 
 def _ours(name: str) -> bool:
     """Whether `name` is a file the runner writes."""
-    return _index_of(name) is not None or name in (REJECTS, REPORT, MANIFEST)
+    return _index_of(name) is not None or name in (REJECTS, REPORT, MANIFEST, DIVERSITY)
 
 
 # ------------------------------------------------------------------------------------------------ the worker side
@@ -88,19 +92,70 @@ def _rejects_table(rejects: list[Reject], meta: dict[str, Any]) -> pa.Table:
     return pa.table(cols, schema=with_metadata(REJECT_SCHEMA, meta))
 
 
-def _finished(store: Storage, stage: Stage, unit: WorkUnit, unit_digest: str, config_digest: str) -> dict | None:
-    """The receipt of shard `unit.index` if it is finished for these inputs and settings and its bytes check out."""
-    receipt = store.read_json(receipt_name(unit.index))
-    if not isinstance(receipt, dict):
+def finished(store: Storage, index: int, name: str, expect: dict[str, Any]) -> dict | None:
+    """The receipt of shard `index` (file `name`) if it holds the `expect`ed digests, its rejects file is there and
+    the shard's size and sha256 still match; else None (the shard is redone)."""
+    receipt = store.read_json(receipt_name(index))
+    if not isinstance(receipt, dict) or any(receipt.get(k) != v for k, v in expect.items()):
         return None
-    if receipt.get("unit_digest") != unit_digest or receipt.get("config_digest") != config_digest:
-        return None
-    name = shard_name(unit.index, stage.output_ext)
-    if not (store.exists(name) and store.exists(rejects_name(unit.index))):
+    if not (store.exists(name) and store.exists(rejects_name(index))):
         return None
     if store.size(name) != receipt.get("bytes") or store.sha256(name) != receipt.get("sha256"):
         return None  # changed or damaged since it was written: redo it
     return receipt
+
+
+def publish_receipt(
+    store: Storage,
+    index: int,
+    name: str,
+    rows: int,
+    rejects: list[Reject],
+    meta: dict[str, Any],
+    t0: float,
+    unit_digest: str | None = None,
+) -> dict[str, Any]:
+    """After shard `name` is published: its rejects file, then its receipt (last: it marks the shard finished).
+    `unit_digest` (where the inputs were and when they changed) goes into the receipt only, never into the files: a
+    shard's bytes depend on its rows and settings, not on where its inputs lived."""
+    with store.writer(rejects_name(index)) as stream:
+        pq.write_table(_rejects_table(rejects, meta), stream, compression="zstd")
+    receipt = {
+        "index": index,
+        "name": name,
+        "rows": rows,
+        "rejected": len(rejects),
+        "rejected_by_reason": dict(Counter(r.reason for r in rejects)),
+        "bytes": store.size(name),
+        "sha256": store.sha256(name),
+        **meta,
+        **({"unit_digest": unit_digest} if unit_digest is not None else {}),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    store.write_json(receipt_name(index), receipt)
+    return receipt
+
+
+def publish_shard(
+    store: Storage, index: int, schema: pa.Schema, meta: dict[str, Any], tables: Iterable[pa.Table]
+) -> dict[str, Any]:
+    """Parquet shard `index` from `tables` (one row group each), with no rejects, then its receipt; a shard already
+    finished with the same `meta` is kept. Returns the receipt."""
+    name = shard_name(index)
+    done = finished(store, index, name, meta)
+    if done is not None:
+        return {**done, "skipped": True}
+    t0, rows = time.perf_counter(), 0
+    with store.writer(name) as stream:
+        writer = parquet_writer(stream, with_metadata(schema, meta))
+        try:
+            for table in tables:
+                if len(table):
+                    writer.write_table(table)
+                    rows += len(table)
+        finally:
+            writer.close()
+    return {**publish_receipt(store, index, name, rows, [], meta, t0), "skipped": False}
 
 
 def _items(stage: Stage, unit: WorkUnit, rejects: list[Reject]) -> Iterator[Any]:
@@ -124,16 +179,15 @@ class UnitRunner:
     def __call__(self, unit: WorkUnit) -> dict[str, Any]:
         """Finish shard `unit.index` (or keep it, if already finished) and return its receipt."""
         unit_digest = unit.digest()
-        done = _finished(self.store, self.stage, unit, unit_digest, self.config_digest)
+        name = shard_name(unit.index, self.stage.output_ext)
+        done = finished(self.store, unit.index, name, {"unit_digest": unit_digest, "config_digest": self.config_digest})
         if done is not None:
             return {**done, "skipped": True}
         if not self._ready:
             self.stage.setup()
             self._ready = True
         t0 = time.perf_counter()
-        meta = {"unit_digest": unit_digest, "config_digest": self.config_digest, "shard": unit.index}
-        meta.update(self.stage.shard_meta())
-        name = shard_name(unit.index, self.stage.output_ext)
+        meta = {"config_digest": self.config_digest, "shard": unit.index, **self.stage.shard_meta()}
         rejects: list[Reject] = []
         with self.store.writer(name) as stream:
             out = _ShardOut(self.stage, stream, meta)
@@ -144,60 +198,161 @@ class UnitRunner:
                     rejects.extend(result.rejects)
             finally:
                 out.close()  # on an error too: the temporary file is then deleted whole
-        with self.store.writer(rejects_name(unit.index)) as stream:
-            pq.write_table(_rejects_table(rejects, meta), stream, compression="zstd")
-        receipt = {
-            "index": unit.index,
-            "name": name,
-            "rows": out.rows,
-            "rejected": len(rejects),
-            "rejected_by_reason": dict(Counter(r.reason for r in rejects)),
-            "bytes": self.store.size(name),
-            "sha256": self.store.sha256(name),
-            **meta,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        self.store.write_json(receipt_name(unit.index), receipt)
+        receipt = publish_receipt(self.store, unit.index, name, out.rows, rejects, meta, t0, unit_digest)
         return {**receipt, "skipped": False}
 
 
-class _RayUnitActor:
-    """The Ray Data actor: one `UnitRunner` per actor; a batch of serialized units in, their receipts out."""
+def _unit_runner(stage_cls: type[Stage], cfg: Any, config_digest: str) -> UnitRunner:
+    """A `UnitRunner` built in a Ray worker (the stage is rebuilt from its class and config there)."""
+    return UnitRunner(stage_cls(cfg), config_digest)
 
-    def __init__(self, stage_cls: type[Stage], cfg: Any, config_digest: str) -> None:
-        self.run = UnitRunner(stage_cls(cfg), config_digest)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        receipts = [self.run(WorkUnit.from_json(json.loads(str(u)))) for u in batch["unit"]]
-        return {"receipt": [json.dumps(r) for r in receipts]}
+# ------------------------------------------------------------------------------------------------ the executor
+
+
+def _star(fn: Callable[..., Any]) -> Callable[[tuple], Any]:
+    return lambda args: fn(*args)
+
+
+def calls(fn: Callable[..., Any]) -> Callable[[], Callable[[tuple], Any]]:
+    """The worker factory of a plain module-level function whose tasks are its argument tuples."""
+    return functools.partial(_star, fn)
+
+
+class _ExecActor:
+    """The Ray Data actor (or task): `make_worker()` once, then each pickled task in, its pickled result out."""
+
+    def __init__(self, make_worker: Callable[[], Callable[[Any], Any]]) -> None:
+        self.worker = make_worker()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = [pickle.dumps(self.worker(pickle.loads(t))) for t in batch.column("task").to_pylist()]
+        return pa.table({"result": pa.array(results, pa.binary())})
+
+
+def _run_batch(batch: pa.Table, make_worker: Callable[[], Callable[[Any], Any]]) -> pa.Table:
+    """The Ray Data task of `execute(actors=False)`."""
+    return _ExecActor(make_worker)(batch)
+
+
+def execute(
+    make_worker: Callable[[], Callable[[Any], Any]],
+    tasks: Sequence[Any],
+    *,
+    workers: int,
+    ray_address: str | None = None,
+    cpus: float | None = None,
+    gpus: float | None = None,
+    actors: bool = True,
+    shared: Sequence[str] = (),
+) -> Iterator[Any]:
+    """Map the callable `make_worker()` returns over `tasks` (small and picklable); yield its (small) results.
+
+    `workers=0`: in this process, in task order, without importing Ray. Otherwise Ray Data maps the tasks, one per
+    block, in completion order: on `workers` actors (`make_worker` called once per actor, so models load once), or
+    with `actors=False` as tasks (for plain functions: Ray reuses its worker processes). `cpus` / `gpus` per worker
+    default to a fair share of the cluster (`runtime.worker_resources`); every folder in `shared` must be seen by
+    every node. A task may run twice (a worker died), so it must be idempotent: atomic writes under fixed names.
+    """
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0 = no Ray), got {workers}")
+    if workers == 0:
+        worker = make_worker()
+        for task in tasks:
+            yield worker(task)
+        return
+    if not tasks:
+        return
+    from pipeline import runtime
+
+    with runtime.ray_session(ray_address):  # shut down after the run if this call started it
+        yield from _ray_execute(make_worker, tasks, workers, cpus, gpus, actors, shared)
+
+
+def _ray_execute(
+    make_worker: Callable[[], Callable[[Any], Any]],
+    tasks: Sequence[Any],
+    workers: int,
+    cpus: float | None,
+    gpus: float | None,
+    actors: bool,
+    shared: Sequence[str],
+) -> Iterator[Any]:
+    """The Ray Data job of `execute`."""
+    import ray.data
+
+    from pipeline import runtime
+
+    for folder in shared:
+        runtime.check_shared_storage(folder)
+    cpus, gpus = runtime.worker_resources(workers, cpus, gpus)
+    items = [{"task": pickle.dumps(t)} for t in tasks]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    size = min(workers, len(items))
+    if actors:
+        ds = ds.map_batches(
+            _ExecActor,
+            fn_constructor_kwargs={"make_worker": make_worker},
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=cpus,
+            num_gpus=gpus,
+            # Ray Data's actor-pool defaults restart a dead actor and retry its task (tasks are idempotent).
+        )
+    else:
+        ds = ds.map_batches(
+            _run_batch,
+            fn_kwargs={"make_worker": make_worker},
+            compute=ray.data.TaskPoolStrategy(size=size),
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+    for row in ds.iter_rows():
+        yield pickle.loads(row["result"])
 
 
 # ------------------------------------------------------------------------------------------------ the driver side
 
 
-def _prepare(store: Storage, stage: Stage, n_units: int, config_digest: str) -> None:
-    """Clear (`--overwrite`) or check the output folder; drop temporaries and shards beyond the plan."""
+def prepare_output(store: Storage, stage_name: str, overwrite: bool, config_digest: str) -> None:
+    """Clear the runner's files (`--overwrite`), or drop a killed run's temporaries and refuse a folder holding
+    another stage's output or output made with other settings (its manifest's config digest)."""
     store.makedirs()
     names = store.list()
-    if stage.cfg.overwrite:
+    if overwrite:
         for n in names:
             if _ours(n.split(TMP_MARK)[0]):
                 store.delete(n)
         return
     store.clean_temporaries(_ours)
     old = store.read_json(MANIFEST) if MANIFEST in names else None
+    where = public(store.uri)
     if isinstance(old, dict) and old.get("config_digest") not in (None, config_digest):
         raise ValueError(
-            f"{stage.cfg.output} holds {old.get('stage', 'stage')} output made with other settings "
+            f"{where} holds {old.get('stage', 'stage')} output made with other settings "
             f"(config digest {str(old.get('config_digest'))[:12]}); pass --overwrite to replace it or choose another "
             "--output"
         )
-    if isinstance(old, dict) and old.get("stage") not in (None, stage.name):
-        raise ValueError(f"{stage.cfg.output} holds {old.get('stage')} output; choose another --output")
-    for n in names:
+    if isinstance(old, dict) and old.get("stage") not in (None, stage_name):
+        raise ValueError(f"{where} holds {old.get('stage')} output; choose another --output")
+
+
+def drop_shards_beyond(store: Storage, n_units: int) -> None:
+    """Delete shard files (shards, their rejects and receipts) with index >= `n_units`: left by a larger plan."""
+    for n in store.list():
         index = _index_of(n)
         if index is not None and index >= n_units:
             store.delete(n)
+
+
+def _prepare(store: Storage, stage: Stage, n_units: int, config_digest: str) -> None:
+    """Clear (`--overwrite`) or check the output folder; drop temporaries and shards beyond the plan."""
+    prepare_output(store, stage.name, stage.cfg.overwrite, config_digest)
+    if not stage.cfg.overwrite:
+        drop_shards_beyond(store, n_units)
 
 
 def _header(stage: Stage, config_digest: str, n_units: int) -> dict[str, Any]:
@@ -207,54 +362,29 @@ def _header(stage: Stage, config_digest: str, n_units: int) -> dict[str, Any]:
         "schema_version": stage.schema_version,
         "stage": stage.name,
         "code_version": code_version(),
-        "config": {**asdict(stage.cfg), **stage.content()},
+        "config": public_values({**asdict(stage.cfg), **stage.content()}),  # URIs without credentials
         "config_digest": config_digest,
         "n_shards": n_units,
     }
 
 
-def _ray_receipts(stage: Stage, units: list[WorkUnit], config_digest: str) -> Iterator[dict[str, Any]]:
-    """Map the units over a Ray Data actor pool; yield receipts as shards finish."""
-
-    from pipeline import runtime
-
-    cfg = stage.cfg
-    with runtime.ray_session(cfg.ray_address):  # shut down after the run if this run started it
-        yield from _ray_map(stage, units, config_digest)
-
-
-def _ray_map(stage: Stage, units: list[WorkUnit], config_digest: str) -> Iterator[dict[str, Any]]:
-    """The Ray Data job: units -> actor pool -> receipts."""
-    import ray.data
-
-    from pipeline import runtime
-
-    cfg = stage.cfg
-    runtime.check_shared_storage(cfg.output)
-    cpus, gpus = runtime.worker_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
-    ds = ray.data.from_items([{"unit": json.dumps(u.to_json())} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(
-        _RayUnitActor,
-        fn_constructor_kwargs={"stage_cls": type(stage), "cfg": cfg, "config_digest": config_digest},
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.workers, len(units)), max_tasks_in_flight_per_actor=1),
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=cpus,
-        num_gpus=gpus,
-        # Ray Data's actor-pool defaults restart a dead actor and retry its unit (units are idempotent).
-    )
-    for row in ds.iter_rows():
-        yield json.loads(str(row["receipt"]))
-
-
 def _receipts(stage: Stage, units: list[WorkUnit], config_digest: str) -> Iterator[dict[str, Any]]:
-    """Every unit's receipt: in this process (`workers=0`, no Ray import) or from Ray."""
-    if stage.cfg.workers == 0:
-        run = UnitRunner(stage, config_digest)
-        for unit in units:
-            yield run(unit)
-    elif units:
-        yield from _ray_receipts(stage, units, config_digest)
+    """Every unit's receipt, from the executor: in this process (`workers=0`, the stage object itself) or from Ray
+    Data actors (each rebuilds the stage from its class and config)."""
+    cfg = stage.cfg
+    if cfg.workers == 0:
+        make: Callable[[], Callable[[WorkUnit], dict[str, Any]]] = lambda: UnitRunner(stage, config_digest)  # noqa: E731
+    else:
+        make = functools.partial(_unit_runner, type(stage), cfg, config_digest)
+    yield from execute(
+        make,
+        units,
+        workers=cfg.workers,
+        ray_address=cfg.ray_address,
+        cpus=cfg.cpus_per_worker,
+        gpus=cfg.gpus_per_worker,
+        shared=[cfg.output],
+    )
 
 
 def _progress(receipts: Iterator[dict[str, Any]], total: int, stage: Stage) -> Iterator[dict[str, Any]]:
@@ -319,21 +449,34 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     _merge_rejects(store, len(units))
     report = _report(stage, ordered, time.perf_counter() - t0)
     store.write_json(REPORT, report)
-    entries = [{k: r[k] for k in ("index", "name", "rows", "rejected", "bytes", "sha256")} for r in ordered]
-    meta_keys = sorted({k for r in ordered for k in r} - {*entries[0], "rejected_by_reason", "seconds", "skipped"})
+    meta_keys = sorted({k for r in ordered for k in r} - {*ENTRY_KEYS, "rejected_by_reason", "seconds", "skipped"})
     meta_keys = [k for k in meta_keys if k not in ("unit_digest", "config_digest", "shard")]
+    write_manifest(store, header, ordered, report["rejected"], **_agreed_meta(ordered, meta_keys))
+    return report
+
+
+ENTRY_KEYS = ("index", "name", "rows", "rejected", "bytes", "sha256")  # a shard's entry in the manifest
+
+
+def write_manifest(
+    store: Storage, header: dict[str, Any], receipts: list[dict[str, Any]], rejected: int, **extra: Any
+) -> dict[str, Any]:
+    """The complete manifest from the receipts in shard order: header, totals (`inputs = rows + rejected`; a stage
+    whose removals are not per shard, build-captions, gives its own `rejected`), one entry per shard; returns it."""
+    entries = [{k: r[k] for k in ENTRY_KEYS} for r in receipts]
+    rows = sum(e["rows"] for e in entries)
     manifest = {
         **header,
         "complete": True,
-        "rows": report["written"],
-        "rejected": report["rejected"],
-        "inputs": report["inputs"],
+        "rows": rows,
+        "rejected": rejected,
+        "inputs": rows + rejected,
         "rows_per_shard": [e["rows"] for e in entries],
         "shards": entries,
-        **_agreed_meta(ordered, meta_keys),
+        **extra,
     }
     store.write_json(MANIFEST, manifest)
-    return report
+    return manifest
 
 
 def _report(stage: Stage, receipts: list[dict[str, Any]], seconds: float) -> dict[str, Any]:

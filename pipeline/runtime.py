@@ -1,14 +1,14 @@
-"""Where the pipeline meets Ray: starting it, sizing workers, checking shared storage, mapping plain tasks.
+"""Where the pipeline meets Ray: starting it, sizing workers, checking shared storage.
 
-With `pipeline/runner.py` (the Ray Data job of a stage) the only Ray-aware module; Ray is imported inside the
-functions, so `--workers 0` never imports it.
+With `pipeline/runner.py` (the executor: the Ray Data jobs of the stages and of build-captions' phases) the only
+Ray-aware module; Ray is imported inside the functions, so `--workers 0` never imports it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,11 +25,22 @@ def init_ray(address: str | None = None, *, quiet: bool = True, num_cpus: int | 
         return False
     level = logging.ERROR if quiet else logging.WARNING
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet, logging_level=level)
+    if env := storage_env():
+        kwargs["runtime_env"] = {"env_vars": env}
     if address is None:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
     ray.init(address=address, **kwargs)
     _quiet_data(quiet)
     return True
+
+
+def storage_env() -> dict[str, str]:
+    """The driver's storage settings (endpoint, region, keys, retries, model cache) that its Ray workers get, so that
+    they reach the same store as the driver; nodes with their own credentials (an instance role) need none of them."""
+    from pipeline.storage import STORAGE_ENV
+
+    names = (*STORAGE_ENV, "AWS_EC2_METADATA_DISABLED", "GOOGLE_APPLICATION_CREDENTIALS", "LIGHTGEN_CACHE")
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
 @contextmanager
@@ -108,10 +119,14 @@ def worker_resources(workers: int, cpus_per_worker: float | None, gpus_per_worke
 
 
 def _probe_visible(uri: str, name: str) -> bool:
-    """Whether file `name` exists in the output folder, as seen from the node this runs on."""
+    """Whether file `name` exists in the output folder, as seen from the node this runs on (False where that node
+    cannot reach the store: no credentials, no route)."""
     from pipeline.storage import Storage
 
-    return Storage(uri).exists(name)
+    try:
+        return Storage(uri).exists(name)
+    except OSError:
+        return False
 
 
 def check_shared_storage(uri: str) -> None:
@@ -122,7 +137,7 @@ def check_shared_storage(uri: str) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.storage import Storage
+    from pipeline.storage import Storage, public
 
     nodes = _alive_nodes()
     if len(nodes) < 2:
@@ -144,43 +159,7 @@ def check_shared_storage(uri: str) -> None:
         store.delete(probe)
     if blind:
         raise ValueError(
-            f"--output {uri} is not visible from node(s) {', '.join(blind)}: on a multi-node Ray cluster the output "
-            "must be storage every node sees (a shared mount, or a URI such as s3://bucket/path)"
+            f"--output {public(uri)} is not visible from node(s) {', '.join(blind)}: on a multi-node Ray cluster the "
+            "output must be storage every node sees (a shared mount, or a URI such as s3://bucket/path that every "
+            "node can reach with its credentials)"
         )
-
-
-def map_tasks(
-    fn: Callable[..., Any],
-    args: Sequence[tuple],
-    *,
-    workers: int = 0,
-    address: str | None = None,
-    cpus_per_task: float = 1.0,
-    retries: int = 3,
-    quiet: bool = True,
-) -> Iterator[Any]:
-    """Call `fn(*a)` for each `a` in `args`; yield the results in completion order.
-
-    For phases whose work units are plain functions of small arguments (file paths, partition numbers) that write
-    their output to shared storage and return small metadata. `workers=0` runs them in this process, in order, with
-    no Ray import. Otherwise each call is a Ray task (at most `workers` in flight) retried up to `retries` times
-    when its worker dies, so `fn` must be idempotent (write atomically under deterministic names).
-    """
-    if workers < 0:
-        raise ValueError(f"--workers must be >= 0 (0 = no Ray), got {workers}")
-    if workers == 0:
-        for a in args:
-            yield fn(*a)
-        return
-    import ray
-
-    init_ray(address, quiet=quiet)
-    remote = ray.remote(num_cpus=cpus_per_task, max_retries=retries, retry_exceptions=False)(fn)
-    pending: list[Any] = []
-    queue = list(args)
-    queue.reverse()
-    while queue or pending:
-        while queue and len(pending) < workers:
-            pending.append(remote.remote(*queue.pop()))
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])

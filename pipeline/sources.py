@@ -12,16 +12,22 @@ a reason instead of an error at listing time.
   ({"file_name": ..., "caption": ...}, paths relative to the jsonl) in the image's folder or an input folder,
   else a sidecar `<stem>.txt`, else `<stem>.json`.
 Ids are `<path relative to the common parent of all sources>` (tars: without `.tar`, then `/<key>`).
+
+Every file is read through `pipeline.storage`: sources may be local paths or URIs (`s3://...`); on a remote store a
+read error other than a missing file ends the run (rerun to resume) instead of rejecting the input.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from pipeline import storage
 from pipeline.images import RejectError
 from pipeline.stage import Reject, WorkUnit
 
@@ -75,10 +81,20 @@ def _ext(name: str) -> str:
     return base.split(".", 1)[1].lower() if "." in base else ""
 
 
-def _is_input(p: Path) -> bool:
+def _is_input(p: PurePosixPath) -> bool:
     """Tar shards and image files."""
     ext = p.suffix.lower().lstrip(".")
     return ext == "tar" or ext in FOLDER_IMAGE_EXTS
+
+
+def input_folders(inputs: Sequence[str | Path]) -> list[str]:
+    """The inputs that are folders (resolved local paths or URIs): where `captions.jsonl` files are looked up."""
+    return [folder_of(str(i)) for i in inputs if storage.is_dir(str(i))]
+
+
+def folder_of(spec: str) -> str:
+    """A folder's canonical spelling: a resolved local path, or the URI without a trailing slash."""
+    return str(spec).rstrip("/") if storage.is_uri(spec) else str(Path(spec).resolve())
 
 
 def list_records(inputs: Sequence[str | Path]) -> list[Record]:
@@ -91,18 +107,17 @@ def list_records(inputs: Sequence[str | Path]) -> list[Record]:
     files = inputs_mod.expand(inputs, keep=_is_input)
     if not files:
         raise ValueError(f"no .tar shards or images ({', '.join(FOLDER_IMAGE_EXTS)}) found in inputs: {list(inputs)}")
-    folders = [Path(str(i)).resolve() for i in inputs if Path(str(i)).is_dir()]
+    folders = input_folders(inputs)
     units = inputs_mod.plan_units(files, shard_size=max(1, len(files)))
     return [rec for unit in units for rec in unit_records(unit, folders)]
 
 
-def unit_records(unit: WorkUnit, folders: Sequence[Path] = (), index: JsonlIndex | None = None) -> list[Record]:
+def unit_records(unit: WorkUnit, folders: Sequence[str] = (), index: JsonlIndex | None = None) -> list[Record]:
     """The records of one work unit: a tar's samples, or a group of image files with their captions."""
-    base = Path(unit.base)
     if unit.kind == "tar":
-        return _tar_records(Path(unit.paths[0]), base)
+        return _tar_records(unit.paths[0], unit.base)
     if unit.kind == "images":
-        return _image_records([Path(p) for p in unit.paths], base, list(folders), index or JsonlIndex())
+        return _image_records(list(unit.paths), unit.base, [str(f) for f in folders], index or JsonlIndex())
     raise ValueError(f"not an image input: {unit.paths[0]} (expected .tar shards or image files)")
 
 
@@ -110,34 +125,43 @@ class JsonlIndex:
     """Image path -> caption line of the `captions.jsonl` / `metadata.jsonl` files read so far (one read each)."""
 
     def __init__(self) -> None:
-        self.read: set[Path] = set()
-        self.lines: dict[Path, Blob] = {}
+        self.read: set[str] = set()
+        self.lines: dict[str, Blob] = {}
 
-    def lookup(self, folders: Sequence[Path], image: Path) -> Blob | None:
+    def lookup(self, folders: Sequence[str], image: str) -> Blob | None:
         """The caption line naming `image` in a jsonl of its folder or of `folders`, if any."""
-        for d in (*folders, image.parent):
+        for d in (*folders, storage.parent(image)):
             for name in JSONL_NAMES:
-                path = d / name
+                path = storage.join(d, name)
                 if path not in self.read:
                     self.read.add(path)
-                    if path.is_file():
+                    if storage.is_file(path):
                         for target, blob in _jsonl_lines(path):
                             self.lines.setdefault(target, blob)
         return self.lines.get(image)
 
 
-def _rel(path: Path, base: Path) -> str:
+def _rel(path: str, base: str) -> str:
     """`path` relative to `base`, posix style."""
-    return path.relative_to(base).as_posix()
+    return storage.relative(path, base) if storage.is_uri(path) else Path(path).relative_to(base).as_posix()
 
 
-def _tar_records(tar: Path, base: Path) -> list[Record]:
+def _normalize(spec: str) -> str:
+    """A file's canonical spelling, as inputs are listed: a resolved local path, or a URI without `.` / `..`."""
+    if not storage.is_uri(spec):
+        return str(Path(spec).resolve())
+    head, _, rest = spec.partition("://")
+    return f"{head}://{posixpath.normpath(rest)}"
+
+
+def _tar_records(tar: str, base: str) -> list[Record]:
     """Group a tar's members by key; a tar that cannot be listed to its end adds a `bad_tar` record."""
-    prefix = _rel(tar.with_name(tar.name[: -len(".tar")]), base)
+    prefix = _rel(tar[: -len(".tar")], base)
+    tar_name = posixpath.basename(tar)
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     error = ""
     try:
-        with tarfile.open(tar, mode="r:") as tf:
+        with storage.open_buffered(tar) as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
             for member in tf:
                 base_name = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and not base_name.startswith("."):
@@ -147,20 +171,29 @@ def _tar_records(tar: Path, base: Path) -> list[Record]:
         # tarfile stops quietly at a header cut short; anything but zero padding after the last member means
         # samples were lost there.
         if _has_data_after(tar, end):
-            error = f"bad_tar: {tar.name} has unreadable bytes after offset {end} (truncated or corrupt)"
+            error = f"bad_tar: {tar_name} has unreadable bytes after offset {end} (truncated or corrupt)"
     except (tarfile.TarError, OSError, EOFError) as e:
-        error = f"bad_tar: cannot list {tar.name} past {len(groups)} keys: {type(e).__name__}: {e}"
-    records = [r for key, members in groups.items() if (r := _tar_record(f"{prefix}/{key}", str(tar), members))]
+        raise_if_store_failed(tar, e)
+        error = f"bad_tar: cannot list {tar_name} past {len(groups)} keys: {type(e).__name__}: {e}"
+    records = [r for key, members in groups.items() if (r := _tar_record(f"{prefix}/{key}", tar, members))]
     if error:
         records.append(Record(f"{prefix}/<unreadable>", str(tar), None, None, "", error))
     return records
 
 
-def _has_data_after(path: Path, offset: int) -> bool:
+def _has_data_after(path: str, offset: int) -> bool:
     """Whether `path` holds a non-zero byte after `offset` (looks at the first MiB past it)."""
-    with open(path, "rb") as f:
+    with storage.open_buffered(path, 1 << 20) as f:
         f.seek(offset)
         return any(f.read(1 << 20))
+
+
+def raise_if_store_failed(source: str, e: BaseException) -> None:
+    """On a remote store an OSError (but a missing file) means the store failed, not the input: raise it, naming
+    the URI, so that the run stops and a rerun redoes the unit instead of rejecting what it could not read."""
+    if storage.is_remote(source) and isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        with storage.named_errors(source, "cannot read"):
+            raise e
 
 
 def _tar_record(rid: str, source: str, members: dict[str, tarfile.TarInfo]) -> Record | None:
@@ -180,24 +213,24 @@ def _tar_record(rid: str, source: str, members: dict[str, tarfile.TarInfo]) -> R
     return Record(rid, source, blob(image), blob(by_type.get(kind)), kind)
 
 
-def _image_records(images: list[Path], base: Path, folders: list[Path], index: JsonlIndex) -> list[Record]:
+def _image_records(images: list[str], base: str, folders: list[str], index: JsonlIndex) -> list[Record]:
     """One record per image file with its caption from a jsonl line or a sidecar file."""
     records = []
     for img in images:
         caption, kind = index.lookup(folders, img), "json"
         if caption is None:
-            sidecar = next(
-                (img.with_suffix(f".{e}") for e in ("txt", "json") if img.with_suffix(f".{e}").is_file()), None
-            )
-            caption, kind = (Blob(str(sidecar)), sidecar.suffix[1:]) if sidecar else (None, "")
-        records.append(Record(_rel(img, base), str(img), Blob(str(img)), caption, kind))
+            stem = posixpath.splitext(img)[0] if storage.is_uri(img) else os.path.splitext(img)[0]
+            ext = next((e for e in ("txt", "json") if storage.is_file(f"{stem}.{e}")), None)
+            caption, kind = (Blob(f"{stem}.{ext}"), ext) if ext else (None, "")
+        records.append(Record(_rel(img, base), img, Blob(img), caption, kind))
     return records
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[Path, Blob]]:
+def _jsonl_lines(path: str) -> Iterator[tuple[str, Blob]]:
     """(image path, byte range of its line) for each line of a captions jsonl that names a file."""
     offset = 0
-    with open(path, "rb") as f:
+    folder = storage.parent(path)
+    with storage.open_buffered(path) as f:
         for line in f:
             try:
                 obj = json.loads(line)
@@ -205,7 +238,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[Path, Blob]]:
             except (ValueError, StopIteration, AttributeError):
                 name = None  # unparseable lines name no image; such an image falls back to sidecars
             if name:
-                yield (path.parent / name).resolve(), Blob(str(path), offset, len(line))
+                yield _normalize(storage.join(folder, name)), Blob(path, offset, len(line))
             offset += len(line)
 
 
@@ -228,6 +261,7 @@ def read_raws(records: Sequence[Record], reader: BlobReader) -> Iterator[Raw | R
         except RejectError as e:
             yield Reject(rec.id, rec.source, e.reason, str(e))
         except OSError as e:  # an input vanished or cannot be read: that input is lost, not the run
+            raise_if_store_failed(rec.source, e)
             yield Reject(rec.id, rec.source, "read_error", f"{type(e).__name__}: {e}")
 
 
@@ -255,17 +289,20 @@ class BlobReader:
     def read(self, blob: Blob) -> bytes:
         """The bytes of `blob`; `RejectError("truncated")` if the file ends before the range does."""
         if blob.size < 0:
-            size = Path(blob.path).stat().st_size
+            local = not storage.is_uri(blob.path)
+            size = Path(blob.path).stat().st_size if local else storage.file_info(blob.path).size
+            if size is None:
+                raise FileNotFoundError(f"input file does not exist: {storage.public(blob.path)}")
             if size > MAX_MEMBER_BYTES:
                 raise RejectError("too_large", f"{blob.path}: {size} bytes > {MAX_MEMBER_BYTES}")
-            return Path(blob.path).read_bytes()
+            return Path(blob.path).read_bytes() if local else storage.read_bytes(blob.path)
         if blob.size > MAX_MEMBER_BYTES:  # judged by the declared size, before anything is read
             raise RejectError("too_large", f"{blob.path}: member declares {blob.size} bytes > {MAX_MEMBER_BYTES}")
         f = self._files.get(blob.path)
         if f is None:
             if len(self._files) >= 8:
                 self.close()
-            f = self._files[blob.path] = open(blob.path, "rb")  # noqa: SIM115 (closed in close())
+            f = self._files[blob.path] = storage.open_buffered(blob.path)
         f.seek(blob.offset)
         data = f.read(blob.size)
         if len(data) < blob.size:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from pipeline.options import RUN_FIELDS, StageConfig
 
@@ -49,9 +50,17 @@ class WorkUnit:
         return WorkUnit(**{**d, "paths": tuple(d["paths"])})
 
     def digest(self) -> str:
-        """Identifies the unit's inputs across runs: paths, sizes and modification times, and the row range."""
+        """Identifies the unit's inputs across runs: paths, sizes and modification times (through the input's
+        filesystem: a local disk or a URI's store), and the row range. A store that does not answer is an error."""
+        from pipeline import storage
+
         stats = []
         for p in self.paths:
+            if storage.is_uri(p):
+                info = storage.file_info(p)  # raises StorageError naming the URI when the store is unreachable
+                found = info.type == pafs.FileType.File
+                stats.append([p, info.size, info.mtime_ns] if found else [p, None, None])
+                continue
             try:
                 st = Path(p).stat()
                 stats.append([p, st.st_size, st.st_mtime_ns])

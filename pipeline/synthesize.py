@@ -18,22 +18,25 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import posixpath
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline import inputs, runner, shards
+from pipeline import inputs, runner, shards, storage
 from pipeline.caption_sources import CaptionRecord, read_captions
 from pipeline.captions import caption_id
 from pipeline.images import RejectError
 from pipeline.options import DeviceOption, StageConfig, opt
-from pipeline.sources import check_caption
+from pipeline.sources import check_caption, raise_if_store_failed
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 from pipeline.teachers import TEACHERS, build_teacher, is_blank
 
@@ -85,44 +88,47 @@ def sample_key(cid: str) -> str:
 # ------------------------------------------------------------------------------------------------ reading captions
 
 
-def _is_caption_file(path: Path) -> bool:
-    """A non-empty file in a caption format."""
-    return inputs.ext(path) in CAPTION_EXTS and path.stat().st_size > 0
+def _is_caption_file(path: PurePosixPath) -> bool:
+    """A file in a caption format (empty files are left out by `inputs.expand(nonempty=True)`)."""
+    return inputs.ext(path) in CAPTION_EXTS
 
 
-def _check_columns(path: Path, field: str, needs_metadata: bool) -> None:
+def _check_columns(path: str, field: str, needs_metadata: bool) -> None:
     """Parquet footers and CSV headers name their columns: a misspelt `--field` is an error before any drawing."""
     if inputs.ext(path) == "parquet":
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
+        with storage.open_input(path) as f, storage.named_errors(path, "cannot read"):
+            names = pq.read_schema(f).names
     elif inputs.ext(path) == "csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            names = next(csv.reader(f), [])
+        with storage.open_buffered(path) as raw:
+            names = next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")), [])
     else:
         return
     if field not in names:
-        raise ValueError(f"unknown --field {field!r}: {path} has columns {names}")
+        raise ValueError(f"unknown --field {field!r}: {storage.public(path)} has columns {names}")
     if needs_metadata and inputs.ext(path) == "parquet" and "metadata" not in names:
         raise ValueError(
-            f"--teacher shapes needs ShapesWorld captions with metadata (build-captions --shapes N); {path} has none"
+            "--teacher shapes needs ShapesWorld captions with metadata (build-captions --shapes N); "
+            f"{storage.public(path)} has none"
         )
 
 
-def _parquet_record(row: dict[str, Any], field: str, path: Path, i: int) -> CaptionRecord:
+def _parquet_record(row: dict[str, Any], field: str, path: str, i: int) -> CaptionRecord:
     """A caption record from one Parquet row (errors as `caption_sources` names them)."""
     value, meta, rid = row.get(field), row.get("metadata"), row.get("id")
     caption = value if isinstance(value, str) else None
     error = "" if caption is not None else ("missing_field" if value is None else "bad_record")
     meta = json.dumps(meta) if isinstance(meta, dict) else meta
-    return CaptionRecord(str(path), f"{path.name}:{i}", caption, meta, str(rid) if rid is not None else None, error)
+    ref = f"{posixpath.basename(path)}:{i}"
+    return CaptionRecord(path, ref, caption, meta, str(rid) if rid is not None else None, error)
 
 
-def read_parquet_rows(path: Path, start: int, stop: int, field: str) -> list[CaptionRecord]:
+def read_parquet_rows(path: str, start: int, stop: int, field: str) -> list[CaptionRecord]:
     """Rows [start, stop) of a caption Parquet file: only the row groups that hold them, only the needed columns."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(storage.open_input(path) if storage.is_uri(path) else path)
     stop = pf.metadata.num_rows if stop < 0 else stop
     groups, first, offset = [], None, 0
     for g in range(pf.num_row_groups):
@@ -141,17 +147,32 @@ def read_parquet_rows(path: Path, start: int, stop: int, field: str) -> list[Cap
 
 def _unit_records(unit: WorkUnit, field: str) -> Iterator[CaptionRecord | Reject]:
     """The unit's caption records; a file that cannot be read gives one `unreadable` reject per row (or per file)."""
-    path = Path(unit.paths[0])
+    path = unit.paths[0]
+    name = posixpath.basename(path)
     try:
         if unit.kind == "parquet":
             yield from read_parquet_rows(path, unit.start, unit.stop, field)
+        elif storage.is_remote(path):
+            yield from _remote_captions(path, field)
         else:
-            yield from read_captions([path], field)
+            yield from read_captions([Path(path)], field)
     except (OSError, pa.ArrowException) as e:  # e.g. a file deleted or damaged after planning
+        raise_if_store_failed(path, e)
         rows = range(unit.start, unit.stop) if unit.kind == "parquet" else [None]
         for i in rows:
-            ref = path.name if i is None else f"{path.name}:{i}"
+            ref = name if i is None else f"{name}:{i}"
             yield Reject(ref, ref, "unreadable", f"{type(e).__name__}: {e}")
+
+
+def _remote_captions(path: str, field: str) -> list[CaptionRecord]:
+    """The records of a JSONL / JSON / CSV / tar caption file on a remote store, read from a temporary local copy
+    under the same name (records name their file by its base name, so they are what a local copy gives)."""
+    with tempfile.TemporaryDirectory(prefix="lightgen-captions-") as tmp:
+        local = os.path.join(tmp, posixpath.basename(path))
+        with storage.named_errors(path, "cannot read"), storage.open_buffered(path) as src, open(local, "wb") as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+        return read_captions([Path(local)], field)
 
 
 def caption_item(r: CaptionRecord, seen: set[str], needs_metadata: bool) -> dict[str, Any] | Reject:
@@ -198,8 +219,10 @@ class SynthStage(Stage):
             raise ValueError(f"unknown --teacher {cfg.teacher!r}: expected one of {TEACHERS}")
         if cfg.teacher != "shapes" and not cfg.model:
             raise ValueError(f"--teacher {cfg.teacher} needs --model DIR (a local diffusers pipeline directory)")
-        if cfg.model and not (Path(cfg.model) / "model_index.json").is_file():
-            raise ValueError(f"--model {cfg.model!r} is not a local diffusers pipeline directory (no model_index.json)")
+        if cfg.model and not storage.is_file(storage.join(cfg.model, "model_index.json")):
+            what = "a diffusers" if storage.is_remote(cfg.model) else "a local diffusers"
+            shown = storage.public(cfg.model)
+            raise ValueError(f"--model {shown!r} is not {what} pipeline directory (no model_index.json)")
         for name in ("steps", "resolution", "max_sequence_length"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -213,7 +236,7 @@ class SynthStage(Stage):
 
     def plan(self) -> list[WorkUnit]:
         """Caption files -> units (Parquet row ranges, other files whole); their columns are checked here."""
-        files = inputs.expand(self.cfg.inputs, keep=_is_caption_file)
+        files = inputs.expand(self.cfg.inputs, keep=_is_caption_file, nonempty=True)
         if not files:
             raise ValueError(f"no captions in inputs: {list(self.cfg.inputs)} (no non-empty {CAPTION_EXTS} files)")
         for f in files:
@@ -225,7 +248,9 @@ class SynthStage(Stage):
         out = super().content()
         out.pop("device")
         if out["model"]:
-            out["model"] = str(Path(out["model"]).resolve())
+            out["model"] = (
+                storage.public(out["model"]) if storage.is_uri(out["model"]) else str(Path(out["model"]).resolve())
+            )
         return out
 
     def setup(self) -> None:
@@ -234,7 +259,8 @@ class SynthStage(Stage):
         kwargs: dict[str, Any] = {"resolution": cfg.resolution}
         if cfg.teacher != "shapes":
             keys = ("device", "dtype", "steps", "guidance", "max_sequence_length")
-            kwargs.update({k: getattr(cfg, k) for k in keys}, model=str(Path(cfg.model).resolve()))
+            model = storage.local_copy(cfg.model)  # a remote folder: copied once per node
+            kwargs.update({k: getattr(cfg, k) for k in keys}, model=str(Path(model).resolve()))
         self.teacher = build_teacher(cfg.teacher, **kwargs)
         self.filters = filters(cfg.post_filter)
 

@@ -9,7 +9,10 @@ workers and the driver agree on them.
 - `deletion_keys`: the hash of each caption and of each caption with one word deleted. Two captions one word apart
   (substitution, insertion or deletion) share such a key, so grouping by key finds every such pair exactly, with
   no pairwise comparison (an LSH family for word edit distance 1, the short-caption near-duplicate rule).
-- `pair_edits` / `pair_jaccard`: verification of candidate pairs, vectorised over pairs.
+  Two captions with adjacent words swapped share a deletion key with the same deleted word at adjacent positions
+  (`transposition_pairs`).
+- `pair_edits` (a transposition counts as one edit) / `pair_transposed` / `pair_jaccard`: verification of
+  candidate pairs, vectorised over pairs.
 """
 
 from __future__ import annotations
@@ -189,27 +192,79 @@ def _first_mismatch(eq: np.ndarray, rep: np.ndarray, k: np.ndarray, m: np.ndarra
     return out
 
 
-def pair_edits(tokens: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Word edit distance of caption pairs (a[i], b[i]), capped at 2 -> (P,) int8 in {0, 1, 2 (= 2 or more)}.
-
-    d <= 1 iff the common prefix and the common suffix together cover the shorter caption (lengths within one).
-    """
+def _edit_ends(
+    tokens: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For the pairs whose lengths are within one (`near`): starts, lengths, and the common prefix / suffix lengths
+    (capped at the shorter caption)."""
     sa, sb = offsets[a], offsets[b]
     la, lb = offsets[a + 1] - sa, offsets[b + 1] - sb
-    out = np.full(len(a), 2, np.int8)
     near = np.flatnonzero(np.abs(la - lb) <= 1)
-    if not len(near):
-        return out
     sa, sb, la, lb = sa[near], sb[near], la[near], lb[near]
     m = np.minimum(la, lb)
     rep = np.repeat(np.arange(len(near)), m)
     k = np.arange(m.sum()) - np.repeat(np.cumsum(m) - m, m)
     pre = _first_mismatch(tokens[sa[rep] + k] == tokens[sb[rep] + k], rep, k, m)
     suf = _first_mismatch(tokens[sa[rep] + la[rep] - 1 - k] == tokens[sb[rep] + lb[rep] - 1 - k], rep, k, m)
+    return near, sa, sb, la, lb, pre, suf
+
+
+def _swapped(*ends: np.ndarray) -> np.ndarray:
+    """From (tokens, and `_edit_ends`' sa, sb, la, lb, pre, suf): equal lengths, all words equal but those at
+    positions pre and pre + 1, and those two swapped."""
+    tokens, sa, sb, la, lb, pre, suf = ends
+    two = (la == lb) & (pre + suf == la - 2) & (pre + 1 < la)
+    i = np.minimum(pre, np.maximum(la - 2, 0))  # in range everywhere; only `two` pairs count
+    ok = two & (la >= 2)
+    x0, x1 = tokens[np.where(ok, sa + i, 0)], tokens[np.where(ok, sa + i + 1, 0)]
+    y0, y1 = tokens[np.where(ok, sb + i, 0)], tokens[np.where(ok, sb + i + 1, 0)]
+    return ok & (x0 == y1) & (x1 == y0)
+
+
+def pair_edits(tokens: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Word edit distance of caption pairs (a[i], b[i]), an adjacent transposition counting as one edit (optimal
+    string alignment), capped at 2 -> (P,) int8 in {0, 1, 2 (= 2 or more)}.
+
+    d <= 1 iff the common prefix and the common suffix together cover the shorter caption (lengths within one), or
+    the lengths are equal and the only two differing words are adjacent and swapped.
+    """
+    out = np.full(len(a), 2, np.int8)
+    near, sa, sb, la, lb, pre, suf = _edit_ends(tokens, offsets, a, b)
+    if not len(near):
+        return out
+    m = np.minimum(la, lb)
     need = np.where(la == lb, la - 1, m)
     d = np.where((la == lb) & (pre == la), 0, np.where(pre + suf >= need, 1, 2))
+    if len(tokens):
+        d[(d == 2) & _swapped(tokens, sa, sb, la, lb, pre, suf)] = 1
     out[near] = d
     return out
+
+
+def pair_transposed(tokens: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether caption b[i] is caption a[i] with two adjacent (different) words swapped -> (P,) bool."""
+    out = np.zeros(len(a), bool)
+    if not len(tokens):
+        return out
+    near, sa, sb, la, lb, pre, suf = _edit_ends(tokens, offsets, a, b)
+    out[near] = _swapped(tokens, sa, sb, la, lb, pre, suf)
+    return out
+
+
+def transposition_pairs(
+    key: np.ndarray, word: np.ndarray, row: np.ndarray, pos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (a rows, b rows) of adjacent transpositions from `deletion_keys` (key, the deleted word's
+    token, row, position): "... x y ..." without x at p equals "... y x ..." without x at p + 1, so equal (key,
+    deleted word) at positions p and p + 1 is such a pair. Members sorted by (key + word, position, row), each
+    paired with the next when the position is one more. O(keys); every candidate still goes through `verify`."""
+    m = pos >= 0
+    k = splitmix64(key[m] ^ splitmix64(word[m]))
+    r, p = row[m], pos[m].astype(np.int64)
+    order = np.lexsort((r, p, k))
+    k, r, p = k[order], r[order], p[order]
+    nxt = np.flatnonzero((k[1:] == k[:-1]) & (p[1:] == p[:-1] + 1) & (r[1:] != r[:-1]))  # "x x": not a pair
+    return r[nxt], r[nxt + 1]
 
 
 def pair_jaccard(tokens: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:

@@ -61,7 +61,10 @@ class S3Server:
 
 
 def _boto_keys() -> dict[str, str]:
-    return {"aws_access_key_id": FAKE_KEYS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": FAKE_KEYS["AWS_SECRET_ACCESS_KEY"]}
+    return {
+        "aws_access_key_id": FAKE_KEYS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": FAKE_KEYS["AWS_SECRET_ACCESS_KEY"],
+    }
 
 
 def apply_env(server: S3Server) -> dict[str, str | None]:

@@ -25,6 +25,23 @@ def lev(a: list[str], b: list[str]) -> int:
     return d[-1]
 
 
+def osa(a: list[str], b: list[str]) -> int:
+    """Word edit distance with an adjacent transposition as one edit (optimal string alignment), written plainly."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def swapped(a: list[str], b: list[str]) -> bool:
+    """b is a with two adjacent, different words swapped."""
+    diff = [i for i in range(len(a)) if len(a) == len(b) and a[i] != b[i]]
+    return len(diff) == 2 and diff[1] == diff[0] + 1 and (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
+
+
 def jaccard(a: str, b: str, n: int = 2) -> float:
     grams = lambda t: {" ".join(t.split()[i : i + n]) for i in range(max(1, len(t.split()) - n + 1))}
     return len(grams(a) & grams(b)) / len(grams(a) | grams(b))
@@ -40,8 +57,12 @@ def test_pair_edits_and_jaccard_match_brute_force():
     caps = small_vocab_captions(150, 0)
     tokens, offsets = textsig.tokenize(caps)
     a, b = (np.array(x) for x in zip(*itertools.product(range(150), repeat=2), strict=True))
-    edits = textsig.pair_edits(tokens, offsets, a, b)
-    assert edits.tolist() == [min(lev(caps[i].split(), caps[j].split()), 2) for i, j in zip(a, b, strict=True)]
+    edits = textsig.pair_edits(tokens, offsets, a, b)  # a transposition is one edit
+    assert edits.tolist() == [min(osa(caps[i].split(), caps[j].split()), 2) for i, j in zip(a, b, strict=True)]
+    assert any(lev(caps[i].split(), caps[j].split()) == 2 and e == 1 for i, j, e in zip(a, b, edits, strict=True))
+    swaps = textsig.pair_transposed(tokens, offsets, a, b)
+    assert swaps.tolist() == [swapped(caps[i].split(), caps[j].split()) for i, j in zip(a, b, strict=True)]
+    assert swaps.sum() > 20
     jac = textsig.pair_jaccard(tokens, offsets, a, b, 2)
     assert np.allclose(jac, [jaccard(caps[i], caps[j]) for i, j in zip(a, b, strict=True)], atol=1e-6)
 
@@ -109,6 +130,51 @@ def test_deletion_buckets_find_every_one_word_pair():
     assert dedup.keep_first(len(caps), a, b, at).tolist() == greedy_reference(len(caps), everything)
 
 
+def test_transposition_pairs_find_every_swapped_pair():
+    """Equal deletion keys with the same deleted word at adjacent positions: exactly the pairs with two adjacent
+    words swapped, every one of them (brute force over all pairs), with one candidate per pair and word order."""
+    caps = sorted(set(small_vocab_captions(400, 3)))
+    tokens, offsets = textsig.tokenize(caps)
+    keys, row, pos = textsig.deletion_keys(tokens, offsets, np.arange(len(caps)), np.zeros(len(caps), np.uint64))
+    word = tokens[offsets[row] + np.maximum(pos, 0)]
+    a, b = textsig.transposition_pairs(keys, word, row, pos)
+    words = [c.split() for c in caps]
+    found = {(min(i, j), max(i, j)) for i, j in zip(a.tolist(), b.tolist(), strict=True)}
+    truth = {(i, j) for i, j in itertools.combinations(range(len(caps)), 2) if swapped(words[i], words[j])}
+    assert found == truth and len(truth) > 20
+    assert len(a) <= 2 * len(truth)  # linear: at most one candidate per swapped word
+    salted, _, _ = textsig.deletion_keys(tokens, offsets, np.arange(len(caps)), np.arange(len(caps), dtype=np.uint64))
+    assert len(textsig.transposition_pairs(salted, word, row, pos)[0]) == 0  # other metadata: never a pair
+
+
+def test_adjacent_transposition_is_one_edit(tmp_path):
+    """Two adjacent words swapped is one edit: removed at >= --near-dup-edit-words words (a swap keeps every word,
+    as an insertion or deletion does); a swap plus another edit is two edits and stays (Jaccard 7 / 17)."""
+    base = "a small wooden cabin beside a frozen lake under a pale winter sky"  # 13 words
+    swap = base.replace("small wooden", "wooden small")  # Jaccard 9 / 15 with base: not by the Jaccard rule
+    swap_and_change = swap.replace("lake", "pond")
+    short, short_swap = "a red circle above squares", "a circle red above squares"
+    src = tmp_path / "swaps.jsonl"
+    src.write_text("".join(json.dumps({"caption": t}) + "\n" for t in [base, swap, swap_and_change, short, short_swap]))
+
+    def near(**kw) -> dict[str, str]:
+        run(src, tmp_path / "o", **kw)
+        rej = pq.read_table(tmp_path / "o" / "rejects.parquet").to_pylist()
+        return {r["detail"].split(": ", 1)[1]: r["detail"].split(": ", 1)[0] for r in rej if r["reason"] == "near_dup"}
+
+    from pipeline.captions import caption_id
+
+    assert near() == {swap: f"~ {caption_id(base)} (jaccard 0.600) two words swapped"}
+    assert near(near_dup_change_words=0) == near()  # the swap rule is the edit-words rule, not the change rule
+    assert near(near_dup_edit_words=5) == {
+        **near(),
+        short_swap: f"~ {caption_id(short)} (jaccard 0.143) two words swapped",
+    }
+    assert near(near_dup_edit_words=14, near_dup_change_words=14) == {}
+    # without the swap rule the swap stays, and the swap-and-change is one word changed from it
+    assert near(near_dup_edit_words=0) == {swap_and_change: f"~ {caption_id(swap)} (jaccard 0.714) one word apart"}
+
+
 def test_keep_first_removes_no_chain_and_reads_groups_as_cliques():
     # 0 ~ 1 ~ 2 with 0 and 2 apart (a short caption joining two long ones): 2 stays
     assert dedup.keep_first(3, np.array([0, 1]), np.array([1, 2]), np.array([-1, -1])).tolist() == [0, 0, 2]
@@ -136,8 +202,9 @@ WORDS = [f"w{i}" for i in range(3000)]
 
 
 def planted(root: Path, n: int = 600, seed: int = 0) -> tuple[Path, dict]:
-    """Distinct random captions (9-20 words from 3000, so >= 2 words apart), then one-word edits of some,
-    short captions (< 8 words) with edits, and metadata twins; returns the file and what must happen."""
+    """Distinct random captions (9-20 words from 3000, so >= 2 words apart), then one-word edits of some (a word
+    changed, deleted, inserted, or two adjacent words swapped), short captions (< 8 words) with edits, and metadata
+    twins; returns the file and what must happen."""
     rng = random.Random(seed)
     rows = [{"caption": " ".join(rng.choices(WORDS, k=rng.randint(9, 20)))} for _ in range(n)]
     rows += [{"caption": " ".join(rng.choices(WORDS, k=5))} for _ in range(50)]  # short
@@ -145,13 +212,15 @@ def planted(root: Path, n: int = 600, seed: int = 0) -> tuple[Path, dict]:
     for i in rng.sample(range(n + 50), 120):
         w = rows[i]["caption"].split()
         k = rng.randrange(len(w))
-        w = (
-            [*w[:k], rng.choice(WORDS), *w[k + 1 :]]
-            if i % 3 == 0
-            else w[:k] + w[k + 1 :]
-            if i % 3 == 1
-            else [*w[:k], "inserted", *w[k:]]
-        )
+        if i % 4 == 0:
+            w = [*w[:k], rng.choice(WORDS), *w[k + 1 :]]
+        elif i % 4 == 1:
+            w = w[:k] + w[k + 1 :]
+        elif i % 4 == 2:
+            w = [*w[:k], "inserted", *w[k:]]
+        else:  # two adjacent words swapped
+            k = min(k, len(w) - 2)
+            w[k], w[k + 1] = w[k + 1], w[k]
         edits.append((i, len(rows)))
         rows.append({"caption": " ".join(w)})
     base = " ".join(rng.choices(WORDS, k=12))
@@ -174,10 +243,11 @@ def removed_rows(out: Path) -> dict[int, str]:
 
 
 def near_dup_rule(a: str, b: str, edit_words: int = 8, change_words: int = 12) -> bool:
-    """The rule, written plainly: one word inserted / deleted or changed at enough words, or bigram Jaccard >= 0.8."""
+    """The rule, written plainly: one word inserted / deleted or two adjacent words swapped at `edit_words`, one
+    word changed at `change_words`, or bigram Jaccard >= 0.8."""
     wa, wb = a.split(), b.split()
-    need = change_words if len(wa) == len(wb) else edit_words
-    return (lev(wa, wb) <= 1 and min(len(wa), len(wb)) >= need) or jaccard(a, b) >= 0.8
+    need = change_words if len(wa) == len(wb) and not swapped(wa, wb) else edit_words
+    return (osa(wa, wb) <= 1 and min(len(wa), len(wb)) >= need) or jaccard(a, b) >= 0.8
 
 
 def test_planted_one_word_edits_are_removed_and_distinct_kept(tmp_path):

@@ -485,3 +485,68 @@ def test_pages_render_in_headless_chromium_without_network(chain, tmp_path):
         assert pixels.shape == (1600, 1280, 3)
         # Non-blank: text, plots and images drawn (many colours, a good share of non-white pixels).
         assert (pixels.min(axis=2) < 200).mean() > 0.02 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
+
+
+# ---------------------------------------------------------------------------------------- without a browser
+# What the Chromium test checks, for machines without one (CI): the page requests nothing beyond itself, every
+# image decodes, and what a reader sees is there (counts, plots with marks, images, text).
+
+FETCHED_ATTRS = ("src", "srcset", "poster", "data", "background", "action", "formaction")
+CSS_URL = re.compile(r"""url\(\s*['"]?([^'")]*)|@import\s+['"]([^'"]+)""", re.IGNORECASE)
+
+
+def page_requests(page: Page) -> list[str]:
+    """The URLs a browser would request loading `page`: resource attributes, <link href>, a meta refresh, CSS
+    url() and @import in <style> and style attributes; data: URIs and in-page #anchors are not requests."""
+    found = []
+    for tag, attrs, text in page.elements:
+        for key in FETCHED_ATTRS:
+            found += [u.strip().split()[0] for u in attrs.get(key, "").split(",") if u.strip()] if key == "srcset" \
+                else [attrs[key]] if attrs.get(key) else []  # fmt: skip
+        if tag in ("link", "image", "use", "feimage"):  # a stylesheet or icon; SVG's image and use elements
+            found += [attrs[k] for k in ("href", "xlink:href") if attrs.get(k)]
+        if tag == "meta" and attrs.get("http-equiv", "").lower() == "refresh" and "url=" in attrs.get("content", ""):
+            found.append(attrs["content"].split("url=", 1)[1])
+        css = attrs.get("style", "") + ("".join(text) if tag == "style" else "")
+        found += [a or b for a, b in CSS_URL.findall(css)]
+    return [u for u in found if not u.startswith(("data:", "#"))]
+
+
+def test_page_requests_finds_what_the_browser_would_fetch():
+    """The detector works: the Chromium test's control page, and more ways to reference a file."""
+    control = '<img src="http://example.invalid/a.png"><link rel="stylesheet" href="https://cdn.invalid/b.css">'
+    assert sorted(page_requests(Page(control))) == ["http://example.invalid/a.png", "https://cdn.invalid/b.css"]
+    more = ('<style>@import "x.css"; div { background: url(\'y.png\') }</style><p style="background:url(z.png)">'
+            '<img srcset="s1.png 1x, s2.png 2x"><a href="#top">top</a><img src="data:image/png;base64,AA==">'
+            '<meta http-equiv="refresh" content="0; url=http://r.invalid/"><svg><image href="i.png"/></svg>')  # fmt: skip
+    want = ["http://r.invalid/", "i.png", "s1.png", "s2.png", "x.css", "y.png", "z.png"]
+    assert sorted(page_requests(Page(more))) == want
+
+
+SVG = re.compile(r"<svg\b[^>]*>(.*?)</svg>", re.DOTALL)
+
+
+@pytest.mark.parametrize("stage", ["captions", "pairs"])
+def test_pages_render_without_a_browser(chain, tmp_path, stage):
+    """The pages the Chromium test screenshots, checked by parsing: self-contained, in-page links that resolve,
+    images that decode and are not blank, the header counts, plots with marks in them, and text."""
+    text, page = inspect(chain / STAGES[stage], tmp_path / f"{stage}.html", "--limit", "8")
+    assert page_requests(page) == []
+    ids = {a["id"] for _, a, _ in page.elements if "id" in a}
+    assert all(a["href"][1:] in ids for a in page.find("a") if a.get("href", "").startswith("#"))
+    assert {s["data-field"] for s in page.find("span") if "data-field" in s} >= {"inputs", "written", "rejected"}
+    assert all(page.count(s["data-field"]) >= 0 for s in page.find("span") if "data-count" in s)
+    imgs = page.find("img")
+    for img in imgs:  # each decodes whole (a truncated or corrupt data URI raises) and shows something
+        arr = data_uri_image(img["src"])
+        assert arr.size > 0 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 1
+    plots = SVG.findall(text)
+    assert len(plots) == len(page.find("svg")) and all(s.get("width") and s.get("height") for s in page.find("svg"))
+    assert all(re.search(r"<(rect|line|path|circle|polyline)\b", body) for body in plots)  # bars or lines drawn
+    if stage == "captions":
+        assert page.find("svg", data_plot="clusters") and page.find("svg", data_plot="distinct")
+        assert page.find("section", "cluster") and page.find("div", "dupgroup")
+    else:
+        assert len(imgs) >= 2 * len(page.find("div", "pair")) > 0  # winner and loser side by side
+    words = " ".join(t for tag, _, ts in page.elements if tag == "body" for t in ts).split()
+    assert len(words) > 50  # text to read, not an empty shell

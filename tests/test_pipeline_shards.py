@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import write_tar
 
-from pipeline import shards
+from pipeline import runner, shards
 from pipeline.images import RejectError
 from pipeline.schema import (
     LATENT_SCHEMA,
@@ -23,6 +23,7 @@ from pipeline.schema import (
     training_shards,
 )
 from pipeline.sources import BlobReader, Record, list_records, parse_caption
+from pipeline.storage import Storage
 
 
 def latent_rows(ids: list[str], text_lens: list[int], dim: int = 4, shape=(4, 2, 2)) -> pa.Table:
@@ -57,63 +58,78 @@ def test_names_and_digests():
     assert shards.digest({"a": 1, "b": [2]}) == shards.digest({"b": [2], "a": 1}) != shards.digest({"a": 2})
 
 
-def test_shard_writer_commit_is_atomic_and_readable(tmp_path):
+def test_publish_shard_is_atomic_readable_and_resumable(tmp_path):
+    """The runner's one writer (stages and build-captions): shard, rejects, receipt; kept when rerun unchanged."""
     table = latent_rows(["a", "b", "c"], [3, 1, 2])
-    with shards.ShardWriter(tmp_path, 2, LATENT_SCHEMA, {"input_digest": "x"}) as w:
-        w.write(table.slice(0, 2))
-        w.write(table.slice(2))
-        # Before commit only a temporary file exists: a reader (or a resume) sees no shard.
-        assert not (tmp_path / "part-00002.parquet").exists()
-        result = w.commit(shards.rejects_table([{"id": "d", "source": "s", "reason": "empty_file", "detail": ""}]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00002.parquet", "part-00002.rejects.parquet"]
-    assert (result.rows, result.rejected) == (3, 1)
-    assert result.sha256 == shards.sha256_file(tmp_path / "part-00002.parquet")
+    store = Storage(str(tmp_path))
+
+    def tables():
+        yield table.slice(0, 2)
+        # Before the shard is complete only a temporary file exists: a reader (or a resume) sees no shard.
+        assert not (tmp_path / "part-00002.parquet").exists() and len(list(tmp_path.iterdir())) == 1
+        yield table.slice(2)
+
+    receipt = runner.publish_shard(store, 2, LATENT_SCHEMA, {"input_digest": "x", "shard": 2}, tables())
+    names = ["part-00002.done.json", "part-00002.parquet", "part-00002.rejects.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert (receipt["rows"], receipt["rejected"], receipt["skipped"]) == (3, 0, False)
+    assert receipt["sha256"] == shards.sha256_file(tmp_path / "part-00002.parquet")
     back = pq.read_table(tmp_path / "part-00002.parquet")  # plain pyarrow
     assert back.equals(table) and back.schema.equals(LATENT_SCHEMA, check_metadata=False)
     # float16 lists are byte-stream-split (the one writer setup of every shard), other columns are not.
     col = pq.ParquetFile(tmp_path / "part-00002.parquet").metadata.row_group(0)
     encodings = {col.column(i).path_in_schema: col.column(i).encodings for i in range(col.num_columns)}
     assert "BYTE_STREAM_SPLIT" in encodings["moments.list.element"] and "BYTE_STREAM_SPLIT" not in encodings["id"]
-    assert shard_metadata(back.schema)["shard"] == 2
+    assert shard_metadata(back.schema) == {"input_digest": "x", "shard": 2}
     assert moments_array(back).shape == (3, 4, 2, 2) and moments_array(back).dtype == np.float16
     assert [t.shape for t in text_arrays(back)] == [(3, 4), (1, 4), (2, 4)]
+    # Rerun: the same metadata keeps the shard; other metadata or damaged bytes redo it.
+    assert runner.publish_shard(store, 2, LATENT_SCHEMA, {"input_digest": "x", "shard": 2}, [table])["skipped"]
+    assert not runner.publish_shard(store, 2, LATENT_SCHEMA, {"input_digest": "y", "shard": 2}, [table])["skipped"]
+    (tmp_path / "part-00002.parquet").write_bytes(b"damaged")
+    assert not runner.publish_shard(store, 2, LATENT_SCHEMA, {"input_digest": "y", "shard": 2}, [table])["skipped"]
 
 
-def test_shard_writer_abort_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError), shards.ShardWriter(tmp_path, 0, LATENT_SCHEMA, {}) as w:
-        w.write(latent_rows(["a"], [1]))
+def test_a_failed_shard_leaves_nothing(tmp_path):
+    def tables():
+        yield latent_rows(["a"], [1])
         raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        runner.publish_shard(Storage(str(tmp_path)), 0, LATENT_SCHEMA, {}, tables())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_stale_files_are_cleaned(tmp_path):
+    store = Storage(str(tmp_path))
     for k in range(3):
-        with shards.ShardWriter(tmp_path, k, LATENT_SCHEMA, {"k": k}) as w:
-            w.commit(shards.rejects_table([]))
+        runner.publish_shard(store, k, LATENT_SCHEMA, {"k": k}, [latent_rows(["a"], [1])])
     (tmp_path / "part-00003.parquet.tmp-123").write_bytes(b"partial")  # left by a killed writer
     (tmp_path / "user-notes.txt").write_text("keep me")
-    assert shards.clean_temporaries(tmp_path) == 1
-    shards.remove_outputs(tmp_path, keep_below=2)
+    runner.prepare_output(store, "encode-latents", overwrite=False, config_digest="d")
+    assert not (tmp_path / "part-00003.parquet.tmp-123").exists()
+    runner.drop_shards_beyond(store, 2)
     assert sorted(p.name for p in tmp_path.glob("part-*[0-9].parquet")) == ["part-00000.parquet", "part-00001.parquet"]
-    shards.remove_outputs(tmp_path)
+    assert not (tmp_path / "part-00002.done.json").exists() and not (tmp_path / "part-00002.rejects.parquet").exists()
+    (tmp_path / "diversity.json").write_text("{}")
+    runner.prepare_output(store, "encode-latents", overwrite=True, config_digest="d")
     assert [p.name for p in tmp_path.iterdir()] == ["user-notes.txt"]
 
 
-def test_manifest_writer(tmp_path):
-    results = []
-    for k, bad in enumerate([["x"], [], ["y", "z"]]):
-        with shards.ShardWriter(tmp_path, k, LATENT_SCHEMA, {}) as w:
-            w.write(latent_rows([f"{k}-a"], [1]))
-            rej = [{"id": i, "source": "s", "reason": "undecodable", "detail": "d"} for i in bad]
-            results.append(w.commit(shards.rejects_table(rej)))
-    mw = shards.ManifestWriter(tmp_path, {"format": "lightgen-latents", "schema_version": 1, "vae": "pixel"})
-    for k in (2, 0, 1):
-        mw.add(shards.shard_result(tmp_path, k), write=False)
-    m = mw.write(complete=True, text_encoder="minilm")
+def test_write_manifest(tmp_path):
+    store = Storage(str(tmp_path))
+    receipts = [runner.publish_shard(store, k, LATENT_SCHEMA, {}, [latent_rows([f"{k}-a"], [1])]) for k in range(3)]
+    header = {"format": "lightgen-latents", "schema_version": 1, "stage": "encode-latents", "config_digest": "d"}
+    m = runner.write_manifest(store, header, receipts, 3, text_encoder="minilm")
     assert [s["name"] for s in m["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert (m["rows"], m["rejected"], m["inputs"], m["rows_per_shard"]) == (3, 3, 6, [1, 1, 1])
-    assert m["shards"][2]["sha256"] == results[2].sha256 == shards.sha256_file(tmp_path / "part-00002.parquet")
+    assert m["shards"][2]["sha256"] == receipts[2]["sha256"] == shards.sha256_file(tmp_path / "part-00002.parquet")
+    assert m["complete"] and m["text_encoder"] == "minilm" and set(m["shards"][0]) == set(runner.ENTRY_KEYS)
     assert json.loads((tmp_path / "manifest.json").read_text()) == m
+    with pytest.raises(ValueError, match="other settings.*--overwrite"):
+        runner.prepare_output(store, "encode-latents", overwrite=False, config_digest="other")
+    with pytest.raises(ValueError, match="holds encode-latents output; choose another"):
+        runner.prepare_output(store, "synthesize", overwrite=False, config_digest="d")
 
 
 # ------------------------------------------------------------------------------------------------ schema.py

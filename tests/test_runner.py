@@ -160,7 +160,8 @@ def test_plan_units_by_kind(tmp_path):
         (tmp_path / n).write_bytes(b"")
     pq.write_table(pa.table({"c": list(range(5))}), tmp_path / "t.parquet")
     files = inputs.expand([str(tmp_path)])
-    assert [f.name for f in files] == ["1.png", "2.jpg", "3.png", "t.parquet", "x.tar", "y.jsonl"]
+    assert [Path(f).name for f in files] == ["1.png", "2.jpg", "3.png", "t.parquet", "x.tar", "y.jsonl"]
+    assert all(isinstance(f, str) and Path(f).is_absolute() for f in files)
     units = inputs.plan_units(files, shard_size=2)
     got = [(u.index, u.kind, [Path(p).name for p in u.paths], u.start, u.stop) for u in units]
     assert got == [

@@ -8,6 +8,7 @@ raises while `TOY_BOOM` is set in the environment.
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import inputs
+from pipeline import inputs, storage
 from pipeline.options import StageConfig, opt
 from pipeline.stage import Output, Reject, Stage, WorkUnit
 
@@ -47,9 +48,9 @@ class ToyStage(Stage):
         self.pid = os.getpid()
 
     def read(self, unit: WorkUnit) -> Iterator[Any]:
-        path = Path(unit.paths[0])
-        rel = path.relative_to(unit.base).with_suffix("").as_posix()
-        for n, line in enumerate(path.read_text().splitlines()):
+        path = unit.paths[0]
+        rel = posixpath.splitext(storage.relative(path, unit.base))[0]
+        for n, line in enumerate(storage.read_bytes(path).decode().splitlines()):
             rid = f"{rel}/{n}"
             if line.strip() in ("die", "sleep", "boom"):
                 yield (rid, line.strip())
@@ -57,7 +58,7 @@ class ToyStage(Stage):
             try:
                 yield (rid, int(line))
             except ValueError:
-                yield Reject(rid, str(path), "not_an_int", repr(line[:40]))
+                yield Reject(rid, path, "not_an_int", repr(line[:40]))
 
     def process(self, items: Sequence[Any]) -> Output:
         rows, rejects = [], []
