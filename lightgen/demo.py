@@ -39,9 +39,9 @@ HELDOUT_SEED = 999_001
 SYNTH_SHARD = 200  # images per synthesize shard (the DPO stage takes whole shards)  # never used by the training captions (build-captions draws ShapesWorld with --seed)
 
 BATCH_PER_PROCESS = 32  # pretraining batch per process (global 64 with the default 2 processes)
-DEFAULT_IMAGES = 330_000  # the pretraining budget: 5,157 steps of 64 (why 330 k: BENCHMARKS.md, issue 17)
-IDLE_IMAGES_PER_S = 260  # the demo's pretraining speed on 2 idle cores: 248-265 measured (BENCHMARKS.md, issue 17)
-# targets at the default budget (issue 17; held-out ShapesWorld, after pretraining)
+DEFAULT_IMAGES = 330_000  # the pretraining budget: 5,157 steps of 64 (why 330 k: BENCHMARKS.md, the demo)
+IDLE_IMAGES_PER_S = 260  # the demo's pretraining speed on 2 idle cores: 248-265 measured (BENCHMARKS.md, the demo)
+# the demo's targets at the default budget (held-out ShapesWorld, after pretraining)
 TARGETS = {"single_object": 0.80, "colors": 0.60, "overall": 0.50}
 SAMPLING_STAGES = ("curve", "geneval_pretrain", "pairs", "geneval_dpo")  # what evaluation and DPO losers cost
 SAMPLING_SHARE = 0.20  # target: at most this share of the demo's stage time

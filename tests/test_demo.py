@@ -114,7 +114,7 @@ def check_curve(out: Path, res: dict[str, Any]) -> None:
 
 
 def expected_targets(res: dict[str, Any]) -> list[tuple[str, float, bool]]:
-    """The verdicts the scores imply: issue 9's targets on the pretrained model, then DPO's two."""
+    """The verdicts the scores imply: the score targets on the pretrained model, then DPO's two."""
     pre = res["models"]["pretrain"]["summary"]
     acc = lambda tag: pre["tasks"].get(tag, {}).get("accuracy", 0.0)
     mean = lambda which, key: res["models"][which]["per_seed"]["spread"].get(key, {"mean": 0.0})["mean"]

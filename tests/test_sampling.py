@@ -130,7 +130,7 @@ def cumulative_stride(T: int, counts: list[int]) -> list[int]:
 
 
 def test_respacing_matches_the_reference_for_every_step_count() -> None:
-    """Issue 14: every count 1..1000 picks the reference's timesteps (21 used to differ: 499, not 500)."""
+    """Reference fidelity: every count 1..1000 picks the reference's timesteps (21 used to differ: 499, not 500)."""
     for n in range(1, 1001):
         want = cumulative_stride(1000, [n])
         assert space_timesteps(1000, n) == want, n
