@@ -63,11 +63,12 @@ def generate_cmd(
     load: LoadOptions,
 ) -> None:
     """Generate images for prompts: PNGs plus generation.json (settings, the prompt of each file, images/s)."""
+    from lightgen.api import check_prompts
     from lightgen.generate import read_prompts, run_generate
 
     if bool(prompt) == (prompts is not None):
         raise ValueError("give either --prompt (one or more) or --prompts FILE")
-    texts = list(prompt) if prompt else read_prompts(prompts, field)
+    texts = check_prompts(list(prompt), "--prompt", start=1) if prompt else read_prompts(prompts, field)
     sampling.check()
     pipe = load.pipeline(model)
     res = run_generate(
@@ -93,9 +94,11 @@ def inpaint_cmd(
     load: LoadOptions,
 ) -> None:
     """Zero-shot inpainting: regenerate the white part of --mask; the rest is the input's tokenizer round trip."""
+    from lightgen.api import check_prompts
     from lightgen.generate import run_inpaint
     from lightgen.images import read_image
 
+    check_prompts([prompt], "--prompt", start=1)
     src, msk = read_image(image, "RGB"), read_image(mask)
     sampling.check()
     pipe = load.pipeline(model)
@@ -194,6 +197,23 @@ def convert_reference_cmd(
         f"wrote {out}: {res['parameters']:,} parameters, weights {'+'.join(res['weights'])} "
         f"(from_pretrained loads {res['loads']}), epoch {res['epoch']}"
     )
+
+
+@app.command("plan")
+@user_errors()
+def plan_cmd(
+    recipe: Path = typer.Argument(..., metavar="RECIPE.yaml", help="A recipe, e.g. conf/recipe_paper.yaml."),
+    gpu: str = typer.Option("h100", help="a100, h100 or h200."),
+    gpus: int = number(8, "GPUs the stages run on.", min=1),
+    cache: Path = typer.Option(
+        None, help="JSON file keeping the dry runs' counts for later plans.", show_default="none"
+    ),
+    calibration: bool = typer.Option(False, help="Also print the calibration points behind the utilisation."),
+) -> None:
+    """What a recipe costs: per stage FLOPs (counted on the meta device), GPU-hours, wall-clock, memory per GPU."""
+    from lightgen.plan import run_plan
+
+    typer.echo(run_plan(recipe, gpu, gpus, cache, calibration))
 
 
 def main() -> None:

@@ -63,6 +63,11 @@ def config_name(model_dir: Path, config_file: Path) -> str:
     return f"{model_dir.resolve().name}-{digest}"  # resolve: "." has no name
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the CPU; a meta tensor (a dry run, see lightgen/meta.py) stays where it is."""
+    return x if x.is_meta else x.cpu()
+
+
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Bool per batch row: True where every value of the row is finite (no NaN or inf)."""
     return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
@@ -118,7 +123,9 @@ def find_vae_dir(path: str | Path) -> Path:
 
 
 class DiffusersVAE:
-    """A diffusers `AutoencoderKL` (e.g. the SD3.5 VAE) loaded from a local directory; frozen, eval mode."""
+    """A diffusers `AutoencoderKL` (e.g. the SD3.5 VAE) loaded from a local directory; frozen, eval mode.
+
+    ``device="meta"`` builds it from the directory's config.json alone, on the meta device (no weights read)."""
 
     def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "float32") -> None:
         from diffusers import AutoencoderKL
@@ -126,7 +133,11 @@ class DiffusersVAE:
         vae_dir = find_vae_dir(path)
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
-        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=self.dtype, low_cpu_mem_usage=False)
+        if self.device.type == "meta":
+            with self.device:
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(vae_dir)).to(self.dtype)
+        else:
+            vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=self.dtype, low_cpu_mem_usage=False)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         cfg = self.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
@@ -144,13 +155,13 @@ class DiffusersVAE:
         mean = (posterior.mean.float() - self.shift_factor) * self.scaling_factor
         # Scaling a Gaussian by s multiplies its variance by s^2; the shift does not change it.
         logvar = posterior.logvar.float() + 2.0 * math.log(self.scaling_factor)
-        return torch.cat([mean, logvar], dim=1).cpu()
+        return to_host(torch.cat([mean, logvar], dim=1))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) float32 on CPU, nominally in [-1, 1] (unclamped)."""
         z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(self.dtype)).sample.float().cpu()
+        return to_host(self.vae.decode(z.to(self.dtype)).sample.float())
 
 
 def encode_with_flip(tok: ImageTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,8 +202,9 @@ class TextEncoder(Protocol):
     def __call__(self, captions: list[str]) -> list[np.ndarray]: ...
 
 
-def _load_text_model(model_dir: Path, dtype: torch.dtype):
-    """The encoder of `model_dir`: T5-family encoders (also from full encoder-decoder checkpoints) or AutoModel."""
+def _load_text_model(model_dir: Path, dtype: torch.dtype, meta: bool = False):
+    """The encoder of `model_dir`: T5-family encoders (also from full encoder-decoder checkpoints) or AutoModel.
+    ``meta``: built from config.json on the meta device, no weights read."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -201,8 +213,15 @@ def _load_text_model(model_dir: Path, dtype: torch.dtype):
         import transformers
 
         cls = getattr(transformers, {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[config.model_type] + "EncoderModel")
+        if meta:
+            with torch.device("meta"):
+                return cls(config).to(dtype), config
         return cls.from_pretrained(model_dir, dtype=dtype), config
-    model = AutoModel.from_pretrained(model_dir, dtype=dtype)
+    if meta:
+        with torch.device("meta"):
+            model = AutoModel.from_config(config).to(dtype)
+    else:
+        model = AutoModel.from_pretrained(model_dir, dtype=dtype)
     if getattr(config, "is_encoder_decoder", False):
         model = model.get_encoder()
     return model, config
@@ -220,8 +239,22 @@ def text_encoder_name(spec: str) -> str:
     return config_name(model_dir, model_dir / "config.json")
 
 
+class FullLengthTokenizer:
+    """Stands in for a tokenizer in a meta-device dry run: every caption fills ``max_length`` tokens (the most
+    a caption can cost), ids 0; no vocabulary file is needed."""
+
+    def __call__(self, captions: list[str], max_length: int = 128, return_tensors: str = "pt", **_: object) -> dict:
+        """{"input_ids", "attention_mask"}: (B, max_length) zeros and ones."""
+        n = len(captions)
+        return {"input_ids": torch.zeros(n, max_length, dtype=torch.long),
+                "attention_mask": torch.ones(n, max_length, dtype=torch.long)}  # fmt: skip
+
+
 class HFTextEncoder:
-    """A local transformers encoder directory (T5 / flan-T5, BERT-like, ...) with the tokenizer saved beside it."""
+    """A local transformers encoder directory (T5 / flan-T5, BERT-like, ...) with the tokenizer saved beside it.
+
+    ``device="meta"``: the model is built from config.json on the meta device (no weights read) and captions are
+    tokenised to the full ``max_len`` (`FullLengthTokenizer`); `states` then returns meta tensors."""
 
     def __init__(
         self,
@@ -237,9 +270,10 @@ class HFTextEncoder:
         model_dir = Path(path)
         self.name = name or text_encoder_name(str(model_dir))  # also checks that the directory is a model's
         self.device = torch.device(device)
-        model, config = _load_text_model(model_dir, torch_dtype(dtype))
+        meta = self.device.type == "meta"
+        model, config = _load_text_model(model_dir, torch_dtype(dtype), meta=meta)
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = FullLengthTokenizer() if meta else AutoTokenizer.from_pretrained(model_dir)
         self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
         # Absolute position tables (BERT) cannot go beyond their size; T5's relative positions can.
         limit = getattr(config, "max_position_embeddings", None)
@@ -274,13 +308,18 @@ class HFTextEncoder:
         return torch.cat(states), torch.cat(masks)
 
     @torch.no_grad()
-    def _encode_batch(self, captions: list[str]) -> list[np.ndarray]:
-        """Encode one padded batch and strip the padding of each row."""
+    def states(self, captions: list[str]) -> tuple[torch.Tensor, dict]:
+        """One padded batch: last hidden states (B, L, D) on the model's device, and the tokenizer's output."""
         enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
         # Only ids and mask: T5 takes no token_type_ids, and BERT's default (all zeros) is what single texts use.
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state, enc  # (B, L, D)
+
+    @torch.no_grad()
+    def _encode_batch(self, captions: list[str]) -> list[np.ndarray]:
+        """Encode one padded batch and strip the padding of each row."""
+        hidden, enc = self.states(captions)
         hidden = hidden.float().cpu().numpy()
         # Tokenizers pad on the right by default; select by the mask anyway in case one pads on the left.
         keep = enc["attention_mask"].bool().numpy()  # (B, L)
