@@ -350,7 +350,7 @@ def test_sample_grid_and_tensorboard(tmp_path, shards):
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
-# ---------------------------------------------------------------------------- reference fidelity (issue 14)
+# ---------------------------------------------------------------------------- reference fidelity
 
 CAPTIONS = ["a red circle", "two blue squares left of a green cross", "a star", "three yellow triangles",
             "a photo of a pink star above a gray square", "an orange cross", "two circles", "a white square"]  # fmt: skip
@@ -459,7 +459,7 @@ def test_weight_decay_groups_default_and_reference():
         load_config(None, ["optim.weight_decay_groups=timm"])
 
 
-# ---------------------------------------------------------------------------- held-out evaluation (issue 15)
+# ---------------------------------------------------------------------------- held-out evaluation
 
 
 def test_heldout_score_lands_in_metrics_and_equals_scoring_by_hand(tmp_path, shards):

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightgen_model import LightGen, ModelConfig, save_pretrained
-from lightgen_model.hub import EMA_NAME, WEIGHTS_NAME
+from lightgen_model.hub import EMA_NAME, WEIGHTS_NAME, check_fit
 
 from .dist import DistInfo
 from .optim import EMA
@@ -106,6 +106,7 @@ def save(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    tmp.mkdir()  # save_pretrained then writes inside it: a kill leaves only this `.tmp-step-*`, which start-up removes
     save_pretrained(model, tmp, ema_state)
     opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
     save_file(opt_tensors, str(tmp / OPTIMIZER))
@@ -222,6 +223,11 @@ def find_resume(resume: str, root: Path) -> tuple[Path | None, list[tuple[Path, 
     return latest_valid(root)
 
 
+def step_of(directory: str | Path) -> int:
+    """The step a verified checkpoint directory's state.json records."""
+    return int(json.loads((Path(directory) / STATE).read_text())["step"])
+
+
 def load(directory: str | Path) -> dict[str, Any]:
     """Read a verified checkpoint: model/EMA/optimizer tensors and the state document."""
     d = Path(directory)
@@ -239,12 +245,10 @@ def load(directory: str | Path) -> dict[str, Any]:
 
 
 def load_weights(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
-    """`model.load_state_dict(state, strict=True)`; ValueError naming `source` when the tensors do not fit."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{source}: its weights do not fit its config ({first})") from None
+    """`model.load_state_dict(state, strict=True)`; a ValueError (`WeightsMismatchError`) naming `source`, the
+    counts and the first few keys when the tensors do not fit."""
+    check_fit(model, state, f"{source}: its weights do not fit its config")
+    model.load_state_dict(state, strict=True)
 
 
 def initial_weights(directory: str | Path, prefers_ema: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

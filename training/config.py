@@ -25,20 +25,26 @@ class ModelSection:
 
     preset: str = "shapes"  # a lightgen_model preset name (ignored when init_from is set)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
-    init_from: str | None = None  # a model or checkpoint directory to start from (finetune, DPO)
+    init_from: str | None = None  # a model or checkpoint directory to start from (finetune, DPO); a path or a URI
 
 
 @dataclass
 class DataSection:
     """The training shards and how batches are made from them."""
 
-    shards: list[str] = field(default_factory=list)  # training-shard directories (encode-latents outputs)
+    # training-shard directories (encode-latents outputs): local paths or filesystem URIs (s3://, gs://, file://, ...)
+    shards: list[str] = field(default_factory=list)
     batch_size: int = 64  # per process and micro-step; global batch = batch_size * world * grad_accum
     flip: bool = True  # use the stored horizontally flipped moments with p = 0.5 (off for left/right captions)
     allow_multi_resolution: bool = False  # shard sets at several resolutions (batches never mix resolutions)
     shuffle_window: int = 8  # shards whose rows are shuffled together (per epoch, per rank)
     prefetch: int = 4  # batches prepared ahead
     workers: int = 1  # threads preparing batches (raise on GPU machines: collation is CPU work)
+    read_ahead: int = 2  # shards read (fetched, verified, parsed) ahead of the batches that need them; 0 = off
+    # a local folder keeping verified copies of the shards read (e.g. from s3://), so later epochs need not fetch
+    # them again; at most cache_bytes (an int or "200GB", "512MiB"), least recently used evicted first. null = off
+    cache_dir: str | None = None
+    cache_bytes: int | str = "100GB"
     # text_key_mask=false models (converted reference checkpoints) pad text as the reference did, so each batch's
     # captions are re-encoded: minilm or a local transformers directory, the encoder the shards were made with
     # (default: the model config's text_encoder)
@@ -72,7 +78,7 @@ class OptimSection:
 class TrainSection:
     """The run: length, time budget, device, precision, parallelism, seeds."""
 
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/train"  # a local folder; on a cluster a shared mount every node sees (not a URI)
     max_steps: int = 1000  # the budget in work: the same schedule, and on a CPU the same model, on any machine
     # also stop after this much training time (summed over resumes); the cosine follows its elapsed share
     budget_minutes: float | None = None
@@ -170,6 +176,7 @@ class TrainConfig:
         checks = [
             (self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}"),
             (self.data.shuffle_window >= 1, f"data.shuffle_window must be >= 1, got {self.data.shuffle_window}"),
+            (self.data.read_ahead >= 0, f"data.read_ahead must be >= 0, got {self.data.read_ahead}"),
             (self.optim.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}"),
             (self.optim.schedule in ("constant", "cosine"), f"optim.schedule: {self.optim.schedule!r}"),
             (
@@ -198,11 +205,26 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self._check_locations()
         for section, settings in (("log", self.log.sampling()), ("eval", self.eval.sampling())):
             try:
                 SamplingDefaults().replace(**settings)
             except ValueError as e:
                 raise ValueError(f"{section}: {e}") from None
+
+    def _check_locations(self) -> None:
+        """train.out_dir and data.cache_dir are local folders (a URI is refused naming it, without credentials);
+        data.cache_bytes is a byte count."""
+        from .sources import byte_count, describe, is_uri
+
+        if is_uri(self.train.out_dir):
+            raise ValueError(
+                f"train.out_dir={describe(self.train.out_dir)}: checkpoints are written to a local folder, not a "
+                "URI; on several nodes use a shared filesystem every node mounts (NFS, Lustre, EFS, Filestore, ...)"
+            )
+        if self.data.cache_dir is not None and is_uri(self.data.cache_dir):
+            raise ValueError(f"data.cache_dir={describe(self.data.cache_dir)}: the cache is a folder on a local disk")
+        byte_count(self.data.cache_bytes, "data.cache_bytes")
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dictionaries (JSON-ready)."""

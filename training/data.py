@@ -10,12 +10,20 @@ to continue exactly; the per-batch randomness (flip, posterior sample) is seeded
 Integrity: each shard's size is checked against its manifest entry at start-up, and each time a shard is read its
 file's bytes are read once, hashed (sha256, compared with the manifest's) and then parsed from memory, so a shard
 that changed after it was written stops the run before any of its rows is trained on.
+
+Where from: a shard directory is a local path or a filesystem URI (`s3://`, `gs://`, `file://`, ...;
+training/sources.py). While a shard trains, a background thread of the loader fetches and parses the next
+`read_ahead` shards of this rank's order; with a `ShardCache` the verified bytes of each shard are also kept on a
+local disk, so later epochs read them from there (verified again). Neither changes a batch: the order and the
+randomness depend on the position only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import sys
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -29,6 +37,8 @@ import torch
 
 from lightgen_model import ModelConfig, pad_text
 
+from .sources import ShardCache, describe, is_uri, read_source, remote_listing
+
 LATENT_COLUMNS = ("moments", "moments_flip")
 # (unpadded rows, captions) -> (B, Lt, D) text and (B, Lt) mask: lightgen_model.pad_text bound to a model
 TextPad = Callable[[list[np.ndarray], list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -39,7 +49,7 @@ class Shard:
     """One Parquet shard: its path, row count and image resolution, and its size and sha256 per the manifest (None
     when the manifest does not list them: not verified)."""
 
-    path: Path
+    path: str | Path  # a local path or a filesystem URI
     rows: int
     resolution: int
     sha256: str | None = None
@@ -47,15 +57,26 @@ class Shard:
 
     def read(self) -> bytes:
         """The file's bytes, checked against the manifest's sha256 (IncompatibleShardsError naming the shard)."""
-        data = self.path.read_bytes()
-        if self.sha256 is not None and (digest := hashlib.sha256(data).hexdigest()) != self.sha256:
+        data = read_source(self.path)
+        if (digest := self.mismatch(data)) is not None:
             from pipeline.schema import IncompatibleShardsError
 
             raise IncompatibleShardsError(
-                f"{self.path}: sha256 {digest} does not match the manifest ({self.sha256}): the shard changed after "
+                f"{self.name}: sha256 {digest} does not match the manifest ({self.sha256}): the shard changed after "
                 "it was written (rerun the stage that wrote it)"
             )
         return data
+
+    def mismatch(self, data: bytes) -> str | None:
+        """The sha256 of `data` when it differs from the manifest's (None when it matches or none is listed)."""
+        if self.sha256 is None or (digest := hashlib.sha256(data).hexdigest()) == self.sha256:
+            return None
+        return digest
+
+    @property
+    def name(self) -> str:
+        """The shard's location for messages (a URI without credentials)."""
+        return describe(self.path)
 
 
 @dataclass
@@ -94,6 +115,7 @@ class ShardSet:
         kind: str = "latents",
         moment_columns: tuple[str, ...] = LATENT_COLUMNS,
         extra_columns: tuple[str, ...] = (),
+        cache: ShardCache | None = None,
     ) -> None:
         from pipeline import schema  # pyarrow is imported only where shards are really read
 
@@ -102,19 +124,30 @@ class ShardSet:
         self.moment_columns, self.extra_columns = moment_columns, extra_columns
         self.shards: list[Shard] = []
         self.manifests = []
+        self.unverified: list[str] = []
         for d in directories:
-            if kind == "latents":
+            sizes: list[int | None]
+            if is_uri(d):  # s3://, gs://, file://, ...: listed through its filesystem (training/sources.py)
+                manifest, paths, sizes = remote_listing(str(d), kind, vae, text_encoder)
+            elif kind == "latents":
                 manifest, paths = schema.training_shards(d, vae=vae, text_encoder=text_encoder)
             else:
                 manifest, paths = schema.pair_shards(d, vae=vae, text_encoder=text_encoder)
+            if not is_uri(d):
+                sizes = [None] * len(paths)
             res = int(manifest.get("resolution") or manifest.get("config", {}).get("resolution") or 0)
             entries = manifest["shards"]
-            for p, e in zip(paths, entries, strict=True):
+            for p, e, size in zip(paths, entries, sizes, strict=True):
                 if int(e["rows"]) > 0:
-                    self.shards.append(listed_shard(p, e, res))
+                    self.shards.append(listed_shard(p, e, res, size))
+                    shown = describe(d) if is_uri(d) else str(Path(d))
+                    if self.shards[-1].sha256 is None and shown not in self.unverified:
+                        self.unverified.append(shown)
             self.manifests.append(manifest)
         if not self.shards:
-            raise schema.IncompatibleShardsError(f"the shard directories {list(map(str, directories))} hold no rows")
+            raise schema.IncompatibleShardsError(
+                f"the shard directories {[describe(d) for d in directories]} hold no rows"
+            )
         resolutions = sorted({s.resolution for s in self.shards})
         if len(resolutions) > 1 and not allow_multi_resolution:
             raise schema.IncompatibleShardsError(
@@ -122,10 +155,13 @@ class ShardSet:
                 "data.allow_multi_resolution=true"
             )
         self.resolutions = resolutions
-        self.unverified = sorted({str(s.path.parent) for s in self.shards if s.sha256 is None})
-        self._cache: OrderedDict[int, Decoded] = OrderedDict()
+        self.unverified.sort()
+        self._cache: OrderedDict[int, Decoded] = OrderedDict()  # decoded shards in memory (see `decoded`)
+        self._loading: dict[int, threading.Event] = {}  # shards being read now, so no shard is read twice at once
         self._lock = threading.Lock()
         self.cache_size = 16
+        self.disk_cache = cache  # verified shard files on a local disk (data.cache_dir), or None
+        self.source_reads = 0  # shard files read from their source (not from the disk cache)
 
     @property
     def rows(self) -> int:
@@ -134,36 +170,70 @@ class ShardSet:
 
     # -- reading -----------------------------------------------------------------------------------
     def decoded(self, i: int) -> Decoded:
-        """Shard i's arrays (an LRU cache keeps the shards of the current shuffle windows)."""
+        """Shard i's arrays (an LRU cache keeps the shards of the current shuffle windows). Threads asking for a
+        shard another thread is reading wait for that read instead of starting their own."""
+        while True:
+            with self._lock:
+                if i in self._cache:
+                    self._cache.move_to_end(i)
+                    return self._cache[i]
+                busy = self._loading.get(i)
+                if busy is None:
+                    busy = self._loading[i] = threading.Event()
+                    break
+            busy.wait()  # then take it from the cache (or, if that read failed, read it here and fail alike)
+        try:
+            dec = self._decode(i)
+            with self._lock:
+                self._cache[i] = dec
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            return dec
+        finally:
+            with self._lock:
+                del self._loading[i]
+            busy.set()
+
+    def read(self, i: int) -> bytes:
+        """Shard i's verified bytes: from the disk cache when it holds a copy whose sha256 matches, else from the
+        source (then kept in the cache). A damaged cached copy is dropped with a warning and fetched again."""
+        shard, cache = self.shards[i], self.disk_cache
+        if cache is not None and shard.sha256 is not None:
+            data = cache.get(shard.sha256)
+            if data is not None:
+                if (digest := shard.mismatch(data)) is None:
+                    return data
+                cache.drop(shard.sha256)
+                print(f"warning: the cached copy of {shard.name} ({cache.path(shard.sha256)}) has sha256 {digest}, "
+                      f"not the manifest's {shard.sha256}: dropped, fetching the shard again", file=sys.stderr)  # fmt: skip
+        data = shard.read()
         with self._lock:
-            if i in self._cache:
-                self._cache.move_to_end(i)
-                return self._cache[i]
+            self.source_reads += 1
+        if cache is not None and shard.sha256 is not None:
+            cache.put(shard.sha256, data)
+        return data
+
+    def _decode(self, i: int) -> Decoded:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from pipeline import schema
 
         shard = self.shards[i]
-        table = pq.read_table(pa.BufferReader(shard.read()))
+        table = pq.read_table(pa.BufferReader(self.read(i)))
         if len(table) != shard.rows:
-            raise schema.IncompatibleShardsError(f"{shard.path}: {len(table)} rows, the manifest says {shard.rows}")
+            raise schema.IncompatibleShardsError(f"{shard.name}: {len(table)} rows, the manifest says {shard.rows}")
         moments = {c: schema.moments_array(table, c) for c in self.moment_columns}
         lens = table.column("text_len").to_numpy().astype(np.int64)
         col = table.column("text_emb").combine_chunks()
         flat = col.values.to_numpy(zero_copy_only=False)
         total = int(lens.sum())
         if total == 0 or flat.size % total:
-            raise schema.IncompatibleShardsError(f"{shard.path}: text_emb sizes do not match text_len")
+            raise schema.IncompatibleShardsError(f"{shard.name}: text_emb sizes do not match text_len")
         text = flat.reshape(total, flat.size // total)
         start = np.concatenate([[0], np.cumsum(lens)])
         extra = {c: table.column(c).to_pylist() for c in self.extra_columns}
-        dec = Decoded(moments, text, start, table.column("caption").to_pylist(), extra)
-        with self._lock:
-            self._cache[i] = dec
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return dec
+        return Decoded(moments, text, start, table.column("caption").to_pylist(), extra)
 
     def first_rows(self, n: int) -> list[tuple[int, int]]:
         """(shard, row) of the first n rows in manifest order (fixed prompts for sample grids)."""
@@ -227,19 +297,20 @@ class ShardSet:
         return mine[:steps]
 
 
-def listed_shard(path: Path, entry: dict[str, Any], resolution: int) -> Shard:
+def listed_shard(path: str | Path, entry: dict[str, Any], resolution: int, actual: int | None = None) -> Shard:
     """The Shard of a manifest entry; IncompatibleShardsError when the entry's sha256 or size is malformed or the
-    file's size differs from the listed one (a cheap check of every shard at start-up)."""
+    file's size (`actual`, else the local file's) differs from the listed one (a cheap check of every shard at
+    start-up)."""
     from pipeline.schema import IncompatibleShardsError
 
-    digest, size = entry.get("sha256"), entry.get("bytes")
+    digest, size, shown = entry.get("sha256"), entry.get("bytes"), describe(path)
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
-        raise IncompatibleShardsError(f"{path}: the manifest's sha256 {digest!r} is not a sha256 hex digest")
+        raise IncompatibleShardsError(f"{shown}: the manifest's sha256 {digest!r} is not a sha256 hex digest")
     if size is not None and not (type(size) is int and size >= 0):
-        raise IncompatibleShardsError(f"{path}: the manifest's size {size!r} is not a byte count")
-    if size is not None and (actual := path.stat().st_size) != size:
+        raise IncompatibleShardsError(f"{shown}: the manifest's size {size!r} is not a byte count")
+    if size is not None and (actual := Path(path).stat().st_size if actual is None else actual) != size:
         raise IncompatibleShardsError(
-            f"{path}: {actual} bytes, the manifest lists {size}: the shard changed after it was written (rerun the "
+            f"{shown}: {actual} bytes, the manifest lists {size}: the shard changed after it was written (rerun the "
             "stage that wrote it)"
         )
     return Shard(path, int(entry["rows"]), resolution, digest.lower() if digest else None, size)
@@ -336,7 +407,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 class Loader:
     """Iterates batches from a position (epoch, index); `workers` threads prepare up to `prefetch` batches ahead,
-    handed out strictly in order (collation is numpy/torch work that releases the GIL)."""
+    handed out strictly in order (collation is numpy/torch work that releases the GIL), and one more thread reads
+    the next `read_ahead` shards of this rank's order before a batch needs them (fetch, sha256, parse)."""
 
     def __init__(
         self,
@@ -350,23 +422,28 @@ class Loader:
         window: int = 8,
         prefetch: int = 4,
         workers: int = 1,
+        read_ahead: int = 0,
         epoch: int = 0,
         index: int = 0,
     ) -> None:
         self.shards, self.collate = shards, collate
         self.batch_size, self.rank, self.world, self.seed, self.window = batch_size, rank, world, seed, window
-        self.prefetch, self.workers = max(1, prefetch), max(1, workers)
+        self.prefetch, self.workers, self.read_ahead = max(1, prefetch), max(1, workers), max(0, read_ahead)
         self.epoch, self.index = epoch, index  # position of the next batch to hand out
-        self.shards.cache_size = max(16, 2 * window + 2)
+        # the window being trained, the one before (a batch may carry its rows over) and the shards read ahead
+        self.shards.cache_size = max(16, 2 * window + 2 + self.read_ahead)
         self._plans: dict[int, list[np.ndarray]] = {}
+        self._plan_lock = threading.Lock()
+        self._reached = threading.Condition()
+        self._reach = (epoch, index)  # the position of the last batch handed to the workers
         self.steps_per_epoch = len(self._plan(epoch))  # of the starting epoch (later epochs may differ slightly)
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
-        if epoch not in self._plans:
-            self._plans = {
-                epoch: self.shards.epoch_batches(epoch, self.rank, self.world, self.batch_size, self.seed, self.window)
-            }
-        return self._plans[epoch]
+        with self._plan_lock:  # the producer and the read-ahead thread: the current and the next epoch are kept
+            if epoch not in self._plans:
+                plan = self.shards.epoch_batches(epoch, self.rank, self.world, self.batch_size, self.seed, self.window)
+                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
+            return self._plans[epoch]
 
     def state(self) -> dict[str, int]:
         """The position of the next batch, for a checkpoint."""
@@ -376,22 +453,61 @@ class Loader:
         g = torch.Generator().manual_seed(seed_of(self.seed, epoch, self.rank, index, 11))
         return self.collate(self.shards, refs, g)
 
+    def first_uses(self, epoch: int, index: int) -> Iterator[tuple[tuple[int, int], int]]:
+        """((epoch, batch), shard) for each shard at the first batch that needs it, from a position on, in order
+        (endless: epoch after epoch)."""
+        while True:
+            seen: set[int] = set()
+            for b, refs in enumerate(self._plan(epoch)[index:], start=index):
+                for sh in dict.fromkeys(int(x) for x in refs[:, 0]):
+                    if sh not in seen:
+                        seen.add(sh)
+                        yield (epoch, b), sh
+            epoch, index = epoch + 1, 0
+
+    def _read_ahead(self, epoch: int, index: int, stop: threading.Event) -> None:
+        """Read shards in their order of first use, at most `read_ahead` beyond those the batches handed to the
+        workers have reached. A failed read is left to the batch that needs the shard (it reports the error)."""
+        history: deque = deque()  # positions of the shards read, the last `read_ahead` of them
+        with contextlib.suppress(Exception):
+            for pos, sh in self.first_uses(epoch, index):
+                if len(history) == self.read_ahead:
+                    gate = history.popleft()
+                    with self._reached:
+                        self._reached.wait_for(lambda g=gate: stop.is_set() or self._reach >= g)
+                if stop.is_set():
+                    return
+                self.shards.decoded(sh)
+                history.append(pos)
+
+    def _reached_at(self, epoch: int, index: int) -> None:
+        with self._reached:
+            self._reach = (epoch, index)
+            self._reached.notify_all()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loader")
         pending: deque = deque()
         epoch, index = self.epoch, self.index
+        stop = threading.Event()
+        if self.read_ahead:
+            threading.Thread(target=self._read_ahead, args=(epoch, index, stop), name="loader-read-ahead",
+                             daemon=True).start()  # fmt: skip
         try:
             while True:
                 while len(pending) < self.prefetch:
                     plan = self._plan(epoch)
                     last = index == len(plan) - 1
                     pending.append((epoch, index, last, pool.submit(self._make, epoch, index, plan[index])))
+                    self._reached_at(epoch, index)
                     epoch, index = (epoch + 1, 0) if last else (epoch, index + 1)
                 e, i, last, fut = pending.popleft()
                 batch = fut.result()
                 self.epoch, self.index = (e + 1, 0) if last else (e, i + 1)
                 yield batch
         finally:
+            stop.set()
+            self._reached_at(*self._reach)
             for *_, fut in pending:
                 fut.cancel()
             pool.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,23 @@ def init(device_pref: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if kind == "cuda" else "gloo"
         kw = {"device_id": device} if kind == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kw)
+        timeout = datetime.timedelta(seconds=collective_timeout_s())
+        dist.init_process_group(backend, timeout=timeout, **kw)
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def collective_timeout_s() -> float:
+    """How long a collective waits for a peer that does not answer (frozen, or its node gone without closing its
+    connections; a peer that dies is seen at once): `LIGHTGEN_DIST_TIMEOUT_S`, default 1800 (a checkpoint of a large
+    model on a slow disk keeps the other ranks waiting in a barrier)."""
+    raw = os.environ.get("LIGHTGEN_DIST_TIMEOUT_S") or "1800"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"LIGHTGEN_DIST_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    return value
 
 
 def configure(info: DistInfo, deterministic: bool, threads: int | None) -> None:
@@ -76,6 +92,31 @@ def configure(info: DistInfo, deterministic: bool, threads: int | None) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_flush_denormal(True)  # denormals cost up to 6x on our CPUs (BENCHMARKS.md)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world)))
+
+
+class PeerLostError(ConnectionError):
+    """Another process of the run is gone (its launcher or its node died): this one stops too."""
+
+
+# What gloo and NCCL say (lower case) when the other end of a collective died or froze (besides torch's DistError).
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout")
+
+
+@contextlib.contextmanager
+def peer_failures(info: DistInfo) -> Iterator[None]:
+    """Turn a collective that failed because another process of the run is gone into one `PeerLostError` line
+    (reported as `error: ...`, exit code 2) instead of a traceback per rank."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = " ".join(str(e).split())
+        if not info.distributed or not (isinstance(e, dist.DistError) or any(m in text.lower() for m in _PEER_GONE)):
+            raise
+        cause = text.split("] ", 1)[-1].split(". ")[0][:200]  # gloo: "Connection closed by peer [host]:port"
+        raise PeerLostError(
+            f"rank {info.rank} of {info.world}: another process of this run is gone or does not answer ({cause}); "
+            "stopping. Rerun every launcher to resume from the last checkpoint"
+        ) from None
 
 
 def shutdown() -> None:

@@ -93,10 +93,11 @@ class DPOTrainer(Trainer):
             raise ValueError("dpo.pairs is empty: name build-dpo-pairs output directories (dpo.pairs=[DIR])")
 
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
-        """The `dpo.pairs` directories (build-dpo-pairs outputs)."""
+        """The `dpo.pairs` directories (build-dpo-pairs outputs; local paths or URIs)."""
         return ShardSet(
             self.cfg.dpo.pairs, vae=mcfg.vae or None, text_encoder=mcfg.text_encoder or None,
             allow_multi_resolution=self.cfg.data.allow_multi_resolution, kind="pairs", moment_columns=PAIR_COLUMNS,
+            cache=self.shard_cache(),
         )  # fmt: skip
 
     def collate(self) -> Collate:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,11 +37,11 @@ class PretrainTrainer(Trainer):
     kind = "pretrain"
 
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
-        """The `data.shards` directories (encode-latents outputs)."""
+        """The `data.shards` directories (encode-latents outputs; local paths or URIs)."""
         d = self.cfg.data
         return ShardSet(
             d.shards, vae=mcfg.vae or None, text_encoder=mcfg.text_encoder or None,
-            allow_multi_resolution=d.allow_multi_resolution,
+            allow_multi_resolution=d.allow_multi_resolution, cache=self.shard_cache(),
         )  # fmt: skip
 
     def collate(self) -> Collate:
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     p.add_argument("--config", help="YAML config (conf/*.yaml); defaults apply to everything it leaves out")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--dry-run", action="store_true", help="one step on the meta device: FLOPs, memory per GPU")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the --dry-run's memory per GPU assumes")
+    p.add_argument("--resolution", type=int, help="--dry-run image side in px (default: the model's base)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.blr=2e-4 train.max_steps=10")
     return p.parse_known_args(argv)
 
@@ -97,6 +101,12 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = PretrainTra
         cfg = resolve(argv)
         if cfg is None:
             return None
+        args, _ = parse_args(argv)
+        if args.dry_run:  # no shards, weights or out_dir needed
+            from training.dryrun import dry_train
+
+            print(json.dumps(report := dry_train(trainer_cls, cfg, args.gpus, args.resolution)))
+            return report
         trainer = trainer_cls(cfg)
         trainer.check_config()
         return trainer.run()

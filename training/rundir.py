@@ -10,11 +10,10 @@ an earlier run (so that one is there only when this run ended cleanly).
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
-import socket
 from pathlib import Path
+
+from pipeline.locks import flock_exclusive, flock_release
 
 from . import dist as D
 from .metrics import log
@@ -38,26 +37,18 @@ class OutDirLock:
         """Take the lock and write this process's PID and host into the file; OutDirInUseError naming the
         holder when another process has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 256).decode(errors="replace").strip() or "PID not yet written"
-            os.close(fd)
+        fd, holder = flock_exclusive(self.path)  # the pipeline's output folders are locked the same way
+        if fd is None:
             raise OutDirInUseError(
-                f"train.out_dir={self.path.parent} is in use by another trainer ({holder}; lock file {self.path}): "
-                "wait for it to end, stop it, or choose another train.out_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
-        os.fsync(fd)
+                f"train.out_dir={self.path.parent} is in use by another trainer ({holder or 'PID not yet written'}; "
+                f"lock file {self.path}): wait for it to end, stop it, or choose another train.out_dir"
+            )
         self.fd = fd
 
     def release(self) -> None:
         """Drop the lock (idempotent). The file stays: its PID is only read while someone holds the lock."""
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            flock_release(self.fd)
             self.fd = None
 
 

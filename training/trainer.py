@@ -39,6 +39,7 @@ from .data import Collate, Loader, ShardSet, TextPad, check_shards, reference_te
 from .metrics import MetricsLog, count_flops, log
 from .optim import EMA, LRSchedule, build_optimizer, clip_grad, peak_lr
 from .outputs import TrainerOutputs
+from .sources import ShardCache, byte_count, describe, local_model_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -83,6 +84,7 @@ class Trainer(TrainerOutputs):
         self.stopped_by: str | None = None
         self.consecutive_bad = 0  # non-finite steps in a row
         self.lock: rundir.OutDirLock | None = None  # on the main process, from `build` to the end of `run`
+        self._init_dir: str | None = None  # model.init_from as a local folder (a copy when it is a URI)
 
     # -- task hooks --------------------------------------------------------------------------------
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
@@ -106,20 +108,32 @@ class Trainer(TrainerOutputs):
         """Called once the model is built and initialised, before wrapping (DPO builds its reference here)."""
 
     # -- what to start from ------------------------------------------------------------------------
+    def init_dir(self) -> str | None:
+        """`model.init_from` as a local folder: itself, or for a URI its config and weights copied once into the
+        node's model cache (`$LIGHTGEN_CACHE`, default ~/.cache/lightgen/models)."""
+        if self.cfg.model.init_from and self._init_dir is None:
+            self._init_dir = local_model_dir(self.cfg.model.init_from)
+        return self._init_dir
+
     def model_config(self, resume: Path | None) -> ModelConfig:
         """The checkpoint's config when resuming, else `model.init_from`'s or the preset's, with overrides."""
         m = self.cfg.model
         if resume is not None:
             return load_config(resume)
         if m.init_from:
-            return load_config(m.init_from).replace(**m.overrides)
+            return load_config(self.init_dir()).replace(**m.overrides)
         return preset(m.preset, **m.overrides)
 
     def initial_weights(self) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
         """(weights, EMA weights) of `model.init_from`, or (None, None)."""
         if not self.cfg.model.init_from:
             return None, None
-        return ckpt_io.initial_weights(self.cfg.model.init_from, self.init_prefers_ema)
+        return ckpt_io.initial_weights(self.init_dir(), self.init_prefers_ema)
+
+    def shard_cache(self) -> ShardCache | None:
+        """The local cache of shard files (`data.cache_dir`, capped at `data.cache_bytes`), or None."""
+        d = self.cfg.data
+        return ShardCache(d.cache_dir, byte_count(d.cache_bytes, "data.cache_bytes")) if d.cache_dir else None
 
     def text_padding(self, mcfg: ModelConfig, shards: ShardSet, info: D.DistInfo) -> TextPad:
         """``lightgen_model.pad_text`` bound to the model, so training pads text as generation does.
@@ -139,8 +153,9 @@ class Trainer(TrainerOutputs):
         """Join the process group, build, train; the run's summary."""
         info = D.init(self.cfg.train.device)
         try:
-            self.build(info)
-            return self.train()
+            with D.peer_failures(info):  # a rank whose peer died: one error line, not a traceback
+                self.build(info)
+                return self.train()
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -170,14 +185,25 @@ class Trainer(TrainerOutputs):
         d = cfg.data
         self.loader = Loader(self.shards, self.collate(), batch_size=d.batch_size, rank=info.rank, world=info.world,
                              seed=cfg.train.seed, window=d.shuffle_window, prefetch=d.prefetch, workers=d.workers,
-                             **self.state.loader)  # fmt: skip
+                             read_ahead=d.read_ahead, **self.state.loader)  # fmt: skip
         # 8. outputs: the resolved config, metrics, sample grids, the held-out evaluation
         self._build_outputs()
 
     def _find_resume(self) -> Path | None:
+        """The checkpoint to resume from; every process must find the same one (on several nodes out_dir is a
+        folder they all see: a ValueError saying so when they do not agree)."""
         found, skipped = ckpt_io.find_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")
         for d, why in skipped:
             log(f"warning: skipping damaged checkpoint {d}: {why}", self.info)
+        step = -1 if found is None else ckpt_io.step_of(found)
+        low, high = D.all_reduce_max_each([-step, step], self.info)
+        if -low != high:
+            show = lambda s: "none" if s < 0 else f"step {s:.0f}"
+            raise ValueError(
+                f"the processes do not agree on the checkpoint to resume from ({show(-low)} to {show(high)} under "
+                f"train.out_dir={self.out}): on several nodes train.out_dir must be one folder every node sees (a "
+                "shared mount)"
+            )
         return found
 
     def _build_model(self) -> dict[str, Any] | None:
@@ -196,8 +222,8 @@ class Trainer(TrainerOutputs):
         else:
             start, self.ema_init = self.initial_weights()
             if start is not None:
-                ckpt_io.load_weights(self.model, start, cfg.model.init_from)
-                log(f"initialised from {cfg.model.init_from}", info)
+                ckpt_io.load_weights(self.model, start, describe(cfg.model.init_from))
+                log(f"initialised from {describe(cfg.model.init_from)}", info)
         self.setup_task(self.model, info)
         self.model.to(info.device).train()
         self.flops_per_image = self._flops_per_image(self.model, self.shards, info) if info.is_main else None
@@ -251,6 +277,7 @@ class Trainer(TrainerOutputs):
                     self.after_step(result)
             return self.finish()
         finally:
+            self.batches.close()  # stops the loader's threads
             self.metrics.close()
 
     def _stop_reason(self) -> str | None:
