@@ -202,7 +202,7 @@ def convert_reference_cmd(
 @app.command("plan")
 @user_errors()
 def plan_cmd(
-    recipe: Path = typer.Argument(..., metavar="RECIPE.yaml", help="A recipe, e.g. conf/recipe_paper.yaml."),
+    recipe: Path = typer.Argument(..., metavar="RECIPE.yaml", help="A recipe, e.g. conf/recipes/paper.yaml."),
     gpu: str = typer.Option("h100", help="a100, h100 or h200."),
     gpus: int = number(8, "GPUs the stages run on.", min=1),
     cache: Path = typer.Option(

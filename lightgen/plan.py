@@ -1,6 +1,6 @@
 """`lightgen plan RECIPE.yaml --gpu h100 --gpus 8`: what a recipe costs, from FLOPs counted on the meta device.
 
-A recipe (``conf/recipe_paper.yaml``) lists stages. Each stage is one of the dry runs (``synthesize``,
+A recipe (``conf/recipes/paper.yaml``) lists stages. Each stage is one of the dry runs (``synthesize``,
 ``encode``, ``pairs``, ``train``, ``sample``) with its settings and an item count (images, pairs or steps x
 global batch); a stage may instead state ``flops_per_item`` (no dry run). Per stage: FLOPs per item x items /
 (GPU peak x utilisation) = GPU-hours; wall-clock on N GPUs = GPU-hours / N (perfect data parallelism assumed);

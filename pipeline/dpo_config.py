@@ -146,8 +146,9 @@ class Resolved:
     text_encoder_name: str
     resolution: int
     max_text_len: int
-    loser_model: str  # checkpoint path @ config hash
+    loser_model: str  # weights file : its sha256 @ config hash
     weights: str
+    weights_sha256: str
     sampling: dict[str, Any]
     shown: dict[str, str] = dataclasses.field(default_factory=dict)  # local copy -> the URI it came from
 
@@ -237,6 +238,7 @@ def resolve(cfg: PairsConfig) -> Resolved:
     weights = weights_file(model_dir, cfg.use_ema)
     if not weights.is_file():
         raise ValueError(f"--model {cfg.model!r} has no {WEIGHTS_NAME}")
+    weights_sha256 = shards.sha256_file(weights)
     vae, text = _encoders(cfg, model_dir, mcfg, shown)
     resolution = mcfg.base_resolution if cfg.resolution is None else cfg.resolution
     try:
@@ -264,8 +266,10 @@ def resolve(cfg: PairsConfig) -> Resolved:
         text_encoder_name=text_encoder_name(text),
         resolution=resolution,
         max_text_len=max_text_len,
-        loser_model=f"{shown.get(str(model_dir), model_dir.resolve())}@{shards.digest(mcfg.to_dict())[:12]}",
+        # what the model is, not where it lives: the same checkpoint on a disk or a store makes the same rows
+        loser_model=f"{weights.name}:{weights_sha256[:16]}@{shards.digest(mcfg.to_dict())[:12]}",
         weights=str(weights.resolve()),
+        weights_sha256=weights_sha256,
         sampling=sampling,
         shown=shown,
     )

@@ -86,7 +86,7 @@ class PairsStage(Stage):
             self._content = {
                 "judgements": shards.digest(judge_content(cfg)),
                 "loser_model": res.loser_model,
-                "weights_sha256": shards.sha256_file(res.weights),
+                "weights_sha256": res.weights_sha256,
                 "vae": res.public(res.vae),
                 "text_encoder": res.public(res.text_encoder),
                 "max_text_len": res.max_text_len,
@@ -283,7 +283,7 @@ def _free_memory() -> None:
 
 def run_build_dpo_pairs(cfg: PairsConfig) -> dict[str, Any]:
     """Run both stages (each resuming unless `cfg.overwrite`); returns the pairs report with the judge's inside."""
-    from pipeline import runtime
+    from pipeline import locks, runtime
     from pipeline.runner import run_stage
 
     # 1. Check every setting of both stages before any work.
@@ -292,7 +292,8 @@ def run_build_dpo_pairs(cfg: PairsConfig) -> dict[str, Any]:
     pairs = PairsStage(cfg)
     judge.validate()
     pairs.validate()
-    with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
+    # The output folder, judgements included, is held for both stages (`run_stage`'s own hold of it nests).
+    with locks.hold(Storage(cfg.output)), runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
         # 2. Judge every input into <output>/judgements/.
         pairs.judge_report = run_stage(judge)
         del judge

@@ -16,6 +16,7 @@ stages' outputs (latents, captions, pairs, judgements) are never inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import posixpath
@@ -67,6 +68,13 @@ class Sample:
     aesthetic: float | None
     metadata: dict[str, Any] | None
     pixels: Image.Image
+    where: str = ""  # raw.source relative to the inputs' common folder: the same wherever the inputs live
+
+
+def relative_source(source: str, base: str) -> str:
+    """`source` (a file, `file:row`, local or URI) relative to `base`, the inputs' common folder, when below it."""
+    head = base.rstrip("/") + "/"
+    return source[len(head) :] if base and source.startswith(head) else source
 
 
 def judgements_dir(output: str) -> str:
@@ -312,7 +320,7 @@ class JudgeStage(Stage):
             else:
                 seen.add(raw.id)
                 try:
-                    yield self._screen(raw)
+                    yield dataclasses.replace(self._screen(raw), where=relative_source(raw.source, unit.base))
                 except RejectError as e:
                     yield Reject(raw.id, raw.source, e.reason, str(e))
 
@@ -352,7 +360,7 @@ class JudgeStage(Stage):
                 rejects.append(Reject(s.raw.id, s.raw.source, "judge_error", j))
                 continue
             rows.append(
-                {"id": s.raw.id, "source": s.raw.source, "caption": s.raw.caption, "image": s.raw.image,
+                {"id": s.raw.id, "source": s.where, "caption": s.raw.caption, "image": s.raw.image,
                  "metadata": None if s.metadata is None else json.dumps(s.metadata, sort_keys=True),
                  "aesthetic": s.aesthetic, "judge": self.judge.name, "judge_answer": j.answer,
                  "judge_score": j.score, "kept": j.kept, "reason": j.reason, "detail": j.detail}

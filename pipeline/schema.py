@@ -27,7 +27,7 @@ layout and encodings with one row per (winner, loser) pair: id, caption, resolut
 text_emb, vae and text_encoder as above; `winner_moments` / `winner_moments_flip` (the kept source image) and
 `loser_moments` / `loser_moments_flip` (the image the current model drew for the caption), made by the same image
 tokenizer code as `moments`; `judge` (backend and model), `judge_answer` (raw text), `judge_score` (in [0, 1]),
-`loser_model` (checkpoint path @ config hash), `loser_seed`, `sampling` (the sampling settings as JSON), and
+`loser_model` (weights file : its sha256 @ config hash, the same wherever the checkpoint lives), `loser_seed`, `sampling` (the sampling settings as JSON), and
 `loser_judge_answer` / `loser_judge_score` (the judge on the loser with `--judge-losers`, else null).
 `moments_array(table, "winner_moments")` etc. read them. Its judge stage leaves `judgements/` beside the pair shards
 (manifest `format` "lightgen-judgements", `JUDGEMENT_SCHEMA`): one row per image the judge saw, with the image's
@@ -98,7 +98,8 @@ JUDGEMENT_FORMAT = "lightgen-judgements"
 JUDGEMENT_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # where the image was read: file, tar, Parquet row
+        # where the image was read (file, tar, Parquet row), relative to the inputs' common folder (manifest's config)
+        pa.field("source", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
         pa.field("metadata", pa.string()),  # the input's GenEval metadata as JSON (the shapes judge), else null
         pa.field("image", pa.binary(), nullable=False),  # the image file's bytes as read (the pairs stage's winner)

@@ -186,7 +186,11 @@ def test_reduced_chain_produces_consistent_artifacts(tmp_path: Path, capsys: pyt
     assert (m["captions"]["inputs"], m["captions"]["rows"]) == (POOL, CAPTIONS)
     assert m["images"]["inputs"] == m["captions"]["rows"] and m["latents"]["inputs"] == m["images"]["rows"]
     assert m["pairs"]["inputs"] == m["pairs/judgements"]["inputs"] == min(demo.SYNTH_SHARD, m["images"]["rows"])
-    assert m["pairs"]["rows"] >= 1 and m["pairs"]["loser_model"].startswith(str(out / "pretrain" / "model"))
+    weights, sha = m["pairs"]["loser_model"].split("@")[0].split(":")  # the pretrained weights, by content
+    assert (
+        m["pairs"]["rows"] >= 1
+        and hashlib.sha256((out / "pretrain" / "model" / weights).read_bytes()).hexdigest()[:16] == sha
+    )
     assert m["pairs"]["config"]["judge_losers"]  # the demo keeps only pairs whose loser the judge finds worse
     # 3. models, their held-out scores, the learning curve
     heldout = (out / "heldout.jsonl").read_bytes().splitlines(keepends=True)

@@ -318,10 +318,10 @@ def test_build_dpo_pairs_with_images_model_and_output_on_s3(local_run, s3_bucket
     assert report["written"] == 8 and report["judge"]["inputs"] == 8
     local = pq.read_table(tmp_path / "pairs" / "part-00000.parquet")
     remote = pq.read_table(storage.open_input(f"{s3_bucket}/pairs/part-00000.parquet"))
-    # The same pairs; the loser model is recorded by its URI (never a local cache path).
-    assert remote.drop(["loser_model"]).equals(local.drop(["loser_model"]))
-    assert set(remote.column("loser_model").to_pylist()) == {
-        f"{remote_model}@" + local["loser_model"][0].as_py().split("@")[1]
-    }
+    # The same pairs, byte for byte: rows name the loser model by its weights' sha256, not by where it lives; the
+    # manifest's config names the URI (never a local cache path).
+    assert remote.equals(local)
+    shas = lambda m: [e["sha256"] for e in m["shards"]]
+    assert shas(manifest(f"{s3_bucket}/pairs")) == shas(json.loads((tmp_path / "pairs" / "manifest.json").read_text()))
     assert manifest(f"{s3_bucket}/pairs")["config"]["model"] == remote_model
     assert run_build_dpo_pairs(cfg)["shards_skipped"] == 2  # resumes on s3://

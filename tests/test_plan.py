@@ -95,8 +95,8 @@ def test_recipe_errors_name_the_stage(tmp_path: Path):
 
 
 def test_paper_recipe_loads():
-    """conf/recipe_paper.yaml: every stage is well formed; pretraining is 100 k steps x 2048."""
-    stages, meta = load_recipe(ROOT / "conf/recipe_paper.yaml")
+    """conf/recipes/paper.yaml: every stage is well formed; pretraining is 100 k steps x 2048."""
+    stages, meta = load_recipe(ROOT / "conf/recipes/paper.yaml")
     by = {s.name: s for s in stages}
     assert by["pretrain_256"].items == 100_000 * 2048 and meta["paper_gpu_days"] == 88
     assert by["synthesize"].items == 2_000_000
