@@ -155,17 +155,18 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_build_captions(cfg: CaptionsConfig) -> dict[str, Any]:
     """Run the stage end to end; returns the report (also written to `report.json`, diversity in `diversity.json`)."""
-    from pipeline import runtime
+    from pipeline import locks, runtime
 
     validate(cfg)
-    build = CaptionBuild(cfg)
-    try:
-        with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
-            if cfg.workers > 0:
-                build.check_shared()
-            return build.run()
-    finally:
-        wf.remove(build.work)
+    with locks.hold(Storage(cfg.output)):  # one run at a time; a refused run touches nothing, its work folder neither
+        build = CaptionBuild(cfg)
+        try:
+            with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
+                if cfg.workers > 0:
+                    build.check_shared()
+                return build.run()
+        finally:
+            wf.remove(build.work)
 
 
 def work_folder(cfg: CaptionsConfig) -> Path:

@@ -1,8 +1,9 @@
 """One runner for every stage: plan, resume, run (in this process or on Ray Data), manifest, rejects, report.
 
 1. The driver plans: `stage.validate()`, `stage.plan()` (file lists and row ranges, one unit per output shard).
-2. It prepares the output: `--overwrite` clears it; temporaries of a killed run and shards beyond the plan go; a
-   folder made with other settings is refused.
+2. It holds the output folder (one run at a time: an flock on a local folder, a lease on object storage;
+   `pipeline/locks.py`) and prepares it: `--overwrite` clears it; temporaries of a killed run and shards beyond the
+   plan go; a folder made with other settings is refused.
 3. Every unit goes to a worker (`run_unit`), which keeps a finished shard only if its receipt matches the unit and
    config digests and the shard's sha256 still matches the receipt, and otherwise reads its inputs, calls
    `stage.process` batch by batch and publishes the shard, its rejects and then its receipt (atomic writes; the
@@ -30,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import locks
 from pipeline.schema import MANIFEST, REJECT_SCHEMA, with_metadata
 from pipeline.shards import DIVERSITY, REJECTS, REPORT, code_version, digest, parquet_writer, rejects_name, shard_name
 from pipeline.stage import Output, Reject, Stage, WorkUnit, batched
@@ -298,7 +300,10 @@ def _ray_execute(
             batch_format="pyarrow",
             num_cpus=cpus,
             num_gpus=gpus,
-            # Ray Data's actor-pool defaults restart a dead actor and retry its task (tasks are idempotent).
+            # A dead actor (an OOM kill, a lost node) is restarted, on another node if its own is gone, and its task
+            # retried: tasks are idempotent. Ray Data's defaults too, set here so that no change of them goes unseen.
+            max_restarts=-1,
+            max_task_retries=-1,
         )
     else:
         ds = ds.map_batches(
@@ -432,8 +437,15 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     if not units:
         raise ValueError(f"no inputs to {stage.name} in {list(stage.cfg.inputs)}")
     config_digest = digest(stage.content())
-    # 2. Prepare the output; an incomplete manifest marks the folder as this stage's while it runs.
+    # 2. Hold the output folder (one run at a time: `pipeline/locks.py`), then prepare it; an incomplete manifest
+    # marks the folder as this stage's while it runs.
     store = Storage(stage.cfg.output)
+    with locks.hold(store):
+        return _run_held(stage, store, units, config_digest, t0)
+
+
+def _run_held(stage: Stage, store: Storage, units: list[WorkUnit], config_digest: str, t0: float) -> dict[str, Any]:
+    """Steps 2-4 of `run_stage`, holding the output folder."""
     _prepare(store, stage, len(units), config_digest)
     header = _header(stage, config_digest, len(units))
     store.write_json(MANIFEST, {**header, "complete": False})
@@ -445,7 +457,8 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"{len(missing)} shards did not finish (first: {shard_name(missing[0])}); rerun to resume")
     ordered = [receipts[i] for i in range(len(units))]
-    # 4. Rejects, manifest, report.
+    # 4. Rejects, manifest, report; temporaries of workers that died in this run (a lost node) go.
+    store.clean_temporaries(_ours)
     _merge_rejects(store, len(units))
     report = _report(stage, ordered, time.perf_counter() - t0)
     store.write_json(REPORT, report)
