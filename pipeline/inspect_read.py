@@ -65,20 +65,8 @@ class StageDir:
 
 
 def _manifest(root: str, formats: tuple[str, ...]) -> dict[str, Any]:
-    """`read_manifest` of a local folder; the same checks on a remote one, read through `pipeline.storage`."""
-    if not storage.is_remote(root):
-        return read_manifest(root, formats, "a stage output folder")
-    path = storage.join(root, MANIFEST)
-    if not storage.is_file(path):
-        raise FileNotFoundError(f"no {MANIFEST} in {storage.public(root)}: not a stage output folder, or never begun")
-    try:
-        manifest = json.loads(storage.read_bytes(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IncompatibleShardsError(f"{storage.public(path)} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") not in formats:
-        fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        raise IncompatibleShardsError(f"{storage.public(path)}: format {fmt!r}, expected one of {formats}")
-    return manifest
+    """`read_manifest` of a stage output folder, local or on a store."""
+    return read_manifest(root, formats, "a stage output folder")
 
 
 def open_stage(directory: str | Path, formats: tuple[str, ...]) -> StageDir:

@@ -77,14 +77,9 @@ def flock_release(fd: int) -> None:
 
 def lease_ttl() -> float:
     """Seconds after its last refresh that a lease expires: `LIGHTGEN_LEASE_TTL`, default 300."""
-    raw = os.environ.get("LIGHTGEN_LEASE_TTL") or "300"
-    try:
-        ttl = float(raw)
-    except ValueError:
-        ttl = -1.0
-    if not ttl > 0:
-        raise ValueError(f"LIGHTGEN_LEASE_TTL={raw!r}: expected a positive number of seconds")
-    return ttl
+    from pipeline.storage import env_positive
+
+    return env_positive("LIGHTGEN_LEASE_TTL", 300.0, "seconds")
 
 
 def _running(pid: Any, token: Any) -> bool:

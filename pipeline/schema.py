@@ -133,18 +133,24 @@ def shard_metadata(schema: pa.Schema) -> dict[str, Any]:
 
 
 def read_manifest(directory: str | Path, formats: tuple[str, ...], what: str) -> dict[str, Any]:
-    """Read `<directory>/manifest.json` and check that its `format` is one of `formats`; `what` names the
-    directory kind in errors (FileNotFoundError when there is none, IncompatibleShardsError otherwise)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {directory}: not {what}, or the run never began")
+    """Read `<directory>/manifest.json` (a local folder or a URI) and check that its `format` is one of `formats`;
+    `what` names the directory kind in errors (FileNotFoundError when there is none, IncompatibleShardsError
+    otherwise). Errors name URIs without credentials."""
+    from pipeline import storage
+
+    path = storage.join(str(directory), MANIFEST)
+    shown = storage.public(path)
+    if not storage.is_file(path):
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {storage.public(str(directory))}: not {what}, or the run never began"
+        )
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IncompatibleShardsError(f"{path} is not valid JSON: {e}") from e
+        manifest = json.loads(storage.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise IncompatibleShardsError(f"{shown} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") not in formats:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        raise IncompatibleShardsError(f"{path}: format {fmt!r}, expected {' or '.join(map(repr, formats))}")
+        raise IncompatibleShardsError(f"{shown}: format {fmt!r}, expected {' or '.join(map(repr, formats))}")
     return manifest
 
 
@@ -227,10 +233,17 @@ def pair_shards(
     that the run finished and that every listed shard exists, as `training_shards` does for training shards.
     """
     manifest = load_pair_manifest(directory)
+    check_pairs_compatible(manifest, vae=vae, text_encoder=text_encoder, schema_version=schema_version)
+    return manifest, _listed_shards(directory, manifest)
+
+
+def check_pairs_compatible(
+    manifest: dict[str, Any], *, vae: Name = None, text_encoder: Name = None, schema_version: int = PAIR_SCHEMA_VERSION
+) -> None:
+    """`check_compatible` for a DPO pair-shard manifest."""
     problems = _problems(manifest, vae, text_encoder, schema_version, True, "build-dpo-pairs")
     if problems:
         raise IncompatibleShardsError("incompatible DPO pair shards: " + "; ".join(problems))
-    return manifest, _listed_shards(directory, manifest)
 
 
 def moments_array(table: pa.Table, column: str = "moments") -> np.ndarray:

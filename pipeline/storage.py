@@ -116,8 +116,8 @@ def _brief(e: BaseException) -> str:
     return re.sub(r" ?\(Request ID: [^)]*\)", "", text)
 
 
-def _env_float(name: str, default: float) -> float:
-    """A positive number from the environment variable `name` (a clear error otherwise)."""
+def env_positive(name: str, default: float, unit: str = "") -> float:
+    """A positive number from the environment variable `name`, `default` when unset; an error naming it otherwise."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -126,16 +126,16 @@ def _env_float(name: str, default: float) -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ValueError(f"{name}={raw!r}: expected a positive number")
+        raise ValueError(f"{name}={raw!r}: expected a positive number" + (f" of {unit}" if unit else ""))
     return value
 
 
 def _s3_options() -> dict[str, Any]:
     """S3FileSystem options from the environment: endpoint (`AWS_ENDPOINT_URL[_S3]`), region, bounded retries."""
     opts: dict[str, Any] = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(_env_float("LIGHTGEN_S3_RETRIES", 3))),
-        "connect_timeout": _env_float("LIGHTGEN_S3_CONNECT_TIMEOUT", 10.0),
-        "request_timeout": _env_float("LIGHTGEN_S3_REQUEST_TIMEOUT", 60.0),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(env_positive("LIGHTGEN_S3_RETRIES", 3))),
+        "connect_timeout": env_positive("LIGHTGEN_S3_CONNECT_TIMEOUT", 10.0),
+        "request_timeout": env_positive("LIGHTGEN_S3_REQUEST_TIMEOUT", 60.0),
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:

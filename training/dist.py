@@ -69,14 +69,9 @@ def collective_timeout_s() -> float:
     """How long a collective waits for a peer that does not answer (frozen, or its node gone without closing its
     connections; a peer that dies is seen at once): `LIGHTGEN_DIST_TIMEOUT_S`, default 1800 (a checkpoint of a large
     model on a slow disk keeps the other ranks waiting in a barrier)."""
-    raw = os.environ.get("LIGHTGEN_DIST_TIMEOUT_S") or "1800"
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"LIGHTGEN_DIST_TIMEOUT_S={raw!r}: expected a positive number of seconds")
-    return value
+    from pipeline.storage import env_positive
+
+    return env_positive("LIGHTGEN_DIST_TIMEOUT_S", 1800.0, "seconds")
 
 
 def configure(info: DistInfo, deterministic: bool, threads: int | None) -> None:

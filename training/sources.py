@@ -13,13 +13,14 @@ takes from the cache against the manifest's sha256, so a damaged copy is fetched
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from pipeline.storage import is_uri  # noqa: F401 (one definition of a URI; imported from here by the trainer)
 
 TMP = ".tmp-"
 SUFFIX = ".shard"
@@ -37,11 +38,6 @@ def byte_count(value: int | str, key: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def is_uri(spec: str | Path) -> bool:
-    """Whether `spec` is a filesystem URI (any scheme, `file://` included) rather than a plain path."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(spec)) is not None
-
-
 def remote_listing(directory: str, kind: str, vae: str | None, text_encoder: str | None) -> tuple[dict, list, list]:
     """A shard directory on a filesystem URI, validated as `pipeline.schema.training_shards` / `pair_shards`
     validate a local one: (manifest, shard URIs in order, their sizes on the store)."""
@@ -49,27 +45,12 @@ def remote_listing(directory: str, kind: str, vae: str | None, text_encoder: str
 
     fs, root = storage.resolve(directory)
     shown = storage.public(directory)
-    latents = kind == "latents"
-    what = "a training-shard directory" if latents else "a DPO pair-shard directory"
-    name = f"{shown.rstrip('/')}/{schema.MANIFEST}"
-    try:
-        raw = storage.read_bytes(storage.join(directory, schema.MANIFEST))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {schema.MANIFEST} in {shown}: not {what}, or the run never began") from None
-    try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise schema.IncompatibleShardsError(f"{name} is not valid JSON: {e}") from None
-    formats = (schema.FORMAT,) if latents else (schema.PAIR_FORMAT,)
-    if not isinstance(manifest, dict) or manifest.get("format") not in formats:
-        fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        raise schema.IncompatibleShardsError(f"{name}: format {fmt!r}, expected {formats[0]!r}")
-    if latents:
+    if kind == "latents":
+        manifest = schema.load_manifest(directory)
         schema.check_compatible(manifest, vae=vae, text_encoder=text_encoder)
     else:
-        problems = schema._problems(manifest, vae, text_encoder, schema.PAIR_SCHEMA_VERSION, True, "build-dpo-pairs")
-        if problems:
-            raise schema.IncompatibleShardsError("incompatible DPO pair shards: " + "; ".join(problems))
+        manifest = schema.load_pair_manifest(directory)
+        schema.check_pairs_compatible(manifest, vae=vae, text_encoder=text_encoder)
     import pyarrow.fs as pafs
 
     with storage.named_errors(directory, "cannot list"):
