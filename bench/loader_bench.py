@@ -35,8 +35,17 @@ import numpy as np  # noqa: E402
 from bench._common import bench_parser  # noqa: E402
 from bench.train_bench import write_random_shards  # noqa: E402
 from lightgen_model import preset  # noqa: E402
+from training.config import DataSection  # noqa: E402
 from training.data import Loader, ShardSet, latent_batch  # noqa: E402
+from training.dist import DistInfo  # noqa: E402
 from training.sources import ShardCache  # noqa: E402
+
+
+def make_loader(shards: ShardSet, args, read_ahead: int) -> Loader:
+    """The trainer's loader over `shards` with the benchmark's batch, window, threads and read-ahead (rank 0 of 1)."""
+    data = DataSection(batch_size=args.batch, shuffle_window=args.window, prefetch=2 * args.workers + 2,
+                       workers=args.workers, read_ahead=read_ahead)  # fmt: skip
+    return Loader(data, shards, lambda s, r, g: latent_batch(s, r, g, True), DistInfo(), 0)
 
 
 def start_server() -> tuple[subprocess.Popen, dict[str, str]]:
@@ -84,8 +93,7 @@ def upload(local: Path, uri: str) -> str:
 def epoch_rate(source: str, args, *, read_ahead: int, cache: Path | None = None) -> float:
     """Rows per second of wall time over one epoch of a fresh ShardSet (every shard read once)."""
     shards = ShardSet([source], cache=ShardCache(cache, 10**12) if cache else None)
-    loader = Loader(shards, lambda s, r, g: latent_batch(s, r, g, True), batch_size=args.batch,
-                    window=args.window, prefetch=2 * args.workers + 2, workers=args.workers, read_ahead=read_ahead)  # fmt: skip
+    loader = make_loader(shards, args, read_ahead)
     n, t0 = 0, time.time()
     it = iter(loader)
     for _ in range(loader.steps_per_epoch):
@@ -99,8 +107,7 @@ def stall(source: str, args, *, read_ahead: int, step_s: float) -> float:
     """Seconds per epoch a trainer taking `step_s` per step (sleeping here) waits for its batches (first batch
     excluded: every run waits for it)."""
     shards = ShardSet([source])
-    loader = Loader(shards, lambda s, r, g: latent_batch(s, r, g, True), batch_size=args.batch,
-                    window=args.window, prefetch=2 * args.workers + 2, workers=args.workers, read_ahead=read_ahead)  # fmt: skip
+    loader = make_loader(shards, args, read_ahead)
     it, waited = iter(loader), 0.0
     next(it)
     for _ in range(loader.steps_per_epoch - 1):

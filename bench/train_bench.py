@@ -35,8 +35,9 @@ import torch
 
 from bench._common import bench_parser
 from lightgen_model import preset
-from training.config import load_config
+from training.config import DataSection, load_config
 from training.data import Decoded, Loader, Shard, ShardSet, latent_batch
+from training.dist import DistInfo
 from training.pretrain import PretrainTrainer
 
 
@@ -87,8 +88,8 @@ def write_random_shards(
 
 def loader_rate(shards: ShardSet, batch: int, seconds: float, workers: int) -> tuple[float, float]:
     """(samples per second of wall time, samples per CPU second of this process) of the loader alone."""
-    loader = Loader(shards, lambda s, r, g: latent_batch(s, r, g, True), batch_size=batch, prefetch=2 * workers + 2,
-                    workers=workers)  # fmt: skip
+    data = DataSection(batch_size=batch, prefetch=2 * workers + 2, workers=workers, read_ahead=0)
+    loader = Loader(data, shards, lambda s, r, g: latent_batch(s, r, g, True), DistInfo(), 0)
     n, t0, c0 = 0, None, None
     for k, b in enumerate(loader):
         if k == 2:  # after the first shard reads

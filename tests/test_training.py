@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,32 @@ def test_resume_is_bit_exact(tmp_path, shards):
     # crossing an epoch boundary (3 batches of 16 rows per epoch... 6 steps of 8) is part of the comparison
     state = json.loads((tmp_path / "split/checkpoints/step-00000014/state.json").read_text())
     assert state["loader"] == {"epoch": 2, "index": 2}
+
+
+# the keys of state.json as every version so far wrote them: the counters at the top level, the loader's position
+OLD_LAYOUT = {"step", "elapsed_s", "nonfinite", "loader", "schedule_total", "kind", "config", "optimizer", "files",
+              "checksum"}  # fmt: skip
+
+
+def test_a_checkpoint_in_the_old_layout_resumes_bit_exact(tmp_path, shards):
+    """state.json keeps the layout of the trainer before `TrainState` and the loader owned their state_dict; one
+    written field by field in that layout resumes to the uninterrupted run's weights and loss curve."""
+    train(tmp_path / "straight", shards, "train.max_steps=10", "checkpoint.every_steps=5")
+    run = tmp_path / "old"
+    shutil.copytree(tmp_path / "straight", run)
+    shutil.rmtree(run / "checkpoints/step-00000010")
+    shutil.rmtree(run / "model")
+    c5 = run / "checkpoints/step-00000005"
+    doc = json.loads((c5 / "state.json").read_text())
+    assert set(doc) == OLD_LAYOUT
+    old = {"step": 5, "elapsed_s": 1.25, "nonfinite": 0, "loader": {"epoch": 0, "index": 5}, "schedule_total": 10,
+           "kind": "pretrain", "config": doc["config"], "optimizer": doc["optimizer"], "files": doc["files"]}  # fmt: skip
+    (c5 / "state.json").write_text(json.dumps(old | {ckpt_io.CHECKSUM: ckpt_io.state_checksum(old)}))
+    assert ckpt_io.verify(c5) is None
+    assert train(run, shards, "train.max_steps=10", "checkpoint.every_steps=5")["step"] == 10
+    c10 = "checkpoints/step-00000010"
+    assert_same(weights(tmp_path / "straight" / c10), weights(run / c10))
+    assert losses(tmp_path / "straight") == losses(run)
 
 
 class SlowClock:
@@ -546,14 +573,14 @@ def test_metrics_log_rows_reports_and_mfu(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
     from training import metrics
-    from training.config import LogSection
     from training.dist import DistInfo
 
     clock = [10.0]
     monkeypatch.setattr(metrics, "time", SimpleNamespace(time=lambda: clock[0]))
     monkeypatch.setattr(metrics, "peak_flops", lambda device: 1e9)
-    cfg = LogSection(every=2, tensorboard=False, progress=False)
-    log = metrics.MetricsLog(tmp_path, cfg, DistInfo(world=2), "pretrain", 0, 4, global_batch=8, flops_per_image=5e8)
+    quiet = ["log.every=2", "log.tensorboard=false", "log.progress=false", f"train.out_dir={tmp_path}"]
+    cfg = load_config(None, [*quiet, "train.max_steps=4", "data.batch_size=4"])  # global batch 4 x 2 processes
+    log = metrics.MetricsLog(cfg, DistInfo(world=2), "pretrain", 0, flops_per_image=5e8)
     row = {"lr": 1e-3, "grad_norm": 0.5, "acc": 0.25}
     log.record({"step": 1, "loss": 1.0, "skipped": False} | row, nonfinite=0)
     clock[0] += 2.0
@@ -570,7 +597,8 @@ def test_metrics_log_rows_reports_and_mfu(tmp_path, monkeypatch, capsys):
     )
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["eval"] == {"overall": 0.5} and rows[0]["acc"] == 0.25
-    timed = metrics.MetricsLog(tmp_path, cfg, DistInfo(), "pretrain", 0, 100, 8, None, budget_s=60.0)
+    cfg = load_config(None, [*quiet, "train.max_steps=100", "data.batch_size=8", "train.budget_minutes=1"])
+    timed = metrics.MetricsLog(cfg, DistInfo(), "pretrain", 0, None)
     timed.record({"step": 1, "loss": 1.0, "skipped": False} | row, 0, elapsed_s=10.0)
     clock[0] += 1.0
     timed.record({"step": 2, "loss": 1.0, "skipped": False} | row, 0, elapsed_s=15.0)

@@ -70,11 +70,21 @@ def reads(monkeypatch) -> list[str]:
     return seen
 
 
+def loader_of(shards: ShardSet, rank: int = 0, world: int = 1, epoch: int = 0, index: int = 0, **data) -> Loader:
+    """A flipping loader (seed 3) of `data.*` settings, for rank of world, at position (epoch, index)."""
+    from training.config import DataSection
+    from training.dist import DistInfo
+
+    loader = Loader(DataSection(**data), shards, lambda s, r, g: latent_batch(s, r, g, True), DistInfo(rank, world), 3)
+    loader.load_state_dict({"epoch": epoch, "index": index})
+    return loader
+
+
 def batches(shards: ShardSet, n: int, **kw) -> list[dict]:
     """The first n batches of a loader (batch 4, window 2, flip on)."""
-    opts = {"batch_size": 4, "window": 2, "seed": 3, "read_ahead": 2} | kw
+    opts = {"batch_size": 4, "shuffle_window": 2, "read_ahead": 2} | kw
     out = []
-    for b in Loader(shards, lambda s, r, g: latent_batch(s, r, g, True), **opts):
+    for b in loader_of(shards, **opts):
         out.append(b)
         if len(out) == n:
             return out
@@ -109,8 +119,7 @@ def test_s3_loader_gives_the_local_batches_also_resumed_mid_epoch(local_shards, 
 
 def test_read_ahead_reads_the_next_shards_before_a_batch_needs_them(s3_shards, reads):
     shards = ShardSet([s3_shards])
-    loader = Loader(shards, lambda s, r, g: latent_batch(s, r, g, True), batch_size=4, window=1, seed=3,
-                    prefetch=1, read_ahead=2)  # fmt: skip
+    loader = loader_of(shards, batch_size=4, shuffle_window=1, prefetch=1, read_ahead=2)
     order = [sh for _, sh in itertools.islice(loader.first_uses(0, 0), 3)]
     it = iter(loader)
     next(it)
@@ -140,7 +149,7 @@ def test_the_cache_is_filled_then_reused_with_no_fetch(tmp_path, local_shards, s
     # within one run: with less memory than shards, later epochs come from the cache, not the store
     reads.clear()
     run = ShardSet([s3_shards], cache=ShardCache(tmp_path / "cache2", 10**9))
-    loader = Loader(run, lambda s, r, g: latent_batch(s, r, g, True), batch_size=4, window=1, seed=3, read_ahead=1)
+    loader = loader_of(run, batch_size=4, shuffle_window=1, read_ahead=1)
     run.cache_size = 1
     it = iter(loader)
     for _ in range(3 * steps):  # three epochs

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import zlib
@@ -33,15 +32,15 @@ from torch import Tensor, nn
 from lightgen_model import LightGen, ModelConfig, save_pretrained
 from lightgen_model.hub import EMA_NAME, WEIGHTS_NAME, check_fit
 
+from .data import Loader
 from .dist import DistInfo
 from .optim import EMA
+from .state import TrainState
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 PREFIX = "step-"
 CHECKSUM = "checksum"
-# the counters a trainer resumes from (training.trainer.TrainState), all required in state.json
-RESUMED = ("step", "elapsed_s", "nonfinite", "loader", "schedule_total")
 
 
 def _crc(path: Path) -> int:
@@ -147,27 +146,23 @@ def _files_ok(files: Any) -> bool:
 
 def state_problem(doc: Any, directory: Path) -> str | None:
     """Why a parsed state.json is not one `save` wrote for this checkpoint directory (None when it is): not an
-    object, a checksum that does not match, a missing or mistyped field, a step other than the directory's."""
+    object, a checksum that does not match, a missing or mistyped field (the `TrainState` fields and the loader's
+    position are checked by their owners), a step other than the directory's."""
     if not isinstance(doc, dict):
         return f"{STATE} is not a JSON object"
     if CHECKSUM not in doc:
         return f"{STATE} has no checksum (edited, or written by an older version)"
     if doc[CHECKSUM] != state_checksum(doc):
         return f"{STATE} does not match its checksum (edited or damaged)"
-    loader, opt, elapsed = doc.get("loader"), doc.get("optimizer"), doc.get("elapsed_s")
+    opt = doc.get("optimizer")
     ok = {
-        "step": _natural(doc.get("step")),
-        "elapsed_s": type(elapsed) in (int, float) and math.isfinite(elapsed) and elapsed >= 0,
-        "nonfinite": _natural(doc.get("nonfinite")),
-        "loader": isinstance(loader, dict) and set(loader) == {"epoch", "index"}
-        and all(map(_natural, loader.values())),
-        "schedule_total": doc.get("schedule_total") is None or _natural(doc.get("schedule_total")),
+        "loader": Loader.valid_state(doc.get("loader")),
         "kind": isinstance(doc.get("kind"), str),
         "optimizer": isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
         and all(isinstance(g, dict) for g in opt["param_groups"]) and isinstance(opt.get("scalars", {}), dict),
         "files": _files_ok(doc.get("files")),
     }  # fmt: skip
-    bad = [k for k, good in ok.items() if not good or k not in doc]
+    bad = TrainState.problems(doc) + [k for k, good in ok.items() if not good or k not in doc]
     if bad:
         return f"{STATE}: {', '.join(bad)} missing or of the wrong type"
     name = directory.name

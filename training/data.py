@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,10 @@ import torch
 from lightgen_model import ModelConfig, pad_text
 
 from .sources import ShardCache, describe, is_uri, read_source, remote_listing
+
+if TYPE_CHECKING:
+    from .config import DataSection
+    from .dist import DistInfo
 
 LATENT_COLUMNS = ("moments", "moments_flip")
 # (unpadded rows, captions) -> (B, Lt, D) text and (B, Lt) mask: lightgen_model.pad_text bound to a model
@@ -123,27 +127,10 @@ class ShardSet:
             raise ValueError("no shard directory given")
         self.moment_columns, self.extra_columns = moment_columns, extra_columns
         self.shards: list[Shard] = []
-        self.manifests = []
-        self.unverified: list[str] = []
+        self.manifests: list[dict[str, Any]] = []
+        self.unverified: list[str] = []  # directories whose manifest lists no sha256
         for d in directories:
-            sizes: list[int | None]
-            if is_uri(d):  # s3://, gs://, file://, ...: listed through its filesystem (training/sources.py)
-                manifest, paths, sizes = remote_listing(str(d), kind, vae, text_encoder)
-            elif kind == "latents":
-                manifest, paths = schema.training_shards(d, vae=vae, text_encoder=text_encoder)
-            else:
-                manifest, paths = schema.pair_shards(d, vae=vae, text_encoder=text_encoder)
-            if not is_uri(d):
-                sizes = [None] * len(paths)
-            res = int(manifest.get("resolution") or manifest.get("config", {}).get("resolution") or 0)
-            entries = manifest["shards"]
-            for p, e, size in zip(paths, entries, sizes, strict=True):
-                if int(e["rows"]) > 0:
-                    self.shards.append(listed_shard(p, e, res, size))
-                    shown = describe(d) if is_uri(d) else str(Path(d))
-                    if self.shards[-1].sha256 is None and shown not in self.unverified:
-                        self.unverified.append(shown)
-            self.manifests.append(manifest)
+            self._add_directory(d, kind, vae, text_encoder)
         if not self.shards:
             raise schema.IncompatibleShardsError(
                 f"the shard directories {[describe(d) for d in directories]} hold no rows"
@@ -162,6 +149,28 @@ class ShardSet:
         self.cache_size = 16
         self.disk_cache = cache  # verified shard files on a local disk (data.cache_dir), or None
         self.source_reads = 0  # shard files read from their source (not from the disk cache)
+
+    def _add_directory(self, d: str | Path, kind: str, vae: str | None, text_encoder: str | None) -> None:
+        """The validated shards of one directory (local, or a URI listed through its filesystem), with rows."""
+        from pipeline import schema
+
+        sizes: list[int | None]
+        if is_uri(d):  # s3://, gs://, file://, ...: listed through its filesystem (training/sources.py)
+            manifest, paths, sizes = remote_listing(str(d), kind, vae, text_encoder)
+        elif kind == "latents":
+            manifest, paths = schema.training_shards(d, vae=vae, text_encoder=text_encoder)
+        else:
+            manifest, paths = schema.pair_shards(d, vae=vae, text_encoder=text_encoder)
+        if not is_uri(d):
+            sizes = [None] * len(paths)
+        res = int(manifest.get("resolution") or manifest.get("config", {}).get("resolution") or 0)
+        shown = describe(d) if is_uri(d) else str(Path(d))
+        for p, e, size in zip(paths, manifest["shards"], sizes, strict=True):
+            if int(e["rows"]) > 0:
+                self.shards.append(listed_shard(p, e, res, size))
+                if self.shards[-1].sha256 is None and shown not in self.unverified:
+                    self.unverified.append(shown)
+        self.manifests.append(manifest)
 
     @property
     def rows(self) -> int:
@@ -406,37 +415,28 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class Loader:
-    """Iterates batches from a position (epoch, index); `workers` threads prepare up to `prefetch` batches ahead,
-    handed out strictly in order (collation is numpy/torch work that releases the GIL), and one more thread reads
-    the next `read_ahead` shards of this rank's order before a batch needs them (fetch, sha256, parse)."""
+    """Iterates batches from a position (epoch, index); `data.workers` threads prepare up to `data.prefetch` batches
+    ahead, handed out strictly in order (collation is numpy/torch work that releases the GIL), and one more thread
+    reads the next `data.read_ahead` shards of this rank's order before a batch needs them (fetch, sha256, parse).
+    The position is its state: `state_dict()` / `load_state_dict()`."""
 
-    def __init__(
-        self,
-        shards: ShardSet,
-        collate: Collate,
-        *,
-        batch_size: int,
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
-        window: int = 8,
-        prefetch: int = 4,
-        workers: int = 1,
-        read_ahead: int = 0,
-        epoch: int = 0,
-        index: int = 0,
-    ) -> None:
-        self.shards, self.collate = shards, collate
-        self.batch_size, self.rank, self.world, self.seed, self.window = batch_size, rank, world, seed, window
-        self.prefetch, self.workers, self.read_ahead = max(1, prefetch), max(1, workers), max(0, read_ahead)
-        self.epoch, self.index = epoch, index  # position of the next batch to hand out
+    def __init__(self, cfg: DataSection, shards: ShardSet, collate: Collate, info: DistInfo, seed: int = 0) -> None:
+        self.shards, self.collate, self.seed = shards, collate, seed
+        self.batch_size, self.window, self.rank, self.world = cfg.batch_size, cfg.shuffle_window, info.rank, info.world
+        self.prefetch, self.workers = max(1, cfg.prefetch), max(1, cfg.workers)
+        self.read_ahead = max(0, cfg.read_ahead)
+        self.epoch, self.index = 0, 0  # position of the next batch to hand out
         # the window being trained, the one before (a batch may carry its rows over) and the shards read ahead
-        self.shards.cache_size = max(16, 2 * window + 2 + self.read_ahead)
+        self.shards.cache_size = max(16, 2 * self.window + 2 + self.read_ahead)
         self._plans: dict[int, list[np.ndarray]] = {}
         self._plan_lock = threading.Lock()
         self._reached = threading.Condition()
-        self._reach = (epoch, index)  # the position of the last batch handed to the workers
-        self.steps_per_epoch = len(self._plan(epoch))  # of the starting epoch (later epochs may differ slightly)
+        self._reach = (0, 0)  # the position of the last batch handed to the workers
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches in the current epoch (later epochs may differ slightly)."""
+        return len(self._plan(self.epoch))
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         with self._plan_lock:  # the producer and the read-ahead thread: the current and the next epoch are kept
@@ -445,9 +445,23 @@ class Loader:
                 self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
             return self._plans[epoch]
 
-    def state(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         """The position of the next batch, for a checkpoint."""
         return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a checkpoint's position (before iterating)."""
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._reach = (self.epoch, self.index)
+
+    @staticmethod
+    def valid_state(state: Any) -> bool:
+        """Whether `state` is a position `state_dict` writes: {"epoch", "index"}, both natural numbers."""
+        return (
+            isinstance(state, dict)
+            and set(state) == {"epoch", "index"}
+            and all(type(v) is int and v >= 0 for v in state.values())
+        )
 
     def _make(self, epoch: int, index: int, refs: np.ndarray) -> dict[str, Any]:
         g = torch.Generator().manual_seed(seed_of(self.seed, epoch, self.rank, index, 11))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # kept out of the import: bench/model_bench.py uses PEAK_FLOPS on machines without yaml
-    from .config import LogSection
+    from .config import TrainConfig
     from .dist import DistInfo
 
 # dense bf16 peak FLOP/s by device-name substring (for the MFU estimate; unknown devices report none)
@@ -83,31 +83,34 @@ def truncate_metrics(path: Path, step: int) -> None:
 class MetricsLog:
     """The main process's logs; on other processes every method does nothing.
 
-    `record` writes a step's row to `metrics.jsonl` and, every `log.every` steps and at `total`, reports the
+    `record` writes a step's row to `metrics.jsonl` and, every `log.every` steps and at `train.max_steps`, reports the
     window since the last report: mean loss of its good steps, images/s, MFU (with `flops_per_image` and a known
     peak), task metrics and held-out scores (`eval`)."""
 
-    def __init__(
-        self, out: Path, cfg: LogSection, info: DistInfo, kind: str, step: int, total: int,
-        global_batch: int, flops_per_image: float | None, budget_s: float | None = None,
-    ) -> None:  # fmt: skip
-        self.cfg, self.info, self.total, self.global_batch = cfg, info, total, global_batch
-        self.budget_s = budget_s  # a time budget: the ETA is at most the time it leaves
+    def __init__(self, cfg: TrainConfig, info: DistInfo, kind: str, step: int, flops_per_image: float | None) -> None:
+        t = cfg.train
+        self.cfg, self.info, self.total = cfg.log, info, t.max_steps
+        self.global_batch = cfg.data.batch_size * info.world * cfg.optim.grad_accum
+        self.budget_s = 60 * t.budget_minutes if t.budget_minutes else None  # the ETA is at most the time it leaves
         self.eta_s: float | None = None  # training seconds left, as of the last report
         peak = peak_flops(info.device)
         # MFU = images/s x FLOPs per image / (peak x processes)
         self.mfu_per_image = flops_per_image / (peak * info.world) if (peak and flops_per_image) else None
         self.file = self.tb = self.bar = None
         if info.is_main:
-            path = out / "metrics.jsonl"
-            truncate_metrics(path, step)
-            self.file = open(path, "a")  # noqa: SIM115 (closed by close())
-            self.tb = self._tensorboard(out, cfg.tensorboard)
-            if cfg.progress:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=step, desc=kind, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self._open(Path(t.out_dir), kind, step)
         self._new_window()
+
+    def _open(self, out: Path, kind: str, step: int) -> None:
+        """metrics.jsonl (cut back to `step`), TensorBoard and the progress bar, on the main process."""
+        path = out / "metrics.jsonl"
+        truncate_metrics(path, step)
+        self.file = open(path, "a")  # noqa: SIM115 (closed by close())
+        self.tb = self._tensorboard(out, self.cfg.tensorboard)
+        if self.cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=step, desc=kind, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def _new_window(self) -> None:
         self.window_t, self.window_imgs, self.window_loss, self.window_n = time.time(), 0, 0.0, 0

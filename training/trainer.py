@@ -1,12 +1,16 @@
 """The training loop shared by `pretrain.py` and `dpo.py`, in torchtitan's shape.
 
-`Trainer.run()` = `build()` then `train()`. `build()` sets up everything a run holds, as attributes of the trainer:
-process, the output directory's lock (training/rundir.py), resume point, model config, data, model and its starting
-weights, parallelism (compile, DDP / FSDP2), AdamW with its schedule, EMA, loader, outputs (metrics, sample grids,
-held-out evaluation). `train()` is a short
-loop: `train_step()` (grad_accum x `forward_backward_step()`, clipping, the non-finite check, the optimizer and
-EMA step), the joint stop decision (time budget, SIGTERM/SIGINT; the ranks agree on the training time), `after_step()` (metrics row and reports,
-evaluation, grids, periodic checkpoints); `finish()` writes the last checkpoint, grid and the exported model.
+`Trainer.run()` = `build()` then `train()`. `build()` sets up everything a run holds, as attributes of the trainer
+declared where they are set: process, the output directory's lock (training/rundir.py), resume point, model config,
+data, the weights being trained (`Weights`: model, DDP / FSDP2 wrapper, AdamW, EMA), the loader, the lr schedule,
+metrics and the writers of checkpoints, grids and held-out scores (`Outputs`, training/outputs.py). `train()` is a
+short loop: `train_step()` (grad_accum x `forward_backward_step()`, clipping, the non-finite check, the optimizer
+and EMA step), the joint stop decision (time budget, SIGTERM/SIGINT; the ranks agree on the training time),
+`after_step()` (metrics row and reports, evaluation, grids, periodic checkpoints); `finish()` writes the last
+checkpoint, grid and the exported model.
+
+What a checkpoint resumes besides tensors is `Trainer.state_dict()`: the counters (`TrainState`) and the loader's
+position, each owned by its component (`state_dict()` / `load_state_dict()`).
 
 A task subclasses the trainer and supplies its data (`shard_set`, `collate`) and its loss (`loss`; DPO overrides
 it, the step around it stays).
@@ -21,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +42,14 @@ from .config import TrainConfig
 from .data import Collate, Loader, ShardSet, TextPad, check_shards, reference_text_pad, seed_of, to_device
 from .metrics import MetricsLog, count_flops, log
 from .optim import EMA, LRSchedule, build_optimizer, clip_grad, peak_lr
-from .outputs import TrainerOutputs
+from .outputs import Outputs, Weights, autocast
 from .sources import ShardCache, byte_count, describe, local_model_dir
+from .state import TrainState
 
 
 class NonFiniteError(RuntimeError):
     """Training produced non-finite losses or gradients too many steps in a row (the entry points report it as an
     `error:` line with exit code 2)."""
-
-
-@dataclass
-class TrainState:
-    """The counters a checkpoint carries (with the loader position and the schedule length)."""
-
-    step: int = 0
-    elapsed_s: float = 0.0  # training time, summed over resumes (what train.budget_minutes limits)
-    nonfinite: int = 0  # skipped steps in total
-    loader: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
-    schedule_total: int | None = None
 
 
 @dataclass
@@ -69,8 +63,9 @@ class StepResult:
     extra: dict[str, float]
 
 
-class Trainer(TrainerOutputs):
-    """Subclasses set `kind` and implement `shard_set`, `collate` and `loss`."""
+class Trainer:
+    """Subclasses set `kind` and implement `shard_set`, `collate` and `loss`. Its state is `state_dict()`: the
+    counters (`TrainState`) and the loader's position, each owned by its component."""
 
     kind = "pretrain"
     init_prefers_ema = False  # start from the EMA weights of `model.init_from` (DPO) or the raw ones
@@ -79,6 +74,7 @@ class Trainer(TrainerOutputs):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
+        self.info = D.DistInfo()  # this process's place, set by `run`
         self.text_pad: TextPad = pad_text  # bound to the model in `build` (see `text_padding`)
         self.state = TrainState()
         self.stopped_by: str | None = None
@@ -169,25 +165,40 @@ class Trainer(TrainerOutputs):
         # 2. out_dir locked for this run (one trainer per directory), a killed run's leftovers removed
         self.lock = rundir.claim(self.out, info)
         # 3. where to start: a checkpoint to resume (checkpoint.resume) or a fresh / finetune start
-        self.resumed_from = self._find_resume()
-        self.mcfg = self.model_config(self.resumed_from)
+        self.resumed_from: Path | None = self._find_resume()
+        self.mcfg: ModelConfig = self.model_config(self.resumed_from)
         # 4. the data, checked against the model (sha256 checked as each shard is read); text padded as generation
-        self.shards = self.shard_set(self.mcfg)
+        self.shards: ShardSet = self.shard_set(self.mcfg)
         for d in self.shards.unverified:
             log(f"warning: the manifest in {d} lists no sha256 of its shards: they are read unverified", info)
         check_shards(self.shards, self.mcfg)
         self.text_pad = self.text_padding(self.mcfg, self.shards, info)
         # 5. the model with its starting weights, the task's own pieces, the FLOPs of one image
-        loaded = self._build_model()
-        # 6. compile, DDP / FSDP2, AdamW and its schedule, EMA
-        self._build_optimizer(loaded)
-        # 7. the loader, at the saved position
-        d = cfg.data
-        self.loader = Loader(self.shards, self.collate(), batch_size=d.batch_size, rank=info.rank, world=info.world,
-                             seed=cfg.train.seed, window=d.shuffle_window, prefetch=d.prefetch, workers=d.workers,
-                             read_ahead=d.read_ahead, **self.state.loader)  # fmt: skip
-        # 8. outputs: the resolved config, metrics, sample grids, the held-out evaluation
+        loaded = ckpt_io.load(self.resumed_from) if self.resumed_from is not None else None
+        model, ema_init = self._build_model(loaded)
+        # 6. compile, DDP / FSDP2, AdamW (its state when resuming), EMA
+        self.weights: Weights = self._parallelize(model, loaded, ema_init)
+        # 7. the loader; resuming, the counters and the loader's position (`load_state_dict`)
+        self.loader = Loader(cfg.data, self.shards, self.collate(), info, cfg.train.seed)
+        if loaded is not None:
+            self.load_state_dict(loaded["state"])  # validated by `ckpt_io.load`
+            log(f"resuming from {self.resumed_from} (step {self.state.step})", info)
+        # 8. the lr schedule (its length fixed by the run that started it)
+        self.schedule = LRSchedule(cfg.optim, self.peak_lr, cfg.train.max_steps, cfg.train.budget_minutes,
+                                   self.state.schedule_total)  # fmt: skip
+        self.state.schedule_total = self.schedule.total
+        # 9. outputs: the resolved config, metrics, sample grids, the held-out evaluation
         self._build_outputs()
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint's state.json body: the counters at its top level, the loader's position, kind and config."""
+        return self.state.state_dict() | {"loader": self.loader.state_dict(), "kind": self.kind,
+                                          "config": self.cfg.to_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state document: each component takes its own part."""
+        self.state.load_state_dict(state)
+        self.loader.load_state_dict(state["loader"])
 
     def _find_resume(self) -> Path | None:
         """The checkpoint to resume from; every process must find the same one (on several nodes out_dir is a
@@ -206,63 +217,62 @@ class Trainer(TrainerOutputs):
             )
         return found
 
-    def _build_model(self) -> dict[str, Any] | None:
+    def _build_model(self, loaded: dict[str, Any] | None) -> tuple[LightGen, dict[str, Tensor] | None]:
+        """The model with the checkpoint's or `model.init_from`'s weights (else seeded ones) on the device; the
+        task's pieces; the FLOPs of one image. (model, the weights to start the EMA from)."""
         cfg, info = self.cfg, self.info
         torch.manual_seed(seed_of(cfg.train.seed, 5))  # the same initial weights on every rank and every run
-        self.model = LightGen(self.mcfg)
+        model = LightGen(self.mcfg)
         if cfg.train.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
-        loaded = None
-        if self.resumed_from is not None:
-            loaded = ckpt_io.load(self.resumed_from)
-            ckpt_io.load_weights(self.model, loaded["model"], self.resumed_from)
-            self.ema_init = loaded["ema"]
-            self.state = TrainState(**{k: loaded["state"][k] for k in ckpt_io.RESUMED})  # validated by `load`
-            log(f"resuming from {self.resumed_from} (step {self.state.step})", info)
+            model.set_grad_checkpointing(True)
+        if loaded is not None:
+            ckpt_io.load_weights(model, loaded["model"], self.resumed_from)
+            ema_init = loaded["ema"]
         else:
-            start, self.ema_init = self.initial_weights()
+            start, ema_init = self.initial_weights()
             if start is not None:
-                ckpt_io.load_weights(self.model, start, describe(cfg.model.init_from))
+                ckpt_io.load_weights(model, start, describe(cfg.model.init_from))
                 log(f"initialised from {describe(cfg.model.init_from)}", info)
-        self.setup_task(self.model, info)
-        self.model.to(info.device).train()
-        self.flops_per_image = self._flops_per_image(self.model, self.shards, info) if info.is_main else None
-        return loaded
+        self.setup_task(model, info)
+        model.to(info.device).train()
+        self.flops_per_image: float | None = self._flops_per_image(model, self.shards, info) if info.is_main else None
+        return model, ema_init
 
-    def _build_optimizer(self, loaded: dict[str, Any] | None) -> None:
+    def _parallelize(self, model: LightGen, loaded: dict[str, Any] | None, ema_init: dict | None) -> Weights:
+        """compile, DDP / FSDP2, AdamW at its peak lr (with the checkpoint's state), the EMA."""
         cfg, info = self.cfg, self.info
         if cfg.train.compile:
-            D.compile_blocks(self.model)
-        self.fsdp = cfg.train.parallel == "fsdp" and info.distributed
-        self.wrapped = D.wrap(self.model, cfg.train.parallel, info, self.find_unused_parameters)
+            D.compile_blocks(model)
+        fsdp = cfg.train.parallel == "fsdp" and info.distributed
+        wrapped = D.wrap(model, cfg.train.parallel, info, self.find_unused_parameters)
         self.global_batch = cfg.data.batch_size * info.world * cfg.optim.grad_accum
         self.peak_lr = peak_lr(cfg.optim, self.global_batch)
-        self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.peak_lr, info.device)
+        optimizer = build_optimizer(wrapped, cfg.optim, self.peak_lr, info.device)
         if loaded is not None:
-            ckpt_io.load_optimizer_state(self.wrapped, self.optimizer, loaded["optimizer"], self.fsdp)
-        self.ema = None
-        if cfg.optim.ema_decay > 0 and (info.is_main or self.fsdp):  # DDP: ranks hold equal weights
-            self.ema = EMA(self.wrapped if self.fsdp else self.model, cfg.optim.ema_decay)
-            if self.ema_init is not None:
-                self.ema.load(self.ema_init)
-        s = self.state
-        self.schedule = LRSchedule(cfg.optim, self.peak_lr, cfg.train.max_steps, cfg.train.budget_minutes,
-                                   s.schedule_total)  # fmt: skip
+            ckpt_io.load_optimizer_state(wrapped, optimizer, loaded["optimizer"], fsdp)
+        ema = None
+        if cfg.optim.ema_decay > 0 and (info.is_main or fsdp):  # DDP: ranks hold equal weights
+            ema = EMA(wrapped if fsdp else model, cfg.optim.ema_decay)
+            if ema_init is not None:
+                ema.load(ema_init)
+        return Weights(self.mcfg, model, wrapped, optimizer, ema, fsdp, info)
 
     def _build_outputs(self) -> None:
+        """The resolved config, the metrics log, signal handling, the checkpoint and grid writers."""
         cfg, info, mcfg = self.cfg, self.info, self.mcfg
         self.out.mkdir(parents=True, exist_ok=True)
         if info.is_main:
             doc = {"train": cfg.to_dict(), "model": mcfg.to_dict()}
             (self.out / "train_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        log(f"{self.kind}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M params | {self.shards.rows} "
-            f"rows in {len(self.shards.shards)} shards | {info.world} process(es) on {info.device.type} | global batch "
-            f"{self.global_batch} | lr {self.peak_lr:.3g} | {self.loader.steps_per_epoch} steps/epoch", info)  # fmt: skip
-        self.metrics = MetricsLog(self.out, cfg.log, info, self.kind, self.state.step, cfg.train.max_steps,
-                                  self.global_batch, self.flops_per_image, self.schedule.budget_s)  # fmt: skip
+        params = sum(p.numel() for p in self.weights.model.parameters()) / 1e6
+        log(f"{self.kind}: {params:.2f} M params | {self.shards.rows} rows in {len(self.shards.shards)} shards | "
+            f"{info.world} process(es) on {info.device.type} | global batch {self.global_batch} | lr "
+            f"{self.peak_lr:.3g} | {self.loader.steps_per_epoch} steps/epoch", info)  # fmt: skip
+        self.metrics = MetricsLog(cfg, info, self.kind, self.state.step, self.flops_per_image)
         self.signals = D.StopSignals()
-        self.last_ckpt_step, self.last_ckpt_time, self.last_grid_step = self.state.step, time.time(), None
-        self.grid, self.evaluator = self.build_generators()
+        self.last_ckpt_step, self.last_ckpt_time = self.state.step, time.time()
+        self.last_grid_step: int | None = None
+        self.outputs = Outputs(cfg, self.weights, self.metrics, self.shards, self.text_pad)
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -294,14 +304,14 @@ class Trainer(TrainerOutputs):
     def train_step(self) -> StepResult:
         """One optimizer step: lr, seed, grad_accum x `forward_backward_step`, clipping, the non-finite check
         (a step with a non-finite loss or gradient on any rank is skipped everywhere), AdamW, EMA."""
-        cfg, info, s = self.cfg, self.info, self.state
+        cfg, info, s, w = self.cfg, self.info, self.state, self.weights
         t0 = time.time()
         lr = self.schedule.lr(s.step, s.elapsed_s)
-        for group in self.optimizer.param_groups:
+        for group in w.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(seed_of(cfg.train.seed, info.rank, s.step, 3))
         loss, extra = self._accumulate()
-        gnorm = clip_grad(self.wrapped, cfg.optim.grad_clip)
+        gnorm = clip_grad(w.wrapped, cfg.optim.grad_clip)
         flags = torch.stack([loss, (~torch.isfinite(loss) | ~torch.isfinite(gnorm)).float()])
         flags = D.all_reduce_mean(flags, info)
         bad = float(flags[1]) > 0
@@ -309,10 +319,7 @@ class Trainer(TrainerOutputs):
             self._skip_step()
         else:
             self.consecutive_bad = 0
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.wrapped if self.fsdp else self.model)
+            w.step()
         s.step += 1
         s.elapsed_s += time.time() - t0
         extra_vals = {k: float(D.all_reduce_mean(v, info)) for k, v in extra.items()}
@@ -320,23 +327,27 @@ class Trainer(TrainerOutputs):
 
     def _accumulate(self) -> tuple[Tensor, dict[str, Tensor]]:
         """grad_accum micro-batches (DDP all-reduces gradients on the last only): mean loss and task metrics."""
-        n, dev = self.cfg.optim.grad_accum, self.info.device
+        n, dev, wrapped = self.cfg.optim.grad_accum, self.info.device, self.weights.wrapped
         loss_sum, extra_sum = torch.zeros((), device=dev), {}
         for k in range(n):
             batch = to_device(next(self.batches), dev)
             last = k == n - 1
-            with contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync():
+            with contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync():
                 loss, extra = self.forward_backward_step(batch)
             loss_sum += loss.detach().float() / n
             for key, v in extra.items():
                 extra_sum[key] = extra_sum.get(key, 0) + v.detach().float() / n
         return loss_sum, extra_sum
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast (train.precision bf16, or auto on CUDA), else nothing."""
+        return autocast(self.cfg.train.precision, self.info.device)
+
     def forward_backward_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """The task's loss on one micro-batch (under bf16 autocast when on), then its backward (scaled by 1 /
         grad_accum); (loss, task metrics)."""
         with self.autocast():
-            loss, extra = self.loss(self.wrapped, batch)
+            loss, extra = self.loss(self.weights.wrapped, batch)
         (loss / self.cfg.optim.grad_accum).backward()
         return loss, extra
 
@@ -344,7 +355,7 @@ class Trainer(TrainerOutputs):
         s, limit = self.state, self.cfg.train.max_nonfinite
         s.nonfinite += 1
         self.consecutive_bad += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        self.weights.optimizer.zero_grad(set_to_none=True)
         log(f"warning: non-finite loss/gradient at step {s.step + 1}: step skipped ({s.nonfinite} so far)", self.info)
         if self.consecutive_bad >= limit:
             raise NonFiniteError(
@@ -358,7 +369,7 @@ class Trainer(TrainerOutputs):
         row = {"step": s.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "skipped": r.skipped} | r.extra
         if self._due(self.cfg.eval.every, final):
             t0 = time.time()
-            scores = self.evaluate(s.step)
+            scores = self.outputs.evaluate(s.step)
             if scores is not None:
                 row["eval"] = scores
             self.metrics.pause(time.time() - t0)
@@ -368,7 +379,7 @@ class Trainer(TrainerOutputs):
             self.sample_grid(s.step)
             self.metrics.pause(time.time() - t0)
         if not final and self._checkpoint_due():
-            self.save_checkpoint(s.step, self.checkpoint_state())
+            self.save_checkpoint(s.step, self.state_dict())
 
     def _due(self, every: int, final: bool) -> bool:
         """Every `every` steps, and (when `every` is set) after the last step unless a signal stopped the run."""
@@ -382,11 +393,25 @@ class Trainer(TrainerOutputs):
             due = D.all_reduce_max(float(late), self.info) > 0 or due
         return due
 
+    def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        """`checkpoints/step-N` with `state` as its state.json body (see `Outputs.save_checkpoint`)."""
+        self.outputs.save_checkpoint(step, state)
+        self.last_ckpt_step, self.last_ckpt_time = step, time.time()
+
+    def sample_grid(self, step: int) -> None:
+        """`samples/step-N.png` of the fixed captions (when grids are on)."""
+        self.last_grid_step = step
+        self.outputs.sample_grid(step)
+
+    def export(self) -> None:
+        """`<out_dir>/model`: the final weights in `from_pretrained` layout."""
+        self.outputs.export()
+
     def finish(self) -> dict[str, Any]:
         """The last checkpoint; unless a signal stopped the run, the last sample grid and the exported model."""
         s = self.state
         if s.step != self.last_ckpt_step or self.resumed_from is None:
-            self.save_checkpoint(s.step, self.checkpoint_state())
+            self.save_checkpoint(s.step, self.state_dict())
         if self.stopped_by == "signal":
             log(f"stopped by signal at step {s.step}: checkpoint written; rerun the same command to resume", self.info)
         else:
