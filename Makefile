@@ -29,12 +29,12 @@ test: $(STAMP)
 # The whole LightGen chain on ShapesWorld, on the CPU (README "The demo"). Rerun to resume after Ctrl-C.
 DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m lightgen.demo --out runs/demo $(DEMO_ARGS)
+	$(PY) -m recipes.shapes --out runs/demo $(DEMO_ARGS)
 
 # The paper's data ablation in miniature: as many diverse as low-diversity captions (all scenes vs 4 per category), same budget.
 ABLATION_ARGS ?=
 ablation: $(STAMP)
-	$(PY) -m lightgen.demo --ablation --out runs/ablation $(ABLATION_ARGS)
+	$(PY) -m recipes.shapes --ablation --out runs/ablation $(ABLATION_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/model_bench.py

@@ -1,6 +1,6 @@
-"""What DPO does across pretraining seeds: the held-out scores of several `lightgen.demo` runs, before and after DPO.
+"""What DPO does across pretraining seeds: the held-out scores of several demo runs, before and after DPO.
 
-    for s in 0 1 2; do python -m lightgen.demo --seed $s --out runs/demo-s$s; done
+    for s in 0 1 2; do python -m recipes.shapes --seed $s --out runs/demo-s$s; done
     python bench/demo_seeds.py runs/demo-s0 runs/demo-s1 runs/demo-s2
 
 Each run's `scores.json` holds its pretrained and DPO models' GenEval summaries (120 held-out prompts x 4 sample

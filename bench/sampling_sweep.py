@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightgen.demo import per_seed  # noqa: E402
+from recipes.shapes.results import per_seed  # noqa: E402
 
 BIN = Path(sys.executable).parent
 KEYS = ("steps", "cfg", "cfg_schedule", "temperature", "head_steps")
@@ -40,9 +40,29 @@ def score(args: argparse.Namespace, point: dict[str, str], dest: Path) -> dict[s
     """Sample and score the held-out prompts with `point`'s settings; the summary, per-seed overall and seconds."""
     flags = [x for k, v in point.items() for x in (f"--{k.replace('_', '-')}", v)]
     t0 = time.time()
-    subprocess.run([str(BIN / "lightgen"), "geneval", "--model", str(args.model), "--metadata", str(args.metadata),
-                    "--out", str(dest), "--samples", str(args.samples), "--seed", "0", "--batch-size", "64",
-                    "--device", "cpu", *flags], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [
+            str(BIN / "lightgen"),
+            "geneval",
+            "--model",
+            str(args.model),
+            "--metadata",
+            str(args.metadata),
+            "--out",
+            str(dest),
+            "--samples",
+            str(args.samples),
+            "--seed",
+            "0",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            *flags,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     seconds = time.time() - t0
     subprocess.run([str(BIN / "lightgen"), "shapes", "score", str(dest)], check=True, stdout=subprocess.DEVNULL)
     doc = json.loads((dest / "scores.json").read_text())

@@ -115,6 +115,33 @@ def bar_chart(
     return "".join(parts) + "</svg>"
 
 
+def line_chart(
+    series: dict[str, Sequence[tuple[float, float]]],
+    title: str,
+    x_label: str = "x",
+    w: int = 520,
+    h: int = 200,
+    **kw: Any,
+) -> str:
+    """Lines of (x, y) points on shared axes, one colour per series; inline SVG (empty when there are no points)."""
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return ""
+    (x0, y0), (x1, y1) = np.min(pts, axis=0), np.max(pts, axis=0)
+    sx = lambda x: 40 + (w - 50) * (x - x0) / max(x1 - x0, 1e-9)
+    sy = lambda y: h - 25 - (h - 40) * (y - y0) / max(y1 - y0, 1e-9)
+    parts = [f'<svg width="{w}" height="{h}"{attrs(**kw)}>', f'<text x="40" y="14" font-size="12">{esc(title)}</text>']
+    parts.append(f'<text x="2" y="{sy(y1) + 4:.0f}" font-size="10">{y1:.3g}</text>')
+    parts.append(f'<text x="2" y="{sy(y0):.0f}" font-size="10">{y0:.3g}</text>')
+    parts.append(f'<text x="{w - 60}" y="{h - 5}" font-size="10">{esc(x_label)} {x1:.0f}</text>')
+    for i, (name, s) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.2" points="{path}"/>')
+        parts.append(f'<text x="{w - 150}" y="{30 + 12 * i}" font-size="11" fill="{color}">{esc(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
 def histogram(values: Sequence[int] | np.ndarray, title: str, bins: int = 24, **kw: Any) -> str:
     """A histogram of integer values as an SVG bar chart."""
     v = np.asarray(values)

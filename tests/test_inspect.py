@@ -26,7 +26,6 @@ from PIL import Image
 from tiny_models import make_tiny_vae, png_bytes, write_tar
 from typer.testing import CliRunner
 
-from lightgen import demo
 from lightgen_model import LightGen, preset, save_pretrained
 from pipeline.captions import CaptionsConfig, caption_id, run_build_captions
 from pipeline.cli import app
@@ -35,14 +34,24 @@ from pipeline.encode import EncodeConfig, run_encode_latents
 from pipeline.inspect_read import sample_positions
 from pipeline.schema import moments_array
 from pipeline.synthesize import SynthConfig, run_synthesize
+from recipes.shapes import cli as demo_cli
+from recipes.shapes.commands import tool
+from recipes.shapes.demo import Demo
+from recipes.shapes.report import INSPECT_PAGES, inspect_links
+from recipes.shapes.steps import StepRunner
 from shapesworld.render import ShapesTeacher
 from shapesworld.world import enumerate_scenes
 
 NEAR_A = "a big blue square on the left side of a green triangle"
 NEAR_B = NEAR_A + " today"  # one word apart: a near duplicate of NEAR_A
 XSS = '<script>alert("x")</script> & <b>a red circle</b>'  # captions are user data: shown escaped
-STAGES = {"captions": "captions", "images": "images", "latents": "latents", "pairs": "pairs",
-          "judgements": "pairs/judgements"}  # fmt: skip
+STAGES = {
+    "captions": "captions",
+    "images": "images",
+    "latents": "latents",
+    "pairs": "pairs",
+    "judgements": "pairs/judgements",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,10 +64,19 @@ def bad_inputs(root: Path) -> tuple[Path, Path]:
     caption = lambda meta=None: json.dumps({"caption": scene["prompt"], **({"metadata": meta} if meta else {})})
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     good = png_bytes(ShapesTeacher(32)(scene, 1))
-    enc = write_tar(root / "bad-latents.tar", [("broken.png", b"not a png"), ("broken.json", caption().encode()),
-                                               ("nocap.png", good), ("nocap.json", b"{}")])  # fmt: skip
-    dpo = write_tar(root / "bad-judge.tar", [("noise.png", png_bytes(noise)), ("noise.json", caption(scene).encode()),
-                                             ("broken.png", b"not a png"), ("broken.json", caption(scene).encode())])  # fmt: skip
+    enc = write_tar(
+        root / "bad-latents.tar",
+        [("broken.png", b"not a png"), ("broken.json", caption().encode()), ("nocap.png", good), ("nocap.json", b"{}")],
+    )
+    dpo = write_tar(
+        root / "bad-judge.tar",
+        [
+            ("noise.png", png_bytes(noise)),
+            ("noise.json", caption(scene).encode()),
+            ("broken.png", b"not a png"),
+            ("broken.json", caption(scene).encode()),
+        ],
+    )
     return enc, dpo
 
 
@@ -69,17 +87,49 @@ def chain(tmp_path_factory) -> Path:
     extra = root / "extra.jsonl"
     lines = [NEAR_A, NEAR_B, XSS, XSS, "", "a small red circle"]
     extra.write_text("\n".join(json.dumps({"caption": c}) for c in lines) + "\n{not json\n")
-    run_build_captions(CaptionsConfig([str(extra)], str(root / "captions"), n=24, shapes=60, shapes_diversity=0.3,
-                                      embedder="hash", clusters=4, seed=1))  # fmt: skip
-    run_synthesize(SynthConfig([str(root / "captions")], str(root / "images"), teacher="shapes", resolution=32,
-                               shard_size=8, workers=0, progress=False))  # fmt: skip
+    run_build_captions(
+        CaptionsConfig(
+            [str(extra)],
+            str(root / "captions"),
+            n=24,
+            shapes=60,
+            shapes_diversity=0.3,
+            embedder="hash",
+            clusters=4,
+            seed=1,
+        )
+    )
+    run_synthesize(
+        SynthConfig(
+            [str(root / "captions")],
+            str(root / "images"),
+            teacher="shapes",
+            resolution=32,
+            shard_size=8,
+            workers=0,
+            progress=False,
+        )
+    )
     enc_bad, dpo_bad = bad_inputs(root)
-    run_encode_latents(EncodeConfig([str(root / "images"), str(enc_bad)], str(root / "latents"), resolution=32,
-                                    workers=0, progress=False))  # fmt: skip
+    run_encode_latents(
+        EncodeConfig(
+            [str(root / "images"), str(enc_bad)], str(root / "latents"), resolution=32, workers=0, progress=False
+        )
+    )
     torch.manual_seed(0)
     ckpt = save_pretrained(wake_head(LightGen(preset("debug"))), root / "ckpt")
-    run_build_dpo_pairs(PairsConfig([str(root / "images"), str(dpo_bad)], str(root / "pairs"), model=str(ckpt),
-                                    judge_backend="shapes", steps=2, workers=0, batch_size=8, progress=False))  # fmt: skip
+    run_build_dpo_pairs(
+        PairsConfig(
+            [str(root / "images"), str(dpo_bad)],
+            str(root / "pairs"),
+            model=str(ckpt),
+            judge_backend="shapes",
+            steps=2,
+            workers=0,
+            batch_size=8,
+            progress=False,
+        )
+    )
     return root
 
 
@@ -303,8 +353,13 @@ def check_judgements(d: Path, text: str, page: Page) -> None:
     check_judged_rejected(d, page)
 
 
-CHECKS = {"captions": check_captions, "images": check_images, "latents": check_latents, "pairs": check_pairs,
-          "judgements": check_judgements}  # fmt: skip
+CHECKS = {
+    "captions": check_captions,
+    "images": check_images,
+    "latents": check_latents,
+    "pairs": check_pairs,
+    "judgements": check_judgements,
+}
 
 
 # ------------------------------------------------------------------------------------------ sampling, errors
@@ -363,9 +418,13 @@ def test_parquet_rows_are_read_from_their_row_groups_only(tmp_path, monkeypatch)
 def broken_folders(chain: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """Folders that are not finished stage outputs -> (folder, expected error)."""
     m = manifest(chain / "latents")
-    cases = {"empty": ({}, "no manifest.json in"), "unfinished": ({**m, "complete": False}, "has not finished"),
-             "format": ({**m, "format": "lightgen-foo"}, "format 'lightgen-foo', expected 'lightgen-captions' or"),
-             "missing": (m, "shards listed in .* are missing"), "json": ("{not json", "is not valid JSON")}  # fmt: skip
+    cases = {
+        "empty": ({}, "no manifest.json in"),
+        "unfinished": ({**m, "complete": False}, "has not finished"),
+        "format": ({**m, "format": "lightgen-foo"}, "format 'lightgen-foo', expected 'lightgen-captions' or"),
+        "missing": (m, "shards listed in .* are missing"),
+        "json": ("{not json", "is not valid JSON"),
+    }
     out = {}
     for name, (content, error) in cases.items():
         d = root / name
@@ -378,8 +437,10 @@ def broken_folders(chain: Path, root: Path) -> dict[str, tuple[Path, str]]:
 
 def test_not_a_finished_stage_output_is_a_clear_error(chain, tmp_path):
     cases = [(d, [], error) for d, error in broken_folders(chain, tmp_path).values()]
-    cases += [(chain / "latents", ["--limit", "0"], "--limit must be >= 1"),
-              (chain / "latents", ["--vae", str(tmp_path / "no-vae")], "image tokenizer path does not exist")]  # fmt: skip
+    cases += [
+        (chain / "latents", ["--limit", "0"], "--limit must be >= 1"),
+        (chain / "latents", ["--vae", str(tmp_path / "no-vae")], "image tokenizer path does not exist"),
+    ]
     for d, args, error in cases:
         res = CliRunner().invoke(app, ["inspect", str(d), "--out", str(tmp_path / "x.html"), *args])
         assert res.exit_code == 2 and res.output.startswith("error: "), (d, res.output)
@@ -403,17 +464,17 @@ def test_demo_inspects_each_stage_output_and_links_the_pages(chain, tmp_path, mo
     ran = []
 
     def sh(self, stage: str, cmd: list[str]) -> None:  # the demo's command lines, run in this process (fast)
-        assert cmd[: len(demo.tool("lightgen-data"))] == demo.tool("lightgen-data") and stage == "inspect"
+        assert cmd[: len(tool("lightgen-data"))] == tool("lightgen-data") and stage == "inspect"
         ran.append(cmd)
-        res = CliRunner().invoke(app, cmd[len(demo.tool("lightgen-data")) :])
+        res = CliRunner().invoke(app, cmd[len(tool("lightgen-data")) :])
         assert res.exit_code == 0, res.output
 
-    monkeypatch.setattr(demo.Demo, "sh", sh)
-    demo.Demo(demo.parse_args(["--out", str(out)])).inspect_pages()
-    assert len(ran) == len(demo.INSPECT_PAGES)
-    links = Page(demo.inspect_links(out)).find("a")
-    assert [a["href"] for a in links] == [f"inspect/{n}.html" for n in demo.INSPECT_PAGES]
-    for a, folder in zip(links, demo.INSPECT_PAGES.values(), strict=True):
+    monkeypatch.setattr(StepRunner, "sh", sh)
+    Demo(demo_cli.parse_args(["--out", str(out)])).inspect_pages()
+    assert len(ran) == len(INSPECT_PAGES)
+    links = Page(inspect_links(out)).find("a")
+    assert [a["href"] for a in links] == [f"inspect/{n}.html" for n in INSPECT_PAGES]
+    for a, folder in zip(links, INSPECT_PAGES.values(), strict=True):
         (body,) = Page((out / a["href"]).read_text()).find("body")
         assert body["data-format"] == manifest(out / folder)["format"]
 
@@ -453,10 +514,24 @@ def chromium(page: Path, shot: Path, size: str = "1280,1600") -> list[str]:
     """Screenshot `page` in headless Chromium with DNS off; the URLs the page itself requested (Chromium's net log:
     URL requests started for the file:// page; the browser's own background requests carry another isolation key)."""
     netlog = shot.with_suffix(".netlog.json")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-           f"--user-data-dir={shot.parent / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
-           f"--log-net-log={netlog}", f"--screenshot={shot}", f"--window-size={size}", page.as_uri()]  # fmt: skip
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        f"--user-data-dir={shot.parent / 'profile'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--log-net-log={netlog}",
+        f"--screenshot={shot}",
+        f"--window-size={size}",
+        page.as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=180, check=True)
     log = json.loads(netlog.read_text())
     start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
@@ -475,8 +550,9 @@ def test_pages_render_in_headless_chromium_without_network(chain, tmp_path):
         '<img src="http://example.invalid/a.png"><link rel="stylesheet" href="https://cdn.invalid/b.css">'
     )
     assert sorted(chromium(control, tmp_path / "control.png", "200,200")) == [
-        "http://example.invalid/a.png", "https://cdn.invalid/b.css"
-    ]  # fmt: skip
+        "http://example.invalid/a.png",
+        "https://cdn.invalid/b.css",
+    ]
     for stage in ("captions", "pairs"):
         page, shot = tmp_path / f"{stage}.html", tmp_path / f"{stage}.png"
         inspect(chain / STAGES[stage], page, "--limit", "8")
@@ -501,8 +577,13 @@ def page_requests(page: Page) -> list[str]:
     found = []
     for tag, attrs, text in page.elements:
         for key in FETCHED_ATTRS:
-            found += [u.strip().split()[0] for u in attrs.get(key, "").split(",") if u.strip()] if key == "srcset" \
-                else [attrs[key]] if attrs.get(key) else []  # fmt: skip
+            found += (
+                [u.strip().split()[0] for u in attrs.get(key, "").split(",") if u.strip()]
+                if key == "srcset"
+                else [attrs[key]]
+                if attrs.get(key)
+                else []
+            )
         if tag in ("link", "image", "use", "feimage"):  # a stylesheet or icon; SVG's image and use elements
             found += [attrs[k] for k in ("href", "xlink:href") if attrs.get(k)]
         if tag == "meta" and attrs.get("http-equiv", "").lower() == "refresh" and "url=" in attrs.get("content", ""):
@@ -516,9 +597,11 @@ def test_page_requests_finds_what_the_browser_would_fetch():
     """The detector works: the Chromium test's control page, and more ways to reference a file."""
     control = '<img src="http://example.invalid/a.png"><link rel="stylesheet" href="https://cdn.invalid/b.css">'
     assert sorted(page_requests(Page(control))) == ["http://example.invalid/a.png", "https://cdn.invalid/b.css"]
-    more = ('<style>@import "x.css"; div { background: url(\'y.png\') }</style><p style="background:url(z.png)">'
-            '<img srcset="s1.png 1x, s2.png 2x"><a href="#top">top</a><img src="data:image/png;base64,AA==">'
-            '<meta http-equiv="refresh" content="0; url=http://r.invalid/"><svg><image href="i.png"/></svg>')  # fmt: skip
+    more = (
+        '<style>@import "x.css"; div { background: url(\'y.png\') }</style><p style="background:url(z.png)">'
+        '<img srcset="s1.png 1x, s2.png 2x"><a href="#top">top</a><img src="data:image/png;base64,AA==">'
+        '<meta http-equiv="refresh" content="0; url=http://r.invalid/"><svg><image href="i.png"/></svg>'
+    )
     want = ["http://r.invalid/", "i.png", "s1.png", "s2.png", "x.css", "y.png", "z.png"]
     assert sorted(page_requests(Page(more))) == want
 

@@ -121,8 +121,12 @@ class LogSection:
 
     def sampling(self) -> dict[str, Any]:
         """The grids' sampling settings as `SamplingDefaults.replace` keywords (None = the model's)."""
-        return {"steps": self.sample_steps, "cfg": self.sample_cfg, "cfg_schedule": self.sample_cfg_schedule,
-                "temperature": self.sample_temperature}  # fmt: skip
+        return {
+            "steps": self.sample_steps,
+            "cfg": self.sample_cfg,
+            "cfg_schedule": self.sample_cfg_schedule,
+            "temperature": self.sample_temperature,
+        }
 
 
 @dataclass
@@ -132,7 +136,7 @@ class EvalSection:
 
     every: int = 0  # score every this many steps and at the end of the run (0 = never)
     prompts: int = 120  # held-out scenes: shapesworld.generate_prompts(prompts, seed=prompt_seed), canonical text
-    prompt_seed: int = 999_001  # the demo's held-out seed (lightgen/demo.py HELDOUT_SEED)
+    prompt_seed: int = 999_001  # the demo's held-out seed (recipes/shapes/commands.py HELDOUT_SEED)
     seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt and seed (generator seeds)
     # sampling settings; None = the model's recorded default (ModelConfig.sampling), as `lightgen geneval`
     steps: int | None = None  # masked-generation iterations
@@ -144,8 +148,12 @@ class EvalSection:
 
     def sampling(self) -> dict[str, Any]:
         """The sampling settings as `SamplingDefaults.replace` keywords (None = the model's)."""
-        return {"steps": self.steps, "cfg": self.cfg, "cfg_schedule": self.cfg_schedule,
-                "temperature": self.temperature}  # fmt: skip
+        return {
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "cfg_schedule": self.cfg_schedule,
+            "temperature": self.temperature,
+        }
 
 
 @dataclass

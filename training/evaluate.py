@@ -2,7 +2,7 @@
 
 Both take an eval-mode copy of the weights (the EMA when on, see `Trainer.inference_net`) and run on the main
 process only. The held-out score is the learnability measure of BENCHMARKS.md: ShapesWorld scenes drawn as
-`lightgen/demo.py` draws its held-out set (`generate_prompts(n, seed=999001)`, the canonical GenEval prompt as
+`recipes/shapes` (the demo) draws its held-out set (`generate_prompts(n, seed=999001)`, the canonical GenEval prompt as
 text), one sample per prompt and seed, judged by `shapesworld.score_image`, summarised GenEval's way (accuracy per
 category, overall = their mean).
 """
@@ -60,15 +60,20 @@ class Prompts:
 
 @torch.no_grad()
 def sample_images(
-    net: LightGen, decoder: Any, prompts: Prompts, *, resolution: int, settings: SamplingDefaults,
-    generator: torch.Generator, autocast: Autocast,
-) -> np.ndarray:  # fmt: skip
+    net: LightGen,
+    decoder: Any,
+    prompts: Prompts,
+    *,
+    resolution: int,
+    settings: SamplingDefaults,
+    generator: torch.Generator,
+    autocast: Autocast,
+) -> np.ndarray:
     """(N, H, W, 3) uint8 images of the prompts in one batch, drawn from `generator`, decoded in float32 and
     rounded to 8 bits as `lightgen.api.LightGenPipeline` does."""
     s, dev = settings, next(net.parameters()).device
     with autocast():
-        lat = generate(net, prompts.text.to(dev), prompts.mask.to(dev), resolution, num_iter=s.steps, cfg=s.cfg,
-                       cfg_schedule=s.cfg_schedule, temperature=s.temperature, generator=generator)  # fmt: skip
+        lat = generate(net, prompts.text.to(dev), prompts.mask.to(dev), resolution, **s.keywords(), generator=generator)
     return to_uint8(decoder.decode(lat.float()))
 
 
@@ -94,8 +99,15 @@ class SampleGrid:
         """Sample the grid with `net` in one batch (generator seeded with `train.seed`); the PNG's path."""
         c = self.cfg
         settings = net.cfg.sampling_defaults().replace(**c.sampling())
-        imgs = sample_images(net, self.decoder, self.prompts, resolution=self.resolution, settings=settings,
-                             generator=torch.Generator().manual_seed(self.seed), autocast=autocast)  # fmt: skip
+        imgs = sample_images(
+            net,
+            self.decoder,
+            self.prompts,
+            resolution=self.resolution,
+            settings=settings,
+            generator=torch.Generator().manual_seed(self.seed),
+            autocast=autocast,
+        )
         path = self.out / "samples" / f"step-{step:08d}.png"
         save_grid(imgs, path)
         path.with_suffix(".json").write_text(json.dumps({"step": step, "captions": self.prompts.captions}, indent=1))
@@ -125,15 +137,23 @@ class HeldOutScore:
         self.records = heldout_prompts(cfg)
         encoder = build_text_encoder(cfg.text_encoder or mcfg.text_encoder, device=device, max_len=mcfg.max_text_len)
         captions, b = [r["prompt"] for r in self.records], cfg.batch_size
-        self.batches = [Prompts(c, *pad_text(captions=c, cfg=mcfg, encoder=encoder))
-                        for c in (captions[i : i + b] for i in range(0, len(captions), b))]  # fmt: skip
+        self.batches = [
+            Prompts(c, *pad_text(captions=c, cfg=mcfg, encoder=encoder))
+            for c in (captions[i : i + b] for i in range(0, len(captions), b))
+        ]
 
     def images(self, net: LightGen, seed: int, autocast: Autocast) -> np.ndarray:
         """(prompts, H, W, 3) uint8: one sample of every held-out prompt, drawn from a generator seeded `seed`."""
         c, g = self.cfg, torch.Generator().manual_seed(seed)
         settings = net.cfg.sampling_defaults().replace(**c.sampling())
-        return np.concatenate([sample_images(net, self.decoder, p, resolution=self.resolution, settings=settings,
-                                             generator=g, autocast=autocast) for p in self.batches])  # fmt: skip
+        return np.concatenate(
+            [
+                sample_images(
+                    net, self.decoder, p, resolution=self.resolution, settings=settings, generator=g, autocast=autocast
+                )
+                for p in self.batches
+            ]
+        )
 
     def grid_path(self, step: int) -> Path:
         """Where the samples of step `step` are saved."""
