@@ -186,17 +186,19 @@ PLACES += _L(
     "in an attic, in a basement, in a castle courtyard, in a throne room, at an airport, in a parking lot"
 )
 MATERIALS = _L("glass, clay, paper, wood, gold, ice, chocolate, lego bricks, yarn, crystal, marble, copper wire")
-VOCAB = sorted({w for lst in (COLORS, ADJ, NOUNS, VERBS, PLACES, TIMES, STYLES, LIGHT, QUALITY, EXTRAS)
-                for phrase in lst for w in phrase.split()})  # fmt: skip
+VOCAB = sorted(
+    {
+        w
+        for lst in (COLORS, ADJ, NOUNS, VERBS, PLACES, TIMES, STYLES, LIGHT, QUALITY, EXTRAS)
+        for phrase in lst
+        for w in phrase.split()
+    }
+)
 
 
 def caption(rng: random.Random) -> str:
     """One generated text-to-image prompt."""
-    pick = lambda lst: rng.choice(lst)
-    slots = {"c": pick(COLORS), "a": pick(ADJ), "n": pick(NOUNS), "n2": pick(NOUNS), "v": pick(VERBS),
-             "v2": pick(VERBS), "p": pick(PLACES), "t": pick(TIMES), "s": pick(STYLES), "l": pick(LIGHT),
-             "q": pick(QUALITY), "q2": pick(QUALITY), "q3": pick(QUALITY), "x": pick(EXTRAS), "r": pick(ARTISTS),
-             "r2": pick(ARTISTS), "a2": pick(ADJ), "m": pick(MATERIALS)}  # fmt: skip
+    slots = _slots(rng, "c a n n2 v v2 p t s l q q2 q3 x r r2 a2 m")
     text = rng.choice(TEMPLATES).format(**slots)
     return re.sub(r"\ba ([aeiou])", r"an \1", text)
 
@@ -210,21 +212,47 @@ OPENERS = _L(
     "we see, The scene presents, This artwork portrays, The painting shows, A detailed view of"
 )
 SENTENCES = [
-    "In the background, there is {bg} {t}.", "The {n} is {v} {x}.", "The scene is lit by {l}, creating a {mood} atmosphere.",
-    "The colors are dominated by {c} and {c2} tones.", "The style resembles {s}, {q}.", "Next to it, a {a2} {n2} is {v2}.",
-    "The overall mood of the image is {mood} and {mood2}.", "The composition is {q} with {l}.",
-    "On the left side, a {c} {n2} stands {p2}.", "The ground is covered with {m} and {c2} leaves.",
-]  # fmt: skip
+    "In the background, there is {bg} {t}.",
+    "The {n} is {v} {x}.",
+    "The scene is lit by {l}, creating a {mood} atmosphere.",
+    "The colors are dominated by {c} and {c2} tones.",
+    "The style resembles {s}, {q}.",
+    "Next to it, a {a2} {n2} is {v2}.",
+    "The overall mood of the image is {mood} and {mood2}.",
+    "The composition is {q} with {l}.",
+    "On the left side, a {c} {n2} stands {p2}.",
+    "The ground is covered with {m} and {c2} leaves.",
+]
+
+# the phrase list of each caption slot; a trailing 2 or 3 names a second or third draw from the same list
+SLOT_LISTS = {
+    "c": COLORS,
+    "a": ADJ,
+    "n": NOUNS,
+    "v": VERBS,
+    "p": PLACES,
+    "t": TIMES,
+    "s": STYLES,
+    "l": LIGHT,
+    "q": QUALITY,
+    "x": EXTRAS,
+    "r": ARTISTS,
+    "m": MATERIALS,
+    "bg": NOUNS,
+    "mood": MOODS,
+}
+
+
+def _slots(rng: random.Random, names: str) -> dict[str, str]:
+    """One random phrase per slot of `names`, drawn in that order."""
+    return {k: rng.choice(SLOT_LISTS[k.rstrip("23")]) for k in names.split()}
 
 
 def dense_caption(rng: random.Random) -> str:
     """A long descriptive caption like those of captioning datasets (the paper's caption source): 15-80 words."""
-    pick = lambda lst: rng.choice(lst)
-    slots = {"c": pick(COLORS), "c2": pick(COLORS), "a": pick(ADJ), "a2": pick(ADJ), "n": pick(NOUNS),
-             "n2": pick(NOUNS), "v": pick(VERBS), "v2": pick(VERBS), "p": pick(PLACES), "p2": pick(PLACES),
-             "t": pick(TIMES), "s": pick(STYLES), "l": pick(LIGHT), "q": pick(QUALITY), "x": pick(EXTRAS),
-             "bg": pick(NOUNS).join(["a ", ""]), "mood": pick(MOODS), "mood2": pick(MOODS), "m": pick(MATERIALS)}  # fmt: skip
-    first = f"{pick(OPENERS)} a {slots['a']} {slots['c']} {slots['n']} {slots['v']} {slots['p']}."
+    slots = _slots(rng, "c c2 a a2 n n2 v v2 p p2 t s l q x bg mood mood2 m")
+    slots["bg"] = "a " + slots["bg"]
+    first = f"{rng.choice(OPENERS)} a {slots['a']} {slots['c']} {slots['n']} {slots['v']} {slots['p']}."
     rest = [t.format(**slots) for t in rng.sample(SENTENCES, rng.randint(1, 6))]
     return re.sub(r"\ba ([aeiou])", r"an \1", " ".join([first, *rest]))
 
@@ -314,11 +342,17 @@ def score_planted(path: Path, out: Path, **kw) -> dict:
     edits = [i for i, r in enumerate(rows) if r["kind"] != "distinct"]
     distinct = [i for i, r in enumerate(rows) if r["kind"] == "distinct"]
     n_words = lambda i: len(dedup_key(rows[i]["caption"]).split())
-    groups = {"all": edits, "<=10 words": [i for i in edits if n_words(i) <= 10],
-              ">10 words": [i for i in edits if n_words(i) > 10]}  # fmt: skip
+    groups = {
+        "all": edits,
+        "<=10 words": [i for i in edits if n_words(i) <= 10],
+        ">10 words": [i for i in edits if n_words(i) > 10],
+    }
     groups |= {k: [i for i in edits if rows[i]["kind"] == k] for k in EDIT_KINDS}
-    groups |= {f"{k} {w}": [i for i in groups[k] if (n_words(i) <= 10) == (w == "<=10 words")]
-               for k in EDIT_KINDS for w in ("<=10 words", ">10 words")}  # fmt: skip
+    groups |= {
+        f"{k} {w}": [i for i in groups[k] if (n_words(i) <= 10) == (w == "<=10 words")]
+        for k in EDIT_KINDS
+        for w in ("<=10 words", ">10 words")
+    }
     groups |= {"shapes": [i for i in edits if "metadata" in rows[i]]}
     recall = {
         k: {"n": len(v), "recall": round(sum(i in removed for i in v) / max(1, len(v)), 4)} for k, v in groups.items()
@@ -335,11 +369,20 @@ def score_planted(path: Path, out: Path, **kw) -> dict:
         causes[cause] = causes.get(cause, 0) + 1
     generator = [i for i in distinct if "metadata" not in rows[i]]
     false_gen = sum(1 for i in false if "metadata" not in rows[i])
-    return {"settings": kw, "inputs": len(rows), "distinct": len(distinct), "edits": len(edits), "recall": recall,
-            "false_removed": len(false), "false_removal_rate": round(len(false) / len(distinct), 5),
-            "false_removal_rate_generator": round(false_gen / max(1, len(generator)), 5), "false_causes": causes,
-            "seconds": round(seconds, 1), "near_dup": report.get("near_dup"),
-            "removed_by_reason": report["removed_by_reason"]}  # fmt: skip
+    return {
+        "settings": kw,
+        "inputs": len(rows),
+        "distinct": len(distinct),
+        "edits": len(edits),
+        "recall": recall,
+        "false_removed": len(false),
+        "false_removal_rate": round(len(false) / len(distinct), 5),
+        "false_removal_rate_generator": round(false_gen / max(1, len(generator)), 5),
+        "false_causes": causes,
+        "seconds": round(seconds, 1),
+        "near_dup": report.get("near_dup"),
+        "removed_by_reason": report["removed_by_reason"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- scale
@@ -399,8 +442,22 @@ def _tree_rss(pid: int) -> int:
 def scale_run(paths: list[Path], out: Path, workers: int, extra: list[str]) -> dict:
     """`lightgen-data build-captions` under /usr/bin/time -v; peak RSS of the process tree sampled every 0.5 s."""
     exe = Path(sys.executable).with_name("lightgen-data")
-    cmd = ["/usr/bin/time", "-v", str(exe), "build-captions", "--output", str(out), "--embedder", "hash",
-           "--n", "1000000", "--workers", str(workers), "--overwrite", *extra]  # fmt: skip
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        str(exe),
+        "build-captions",
+        "--output",
+        str(out),
+        "--embedder",
+        "hash",
+        "--n",
+        "1000000",
+        "--workers",
+        str(workers),
+        "--overwrite",
+        *extra,
+    ]
     for p in paths:
         cmd += ["--input", str(p)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -418,11 +475,17 @@ def scale_run(paths: list[Path], out: Path, workers: int, extra: list[str]) -> d
     report = json.loads(stdout.strip().splitlines()[-1])
     grab = lambda key: re.search(rf"{key}: (.+)", stderr).group(1).strip()
     return {
-        "inputs": report["inputs"], "workers": workers, "wall_s": report["seconds"],
-        "rows_per_s": report["captions_per_s"], "max_rss_gib": round(int(grab("Maximum resident set size \\(kbytes\\)")) / 2**20, 2),
-        "tree_rss_peak_gib": round(peak[0] / 2**30, 2), "cpu_s": round(float(grab("User time \\(seconds\\)")) + float(grab("System time \\(seconds\\)")), 1),
-        "timings": report["timings"], "removed_by_reason": report["removed_by_reason"], "near_dup": report.get("near_dup"),
-    }  # fmt: skip
+        "inputs": report["inputs"],
+        "workers": workers,
+        "wall_s": report["seconds"],
+        "rows_per_s": report["captions_per_s"],
+        "max_rss_gib": round(int(grab("Maximum resident set size \\(kbytes\\)")) / 2**20, 2),
+        "tree_rss_peak_gib": round(peak[0] / 2**30, 2),
+        "cpu_s": round(float(grab("User time \\(seconds\\)")) + float(grab("System time \\(seconds\\)")), 1),
+        "timings": report["timings"],
+        "removed_by_reason": report["removed_by_reason"],
+        "near_dup": report.get("near_dup"),
+    }
 
 
 def main() -> None:

@@ -107,10 +107,18 @@ def warm_up(args) -> None:
 def pipeline_run(tars: list[Path], out: Path, workers: int, args) -> dict[str, float]:
     """`run_encode_latents` end to end; "steady" rows/s from the shards' own compute time (receipts)."""
     cfg = EncodeConfig(
-        [str(t) for t in tars], str(out), vae=args.vae, text_encoder=args.text_encoder, resolution=args.resolution,
-        batch_size=args.batch_size, shard_size=args.shard_size, workers=workers, overwrite=True, device="cpu",
+        [str(t) for t in tars],
+        str(out),
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        workers=workers,
+        overwrite=True,
+        device="cpu",
         progress=False,
-    )  # fmt: skip
+    )
     t0 = time.perf_counter()
     report = run_encode_latents(cfg)
     seconds = time.perf_counter() - t0

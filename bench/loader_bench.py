@@ -43,8 +43,13 @@ from training.sources import ShardCache  # noqa: E402
 
 def make_loader(shards: ShardSet, args, read_ahead: int) -> Loader:
     """The trainer's loader over `shards` with the benchmark's batch, window, threads and read-ahead (rank 0 of 1)."""
-    data = DataSection(batch_size=args.batch, shuffle_window=args.window, prefetch=2 * args.workers + 2,
-                       workers=args.workers, read_ahead=read_ahead)  # fmt: skip
+    data = DataSection(
+        batch_size=args.batch,
+        shuffle_window=args.window,
+        prefetch=2 * args.workers + 2,
+        workers=args.workers,
+        read_ahead=read_ahead,
+    )
     return Loader(data, shards, lambda s, r, g: latent_batch(s, r, g, True), DistInfo(), 0)
 
 
@@ -53,8 +58,10 @@ def start_server() -> tuple[subprocess.Popen, dict[str, str]]:
     from s3_server import S3Server, free_port
 
     server = S3Server(free_port())
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tests')!r}); from s3_server import S3Server; "
-            f"S3Server({server.port}).start(); time.sleep(1e9)")  # fmt: skip
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT / 'tests')!r}); from s3_server import S3Server; "
+        f"S3Server({server.port}).start(); time.sleep(1e9)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(server.env())
     for _ in range(300):
@@ -132,12 +139,22 @@ def train_rate(local: Path, args) -> float:
             return super().loss(model, batch)
 
     out = Path(tempfile.mkdtemp(prefix="loader_bench_run_"))
-    cfg = load_config(None, [
-        f"model.preset={args.preset}", f"data.shards=[{local}]", f"data.batch_size={args.batch}",
-        f"train.max_steps={args.steps + args.warmup}", "train.device=cpu", f"train.out_dir={out}",
-        "checkpoint.every_steps=0", "log.sample_count=0", "log.tensorboard=false", "log.progress=false",
-        f"log.every={args.steps + args.warmup}",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.preset={args.preset}",
+            f"data.shards=[{local}]",
+            f"data.batch_size={args.batch}",
+            f"train.max_steps={args.steps + args.warmup}",
+            "train.device=cpu",
+            f"train.out_dir={out}",
+            "checkpoint.every_steps=0",
+            "log.sample_count=0",
+            "log.tensorboard=false",
+            "log.progress=false",
+            f"log.every={args.steps + args.warmup}",
+        ],
+    )
     trainer = Timed(cfg)
     trainer.save_checkpoint = lambda *a, **k: None
     trainer.export = lambda *a, **k: None
@@ -176,12 +193,25 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="loader_bench_"))
     proc = None
     try:
-        local = write_random_shards(tmp / "shards", args.rows, mcfg.latent_channels, grid, mcfg.text_dim, args.text_len,
-                                    res, shard_rows=args.shard_rows)  # fmt: skip
+        local = write_random_shards(
+            tmp / "shards",
+            args.rows,
+            mcfg.latent_channels,
+            grid,
+            mcfg.text_dim,
+            args.text_len,
+            res,
+            shard_rows=args.shard_rows,
+        )
         proc, made = start_server()
         s3 = upload(local, made["bucket"] + "/latents")
-        runs: dict[str, list[float]] = {"local": [], "local_read_ahead": [], "s3": [], "s3_read_ahead": [],
-                                        "s3_cached": []}  # fmt: skip
+        runs: dict[str, list[float]] = {
+            "local": [],
+            "local_read_ahead": [],
+            "s3": [],
+            "s3_read_ahead": [],
+            "s3_cached": [],
+        }
         for k in range(args.rounds):
             runs["local"].append(epoch_rate(str(local), args, read_ahead=0))
             runs["local_read_ahead"].append(epoch_rate(str(local), args, read_ahead=args.read_ahead))
@@ -190,13 +220,24 @@ def main() -> None:
             cache = tmp / f"cache{k}"
             epoch_rate(s3, args, read_ahead=args.read_ahead, cache=cache)  # fills it
             runs["s3_cached"].append(epoch_rate(s3, args, read_ahead=args.read_ahead, cache=cache))
-        out = {"preset": args.preset, "batch": args.batch, "rows": args.rows, "shard_rows": args.shard_rows,
-               "shard_mb": round(sum(f.stat().st_size for f in local.glob("part-*.parquet")) / 1e6
-                                 / len(list(local.glob("part-*.parquet"))), 2),
-               "window": args.window, "workers": args.workers, "read_ahead": args.read_ahead,
-               "fetch_delay_s": args.fetch_delay,
-               **{f"loader_rows_per_s_{k}": round(float(np.median(v)), 1) for k, v in runs.items()},
-               "rounds": {k: [round(x) for x in v] for k, v in runs.items()}}  # fmt: skip
+        out = {
+            "preset": args.preset,
+            "batch": args.batch,
+            "rows": args.rows,
+            "shard_rows": args.shard_rows,
+            "shard_mb": round(
+                sum(f.stat().st_size for f in local.glob("part-*.parquet"))
+                / 1e6
+                / len(list(local.glob("part-*.parquet"))),
+                2,
+            ),
+            "window": args.window,
+            "workers": args.workers,
+            "read_ahead": args.read_ahead,
+            "fetch_delay_s": args.fetch_delay,
+            **{f"loader_rows_per_s_{k}": round(float(np.median(v)), 1) for k, v in runs.items()},
+            "rounds": {k: [round(x) for x in v] for k, v in runs.items()},
+        }
         if args.steps:
             out["train_img_per_s"] = round(train_rate(local, args), 2)
         if args.stall:  # an epoch consumed at the trainer's rate: the time it waits for s3 batches

@@ -51,11 +51,22 @@ def load_reference(root: Path, head_steps: str) -> nn.Module:
     }
     dims = {f"{s}_embed_dim": WIDTH for s in ("encoder", "decoder", "cross")}
     return FLUID(
-        **GEOMETRY, **stacks, **dims, text_depth=TEXT_DEPTH, mlp_ratio=4.0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), caption_channels=TEXT_DIM, max_length=TEXT_LEN,
-        interpolate_offset=0.1, attn_dropout=0.0, proj_dropout=0.0, diffloss_d=HEAD_DEPTH, diffloss_w=HEAD_WIDTH,
-        num_sampling_steps=head_steps, diffusion_batch_mul=4,
-    )  # fmt: skip
+        **GEOMETRY,
+        **stacks,
+        **dims,
+        text_depth=TEXT_DEPTH,
+        mlp_ratio=4.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        caption_channels=TEXT_DIM,
+        max_length=TEXT_LEN,
+        interpolate_offset=0.1,
+        attn_dropout=0.0,
+        proj_dropout=0.0,
+        diffloss_d=HEAD_DEPTH,
+        diffloss_w=HEAD_WIDTH,
+        num_sampling_steps=head_steps,
+        diffusion_batch_mul=4,
+    )
 
 
 def ours_from(ref: nn.Module, head_steps: str) -> LightGen:
@@ -139,8 +150,10 @@ def main() -> None:
         compile_blocks(ours)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     sides = {"reference": (ref, contextlib.nullcontext(), True), "ours": (ours, amp, False)}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
-            for k, (m, _, _) in sides.items()}  # fmt: skip
+    opts = {
+        k: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
+        for k, (m, _, _) in sides.items()
+    }
     lat = torch.randn(args.batch, 16, 16, 16, generator=g)
     text = torch.randn(args.batch, TEXT_LEN, TEXT_DIM, generator=g)
     times: dict[str, dict[str, list[float]]] = {k: {"train": [], "sample": []} for k in sides}

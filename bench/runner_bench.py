@@ -58,8 +58,14 @@ def main() -> None:
                 out = Path(tmp) / f"out{n}-{w}"
                 secs, report = timed(src, out, w, args.batch)
                 again, _ = timed(src, out, w, args.batch)
-                row = {"rows": n, "shards": report["shards"], "workers": w, "seconds": round(secs, 2),
-                       "rows_per_s": round(n / secs), "resume_seconds": round(again, 2)}  # fmt: skip
+                row = {
+                    "rows": n,
+                    "shards": report["shards"],
+                    "workers": w,
+                    "seconds": round(secs, 2),
+                    "rows_per_s": round(n / secs),
+                    "resume_seconds": round(again, 2),
+                }
                 results.append(row)
                 print(json.dumps(row), flush=True)
     print(json.dumps({"driver_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))

@@ -62,8 +62,13 @@ class RandomShards(ShardSet):
         m[:, self.shape[0] // 2 :] = -4.0
         lens = rng.integers(self.text_len // 2, self.text_len + 1, n)
         text = rng.standard_normal((int(lens.sum()), self.text_dim), dtype=np.float32).astype(np.float16)
-        dec = Decoded({"moments": m, "moments_flip": m[..., ::-1].copy()}, text, np.concatenate([[0], np.cumsum(lens)]),
-                      [f"c{k}" for k in range(n)], {})  # fmt: skip
+        dec = Decoded(
+            {"moments": m, "moments_flip": m[..., ::-1].copy()},
+            text,
+            np.concatenate([[0], np.cumsum(lens)]),
+            [f"c{k}" for k in range(n)],
+            {},
+        )
         with self._lock:
             self._cache[i] = dec
             while len(self._cache) > self.cache_size:
@@ -121,14 +126,20 @@ def verify_cost(directory: Path, args: argparse.Namespace) -> dict:
         hashlib.sha256(data).hexdigest()
     hash_mb_s = size / 1e6 / (time.time() - t0)
     ratio = lambda i: round(float(np.median([a[i] / b[i] for a, b in zip(*rates.values(), strict=True)])), 3)
-    return {"shards": len(files), "shard_mb": round(size / 1e6 / len(files), 2), "sha256_mb_per_s": round(hash_mb_s),
-            **{f"loader_{m}": [round(r[0]) for r in v] for m, v in rates.items()},
-            **{f"loader_{m}_per_cpu_s": [round(r[1]) for r in v] for m, v in rates.items()},
-            "median_ratio_wall": ratio(0), "median_ratio_cpu": ratio(1),
-            # hashing's share of the unverified loader's CPU time per sample, from sha256's own speed
-            "hash_share_of_loader_cpu": round(size / args.rows / (hash_mb_s * 1e6)
-                                              * float(np.median([r[1] for r in rates["unverified"]])), 4),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+    return {
+        "shards": len(files),
+        "shard_mb": round(size / 1e6 / len(files), 2),
+        "sha256_mb_per_s": round(hash_mb_s),
+        **{f"loader_{m}": [round(r[0]) for r in v] for m, v in rates.items()},
+        **{f"loader_{m}_per_cpu_s": [round(r[1]) for r in v] for m, v in rates.items()},
+        "median_ratio_wall": ratio(0),
+        "median_ratio_cpu": ratio(1),
+        # hashing's share of the unverified loader's CPU time per sample, from sha256's own speed
+        "hash_share_of_loader_cpu": round(
+            size / args.rows / (hash_mb_s * 1e6) * float(np.median([r[1] for r in rates["unverified"]])), 4
+        ),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def main() -> None:
@@ -156,15 +167,34 @@ def main() -> None:
         written = write_random_shards(tmp / "shards", args.rows, *shape, shard_rows=args.shard_rows)
         if args.verify_cost:
             cost = verify_cost(written, args)
-            print(json.dumps({"preset": args.preset, "batch": args.batch, "rows": args.rows,
-                              "loader_workers": args.loader_workers, **cost}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "preset": args.preset,
+                        "batch": args.batch,
+                        "rows": args.rows,
+                        "loader_workers": args.loader_workers,
+                        **cost,
+                    }
+                ),
+                flush=True,
+            )
             shutil.rmtree(tmp, ignore_errors=True)
             return
         shards = ShardSet([written])
     rate = loader_rate(shards, args.batch, args.loader_seconds, args.loader_workers)[0]
     if args.loader_only:
-        print(json.dumps({"preset": args.preset, "batch": args.batch, "loader_workers": args.loader_workers,
-                          "loader_samples_per_s": round(rate, 1)}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "batch": args.batch,
+                    "loader_workers": args.loader_workers,
+                    "loader_samples_per_s": round(rate, 1),
+                }
+            ),
+            flush=True,
+        )
         shutil.rmtree(tmp, ignore_errors=True)
         return
 
@@ -180,13 +210,27 @@ def main() -> None:
             times.append(time.time())
             return super().loss(model, batch)
 
-    cfg = load_config(None, [
-        f"model.preset={args.preset}", "data.shards=[unused]", f"data.batch_size={args.batch}",
-        f"train.max_steps={args.steps + args.warmup}", f"train.device={args.device}", f"train.compile={args.compile}",
-        f"train.out_dir={tmp / 'run'}", "checkpoint.every_steps=0", "log.sample_count=0", "log.tensorboard=false",
-        "log.progress=false", f"log.every={args.steps + args.warmup}", "optim.ema_decay=0.9999",
-        f"data.workers={args.loader_workers}", f"data.prefetch={2 * args.loader_workers + 2}", *args.set,
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.preset={args.preset}",
+            "data.shards=[unused]",
+            f"data.batch_size={args.batch}",
+            f"train.max_steps={args.steps + args.warmup}",
+            f"train.device={args.device}",
+            f"train.compile={args.compile}",
+            f"train.out_dir={tmp / 'run'}",
+            "checkpoint.every_steps=0",
+            "log.sample_count=0",
+            "log.tensorboard=false",
+            "log.progress=false",
+            f"log.every={args.steps + args.warmup}",
+            "optim.ema_decay=0.9999",
+            f"data.workers={args.loader_workers}",
+            f"data.prefetch={2 * args.loader_workers + 2}",
+            *args.set,
+        ],
+    )
     trainer = Timed(cfg)
     trainer.save_checkpoint = lambda *a, **k: None  # throughput only: no checkpoint or final export
     trainer.export = lambda *a, **k: None
@@ -196,10 +240,17 @@ def main() -> None:
     trainer.run()
     timed = times[-args.steps - 1 :]  # the last step's start closes the window of steps-1 full steps
     ips = args.batch * (len(timed) - 1) / (timed[-1] - timed[0])
-    out = {"preset": args.preset, "device": args.device, "batch": args.batch, "compile": args.compile,
-           "data": "random" if args.random else "parquet", "loader_workers": args.loader_workers,
-           "loader_samples_per_s": round(rate, 1),
-           "train_img_per_s": round(ips, 2), "loader_over_train": round(rate / ips, 1)}  # fmt: skip
+    out = {
+        "preset": args.preset,
+        "device": args.device,
+        "batch": args.batch,
+        "compile": args.compile,
+        "data": "random" if args.random else "parquet",
+        "loader_workers": args.loader_workers,
+        "loader_samples_per_s": round(rate, 1),
+        "train_img_per_s": round(ips, 2),
+        "loader_over_train": round(rate / ips, 1),
+    }
     if args.device == "cuda" and flops and flops[0]:
         from training.metrics import peak_flops
 

@@ -29,8 +29,14 @@ from lightgen_model.hub import EMA_NAME, weights_file
 from lightgen_model.text import check_text
 
 __all__ = [
-    "LightGenOutput", "LightGenPipeline", "check_prompts", "check_sampling", "from_pil", "mask_from_pil", "to_pil"
-]  # fmt: skip
+    "LightGenOutput",
+    "LightGenPipeline",
+    "check_prompts",
+    "check_sampling",
+    "from_pil",
+    "mask_from_pil",
+    "to_pil",
+]
 
 BUILTIN_VAES = ("pixel",)
 BUILTIN_TEXT_ENCODERS = ("minilm",)
@@ -254,9 +260,9 @@ class LightGenPipeline:
         latents = []
         for i in range(0, len(prompts), bs):
             text, mask = self.encode_prompt(prompts[i : i + bs])
-            lat = generate(self.model, text, mask, size, num_iter=st.steps, cfg=st.cfg, cfg_schedule=st.cfg_schedule,
-                           temperature=st.temperature, generator=generator, callback=callback)  # fmt: skip
-            latents.append(lat)
+            latents.append(
+                generate(self.model, text, mask, size, **st.keywords(), generator=generator, callback=callback)
+            )
         lat = torch.cat(latents)
         return LightGenOutput(to_pil(self.decode(lat)), lat)
 
@@ -300,9 +306,13 @@ class LightGenPipeline:
         tok_mask = pixel_mask_to_tokens(pix, p)  # (B, H/p, W/p)
         text, tmask = self.encode_prompt(prompts * B if len(prompts) == 1 else prompts)
         lat = inpaint(
-            self.model, clean.to(self.device, self.dtype), tok_mask.to(self.device), text, tmask,
-            num_iter=st.steps, cfg=st.cfg, cfg_schedule=st.cfg_schedule, temperature=st.temperature,
+            self.model,
+            clean.to(self.device, self.dtype),
+            tok_mask.to(self.device),
+            text,
+            tmask,
+            **st.keywords(),
             generator=generator,
-        )  # fmt: skip
+        )
         out = torch.where(pix[:, None], self.decode(lat), self.decode(clean))  # paste the round trip outside
         return LightGenOutput(to_pil(out), lat)

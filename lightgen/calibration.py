@@ -28,17 +28,37 @@ class Point:
 
 
 POINTS = (
-    Point("ours: lightgen 0.79 B train, 256 px, batch 64, compile", "train", 239.4,
-          "BENCHMARKS.md, 2026-11-23, H100 80GB HBM3 (bench/train_bench.py --compile)"),
-    Point("MAR-L train, 256 px, cached latents", "train", 254.0,
-          "github.com/LTH14/mar README training schedule (≈ 254 img/s per H100; the figure as quoted to us, not re-derived here)"),
-    Point("Flux-dev 1024², 28 steps, bf16, batch 1", "teacher", 1 / 7.1,
-          "a public diffusers figure as quoted to us: ≈ 7.1 s per image on one H100 (not re-measured here)"),
-    Point("ours: lightgen generate 256 px, 64 it., CFG 4, batch 256", "sample", 8.8,
-          "BENCHMARKS.md, H100 (bench/model_bench.py --no-train --sample-batch 256)"),
-    Point("ours: lightgen generate 256 px, 64 it., CFG 4, batch 64", "sample", 2.7,
-          "BENCHMARKS.md, H100 (bench/model_bench.py --no-train --sample-batch 64)"),
-)  # fmt: skip
+    Point(
+        "ours: lightgen 0.79 B train, 256 px, batch 64, compile",
+        "train",
+        239.4,
+        "BENCHMARKS.md, 2026-11-23, H100 80GB HBM3 (bench/train_bench.py --compile)",
+    ),
+    Point(
+        "MAR-L train, 256 px, cached latents",
+        "train",
+        254.0,
+        "github.com/LTH14/mar README training schedule (≈ 254 img/s per H100; the figure as quoted to us, not re-derived here)",
+    ),
+    Point(
+        "Flux-dev 1024², 28 steps, bf16, batch 1",
+        "teacher",
+        1 / 7.1,
+        "a public diffusers figure as quoted to us: ≈ 7.1 s per image on one H100 (not re-measured here)",
+    ),
+    Point(
+        "ours: lightgen generate 256 px, 64 it., CFG 4, batch 256",
+        "sample",
+        8.8,
+        "BENCHMARKS.md, H100 (bench/model_bench.py --no-train --sample-batch 256)",
+    ),
+    Point(
+        "ours: lightgen generate 256 px, 64 it., CFG 4, batch 64",
+        "sample",
+        2.7,
+        "BENCHMARKS.md, H100 (bench/model_bench.py --no-train --sample-batch 64)",
+    ),
+)
 # The plan's utilisation per recipe kind: the mean MFU of the points of that kind of work. VAE and T5 encoding
 # have no measured point: they take the Flux figure (bf16 inference of large matmuls). Sampling takes the batch-256
 # point only (the batch-64 one shows how much the batch matters there).
@@ -56,8 +76,10 @@ def _train_flops(name: str) -> dict[str, Any]:
     if name.startswith("ours"):
         s = {"config": "conf/lightgen_256.yaml", "overrides": ["data.batch_size=64"], "text_len": 9}
     else:
-        mar = ("{latent_channels: 16, vae_stride: 16, patch_size: 1, cross: {depth: 0}, text_aligner_depth: 0, "
-               "text_dim: 16, max_text_len: 1, buffer_size: 64, head_width: 1024, head_depth: 3}")  # fmt: skip
+        mar = (
+            "{latent_channels: 16, vae_stride: 16, patch_size: 1, cross: {depth: 0}, text_aligner_depth: 0, "
+            "text_dim: 16, max_text_len: 1, buffer_size: 64, head_width: 1024, head_depth: 3}"
+        )
         s = {"config": "conf/lightgen_256.yaml", "overrides": ["data.batch_size=64", f"model.overrides={mar}"]}
     return remembered({"kind": "train", "gpus": 1, **s}, lambda: plan_runs.train(s, 1))
 
@@ -83,8 +105,11 @@ def utilisation() -> dict[str, tuple[float, str]]:
         if p.kind in FIT_POINTS and p.name not in FIT_POINTS[p.kind]:
             continue
         mfu.setdefault(p.kind, []).append(p.items_per_s * flops_per_item(p) / H100)
-    label = {"train": "mean MFU of our 256-px training and MAR-L", "teacher": "Flux-dev on H100",
-             "sample": "our sampling at batch 256"}  # fmt: skip
+    label = {
+        "train": "mean MFU of our 256-px training and MAR-L",
+        "teacher": "Flux-dev on H100",
+        "sample": "our sampling at batch 256",
+    }
     return {k: (sum(mfu[v]) / len(mfu[v]), label[v]) for k, v in KIND_SOURCE.items()}
 
 
@@ -95,24 +120,43 @@ def calibration_points() -> list[dict[str, Any]]:
     for p in POINTS:
         f = flops_per_item(p)
         pred = util[p.kind] * H100 / f
-        rows.append({"point": p.name, "source": p.source, "flops_per_item": f, "measured": p.items_per_s,
-                     "predicted": pred, "error": pred / p.items_per_s - 1, "mfu": p.items_per_s * f / H100})  # fmt: skip
+        rows.append(
+            {
+                "point": p.name,
+                "source": p.source,
+                "flops_per_item": f,
+                "measured": p.items_per_s,
+                "predicted": pred,
+                "error": pred / p.items_per_s - 1,
+                "mfu": p.items_per_s * f / H100,
+            }
+        )
     ours = _train_flops(POINTS[0].name)
     params = ours["parameters"]
     pred_mem = (params * (4 + 4 + 8 + 2) + ours["peak_activation_bytes"]) / GIB  # no EMA, no DDP in that bench
-    rows.append({"point": "ours: peak memory, train step, batch 64, one H100 (GiB)",
-                 "source": "BENCHMARKS.md (bench/model_bench.py --batch 64)", "measured": MEASURED_MEMORY_GIB,
-                 "predicted": pred_mem, "error": pred_mem / MEASURED_MEMORY_GIB - 1})  # fmt: skip
+    rows.append(
+        {
+            "point": "ours: peak memory, train step, batch 64, one H100 (GiB)",
+            "source": "BENCHMARKS.md (bench/model_bench.py --batch 64)",
+            "measured": MEASURED_MEMORY_GIB,
+            "predicted": pred_mem,
+            "error": pred_mem / MEASURED_MEMORY_GIB - 1,
+        }
+    )
     return rows
 
 
 def format_points(rows: list[dict[str, Any]]) -> str:
     """The calibration points as a Markdown table."""
-    out = ["| measured point (one H100) | FLOP/item (counted) | MFU | measured | plan predicts | error | source |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    out = [
+        "| measured point (one H100) | FLOP/item (counted) | MFU | measured | plan predicts | error | source |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         f = f"{r['flops_per_item'] / 1e12:.3g} T" if "flops_per_item" in r else "—"
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "—"
-        out.append(f"| {r['point']} | {f} | {mfu} | {r['measured']:.3g} | {r['predicted']:.3g} | "
-                   f"{r['error']:+.1%} | {r['source']} |")  # fmt: skip
+        out.append(
+            f"| {r['point']} | {f} | {mfu} | {r['measured']:.3g} | {r['predicted']:.3g} | "
+            f"{r['error']:+.1%} | {r['source']} |"
+        )
     return "\n".join(out)

@@ -72,11 +72,16 @@ def generate_cmd(
     sampling.check()
     pipe = load.pipeline(model)
     res = run_generate(
-        pipe, texts, out, settings=sampling.settings(pipe), seed=sampling.seed,
-        images_per_prompt=images_per_prompt, batch_size=batch_size,
-        height=resolution if height is None else height, width=resolution if width is None else width,
+        pipe,
+        texts,
+        out,
+        **sampling.run_keywords(pipe),
+        images_per_prompt=images_per_prompt,
+        batch_size=batch_size,
+        height=resolution if height is None else height,
+        width=resolution if width is None else width,
         record={"model": str(model)},
-    )  # fmt: skip
+    )
     typer.echo(
         f"wrote {len(res['images'])} images to {out} in {res['seconds']} s ({res['images_per_second']} images/s)"
     )
@@ -103,9 +108,14 @@ def inpaint_cmd(
     sampling.check()
     pipe = load.pipeline(model)
     run_inpaint(
-        pipe, src, msk, prompt, out, settings=sampling.settings(pipe), seed=sampling.seed,
+        pipe,
+        src,
+        msk,
+        prompt,
+        out,
+        **sampling.run_keywords(pipe),
         record={"model": str(model), "image": str(image), "mask": str(mask)},
-    )  # fmt: skip
+    )
     typer.echo(f"wrote {out}")
 
 
@@ -132,9 +142,17 @@ def geneval_cmd(
     sampling.check()
     pipe = load.pipeline(model)
     res = run_geneval(
-        pipe, metadata, out, settings=sampling.settings(pipe), seed=sampling.seed,
-        samples=samples, resolution=resolution, batch_size=batch_size, limit=limit, field=field, overwrite=overwrite,
-    )  # fmt: skip
+        pipe,
+        metadata,
+        out,
+        **sampling.run_keywords(pipe),
+        samples=samples,
+        resolution=resolution,
+        batch_size=batch_size,
+        limit=limit,
+        field=field,
+        overwrite=overwrite,
+    )
     speed = f", {res['images_per_second']} images/s" if res["images"] else ""
     typer.echo(
         f"{res['prompts']} prompts: {res['skipped']} already done, {res['generated']} generated "
@@ -189,10 +207,16 @@ def convert_reference_cmd(
     from lightgen_model import PRESETS
 
     res = convert_reference(
-        checkpoint, out, head_steps, heads=heads, latent_channels=latent_channels, patch_size=patch_size,
-        vae_stride=vae_stride, vae=vae_name or PRESETS["lightgen"]["vae"],
+        checkpoint,
+        out,
+        head_steps,
+        heads=heads,
+        latent_channels=latent_channels,
+        patch_size=patch_size,
+        vae_stride=vae_stride,
+        vae=vae_name or PRESETS["lightgen"]["vae"],
         text_encoder=text_encoder_name or PRESETS["lightgen"]["text_encoder"],
-    )  # fmt: skip
+    )
     typer.echo(
         f"wrote {out}: {res['parameters']:,} parameters, weights {'+'.join(res['weights'])} "
         f"(from_pretrained loads {res['loads']}), epoch {res['epoch']}"

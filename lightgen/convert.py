@@ -137,23 +137,34 @@ def infer_config(
     if out_ch not in (token_dim, 2 * token_dim):
         raise ValueError(f"diffloss.net.final_layer.linear has {out_ch} outputs for {token_dim}-dim tokens")
     return ModelConfig(
-        latent_channels=C, vae_stride=stride, patch_size=p, base_resolution=g * stride * p,
+        latent_channels=C,
+        vae_stride=stride,
+        patch_size=p,
+        base_resolution=g * stride * p,
         encoder=Stack(enc_dim, enc_depth, n_heads),
         decoder=Stack(_shape(state, "decoder_embed.weight", 2)[0], _depth(state, "decoder_blocks"), n_heads),
         cross=Stack(_shape(state, "last_embed.weight", 2)[0], _depth(state, "cross_attn_blocks"), n_heads),
-        mlp_ratio=ratio, attn_dropout=_number(args.get("attn_dropout", 0.1), "attn_dropout", float),
-        proj_dropout=_number(args.get("proj_dropout", 0.1), "proj_dropout", float), buffer_size=0,
+        mlp_ratio=ratio,
+        attn_dropout=_number(args.get("attn_dropout", 0.1), "attn_dropout", float),
+        proj_dropout=_number(args.get("proj_dropout", 0.1), "proj_dropout", float),
+        buffer_size=0,
         text_dim=_shape(state, "text_emb.text_proj.linear_1.weight", 2)[1],
         text_aligner_depth=_depth(state, "text_emb.text_aligner"),
         max_text_len=_number(args.get("max_length") or 128, "max_length", int),
-        text_drop_prob=_number(args.get("text_drop_prob", 0.1), "text_drop_prob", float), text_key_mask=False,
-        mask_ratio_min=_number(args.get("mask_ratio_min", 0.7), "mask_ratio_min", float), head_width=head_width,
+        text_drop_prob=_number(args.get("text_drop_prob", 0.1), "text_drop_prob", float),
+        text_key_mask=False,
+        mask_ratio_min=_number(args.get("mask_ratio_min", 0.7), "mask_ratio_min", float),
+        head_width=head_width,
         head_depth=_depth(state, "diffloss.net.res_blocks"),
         diffusion_batch_mul=_number(args.get("diffusion_batch_mul") or 4, "diffusion_batch_mul", int),
-        num_sampling_steps=head_steps_spec(args.get("num_sampling_steps")), prediction="eps",
+        num_sampling_steps=head_steps_spec(args.get("num_sampling_steps")),
+        prediction="eps",
         sampling=dict(REFERENCE_SAMPLING),
-        learn_sigma=out_ch == 2 * token_dim, interpolate_offset=0.1, vae=vae, text_encoder=text_encoder,
-    )  # fmt: skip
+        learn_sigma=out_ch == 2 * token_dim,
+        interpolate_offset=0.1,
+        vae=vae,
+        text_encoder=text_encoder,
+    )
 
 
 def head_steps_spec(value: Any) -> int | str:
@@ -169,8 +180,11 @@ def check_keys(state: dict[str, Tensor], model: LightGen, name: str) -> None:
     """Raise ValueError naming every missing, unexpected or mis-shaped key of ``state`` for ``model``."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    shapes = [f"{k}: {tuple(state[k].shape)} != {want[k]}" for k in sorted(set(want) & set(state))
-              if tuple(state[k].shape) != want[k]]  # fmt: skip
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} != {want[k]}"
+        for k in sorted(set(want) & set(state))
+        if tuple(state[k].shape) != want[k]
+    ]
     problems = [
         f"{len(xs)} {what}: {', '.join(xs[:20])}{' ...' if len(xs) > 20 else ''}"
         for what, xs in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", shapes))

@@ -22,9 +22,16 @@ from safetensors import SafetensorError
 # that is not safetensors or a pickle refused by torch's restricted loader, a bad CSV / tar / zip, input nested
 # deeper than Python's recursion limit (a JSON line of 100,000 brackets).
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ValueError, OSError, EOFError, SafetensorError, pickle.UnpicklingError, csv.Error, tarfile.TarError,
-    zipfile.BadZipFile, RecursionError,
-)  # fmt: skip
+    ValueError,
+    OSError,
+    EOFError,
+    SafetensorError,
+    pickle.UnpicklingError,
+    csv.Error,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    RecursionError,
+)
 TERSE = (EOFError, pickle.UnpicklingError, csv.Error, SafetensorError, tarfile.TarError, zipfile.BadZipFile)
 MAX_MESSAGE = 2000  # characters of a message shown; a library's message can quote a whole file
 

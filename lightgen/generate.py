@@ -68,9 +68,15 @@ def timed_call(
     """``pipe(prompts, ...)`` with the sampling settings ``st`` at ``size`` (H, W): its images and seconds."""
     t0 = time.perf_counter()
     res = pipe(
-        prompts, num_inference_steps=st.steps, guidance_scale=st.cfg, guidance_schedule=st.cfg_schedule,
-        temperature=st.temperature, height=size[0], width=size[1], **kwargs,
-    )  # fmt: skip
+        prompts,
+        num_inference_steps=st.steps,
+        guidance_scale=st.cfg,
+        guidance_schedule=st.cfg_schedule,
+        temperature=st.temperature,
+        height=size[0],
+        width=size[1],
+        **kwargs,
+    )
     return res.images, time.perf_counter() - t0
 
 
@@ -111,8 +117,9 @@ def run_generate(
     with tqdm(total=-(-len(jobs) // batch_size) * st.steps, unit="step", desc="generate", disable=not progress) as bar:
         for b in range(0, len(jobs), batch_size):
             chunk = jobs[b : b + batch_size]
-            images, took = timed_call(pipe, [p for *_, p in chunk], st, size, generator=generator,
-                                      callback=lambda *_: bar.update(1))  # fmt: skip
+            images, took = timed_call(
+                pipe, [p for *_, p in chunk], st, size, generator=generator, callback=lambda *_: bar.update(1)
+            )
             seconds += took
             for j, ((i, k, p), image) in enumerate(zip(chunk, images, strict=True)):
                 image.save(Path(out) / f"{b + j:05d}.png")
@@ -120,8 +127,13 @@ def run_generate(
             bar.set_postfix(images=len(entries))
     run = {"seed": seed, **dataclasses.asdict(st), "height": size[0], "width": size[1]}
     run |= {"images_per_prompt": images_per_prompt, "batch_size": batch_size, "device": str(pipe.device)}
-    sidecar = {**(record or {}), "settings": run | components(pipe), "images": entries, "seconds": round(seconds, 3),
-               "images_per_second": per_second(len(entries), seconds)}  # fmt: skip
+    sidecar = {
+        **(record or {}),
+        "settings": run | components(pipe),
+        "images": entries,
+        "seconds": round(seconds, 3),
+        "images_per_second": per_second(len(entries), seconds),
+    }
     (Path(out) / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
     return sidecar
 
@@ -141,9 +153,15 @@ def run_inpaint(
     ``out`` and its settings to the ``.json`` beside it (``settings`` default to the model's recorded ones)."""
     st = settings or pipe.sampling_settings()
     res = pipe.inpaint(
-        image, mask, prompt, num_inference_steps=st.steps, guidance_scale=st.cfg, guidance_schedule=st.cfg_schedule,
-        temperature=st.temperature, generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
+        image,
+        mask,
+        prompt,
+        num_inference_steps=st.steps,
+        guidance_scale=st.cfg,
+        guidance_schedule=st.cfg_schedule,
+        temperature=st.temperature,
+        generator=torch.Generator().manual_seed(seed),
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res.images[0].save(out, format="PNG")

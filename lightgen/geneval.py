@@ -137,13 +137,25 @@ def run_geneval(
         for first in sorted({i - i % per_group for i in todo}):
             idx = range(first, min(first + per_group, len(lines)))
             generator = torch.Generator().manual_seed(group_seed(seed, first))
-            images, took = timed_call(pipe, [lines[i][1] for i in idx], st, size, num_images_per_prompt=samples,
-                                      batch_size=batch_size, generator=generator)  # fmt: skip
+            images, took = timed_call(
+                pipe,
+                [lines[i][1] for i in idx],
+                st,
+                size,
+                num_images_per_prompt=samples,
+                batch_size=batch_size,
+                generator=generator,
+            )
             seconds += took
             for j, i in enumerate(idx):
                 if i in pending:  # a folder finished in an earlier run is never touched again
                     _write_prompt(folders[i], lines[i][0], images[j * samples : (j + 1) * samples])
                     bar.update(1)
-    return {"prompts": len(lines), "skipped": len(lines) - len(todo), "generated": len(todo),
-            "images": len(todo) * samples, "seconds": round(seconds, 3),
-            "images_per_second": per_second(len(todo) * samples, seconds)}  # fmt: skip
+    return {
+        "prompts": len(lines),
+        "skipped": len(lines) - len(todo),
+        "generated": len(todo),
+        "images": len(todo) * samples,
+        "seconds": round(seconds, 3),
+        "images_per_second": per_second(len(todo) * samples, seconds),
+    }

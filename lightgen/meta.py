@@ -206,9 +206,16 @@ class Measure:
 _sdpa = torch.nn.functional.scaled_dot_product_attention
 
 
-def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-               enable_gqa: bool = False) -> torch.Tensor:  # fmt: skip
+def fused_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` through the memory-efficient kernel, as a GPU runs it: on meta tensors the
     dispatcher would pick the math path, which keeps the (L x L) attention weights for the backward pass."""
     if query.dim() != 4 or query.device.type != "meta":

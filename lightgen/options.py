@@ -94,6 +94,10 @@ class SamplingOptions:
             steps=self.steps, cfg=self.cfg, cfg_schedule=self.cfg_schedule, temperature=self.temperature
         )
 
+    def run_keywords(self, pipe: Any) -> dict[str, Any]:
+        """The `settings` and `seed` keywords of `run_generate`, `run_inpaint` and `run_geneval` for `pipe`."""
+        return {"settings": self.settings(pipe), "seed": self.seed}
+
 
 @dataclass
 class LoadOptions:
@@ -134,9 +138,14 @@ class LoadOptions:
         steps = self.head_steps
         try:
             return LightGenPipeline.from_pretrained(
-                model, vae=self.vae, text_encoder=self.text_encoder, device=self.device, dtype=self.dtype,
-                use_ema=self.ema, head_steps=int(steps) if steps is not None and steps.strip().isdigit() else steps,
-            )  # fmt: skip
+                model,
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                device=self.device,
+                dtype=self.dtype,
+                use_ema=self.ema,
+                head_steps=int(steps) if steps is not None and steps.strip().isdigit() else steps,
+            )
         except WeightsMismatchError as e:
             if self.verbose:
                 typer.echo("\n".join(e.details()), err=True)
@@ -163,10 +172,11 @@ def with_options(fn: Callable[..., None]) -> Callable[..., None]:
         groups[p.name] = hint
         field_hints = typing.get_type_hints(hint)
         params += [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.metadata["option"],
-                              annotation=field_hints[f.name])
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.metadata["option"], annotation=field_hints[f.name]
+            )
             for f in dataclasses.fields(hint)
-        ]  # fmt: skip
+        ]
 
     @functools.wraps(fn)
     def command(**kwargs: Any) -> None:

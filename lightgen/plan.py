@@ -30,9 +30,13 @@ class GPU:
 
 GPUS = {
     "a100": GPU("A100 80GB SXM", 312e12, 79.2, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense; 80 GB HBM2e"),
-    "h100": GPU("H100 80GB SXM", 989e12, 79.2, "NVIDIA H100 datasheet: 1979 TFLOPS bf16 with sparsity = 989 dense; 80 GB HBM3"),
-    "h200": GPU("H200 141GB SXM", 989e12, 139.8, "NVIDIA H200 datasheet: same compute as H100 SXM (989 dense); 141 GB HBM3e"),
-}  # fmt: skip
+    "h100": GPU(
+        "H100 80GB SXM", 989e12, 79.2, "NVIDIA H100 datasheet: 1979 TFLOPS bf16 with sparsity = 989 dense; 80 GB HBM3"
+    ),
+    "h200": GPU(
+        "H200 141GB SXM", 989e12, 139.8, "NVIDIA H200 datasheet: same compute as H100 SXM (989 dense); 141 GB HBM3e"
+    ),
+}
 KINDS = ("synthesize", "encode", "pairs", "train", "sample")
 
 
@@ -85,8 +89,9 @@ class Row:
     memory_mode: str = ""  # ddp / fsdp2 for training stages
 
 
-def cost_row(stage: Stage, flops_per_item: float, util: float, source: str, gpu: GPU, gpus: int,
-             memory_gib: float | None) -> Row:  # fmt: skip
+def cost_row(
+    stage: Stage, flops_per_item: float, util: float, source: str, gpu: GPU, gpus: int, memory_gib: float | None
+) -> Row:
     """GPU-hours = items x FLOPs per item / (peak x utilisation) / 3600; wall-clock = GPU-hours / gpus."""
     hours = stage.items * flops_per_item / (gpu.peak_flops * util) / 3600
     fits = None if memory_gib is None else memory_gib <= gpu.memory_gib
@@ -135,10 +140,15 @@ def _gpu_hours(h: float) -> str:
 def format_table(rows: list[Row], gpu_name: str, gpus: int, meta: dict[str, Any]) -> str:
     """The plan as a Markdown table, the totals, and the paper's own figure beside them."""
     gpu = GPUS[gpu_name]
-    head = (f"| stage | items | FLOP/item | utilisation (source) | GPU-hours | wall-clock on {gpus} | "
-            "memory/GPU | fits |")  # fmt: skip
-    lines = [f"{gpu.name} x {gpus} (bf16 dense peak {gpu.peak_flops / 1e12:.0f} TFLOP/s, {gpu.memory_gib} GiB)",
-             "", head, "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    head = (
+        f"| stage | items | FLOP/item | utilisation (source) | GPU-hours | wall-clock on {gpus} | memory/GPU | fits |"
+    )
+    lines = [
+        f"{gpu.name} x {gpus} (bf16 dense peak {gpu.peak_flops / 1e12:.0f} TFLOP/s, {gpu.memory_gib} GiB)",
+        "",
+        head,
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         mem = (
             "—"
@@ -157,8 +167,11 @@ def format_table(rows: list[Row], gpu_name: str, gpus: int, meta: dict[str, Any]
         days = sum(r.gpu_hours for r in pre) / 24
         a100 = days * gpu.peak_flops / GPUS["a100"].peak_flops  # at the same utilisation
         same = "" if gpu_name == "a100" else f" = {a100:,.1f} A100-days at the same utilisation"
-        lines += ["", f"Pretraining ({' + '.join(r.stage.name for r in pre)}): {days:,.1f} {gpu_name.upper()}-days"
-                  f"{same}; the paper: {meta['paper_gpu_days']} A100-days."]  # fmt: skip
+        lines += [
+            "",
+            f"Pretraining ({' + '.join(r.stage.name for r in pre)}): {days:,.1f} {gpu_name.upper()}-days"
+            f"{same}; the paper: {meta['paper_gpu_days']} A100-days.",
+        ]
     lines.append(f"All stages: {total / 24:,.1f} {gpu_name.upper()}-days.")
     return "\n".join(lines)
 

@@ -38,12 +38,29 @@ def inference_memory(report: dict[str, Any]) -> float:
     return (params + max((v["peak_activation_bytes"] for v in items), default=0)) / GIB
 
 
-SYNTH = {"teacher": "flux", "dtype": "auto", "batch_size": 4, "resolution": 512, "steps": 28, "guidance": 3.5,
-         "max_sequence_length": 512}  # fmt: skip
+SYNTH = {
+    "teacher": "flux",
+    "dtype": "auto",
+    "batch_size": 4,
+    "resolution": 512,
+    "steps": 28,
+    "guidance": 3.5,
+    "max_sequence_length": 512,
+}
 ENCODE = {"dtype": "bfloat16", "batch_size": 64, "resolution": 256, "max_text_len": 128}
-PAIRS = {"judge_backend": "transformers", "judge_model": "Qwen2.5-VL-7B-Instruct", "judge_max_pixels": 1024 * 1024,
-         "vae": None, "text_encoder": None, "resolution": None, "max_text_len": None, "steps": None, "cfg": None,
-         "dtype": "bfloat16", "batch_size": 8}  # fmt: skip
+PAIRS = {
+    "judge_backend": "transformers",
+    "judge_model": "Qwen2.5-VL-7B-Instruct",
+    "judge_max_pixels": 1024 * 1024,
+    "vae": None,
+    "text_encoder": None,
+    "resolution": None,
+    "max_text_len": None,
+    "steps": None,
+    "cfg": None,
+    "dtype": "bfloat16",
+    "batch_size": 8,
+}
 
 
 def synthesize(s: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +95,9 @@ def sample(s: dict[str, Any]) -> dict[str, Any]:
     mcfg = lightgen_config(resolve_spec(s.get("model", "lightgen")))
     res, B = s.get("resolution", mcfg.base_resolution), s.get("batch_size", 64)
     d = mcfg.sampling_defaults().replace(steps=s.get("steps"), cfg=s.get("cfg"))
-    enc = encoders(s.get("vae") or mcfg.vae, s.get("text_encoder") or mcfg.text_encoder, "bfloat16",
-                   mcfg.max_text_len, res)  # fmt: skip
+    enc = encoders(
+        s.get("vae") or mcfg.vae, s.get("text_encoder") or mcfg.text_encoder, "bfloat16", mcfg.max_text_len, res
+    )
     check_lightgen_pairing(mcfg, enc)
     with torch.no_grad():
         m, _ = measure(lambda: enc.text.states(["prompt"] * B)[0])

@@ -38,6 +38,10 @@ class SamplingDefaults:
         """A copy with the given (not None) settings changed."""
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
+    def keywords(self) -> dict[str, Any]:
+        """The settings as `sampling.masked_generation`'s keywords (num_iter, cfg, cfg_schedule, temperature)."""
+        return dict(num_iter=self.steps, cfg=self.cfg, cfg_schedule=self.cfg_schedule, temperature=self.temperature)
+
 
 def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float) -> None:
     """Raise ValueError naming the first bad sampling setting."""
@@ -55,9 +59,16 @@ def check_sampling(steps: int, cfg: float, cfg_schedule: str, temperature: float
 # machine runs out of memory): every width and size, every depth, and the estimated parameter count.
 MAX_WIDTH, MAX_DEPTH, MAX_PARAMETERS = 65_536, 1024, 100e9
 POSITIVE_INTS = (
-    "latent_channels", "vae_stride", "patch_size", "base_resolution", "text_dim", "max_text_len", "head_width",
-    "diffusion_batch_mul", "num_train_timesteps",
-)  # fmt: skip
+    "latent_channels",
+    "vae_stride",
+    "patch_size",
+    "base_resolution",
+    "text_dim",
+    "max_text_len",
+    "head_width",
+    "diffusion_batch_mul",
+    "num_train_timesteps",
+)
 DEPTHS = ("text_aligner_depth", "head_depth")
 STACKS = ("encoder", "decoder", "cross")  # the transformer stacks: each a `Stack` field of ModelConfig
 STACK_RANGES = {"dim": (1, MAX_WIDTH), "depth": (0, MAX_DEPTH), "heads": (1, MAX_WIDTH)}
@@ -340,6 +351,7 @@ def _stacks(dim: int, depth: int, heads: int) -> dict[str, Stack]:
     return dict.fromkeys(STACKS, Stack(dim, depth, heads))
 
 
+# a table read across: one preset a few lines, so the presets compare at a glance (the formatter would give 60)
 PRESETS: dict[str, dict[str, Any]] = {
     # < 2 M parameters: unit tests and smoke runs (pixel tokens of a 32-px image, 384-dim MiniLM text)
     "debug": {

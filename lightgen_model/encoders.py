@@ -246,8 +246,10 @@ class FullLengthTokenizer:
     def __call__(self, captions: list[str], max_length: int = 128, return_tensors: str = "pt", **_: object) -> dict:
         """{"input_ids", "attention_mask"}: (B, max_length) zeros and ones."""
         n = len(captions)
-        return {"input_ids": torch.zeros(n, max_length, dtype=torch.long),
-                "attention_mask": torch.ones(n, max_length, dtype=torch.long)}  # fmt: skip
+        return {
+            "input_ids": torch.zeros(n, max_length, dtype=torch.long),
+            "attention_mask": torch.ones(n, max_length, dtype=torch.long),
+        }
 
 
 class HFTextEncoder:
@@ -299,8 +301,13 @@ class HFTextEncoder:
         states, masks = [], []
         with self._lock:
             for i in range(0, len(captions), self.batch_size):
-                enc = self.tokenizer(list(captions[i : i + self.batch_size]), padding="max_length", truncation=True,
-                                     max_length=length, return_tensors="pt")  # fmt: skip
+                enc = self.tokenizer(
+                    list(captions[i : i + self.batch_size]),
+                    padding="max_length",
+                    truncation=True,
+                    max_length=length,
+                    return_tensors="pt",
+                )
                 ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, length, D)
                 states.append(hidden.float().cpu())

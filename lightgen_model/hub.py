@@ -75,14 +75,20 @@ class WeightsMismatchError(ValueError):
 
     def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        parts = [f"{len(keys)} {what if len(keys) == 1 else many} ({self._first(keys)})"
-                 for what, many, keys in self.kinds() if keys]  # fmt: skip
+        parts = [
+            f"{len(keys)} {what if len(keys) == 1 else many} ({self._first(keys)})"
+            for what, many, keys in self.kinds()
+            if keys
+        ]
         super().__init__(f"{source}: {', '.join(parts)}")
 
     def kinds(self) -> list[tuple[str, str, list[str]]]:
         """(what one is, what several are, keys) for the missing keys, unexpected ones and those of another shape."""
-        return [("missing key", "missing keys", self.missing), ("unexpected key", "unexpected keys", self.unexpected),
-                ("key of another shape", "keys of another shape", self.mismatched)]  # fmt: skip
+        return [
+            ("missing key", "missing keys", self.missing),
+            ("unexpected key", "unexpected keys", self.unexpected),
+            ("key of another shape", "keys of another shape", self.mismatched),
+        ]
 
     @classmethod
     def _first(cls, keys: list[str]) -> str:

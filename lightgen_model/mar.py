@@ -96,9 +96,16 @@ class LightGen(nn.Module):
         self.cross_norm = layer_norm(dc)
         self._init_weights()
         self.diffloss = DiffusionHead(
-            cfg.token_dim, dc, cfg.head_width, cfg.head_depth, cfg.num_train_timesteps,
-            cfg.num_sampling_steps, cfg.noise_schedule, cfg.prediction, cfg.learn_sigma,
-        )  # fmt: skip
+            cfg.token_dim,
+            dc,
+            cfg.head_width,
+            cfg.head_depth,
+            cfg.num_train_timesteps,
+            cfg.num_sampling_steps,
+            cfg.noise_schedule,
+            cfg.prediction,
+            cfg.learn_sigma,
+        )
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def _init_weights(self) -> None:
@@ -289,9 +296,15 @@ class LightGen(nn.Module):
         z, target = self.masked_states(tokens, mask, self.latent_grid(latents), text, text_mask, text_drop, generator)
         mul = self.cfg.diffusion_batch_mul if t is None else t.shape[0]
         per_draw = self.diffloss.loss(
-            target.flatten(0, 1), z.flatten(0, 1), mul, generator, reduction="none", vlb=vlb,
-            t=None if t is None else t.reshape(-1), noise=None if noise is None else noise.reshape(-1, noise.shape[-1]),
-        )  # fmt: skip  # (mul * B * m,), repeat-major
+            target.flatten(0, 1),
+            z.flatten(0, 1),
+            mul,
+            generator,
+            reduction="none",
+            vlb=vlb,
+            t=None if t is None else t.reshape(-1),
+            noise=None if noise is None else noise.reshape(-1, noise.shape[-1]),
+        )  # (mul * B * m,), repeat-major
         if reduction == "mean":
             return per_draw.mean()
         return per_draw.view(mul, B, -1).mean(dim=(0, 2))

@@ -29,13 +29,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.inputs import expand
+from pipeline.inputs import expand, ext
 
 CAPTIONS_FORMAT = "lightgen-captions"
 CAPTION_EXTS = ("jsonl", "json", "parquet", "csv", "tar")
 SHAPES = "shapes"  # the built-in source name in reports
 READ_ERRORS = ("missing_field", "bad_record", "bad_json", "bad_utf8")
-_NOT_INPUTS = ("manifest.json", "report.json", "diversity.json", "rejects.parquet")
 CHUNK_BYTES = 16 << 20  # JSONL bytes per read task
 CHUNK_ROWS = 100_000  # Parquet rows per read task (whole row groups)
 
@@ -78,7 +77,7 @@ def expand_caption_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
     files: set[str] = set()
     for spec in map(str, inputs):
         listed = _manifest_shards(spec)
-        files.update(listed if listed is not None else expand([spec], keep=lambda p: _ext(str(p)) in CAPTION_EXTS))
+        files.update(listed if listed is not None else expand([spec], keep=lambda p: ext(p) in CAPTION_EXTS))
     if not files:
         raise ValueError(
             f"no caption files ({', '.join(CAPTION_EXTS)}) found in inputs: {[storage.public(str(p)) for p in inputs]}"
@@ -100,10 +99,6 @@ def _manifest_shards(spec: str) -> list[str] | None:
     return [storage.join(storage.uri_of(fs, root, spec), s["name"]) for s in meta["shards"]]
 
 
-def _ext(path: str) -> str:
-    return posixpath.basename(path).rsplit(".", 1)[-1].lower()
-
-
 def _name(path: str) -> str:
     """The file name of a local path or URI (the `ref` prefix of its rows)."""
     return posixpath.basename(path)
@@ -114,7 +109,7 @@ def plan_reads(inputs: Sequence[str | os.PathLike], field: str, chunk_bytes: int
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     tasks: list[ReadTask] = []
     for path in expand_caption_inputs(inputs) if inputs else []:
-        kind = _ext(path)
+        kind = ext(path)
         if kind == "parquet":
             tasks += _plan_parquet(path, field)
         elif kind == "jsonl" or (kind == "json" and _size(path) > chunk_bytes and not _one_document(path)):

@@ -184,7 +184,7 @@ def finalize_chunk(work: str, chunk: int, offset: int, parts: int, cover_block: 
     sl = slice(offset, offset + len(table))
     g = {k: np.asarray(wf.load_npy(Path(work) / f"{k}.npy")[sl]) for k in ("status", "partner", "baseline")}
     near = {k: np.asarray(wf.load_npy(Path(work) / f"near_{k}.npy")[sl]) for k in ("jaccard", "edits", "swapped")}
-    rejects = rejects_table(table, g["status"], g["partner"], near)
+    rejects = chunk_rejects(table, g["status"], g["partner"], near)
     wf.write_arrow(wf.work_path(work, "rejects", f"c{chunk:05d}.arrow"), rejects)
     pool = np.flatnonzero((g["status"] == 0) | (g["status"] == CODE["not_selected"]))
     x = wf.load_npy(wf.work_path(work, "emb", f"c{chunk:05d}.npy"), mmap=False)
@@ -222,7 +222,7 @@ def finalize_chunk(work: str, chunk: int, offset: int, parts: int, cover_block: 
     return {"chunk": chunk, "rejects": len(rejects)}
 
 
-def rejects_table(table: pa.Table, status: np.ndarray, partner: np.ndarray, near: dict) -> pa.Table:
+def chunk_rejects(table: pa.Table, status: np.ndarray, partner: np.ndarray, near: dict) -> pa.Table:
     """Rejects rows {id, source, reason, detail} of a chunk's removed rows, in row order."""
     rows = []
     texts, refs, cids = (table.column(c).to_pylist() for c in ("text", "ref", "cid"))
@@ -251,11 +251,13 @@ def shard_spans(kept: list[int], offsets: list[int], shard_size: int, sources: l
     plan = []
     for start in range(0, first[-1], shard_size):
         stop = min(start + shard_size, first[-1])
-        plan.append([
-            (c, offsets[c], max(0, start - first[c]), min(stop, first[c + 1]) - max(start, first[c]), sources[c])
-            for c in range(len(kept))
-            if first[c] < stop and first[c + 1] > start
-        ])  # fmt: skip
+        plan.append(
+            [
+                (c, offsets[c], max(0, start - first[c]), min(stop, first[c + 1]) - max(start, first[c]), sources[c])
+                for c in range(len(kept))
+                if first[c] < stop and first[c + 1] > start
+            ]
+        )
     return plan
 
 

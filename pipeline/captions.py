@@ -370,8 +370,14 @@ class CaptionBuild:
         cluster[self.pool] = self.labels
         cover_idx = dv.select_random(n_pool, COVER_SAMPLE, cfg.seed + 1)
         cover_in = np.stack([np.ones(len(cover_idx), bool), ~not_chosen[cover_idx], baseline[self.pool[cover_idx]]], 1)
-        self._save(status=self.status, partner=self.partner, baseline=baseline, cluster=cluster,
-                   cover=self.pool_embeddings(cover_idx), cover_in=cover_in)  # fmt: skip
+        self._save(
+            status=self.status,
+            partner=self.partner,
+            baseline=baseline,
+            cluster=cluster,
+            cover=self.pool_embeddings(cover_idx),
+            cover_in=cover_in,
+        )
         self._timed("select", t0)
 
     def finalize(self) -> dict[str, Any]:

@@ -37,10 +37,10 @@ from pipeline.dpo_config import PairsConfig, judge_content, loser_seed, resolve
 from pipeline.encode import Encoders, f16_column
 from pipeline.images import RejectError, center_crop_resize, decode_image
 from pipeline.judge import judge_name
-from pipeline.judge_stage import JudgeStage, ask_judge, judgements_dir, load_judge, quiet_hf
+from pipeline.judge_stage import JudgeStage, ask_judge, judgements_dir, load_judge
 from pipeline.schema import JUDGEMENT_FORMAT, MANIFEST, PAIR_FORMAT, PAIR_SCHEMA, PAIR_SCHEMA_VERSION
 from pipeline.shards import rejects_name, shard_name
-from pipeline.stage import Output, Reject, Stage, WorkUnit
+from pipeline.stage import Output, Reject, Stage, WorkUnit, quiet_hf
 from pipeline.storage import Storage
 
 __all__ = ["PairsConfig", "PairsStage", "loser_seed", "run_build_dpo_pairs"]
@@ -180,10 +180,14 @@ class PairsStage(Stage):
 
         s = self.res.sampling  # the given settings, the model's recorded ones for the rest
         out = self.pipe(
-            captions, num_inference_steps=s["steps"], guidance_scale=s["cfg"], guidance_schedule=s["cfg_schedule"],
-            temperature=s["temperature"], resolution=self.res.resolution,
+            captions,
+            num_inference_steps=s["steps"],
+            guidance_scale=s["cfg"],
+            guidance_schedule=s["cfg_schedule"],
+            temperature=s["temperature"],
+            resolution=self.res.resolution,
             generator=[torch.Generator().manual_seed(s) for s in seeds],
-        )  # fmt: skip
+        )
         ok = torch.isfinite(out.latents.float()).flatten(1).all(1)
         return [np.asarray(im.convert("RGB")) if bool(ok[i]) else None for i, im in enumerate(out.images)]
 
@@ -235,9 +239,12 @@ class PairsStage(Stage):
         from PIL import Image
 
         judged = ask_judge(
-            self.loser_judge, [Image.fromarray(r[3]) for r in rows], [r[0].caption for r in rows],
-            [r[0].metadata for r in rows], self.cfg.min_judge_score,
-        )  # fmt: skip
+            self.loser_judge,
+            [Image.fromarray(r[3]) for r in rows],
+            [r[0].caption for r in rows],
+            [r[0].metadata for r in rows],
+            self.cfg.min_judge_score,
+        )
         kept = []
         for (it, text, seed, loser, _), j in zip(rows, judged, strict=True):
             if isinstance(j, str):  # the judge refused the image

@@ -83,11 +83,18 @@ def flux_images(pipe: Any, batch: int, resolution: int, steps: int, guidance: fl
     ids = lambda n: torch.zeros(batch, n, dtype=torch.long, device="meta")
     t5, t5_out = measure(lambda: pipe.text_encoder_2(input_ids=ids(text_len)).last_hidden_state)
     clip, pooled = measure(lambda: pipe.text_encoder(input_ids=ids(77)).pooler_output)
-    call = lambda n: pipe(
-        prompt_embeds=t5_out, pooled_prompt_embeds=pooled, height=resolution, width=resolution,
-        num_inference_steps=n, guidance_scale=guidance, output_type="latent",
-        generator=[torch.Generator().manual_seed(i) for i in range(batch)],
-    ).images  # fmt: skip
+    call = lambda n: (
+        pipe(
+            prompt_embeds=t5_out,
+            pooled_prompt_embeds=pooled,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=n,
+            guidance_scale=guidance,
+            output_type="latent",
+            generator=[torch.Generator().manual_seed(i) for i in range(batch)],
+        ).images
+    )
     one, latents = measure(lambda: call(1))
     two, _ = measure(lambda: call(2))
     one.flops += (steps - 1) * (two.flops - one.flops)
@@ -184,8 +191,9 @@ def sample_items(model: Any, batch: int, resolution: int, steps: int, cfg: float
     dtype = next(model.parameters()).dtype
     text = torch.empty(batch, text_len, mcfg.text_dim, device="meta", dtype=dtype)
     mask = torch.ones(batch, text_len, dtype=torch.bool)
-    run = lambda: generate(model, text, mask.to("meta"), resolution, num_iter=steps, cfg=cfg,
-                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    run = lambda: generate(
+        model, text, mask.to("meta"), resolution, num_iter=steps, cfg=cfg, generator=torch.Generator().manual_seed(0)
+    )
     try:
         with torch.device("meta"):
             head.sample_schedule = type(keep).respaced(_betas(mcfg), 1)
@@ -222,8 +230,15 @@ def judge_items(spec: str, batch: int, max_pixels: int, prompt_tokens: int = 120
     patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
     grid = torch.tensor([[1, g, g]] * batch)
     pixels = lambda: torch.empty(batch * g * g, patch_dim, device="meta", dtype=BF16)
-    fwd = lambda: model(input_ids=ids.to("meta"), attention_mask=torch.ones_like(ids).to("meta"),
-                        pixel_values=pixels(), image_grid_thw=grid.to("meta"), use_cache=False).logits  # fmt: skip
+    fwd = lambda: (
+        model(
+            input_ids=ids.to("meta"),
+            attention_mask=torch.ones_like(ids).to("meta"),
+            pixel_values=pixels(),
+            image_grid_thw=grid.to("meta"),
+            use_cache=False,
+        ).logits
+    )
     with torch.no_grad():
         m, _ = measure(fwd)
     return {"judge (Qwen2.5-VL prefill)": item_figures(m, model, batch, tokens=n_img + prompt_tokens, image_side=side)}

@@ -20,7 +20,7 @@ from pipeline.images import RejectError, center_crop_resize, decode_image
 from pipeline.options import DeviceOption, ImageLimits, StageConfig, opt
 from pipeline.schema import FORMAT, LATENT_SCHEMA, SCHEMA_VERSION
 from pipeline.sources import BlobReader, JsonlIndex, Raw, input_folders, read_raws, unit_records
-from pipeline.stage import Output, Reject, Stage, WorkUnit
+from pipeline.stage import Output, Reject, Stage, WorkUnit, quiet_hf
 
 # Settings whose change changes the rows: a resume refuses to mix shards made with different values.
 CONTENT_KEYS = ("vae", "text_encoder", "resolution", "max_text_len", "dtype", "max_pixels", "min_size")
@@ -83,13 +83,6 @@ def _vae_stride(spec: str) -> int:
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
-def _quiet_hf() -> None:
-    """No per-worker "Loading weights" bars from transformers: the run shows one progress bar, over shards."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def f16_column(arrays: Sequence[np.ndarray]) -> pa.LargeListArray:
     """Flattened float16 arrays -> a large_list<float16> column without copying per row."""
     flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float16)
@@ -140,11 +133,6 @@ def _reject(rec: Raw, reason: str, detail: str) -> Reject:
     return Reject(rec.id, rec.source, reason, detail)
 
 
-def _is_input(p: Path) -> bool:
-    """Tar shards and image files are inputs of this stage."""
-    return inputs.ext(p) == "tar" or inputs.ext(p) in inputs.IMAGE_EXTS
-
-
 class LatentEncoder(Stage):
     """Stage: records -> rows of `LATENT_SCHEMA`. Loads the image tokenizer and text encoder once per worker."""
 
@@ -171,7 +159,7 @@ class LatentEncoder(Stage):
 
     def plan(self) -> list[WorkUnit]:
         """One unit per input tar, and one per `--shard-size` loose images."""
-        files = inputs.expand(self.cfg.inputs, keep=_is_input)
+        files = inputs.expand(self.cfg.inputs, keep=inputs.is_tar_or_image)
         if not files:
             raise ValueError(f"no .tar shards or images found in inputs: {list(self.cfg.inputs)}")
         return inputs.plan_units(files, self.cfg.shard_size)
@@ -184,7 +172,7 @@ class LatentEncoder(Stage):
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        _quiet_hf()
+        quiet_hf()
         vae, text = storage.local_copy(cfg.vae), storage.local_copy(cfg.text_encoder)  # remote folders: cached copies
         enc = Encoders(vae, text, resolve_device(cfg.device), cfg.dtype, cfg.max_text_len, cfg.resolution)
         self.encoders, self.tokenizer, self.text, self.moments_shape = enc, enc.tokenizer, enc.text, enc.moments_shape

@@ -123,6 +123,11 @@ def ext(path: str | os.PathLike) -> str:
     return PurePosixPath(str(path)).suffix.lower().lstrip(".")
 
 
+def is_tar_or_image(path: str | os.PathLike) -> bool:
+    """Tar shards and image files: the inputs of the stages that read images."""
+    return ext(path) == "tar" or ext(path) in IMAGE_EXTS
+
+
 def common_base(files: Sequence[str]) -> str:
     """The common parent folder of `files` (ids are relative to it); URIs keep their scheme."""
     if not files:

@@ -124,8 +124,22 @@ def consistency(stage: StageDir, rejects: RejectSample) -> str:
 
 def settings_line(m: dict) -> str:
     """The manifest's stage-specific scalar fields (teacher, encoders, judge, resolution...) on one line."""
-    skip = {"format", "schema_version", "stage", "code_version", "config_digest", "n_shards", "complete", "rows",
-            "rejected", "inputs", "rows_per_shard", "shards", "config", "sampling"}  # fmt: skip
+    skip = {
+        "format",
+        "schema_version",
+        "stage",
+        "code_version",
+        "config_digest",
+        "n_shards",
+        "complete",
+        "rows",
+        "rejected",
+        "inputs",
+        "rows_per_shard",
+        "shards",
+        "config",
+        "sampling",
+    }
     return ", ".join(f"{k} {v}" for k, v in m.items() if k not in skip and not isinstance(v, dict))
 
 
@@ -149,8 +163,15 @@ def rejects_section(rejects: RejectSample) -> str:
         return tag("h2", "Rejects") + tag("p", "none", class_="muted")
     rows = []
     for reason, n in sorted(rejects.counts.items(), key=lambda x: -x[1]):
-        rows.append(tag("tr", tag("th", esc(reason)) + tag("th", n) + "<th></th>", class_="reason",
-                        data_reason=reason, data_count=n))  # fmt: skip
+        rows.append(
+            tag(
+                "tr",
+                tag("th", esc(reason)) + tag("th", n) + "<th></th>",
+                class_="reason",
+                data_reason=reason,
+                data_count=n,
+            )
+        )
         for r in rejects.examples.get(reason, [])[:EXAMPLES_PER_REASON]:
             detail = r["detail"] if len(r["detail"]) <= 400 else r["detail"][:400] + "..."
             rows.append(cells([r["id"], r["source"], detail], class_="reject", data_reason=reason, data_id=r["id"]))

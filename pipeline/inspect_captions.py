@@ -62,7 +62,7 @@ def cluster_section(stage: StageDir, limit: int, seed: int) -> str:
     for c, n in zip(labels.tolist(), counts.tolist(), strict=True):
         rows = by_cluster.get(c, [])
         head = tag("h3", f"cluster {c}: {n} captions, {len(rows)} shown")
-        items = tag("ul", "".join(caption_item(r) for r in rows))
+        items = tag("ul", "".join(caption_li(r) for r in rows))
         parts.append(tag("section", head + items, class_="cluster", data_cluster=c, data_count=n))
     return "".join(parts)
 
@@ -82,7 +82,7 @@ def pick_per_cluster(index: Any, limit: int, seed: int) -> dict[int, list[int]]:
     return {s: sorted(rows) for s, rows in picks.items()}
 
 
-def caption_item(row: dict[str, Any]) -> str:
+def caption_li(row: dict[str, Any]) -> str:
     """One sampled caption as a list item; its id, source and metadata on hover."""
     meta = row.get("metadata") or ""
     title = f"id {row['id']}\nsource {row['source']}" + (f"\n{json.dumps(json.loads(meta), indent=1)}" if meta else "")

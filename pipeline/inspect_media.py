@@ -111,8 +111,21 @@ def latents_section(stage: StageDir, limit: int, seed: int, vae: str | None) -> 
 def pairs_section(stage: StageDir, limit: int, seed: int, vae: str | None) -> str:
     """Winner and loser of seeded random pairs side by side, with the judge's answer and the loser's settings."""
     decoder = MomentsDecoder(stage.manifest.get("vae", ""), vae)
-    cols = ["id", "caption", "moments_shape", "winner_moments", "loser_moments", "judge", "judge_answer",
-            "judge_score", "loser_model", "loser_seed", "sampling", "loser_judge_answer", "loser_judge_score"]  # fmt: skip
+    cols = [
+        "id",
+        "caption",
+        "moments_shape",
+        "winner_moments",
+        "loser_moments",
+        "judge",
+        "judge_answer",
+        "judge_score",
+        "loser_model",
+        "loser_seed",
+        "sampling",
+        "loser_judge_answer",
+        "loser_judge_score",
+    ]
     t = read_sampled_rows(stage, sample_positions(stage.rows_per_shard, limit, seed), cols)
     winners = decoder(moments_array(t, "winner_moments")) if decoder.can_decode and len(t) else []
     losers = decoder(moments_array(t, "loser_moments")) if winners else []

@@ -50,7 +50,7 @@ from pipeline.sources import (
     read_raws,
     unit_records,
 )
-from pipeline.stage import Output, Reject, Stage, WorkUnit
+from pipeline.stage import Output, Reject, Stage, WorkUnit, quiet_hf
 
 JUDGEMENTS = "judgements"  # sub-folder of the pairs output holding the judge stage's output
 CAPTION_FIELDS = ("caption", "prompt", "text", "TEXT")
@@ -80,13 +80,6 @@ def relative_source(source: str, base: str) -> str:
 def judgements_dir(output: str) -> str:
     """`<output>/judgements`: where the judge stage of a `build-dpo-pairs` run writes (paths or URIs)."""
     return f"{str(output).rstrip('/')}/{JUDGEMENTS}"
-
-
-def quiet_hf() -> None:
-    """No per-worker weight-loading bars: the run shows its own progress."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------------ reading inputs
@@ -217,10 +210,16 @@ def load_judge(cfg: PairsConfig) -> Judge:
         quiet_hf()
     model = str(Path(storage.local_copy(cfg.judge_model)).resolve()) if cfg.judge_model else None
     return build_judge(
-        cfg.judge_backend, model, device=cfg.device, dtype=cfg.judge_dtype, max_new_tokens=cfg.judge_max_new_tokens,
-        max_pixels=cfg.judge_max_pixels, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
-    )  # fmt: skip
+        cfg.judge_backend,
+        model,
+        device=cfg.device,
+        dtype=cfg.judge_dtype,
+        max_new_tokens=cfg.judge_max_new_tokens,
+        max_pixels=cfg.judge_max_pixels,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        max_model_len=cfg.vllm_max_model_len,
+        seed=cfg.seed,
+    )
 
 
 def ask_judge(
@@ -360,16 +359,29 @@ class JudgeStage(Stage):
                 rejects.append(Reject(s.raw.id, s.raw.source, "judge_error", j))
                 continue
             rows.append(
-                {"id": s.raw.id, "source": s.where, "caption": s.raw.caption, "image": s.raw.image,
-                 "metadata": None if s.metadata is None else json.dumps(s.metadata, sort_keys=True),
-                 "aesthetic": s.aesthetic, "judge": self.judge.name, "judge_answer": j.answer,
-                 "judge_score": j.score, "kept": j.kept, "reason": j.reason, "detail": j.detail}
-            )  # fmt: skip
+                {
+                    "id": s.raw.id,
+                    "source": s.where,
+                    "caption": s.raw.caption,
+                    "image": s.raw.image,
+                    "metadata": None if s.metadata is None else json.dumps(s.metadata, sort_keys=True),
+                    "aesthetic": s.aesthetic,
+                    "judge": self.judge.name,
+                    "judge_answer": j.answer,
+                    "judge_score": j.score,
+                    "kept": j.kept,
+                    "reason": j.reason,
+                    "detail": j.detail,
+                }
+            )
         return Output(pa.Table.from_pylist(rows, schema=JUDGEMENT_SCHEMA), rejects)
 
     def _ask(self, items: Sequence[Sample]) -> list[Judgement | str]:
         """Judgements for a batch (`ask_judge`)."""
         return ask_judge(
-            self.judge, [s.pixels for s in items], [s.raw.caption for s in items], [s.metadata for s in items],
+            self.judge,
+            [s.pixels for s in items],
+            [s.raw.caption for s in items],
+            [s.metadata for s in items],
             self.cfg.min_judge_score,
-        )  # fmt: skip
+        )

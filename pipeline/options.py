@@ -25,8 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 RUN_FIELDS = (
-    "workers", "gpus_per_worker", "cpus_per_worker", "shard_size", "ray_address", "overwrite", "progress", "dry_run",
-)  # fmt: skip
+    "workers",
+    "gpus_per_worker",
+    "cpus_per_worker",
+    "shard_size",
+    "ray_address",
+    "overwrite",
+    "progress",
+    "dry_run",
+)
 
 
 def opt(
@@ -106,9 +113,10 @@ class DeviceOption:
 
     device: str = opt("auto", "auto (cuda if a worker sees a GPU), cpu, cuda[:N].")
     dry_run: bool = opt(
-        False, "Build the models on the meta device from their configs (conf/models names work) and report FLOPs, "
-        "memory and shapes of one batch; read no weights, write nothing."
-    )  # fmt: skip
+        False,
+        "Build the models on the meta device from their configs (conf/models names work) and report FLOPs, "
+        "memory and shapes of one batch; read no weights, write nothing.",
+    )
 
 
 @dataclass

@@ -4,7 +4,7 @@
 2. It holds the output folder (one run at a time: an flock on a local folder, a lease on object storage;
    `pipeline/locks.py`) and prepares it: `--overwrite` clears it; temporaries of a killed run and shards beyond the
    plan go; a folder made with other settings is refused.
-3. Every unit goes to a worker (`run_unit`), which keeps a finished shard only if its receipt matches the unit and
+3. Every unit goes to a worker (`UnitRunner`), which keeps a finished shard only if its receipt matches the unit and
    config digests and the shard's sha256 still matches the receipt, and otherwise reads its inputs, calls
    `stage.process` batch by batch and publishes the shard, its rejects and then its receipt (atomic writes; the
    receipt last, so a shard counts as finished only when all three are there). Only the receipt, a few hundred
@@ -33,7 +33,17 @@ import pyarrow.parquet as pq
 
 from pipeline import locks
 from pipeline.schema import MANIFEST, REJECT_SCHEMA, with_metadata
-from pipeline.shards import DIVERSITY, REJECTS, REPORT, code_version, digest, parquet_writer, rejects_name, shard_name
+from pipeline.shards import (
+    DIVERSITY,
+    REJECTS,
+    REPORT,
+    code_version,
+    digest,
+    parquet_writer,
+    rejects_name,
+    rejects_table,
+    shard_name,
+)
 from pipeline.stage import Output, Reject, Stage, WorkUnit, batched
 from pipeline.storage import TMP_MARK, Storage, public, public_values
 
@@ -88,12 +98,6 @@ class _ShardOut:
         self.writer.close()
 
 
-def _rejects_table(rejects: list[Reject], meta: dict[str, Any]) -> pa.Table:
-    """Rejects as a table with `REJECT_SCHEMA` carrying the shard metadata."""
-    cols = {f.name: pa.array([getattr(r, f.name) for r in rejects], f.type) for f in REJECT_SCHEMA}
-    return pa.table(cols, schema=with_metadata(REJECT_SCHEMA, meta))
-
-
 def finished(store: Storage, index: int, name: str, expect: dict[str, Any]) -> dict | None:
     """The receipt of shard `index` (file `name`) if it holds the `expect`ed digests, its rejects file is there and
     the shard's size and sha256 still match; else None (the shard is redone)."""
@@ -121,7 +125,7 @@ def publish_receipt(
     `unit_digest` (where the inputs were and when they changed) goes into the receipt only, never into the files: a
     shard's bytes depend on its rows and settings, not on where its inputs lived."""
     with store.writer(rejects_name(index)) as stream:
-        pq.write_table(_rejects_table(rejects, meta), stream, compression="zstd")
+        pq.write_table(rejects_table(map(asdict, rejects), meta), stream, compression="zstd")
     receipt = {
         "index": index,
         "name": name,

@@ -146,7 +146,7 @@ def read_manifest(directory: str | Path, formats: tuple[str, ...], what: str) ->
         )
     try:
         manifest = json.loads(storage.read_bytes(path))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IncompatibleShardsError(f"{shown} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") not in formats:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import REJECT_SCHEMA
+from pipeline.schema import REJECT_SCHEMA, with_metadata
 
 REJECTS = "rejects.parquet"
 REPORT = "report.json"
@@ -46,10 +46,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def rejects_table(rejects: Iterable[dict[str, str]]) -> pa.Table:
-    """Rows of {id, source, reason, detail} as a table with `REJECT_SCHEMA`."""
+def rejects_table(rejects: Iterable[dict[str, str]], meta: dict[str, Any] | None = None) -> pa.Table:
+    """Rows of {id, source, reason, detail} as a table with `REJECT_SCHEMA` (carrying `meta`, if given)."""
     rows = list(rejects)
-    return pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in REJECT_SCHEMA}, REJECT_SCHEMA)
+    schema = REJECT_SCHEMA if meta is None else with_metadata(REJECT_SCHEMA, meta)
+    return pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in REJECT_SCHEMA}, schema)
 
 
 def _float16_leaves(schema: pa.Schema) -> list[str]:

@@ -25,14 +25,13 @@ import posixpath
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from pipeline import storage
 from pipeline.images import RejectError
 from pipeline.stage import Reject, WorkUnit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-FOLDER_IMAGE_EXTS = (*IMAGE_EXTS, "bmp", "tif", "tiff")
 CAPTION_KEYS = ("caption", "prompt", "text")
 # The largest input member read into memory (an image file or caption): a tar header can declare any size.
 MAX_MEMBER_BYTES = 256 << 20
@@ -75,16 +74,10 @@ class Record:
         return Record(d["id"], d["source"], blob(d["image"]), blob(d["caption"]), d["caption_kind"], d["error"])
 
 
-def _ext(name: str) -> str:
+def _member_ext(name: str) -> str:
     """Lower-case extension after the first dot of the base name ('a/b.x.json' -> 'x.json')."""
     base = name.rsplit("/", 1)[-1]
     return base.split(".", 1)[1].lower() if "." in base else ""
-
-
-def _is_input(p: PurePosixPath) -> bool:
-    """Tar shards and image files."""
-    ext = p.suffix.lower().lstrip(".")
-    return ext == "tar" or ext in FOLDER_IMAGE_EXTS
 
 
 def input_folders(inputs: Sequence[str | Path]) -> list[str]:
@@ -104,9 +97,11 @@ def list_records(inputs: Sequence[str | Path]) -> list[Record]:
     """
     from pipeline import inputs as inputs_mod
 
-    files = inputs_mod.expand(inputs, keep=_is_input)
+    files = inputs_mod.expand(inputs, keep=inputs_mod.is_tar_or_image)
     if not files:
-        raise ValueError(f"no .tar shards or images ({', '.join(FOLDER_IMAGE_EXTS)}) found in inputs: {list(inputs)}")
+        raise ValueError(
+            f"no .tar shards or images ({', '.join(inputs_mod.IMAGE_EXTS)}) found in inputs: {list(inputs)}"
+        )
     folders = input_folders(inputs)
     units = inputs_mod.plan_units(files, shard_size=max(1, len(files)))
     return [rec for unit in units for rec in unit_records(unit, folders)]
@@ -166,7 +161,7 @@ def _tar_records(tar: str, base: str) -> list[Record]:
                 base_name = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and not base_name.startswith("."):
                     key = member.name[: len(member.name) - len(base_name)] + base_name.split(".", 1)[0]
-                    groups.setdefault(key, {}).setdefault(_ext(member.name), member)
+                    groups.setdefault(key, {}).setdefault(_member_ext(member.name), member)
             end = tf.offset
         # tarfile stops quietly at a header cut short; anything but zero padding after the last member means
         # samples were lost there.

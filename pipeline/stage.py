@@ -143,6 +143,13 @@ class Stage:
         return {}
 
 
+def quiet_hf() -> None:
+    """No per-worker "Loading weights" bars from transformers (call it in `setup`): the run shows one, over shards."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive lists of `size` items (the last may be shorter)."""
     batch: list[Any] = []

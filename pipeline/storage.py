@@ -55,10 +55,18 @@ def public(spec: str) -> str:
 
 # The environment that decides which store a URI reaches and how: a filesystem object is made once per value set.
 STORAGE_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "LIGHTGEN_S3_RETRIES", "LIGHTGEN_S3_CONNECT_TIMEOUT",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "LIGHTGEN_S3_RETRIES",
+    "LIGHTGEN_S3_CONNECT_TIMEOUT",
     "LIGHTGEN_S3_REQUEST_TIMEOUT",
-)  # fmt: skip
+)
 # Values never shown in a message (an endpoint says where a private store is; keys are secrets).
 _SECRET_ENV = STORAGE_ENV[:5]
 

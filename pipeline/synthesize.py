@@ -124,7 +124,7 @@ def _parquet_record(row: dict[str, Any], field: str, path: str, i: int) -> Capti
     return CaptionRecord(path, ref, caption, meta, str(rid) if rid is not None else None, error)
 
 
-def read_parquet_rows(path: str, start: int, stop: int, field: str) -> list[CaptionRecord]:
+def read_caption_range(path: str, start: int, stop: int, field: str) -> list[CaptionRecord]:
     """Rows [start, stop) of a caption Parquet file: only the row groups that hold them, only the needed columns."""
     import pyarrow.parquet as pq
 
@@ -151,7 +151,7 @@ def _unit_records(unit: WorkUnit, field: str) -> Iterator[CaptionRecord | Reject
     name = posixpath.basename(path)
     try:
         if unit.kind == "parquet":
-            yield from read_parquet_rows(path, unit.start, unit.stop, field)
+            yield from read_caption_range(path, unit.start, unit.stop, field)
         elif storage.is_remote(path):
             yield from _remote_captions(path, field)
         else:
@@ -175,7 +175,7 @@ def _remote_captions(path: str, field: str) -> list[CaptionRecord]:
         return read_captions([Path(local)], field)
 
 
-def caption_item(r: CaptionRecord, seen: set[str], needs_metadata: bool) -> dict[str, Any] | Reject:
+def caption_work_item(r: CaptionRecord, seen: set[str], needs_metadata: bool) -> dict[str, Any] | Reject:
     """A caption record -> work item {id, key, caption, metadata, source}, or a `Reject` with its reason."""
     text = (r.caption or "").strip()
     try:
@@ -269,7 +269,7 @@ class SynthStage(Stage):
         seen: set[str] = set()
         needs_metadata = self.cfg.teacher == "shapes"
         for r in _unit_records(unit, self.cfg.field):
-            yield r if isinstance(r, Reject) else caption_item(r, seen, needs_metadata)
+            yield r if isinstance(r, Reject) else caption_work_item(r, seen, needs_metadata)
 
     def process(self, items: Sequence[dict[str, Any]]) -> Output:
         """One teacher call; kept images become tar samples, post-filtered ones rejects."""
@@ -308,17 +308,8 @@ class SynthStage(Stage):
 
     def report(self, counts: dict[str, Any]) -> dict[str, Any]:
         """Images drawn in this run and their rate."""
-        drawn = counts.get("written_this_run")
-        if drawn is None and counts["shards_run"] == 0:
-            drawn = 0
-        elif drawn is None and counts["shards_skipped"] == 0:
-            drawn = counts["written"]  # every shard ran in this run
-        # else: unknown from the counts alone (the runner's counts lack rows written by the shards run this time)
-        seconds = counts["seconds"]
-        return {
-            "images_this_run": drawn,
-            "images_per_s": round(drawn / seconds, 3) if drawn is not None and seconds > 0 else None,
-        }
+        drawn, seconds = counts["written_this_run"], counts["seconds"]
+        return {"images_this_run": drawn, "images_per_s": round(drawn / seconds, 3) if seconds > 0 else None}
 
 
 def run_synthesize(cfg: SynthConfig) -> dict[str, Any]:

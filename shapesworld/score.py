@@ -223,8 +223,9 @@ def _check_include(req: dict[str, Any], found: list[Detection], groups: list) ->
         colors = [d.color for d in found]
         if colors.count(req["color"]) < count:
             seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
-            return [f"expected {req['color']} {cls}>={count}, found {colors.count(req['color'])} "
-                    f"{req['color']}; and {seen}"]  # fmt: skip
+            return [
+                f"expected {req['color']} {cls}>={count}, found {colors.count(req['color'])} {req['color']}; and {seen}"
+            ]
     if "position" in req:
         rel, target = req["position"]
         if target >= len(groups) or groups[target] is None:  # GenEval would raise on a forward index
@@ -361,11 +362,17 @@ def score_folder(path: str | Path, json_path: str | Path | None = None) -> dict[
     for meta, samples in read_geneval_folder(path):
         for sample in samples:
             verdict = score_image(read_sample(sample), meta)
-            results.append({
-                "filename": str(sample), "tag": meta["tag"], "prompt": meta.get("prompt", ""),
-                "correct": verdict.correct, "reason": verdict.reason, "metadata": meta,
-                "detections": [d.as_dict() for d in verdict.detections],
-            })  # fmt: skip
+            results.append(
+                {
+                    "filename": str(sample),
+                    "tag": meta["tag"],
+                    "prompt": meta.get("prompt", ""),
+                    "correct": verdict.correct,
+                    "reason": verdict.reason,
+                    "metadata": meta,
+                    "detections": [d.as_dict() for d in verdict.detections],
+                }
+            )
     summary = summarize(results)
     out = Path(json_path) if json_path else Path(path) / "scores.json"
     tmp = out.with_name(out.name + ".tmp")

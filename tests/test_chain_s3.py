@@ -20,8 +20,14 @@ from pipeline.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("captions", "images", "latents", "pairs", "pairs/judgements")
-TRAIN = ["log.sample_count=0", "log.progress=false", "log.tensorboard=false", "train.threads=1",
-         "train.budget_minutes=null", "data.batch_size=8"]  # fmt: skip
+TRAIN = [
+    "log.sample_count=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "train.threads=1",
+    "train.budget_minutes=null",
+    "data.batch_size=8",
+]
 
 
 def stage(*args: str) -> None:
@@ -33,8 +39,15 @@ def stage(*args: str) -> None:
 
 def torchrun(script: str, *overrides: str) -> None:
     """A 2-process run of a trainer, as the README starts it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "training" / script), *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "training" / script),
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -52,16 +65,55 @@ def chain(root: str, work: Path) -> dict[str, object]:
     """Every stage with its folders under `root` (a local folder or an `s3://` URI); checkpoints in `work`."""
     at = lambda name: storage.join(root, name)
     stage("build-captions", "--shapes", "120", "--n", "48", "--embedder", "hash", "--output", at("captions"))
-    stage("synthesize", "--input", at("captions"), "--output", at("images"), "--teacher", "shapes",
-          "--resolution", "32", "--shard-size", "16")  # fmt: skip
+    stage(
+        "synthesize",
+        "--input",
+        at("captions"),
+        "--output",
+        at("images"),
+        "--teacher",
+        "shapes",
+        "--resolution",
+        "32",
+        "--shard-size",
+        "16",
+    )
     stage("encode-latents", "--input", at("images"), "--output", at("latents"), "--resolution", "32")
-    torchrun("pretrain.py", "--config", str(ROOT / "conf/shapes.yaml"), f"data.shards=[{at('latents')}]",
-             f"train.out_dir={work / 'pretrain'}", "train.max_steps=3", *TRAIN)  # fmt: skip
+    torchrun(
+        "pretrain.py",
+        "--config",
+        str(ROOT / "conf/shapes.yaml"),
+        f"data.shards=[{at('latents')}]",
+        f"train.out_dir={work / 'pretrain'}",
+        "train.max_steps=3",
+        *TRAIN,
+    )
     model = publish_model(work / "pretrain" / "model", at("models/pretrain"))
-    stage("build-dpo-pairs", "--input", at("images/part-00000.tar"), "--output", at("pairs"), "--model", model,
-          "--judge-backend", "shapes", "--steps", "2", "--batch-size", "8")  # fmt: skip
-    torchrun("dpo.py", "--config", str(ROOT / "conf/dpo_shapes.yaml"), f"model.init_from={model}",
-             f"dpo.pairs=[{at('pairs')}]", f"train.out_dir={work / 'dpo'}", "train.max_steps=2", *TRAIN)  # fmt: skip
+    stage(
+        "build-dpo-pairs",
+        "--input",
+        at("images/part-00000.tar"),
+        "--output",
+        at("pairs"),
+        "--model",
+        model,
+        "--judge-backend",
+        "shapes",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+    )
+    torchrun(
+        "dpo.py",
+        "--config",
+        str(ROOT / "conf/dpo_shapes.yaml"),
+        f"model.init_from={model}",
+        f"dpo.pairs=[{at('pairs')}]",
+        f"train.out_dir={work / 'dpo'}",
+        "train.max_steps=2",
+        *TRAIN,
+    )
     out: dict[str, object] = {}
     for name in STAGES:
         manifest = json.loads(storage.read_bytes(storage.join(at(name), "manifest.json")))

@@ -104,8 +104,9 @@ print(json.dumps(report))
 
 
 def test_a_kill_at_any_point_of_a_save_leaves_nothing_that_start_up_keeps(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-c", KILLER, str(ROOT), str(tmp_path)], capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", KILLER, str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     for name, rows in report.items():

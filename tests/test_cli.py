@@ -35,8 +35,20 @@ def test_model_info_from_directory_and_bad_preset(tmp_path) -> None:
     assert res.exception is None or isinstance(res.exception, SystemExit)  # a message, not a traceback
 
 
-SHARED = {"model": ..., "steps": None, "cfg": None, "cfg_schedule": None, "temperature": None, "seed": 0, "vae": None,
-          "text_encoder": None, "device": "auto", "dtype": "float32", "ema": True, "head_steps": None}  # fmt: skip
+SHARED = {
+    "model": ...,
+    "steps": None,
+    "cfg": None,
+    "cfg_schedule": None,
+    "temperature": None,
+    "seed": 0,
+    "vae": None,
+    "text_encoder": None,
+    "device": "auto",
+    "dtype": "float32",
+    "ema": True,
+    "head_steps": None,
+}
 
 
 @pytest.mark.parametrize("command", ["generate", "inpaint", "geneval"])

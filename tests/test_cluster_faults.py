@@ -114,8 +114,10 @@ def test_a_node_removed_mid_stage_has_its_units_redone_on_the_other(tmp_path, tw
     remover.join(5)
     assert at_removal and at_removal[0] < 6 and len([n for n in ray.nodes() if n["Alive"]]) == 1
     # A unit begun on the lost node was done again on the node that is left.
-    units = {node: {m.name.split(".", 1)[1].split("_")[0] for m in trace.glob(f"{node}.*")} for node in
-             {m.name.split(".", 1)[0] for m in trace.iterdir()}}  # fmt: skip
+    units = {
+        node: {m.name.split(".", 1)[1].split("_")[0] for m in trace.glob(f"{node}.*")}
+        for node in {m.name.split(".", 1)[0] for m in trace.iterdir()}
+    }
     lost, left = units.pop(worker.node_id, set()), set().union(*units.values())
     assert lost & left, (sorted(lost), sorted(left))
     assert report["written"] == 42 and report["shards"] == 6 and report["shards_run"] == 6
@@ -146,21 +148,47 @@ def test_a_collective_that_lost_its_peer_is_one_error_line_and_other_errors_stay
     assert D.collective_timeout_s() == 20.0
 
 
-TRAIN = ["--config", str(REPO / "conf/debug.yaml"), "log.sample_count=0", "log.progress=false", "data.batch_size=4",
-         "train.threads=1", "train.max_steps=40", "checkpoint.every_steps=5"]  # fmt: skip
+TRAIN = [
+    "--config",
+    str(REPO / "conf/debug.yaml"),
+    "log.sample_count=0",
+    "log.progress=false",
+    "data.batch_size=4",
+    "train.threads=1",
+    "train.max_steps=40",
+    "checkpoint.every_steps=5",
+]
 
 
 def torchrun(out: Path, shards: Path, node_rank: int | None = None, port: int = 0, **env: str) -> subprocess.Popen:
     """One node of two of one process each at a c10d rendezvous on 127.0.0.1:`port` (`node_rank` None: one launcher
     of two processes), in a session of its own so that a launcher can be killed as a machine dies."""
-    where = ["--standalone", "--nproc_per_node=2"] if node_rank is None else [
-        "--nnodes=2", f"--node_rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=lightgen-fault", "--nproc_per_node=1"]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", *where, str(REPO / "training/pretrain.py"), *TRAIN,
-           f"data.shards=[{shards}]", f"train.out_dir={out}"]  # fmt: skip
+    where = (
+        ["--standalone", "--nproc_per_node=2"]
+        if node_rank is None
+        else [
+            "--nnodes=2",
+            f"--node_rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=lightgen-fault",
+            "--nproc_per_node=1",
+        ]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *where,
+        str(REPO / "training/pretrain.py"),
+        *TRAIN,
+        f"data.shards=[{shards}]",
+        f"train.out_dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
 
 
 def two_launchers_at_step_10(out: Path, shards: Path, **env: str) -> tuple[subprocess.Popen, subprocess.Popen]:
@@ -190,8 +218,9 @@ def assert_one_error_line(node: subprocess.Popen, err: str, cause: str) -> None:
     """The trainer said why it stopped in one line, with no traceback of its own (torchrun adds its report)."""
     errors = [line for line in err.splitlines() if "error: " in line]
     assert node.returncode != 0 and len(errors) == 1, err[-3000:]
-    assert re.search(rf"error: rank 0 of 2: another process of this run is gone or does not answer \(.*{cause}",
-                     errors[0]), errors  # fmt: skip
+    assert re.search(
+        rf"error: rank 0 of 2: another process of this run is gone or does not answer \(.*{cause}", errors[0]
+    ), errors
     assert "training/trainer.py" not in err, err[-3000:]
 
 

@@ -22,9 +22,24 @@ REFERENCE = {"buffer_size": 0, "text_key_mask": False, "interpolate_offset": 0.1
 
 def _args(**over) -> argparse.Namespace:
     """The fields main_fluid.py's argparse gives, at the debug size (num_sampling_steps is a string there)."""
-    base = dict(model="fluid_debug", img_size=32, vae_embed_dim=3, vae_stride=1, patch_size=4, max_length=32,
-                mask_ratio_min=0.7, text_drop_prob=0.1, attn_dropout=0.0, proj_dropout=0.0, diffloss_d=2,
-                diffloss_w=64, num_sampling_steps="20", diffusion_batch_mul=2, cfg=1.0, output_dir="./out")  # fmt: skip
+    base = dict(
+        model="fluid_debug",
+        img_size=32,
+        vae_embed_dim=3,
+        vae_stride=1,
+        patch_size=4,
+        max_length=32,
+        mask_ratio_min=0.7,
+        text_drop_prob=0.1,
+        attn_dropout=0.0,
+        proj_dropout=0.0,
+        diffloss_d=2,
+        diffloss_w=64,
+        num_sampling_steps="20",
+        diffusion_batch_mul=2,
+        cfg=1.0,
+        output_dir="./out",
+    )
     return argparse.Namespace(**(base | over))
 
 
@@ -78,8 +93,9 @@ def test_converted_model_equals_the_source(tmp_path: Path) -> None:
     conv = from_pretrained(tmp_path / "out")  # eval mode
     text, mask = make_text(2, lengths=[7, 3])
     lat = torch.randn(2, 3, 32, 32)
-    assert torch.equal(src(lat, text, mask, torch.Generator().manual_seed(0)),
-                       conv(lat, text, mask, torch.Generator().manual_seed(0)))  # fmt: skip
+    assert torch.equal(
+        src(lat, text, mask, torch.Generator().manual_seed(0)), conv(lat, text, mask, torch.Generator().manual_seed(0))
+    )
     for res_px in (32, 48):  # 48 px exercises the positional interpolation with the reference's offset
         a = generate(src, text, mask, resolution=res_px, num_iter=4, generator=torch.Generator().manual_seed(3))
         b = generate(conv, text, mask, resolution=res_px, num_iter=4, generator=torch.Generator().manual_seed(3))
@@ -108,8 +124,9 @@ def test_token_geometry_without_args_needs_options(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "c.pth", {f"module.{k}": v for k, v in src.state_dict().items()}, None, None)
     res = _convert(ckpt, tmp_path / "out", "--heads", "4")
     assert res.exit_code == 2 and "z_proj takes 48-dim tokens, but latent_channels=16" in res.output, res.output
-    res = _convert(ckpt, tmp_path / "out", "--heads", "4", "--latent-channels", "3", "--patch-size", "4",
-                   "--vae-stride", "1")  # fmt: skip
+    res = _convert(
+        ckpt, tmp_path / "out", "--heads", "4", "--latent-channels", "3", "--patch-size", "4", "--vae-stride", "1"
+    )
     assert res.exit_code == 0, res.output  # DDP's "module." prefix is stripped
     assert load_config(tmp_path / "out").base_resolution == 32
 
@@ -185,14 +202,31 @@ def test_converted_model_samples_with_the_reference_settings_by_default(tmp_path
     from lightgen.api import LightGenPipeline
 
     src, ema = _source()
-    assert _convert(_checkpoint(tmp_path / "c.pth", src.state_dict(), ema, _args()), tmp_path / "m", "--heads",
-                    "4").exit_code == 0  # fmt: skip
+    assert (
+        _convert(
+            _checkpoint(tmp_path / "c.pth", src.state_dict(), ema, _args()), tmp_path / "m", "--heads", "4"
+        ).exit_code
+        == 0
+    )
     pipe = LightGenPipeline.from_pretrained(tmp_path / "m", vae="pixel", text_encoder="minilm", device="cpu")
     st = pipe.sampling_settings()
     assert (st.steps, st.cfg, st.cfg_schedule, st.temperature) == (64, 4.0, "constant", 1.0)
     assert pipe.sampling_settings(guidance_schedule="linear").cfg_schedule == "linear"
-    base = ["generate", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "--vae", "pixel",
-            "--text-encoder", "minilm", "--device", "cpu", "--steps", "2"]  # fmt: skip
+    base = [
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--prompt",
+        "a red circle",
+        "--vae",
+        "pixel",
+        "--text-encoder",
+        "minilm",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+    ]
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "g")])
     assert res.exit_code == 0, res.output
     settings = json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]

@@ -275,8 +275,12 @@ def outputs(out: Path) -> tuple:
     report = json.loads((out / "report.json").read_text())
     report["near_dup"].pop("bucket_pairs")  # work done, which depends on the partitioning
     keep = ("inputs", "kept", "removed", "removed_by_reason", "shards", "near_dup")
-    return (tables, pq.read_table(out / "rejects.parquet").to_pylist(),
-            json.loads((out / "diversity.json").read_text()), {k: report[k] for k in keep})  # fmt: skip
+    return (
+        tables,
+        pq.read_table(out / "rejects.parquet").to_pylist(),
+        json.loads((out / "diversity.json").read_text()),
+        {k: report[k] for k in keep},
+    )
 
 
 def test_outputs_do_not_depend_on_partitions_or_chunks(tmp_path, monkeypatch):

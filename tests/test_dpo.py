@@ -75,11 +75,21 @@ def setup(tmp_path_factory):
 
 
 def run_dpo(root: Path, out: str, *extra: str) -> list[dict]:
-    dpo.main([
-        "--config", str(ROOT / "conf/dpo_shapes.yaml"), f"model.init_from={root / 'init'}", f"dpo.pairs=[{root / 'pairs'}]",
-        f"train.out_dir={root / out}", "log.sample_count=0", "log.progress=false", "log.tensorboard=false",
-        "data.batch_size=8", "train.budget_minutes=null", *extra,
-    ])  # fmt: skip
+    dpo.main(
+        [
+            "--config",
+            str(ROOT / "conf/dpo_shapes.yaml"),
+            f"model.init_from={root / 'init'}",
+            f"dpo.pairs=[{root / 'pairs'}]",
+            f"train.out_dir={root / out}",
+            "log.sample_count=0",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "data.batch_size=8",
+            "train.budget_minutes=null",
+            *extra,
+        ]
+    )
     return [json.loads(x) for x in (root / out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -101,9 +111,19 @@ def test_dpo_steps_raise_implicit_accuracy(setup):
 
 def test_dpo_needs_a_starting_model(setup, capsys):
     root, _ = setup
-    user_error(capsys, lambda: dpo.main(["--config", str(ROOT / "conf/dpo_shapes.yaml"), f"dpo.pairs=[{root / 'pairs'}]",
-                                         f"train.out_dir={root / 'x'}", "model.init_from=null"]),
-               "DPO needs model.init_from")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: dpo.main(
+            [
+                "--config",
+                str(ROOT / "conf/dpo_shapes.yaml"),
+                f"dpo.pairs=[{root / 'pairs'}]",
+                f"train.out_dir={root / 'x'}",
+                "model.init_from=null",
+            ]
+        ),
+        "DPO needs model.init_from",
+    )
 
 
 @pytest.mark.slow
@@ -113,10 +133,25 @@ def test_two_process_dpo(setup):
     import sys
 
     root, _ = setup
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "training/dpo.py"),
-           "--config", str(ROOT / "conf/dpo_shapes.yaml"), f"model.init_from={root / 'init'}", f"dpo.pairs=[{root / 'pairs'}]",
-           f"train.out_dir={root / 'ddp'}", "log.sample_count=0", "log.progress=false", "log.tensorboard=false",
-           "data.batch_size=4", "train.max_steps=3", "train.budget_minutes=null"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "training/dpo.py"),
+        "--config",
+        str(ROOT / "conf/dpo_shapes.yaml"),
+        f"model.init_from={root / 'init'}",
+        f"dpo.pairs=[{root / 'pairs'}]",
+        f"train.out_dir={root / 'ddp'}",
+        "log.sample_count=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "data.batch_size=4",
+        "train.max_steps=3",
+        "train.budget_minutes=null",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [json.loads(x) for x in (root / "ddp/metrics.jsonl").read_text().splitlines()]
@@ -146,16 +181,33 @@ def test_reference_padded_model_dpo_starts_at_log2(tmp_path, capsys):
     rng = np.random.default_rng(0)
     win, lose = (rng.uniform(-1, 1, (12, 3, 32, 32)).astype(np.float32) for _ in range(2))
     lv = np.full_like(win, PIXEL_LOGVAR)
-    pairs = write_pair_shards(tmp_path / "pairs", np.concatenate([win, lv], 1), np.concatenate([lose, lv], 1),
-                              enc(captions), captions, text_encoder=enc.name)  # fmt: skip
+    pairs = write_pair_shards(
+        tmp_path / "pairs",
+        np.concatenate([win, lv], 1),
+        np.concatenate([lose, lv], 1),
+        enc(captions),
+        captions,
+        text_encoder=enc.name,
+    )
     torch.manual_seed(0)
     cfg = preset("debug", text_dim=32, max_text_len=16, text_key_mask=False, buffer_size=0, text_encoder=enc.name)
     save_pretrained(LightGen(cfg), tmp_path / "init")
-    dpo.main([
-        "--config", str(ROOT / "conf/dpo_shapes.yaml"), f"model.init_from={tmp_path / 'init'}", f"dpo.pairs=[{pairs}]",
-        f"train.out_dir={tmp_path / 'run'}", f"data.text_encoder={bert}", "log.sample_count=0", "log.progress=false",
-        "log.tensorboard=false", "data.batch_size=4", "train.max_steps=2", "train.budget_minutes=null",
-    ])  # fmt: skip
+    dpo.main(
+        [
+            "--config",
+            str(ROOT / "conf/dpo_shapes.yaml"),
+            f"model.init_from={tmp_path / 'init'}",
+            f"dpo.pairs=[{pairs}]",
+            f"train.out_dir={tmp_path / 'run'}",
+            f"data.text_encoder={bert}",
+            "log.sample_count=0",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "data.batch_size=4",
+            "train.max_steps=2",
+            "train.budget_minutes=null",
+        ]
+    )
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and len(rows) == 2
     assert f"text: padded to 16 tokens with {enc.name}'s own states" in capsys.readouterr().out

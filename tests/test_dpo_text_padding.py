@@ -18,8 +18,14 @@ from training import dpo
 from training.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTIONS = ["a red circle", "two blue squares left of a green cross", "a star", "three yellow triangles",
-            "a photo of a pink star above a gray square", "an orange cross"]  # fmt: skip
+CAPTIONS = [
+    "a red circle",
+    "two blue squares left of a green cross",
+    "a star",
+    "three yellow triangles",
+    "a photo of a pink star above a gray square",
+    "an orange cross",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,14 @@ def pairs(tmp_path_factory) -> tuple[Path, Path, dict[bool, Path]]:
     rng = np.random.default_rng(0)
     win, lose = (rng.uniform(-1, 1, (len(CAPTIONS), 3, 32, 32)).astype(np.float32) for _ in range(2))
     lv = np.full_like(win, PIXEL_LOGVAR)
-    d = write_pair_shards(root / "pairs", np.concatenate([win, lv], 1), np.concatenate([lose, lv], 1),
-                          enc(CAPTIONS), CAPTIONS, text_encoder=enc.name)  # fmt: skip
+    d = write_pair_shards(
+        root / "pairs",
+        np.concatenate([win, lv], 1),
+        np.concatenate([lose, lv], 1),
+        enc(CAPTIONS),
+        CAPTIONS,
+        text_encoder=enc.name,
+    )
     models = {}
     for key_mask in (False, True):
         torch.manual_seed(0)

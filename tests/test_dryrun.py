@@ -90,8 +90,9 @@ def test_lightgen_train_flops_equal_the_analytic_count():
 
 def test_trainer_dry_run_reports_memory_for_ddp_and_fsdp(capsys):
     """training/pretrain.py --dry-run at full size: one JSON report; FSDP2 divides the states by the GPU count."""
-    report = pretrain.main(["--config", str(ROOT / "conf/lightgen_256.yaml"), "data.batch_size=4", "--dry-run",
-                            "--gpus", "8"])  # fmt: skip
+    report = pretrain.main(
+        ["--config", str(ROOT / "conf/lightgen_256.yaml"), "data.batch_size=4", "--dry-run", "--gpus", "8"]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(report))
     P, act, mem = report["parameters"], report["peak_activation_bytes"], report["memory_per_gpu_bytes"]
@@ -117,8 +118,9 @@ def test_dpo_dry_run_counts_policy_and_reference(capsys):
 
 def test_synthesize_dry_run_flux_dev_full_size():
     """The Flux-dev teacher (11.9 B) through FluxPipeline.__call__ on meta tensors: shapes and FLOPs per step."""
-    cfg = SynthConfig(inputs=["x"], output="y", teacher="flux", model="FLUX.1-dev", batch_size=1, resolution=256,
-                      steps=3)  # fmt: skip
+    cfg = SynthConfig(
+        inputs=["x"], output="y", teacher="flux", model="FLUX.1-dev", batch_size=1, resolution=256, steps=3
+    )
     r = dry_synthesize(cfg)
     items = r["items"]
     assert items["transformer"]["outputs"]["output"] == [1, (256 // 16) ** 2, 64]
@@ -143,8 +145,21 @@ def test_synthesize_dry_run_refuses_a_vae_with_other_channels(tmp_path, capsys):
     shutil.copytree(MODELS_DIR / "FLUX.1-dev", bad)
     cfg_file = bad / "vae" / "config.json"
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"latent_channels": 4}))
-    res = CliRunner().invoke(data_app, ["synthesize", "--input", "x", "--output", str(tmp_path / "out"),
-                                        "--teacher", "flux", "--model", str(bad), "--dry-run"])  # fmt: skip
+    res = CliRunner().invoke(
+        data_app,
+        [
+            "synthesize",
+            "--input",
+            "x",
+            "--output",
+            str(tmp_path / "out"),
+            "--teacher",
+            "flux",
+            "--model",
+            str(bad),
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 2
     lines = [x for x in res.output.splitlines() if x.startswith("error: ")]
     assert len(lines) == 1 and "latent_channels 4" in lines[0], res.output
@@ -153,9 +168,25 @@ def test_synthesize_dry_run_refuses_a_vae_with_other_channels(tmp_path, capsys):
 def test_encode_dry_run_cli_sd35_vae_and_flan_t5_xxl(tmp_path):
     """lightgen-data encode-latents --dry-run: the stage's own encoders at full size; nothing is written."""
     out = tmp_path / "out"
-    res = CliRunner().invoke(data_app, ["encode-latents", "--input", "x", "--output", str(out), "--vae",
-                                        "stable-diffusion-3.5-large", "--text-encoder", "flan-t5-xxl",
-                                        "--resolution", "512", "--batch-size", "2", "--dry-run"])  # fmt: skip
+    res = CliRunner().invoke(
+        data_app,
+        [
+            "encode-latents",
+            "--input",
+            "x",
+            "--output",
+            str(out),
+            "--vae",
+            "stable-diffusion-3.5-large",
+            "--text-encoder",
+            "flan-t5-xxl",
+            "--resolution",
+            "512",
+            "--batch-size",
+            "2",
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(res.output.strip().splitlines()[-1])
     assert r["items"]["vae.encode (image + flip)"]["outputs"]["moments"] == [2, 32, 64, 64]
@@ -166,8 +197,16 @@ def test_encode_dry_run_cli_sd35_vae_and_flan_t5_xxl(tmp_path):
 
 def test_pairs_dry_run_judge_sampler_and_encoders():
     """build-dpo-pairs: Qwen2.5-VL-7B judges, the 0.79 B model draws losers, both sides are encoded."""
-    cfg = PairsConfig(inputs=["x"], output="y", model="lightgen", judge_model="Qwen2.5-VL-7B-Instruct",
-                      batch_size=1, resolution=256, steps=2, judge_max_pixels=224 * 224)  # fmt: skip
+    cfg = PairsConfig(
+        inputs=["x"],
+        output="y",
+        model="lightgen",
+        judge_model="Qwen2.5-VL-7B-Instruct",
+        batch_size=1,
+        resolution=256,
+        steps=2,
+        judge_max_pixels=224 * 224,
+    )
     r = dry_pairs(cfg)
     items = r["items"]
     judge = items["judge (Qwen2.5-VL prefill)"]
@@ -179,8 +218,14 @@ def test_pairs_dry_run_judge_sampler_and_encoders():
 
 def test_pairs_dry_run_refuses_a_text_encoder_of_another_width(tmp_path, capsys):
     """CLIP-L (768-dim) as the text encoder of the 4096-dim model: one error line."""
-    cfg = PairsConfig(inputs=["x"], output="y", model="lightgen", judge_backend="shapes", batch_size=1,
-                      text_encoder=str(MODELS_DIR / "FLUX.1-dev" / "text_encoder"))  # fmt: skip
+    cfg = PairsConfig(
+        inputs=["x"],
+        output="y",
+        model="lightgen",
+        judge_backend="shapes",
+        batch_size=1,
+        text_encoder=str(MODELS_DIR / "FLUX.1-dev" / "text_encoder"),
+    )
     with pytest.raises(ValueError, match="768-dim states; the model expects text_dim 4096") as e:
         dry_pairs(cfg)
     assert "\n" not in str(e.value)

@@ -57,8 +57,10 @@ def _hand_fid(net: nn.Module, real: list[Path], fake: list[Path]) -> float:
 
     def stats(paths):
         with torch.no_grad():
-            feats = [net(torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)[None])
-                     for p in paths]  # fmt: skip
+            feats = [
+                net(torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)[None])
+                for p in paths
+            ]
         f = torch.cat(feats).double().numpy()
         return f.mean(0), np.cov(f, rowvar=False)
 
@@ -100,9 +102,26 @@ def test_fid_cli_with_local_inception_weights(tmp_path: Path) -> None:
     net = load_inception(weights, feature=64)
     loaded = net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())  # the file's weights, not a fresh init
-    res = runner.invoke(app, ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
-                              "--inception-weights", str(weights), "--feature", "64", "--batch-size", "4",
-                              "--device", "cpu", "--json", str(tmp_path / "fid.json")])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "fid",
+            "--real",
+            str(tmp_path / "real"),
+            "--fake",
+            str(tmp_path / "fake"),
+            "--inception-weights",
+            str(weights),
+            "--feature",
+            "64",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "fid.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "fid.json").read_text())
     assert out["real_images"] == 6 and out["fake_images"] == 5 and out["feature"] == 64
@@ -134,14 +153,18 @@ def test_weights_that_are_not_plain_tensors_are_refused_unexecuted(tmp_path: Pat
     _write_images(tmp_path / "fake", 3, 1, 0, 200)
     marker, bad = tmp_path / "pwned", tmp_path / "bad.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": _Touch(marker)}, bad)
-    res = runner.invoke(app, ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
-                              "--inception-weights", str(bad)])  # fmt: skip
+    res = runner.invoke(
+        app,
+        ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--inception-weights", str(bad)],
+    )
     assert res.exit_code == 2 and "refused by torch.load(weights_only=True)" in res.output, res.output
     assert not marker.exists()
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
-    res = runner.invoke(app, ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
-                              "--inception-weights", str(wrong)])  # fmt: skip
+    res = runner.invoke(
+        app,
+        ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--inception-weights", str(wrong)],
+    )
     assert res.exit_code == 2 and "not Inception-v3 FID weights" in res.output, res.output
     assert "Conv2d_1a_3x3.conv.weight" in res.output  # names a missing key
 
@@ -151,6 +174,16 @@ def test_fid_bad_folders(tmp_path: Path, n_fake: int | None, message: str) -> No
     _write_images(tmp_path / "real", 3, 0, 0, 200)
     if n_fake:
         _write_images(tmp_path / "fake", n_fake, 1, 0, 200)
-    res = runner.invoke(app, ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
-                              "--inception-weights", str(tmp_path / "w.pth")])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "fid",
+            "--real",
+            str(tmp_path / "real"),
+            "--fake",
+            str(tmp_path / "fake"),
+            "--inception-weights",
+            str(tmp_path / "w.pth"),
+        ],
+    )
     assert res.exit_code == 2 and message in res.output, res.output

@@ -61,13 +61,33 @@ def _invoke(*args: str):
 def test_generate_cli_equals_api_with_the_same_seed(model_dir: Path, pipe: LightGenPipeline, tmp_path: Path) -> None:
     prompts = ["a red circle", "two blue squares"]
     res = _invoke(
-        "generate", "--model", model_dir, "--prompt", prompts[0], "--prompt", prompts[1], "--out", tmp_path,
-        "--images-per-prompt", 2, "--batch-size", 3, "--seed", 5, "--steps", 6, "--cfg", 3.0, "--device", "cpu",
-    )  # fmt: skip
+        "generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--out",
+        tmp_path,
+        "--images-per-prompt",
+        2,
+        "--batch-size",
+        3,
+        "--seed",
+        5,
+        "--steps",
+        6,
+        "--cfg",
+        3.0,
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     assert "images/s" in res.output
-    api = pipe(prompts, num_inference_steps=6, guidance_scale=3.0, num_images_per_prompt=2, batch_size=3,
-               generator=_gen(5)).images  # fmt: skip
+    api = pipe(
+        prompts, num_inference_steps=6, guidance_scale=3.0, num_images_per_prompt=2, batch_size=3, generator=_gen(5)
+    ).images
     side = json.loads((tmp_path / "generation.json").read_text())
     assert [e["file"] for e in side["images"]] == [f"{i:05d}.png" for i in range(4)]
     assert [e["prompt"] for e in side["images"]] == [prompts[0]] * 2 + [prompts[1]] * 2
@@ -77,8 +97,9 @@ def test_generate_cli_equals_api_with_the_same_seed(model_dir: Path, pipe: Light
         cli = _arr(tmp_path / f"{i:05d}.png")
         assert cli.shape == (32, 32, 3)
         assert np.array_equal(cli, _arr(image)), i
-    other = pipe(prompts, num_inference_steps=6, guidance_scale=3.0, num_images_per_prompt=2, batch_size=3,
-                 generator=_gen(6)).images  # fmt: skip
+    other = pipe(
+        prompts, num_inference_steps=6, guidance_scale=3.0, num_images_per_prompt=2, batch_size=3, generator=_gen(6)
+    ).images
     assert not np.array_equal(_arr(other[0]), _arr(api[0]))  # the seed matters: equality above is not trivial
 
 
@@ -95,16 +116,42 @@ def test_generate_prompt_file_non_square_and_default_encoder(tmp_path: Path) -> 
     """A debug model as saved by the preset (pixel tokens, MiniLM named in config.json), prompts from a file."""
     model = _save_model(tmp_path / "m")
     (tmp_path / "p.txt").write_text("a red circle\n\n  a photo of two squares  \n")
-    res = _invoke("generate", "--model", model, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "o",
-                  "--height", 48, "--width", 32, "--steps", 3, "--device", "cpu")  # fmt: skip
+    res = _invoke(
+        "generate",
+        "--model",
+        model,
+        "--prompts",
+        tmp_path / "p.txt",
+        "--out",
+        tmp_path / "o",
+        "--height",
+        48,
+        "--width",
+        32,
+        "--steps",
+        3,
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     side = json.loads((tmp_path / "o" / "generation.json").read_text())
     assert [e["prompt"] for e in side["images"]] == ["a red circle", "a photo of two squares"]
     assert side["settings"]["text_encoder"] == "minilm" and side["settings"]["vae"] == "pixel"
     assert Image.open(tmp_path / "o" / "00001.png").size == (32, 48)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cross", "tag": "x"}\n{"prompt": "two circles"}\n')
-    res = _invoke("generate", "--model", model, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "j",
-                  "--steps", 2, "--device", "cpu")  # fmt: skip
+    res = _invoke(
+        "generate",
+        "--model",
+        model,
+        "--prompts",
+        tmp_path / "p.jsonl",
+        "--out",
+        tmp_path / "j",
+        "--steps",
+        2,
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     assert [e["prompt"] for e in json.loads((tmp_path / "j" / "generation.json").read_text())["images"]] == [
         "a cross",
@@ -147,8 +194,21 @@ def test_component_named_in_config_must_be_local(tmp_path: Path, bert_dir: Path)
     model = _save_model(tmp_path / "m", text_dim=32, text_encoder=str(bert_dir), vae="stabilityai/sd35/vae")
     res = _invoke("generate", "--model", model, "--prompt", "a", "--out", tmp_path / "o", "--device", "cpu")
     assert res.exit_code == 2 and "'stabilityai/sd35/vae'" in res.output and "--vae" in res.output, res.output
-    res = _invoke("generate", "--model", model, "--prompt", "a", "--out", tmp_path / "o", "--device", "cpu",
-                  "--vae", "pixel", "--steps", 2)  # fmt: skip
+    res = _invoke(
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a",
+        "--out",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+        "--vae",
+        "pixel",
+        "--steps",
+        2,
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -173,8 +233,14 @@ def test_recorded_sampling_defaults_are_used_unless_overridden(
     pipe = LightGenPipeline.from_pretrained(model, device="cpu")
     assert pipe.sampling_settings() == SamplingDefaults(**rec)
     a = pipe("a red circle", generator=_gen(0))
-    explicit = pipe("a red circle", num_inference_steps=3, guidance_scale=2.5, guidance_schedule="constant",
-                    temperature=0.7, generator=_gen(0))  # fmt: skip
+    explicit = pipe(
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        guidance_schedule="constant",
+        temperature=0.7,
+        generator=_gen(0),
+    )
     assert torch.equal(a.latents, explicit.latents)
     assert not torch.equal(a.latents, pipe("a red circle", guidance_schedule="linear", generator=_gen(0)).latents)
     res = _invoke("generate", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "g", "--device", "cpu")
@@ -182,15 +248,46 @@ def test_recorded_sampling_defaults_are_used_unless_overridden(
     settings = json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]
     assert {k: settings[k] for k in rec} == rec and settings["head_steps"] == 20
     assert np.array_equal(_arr(tmp_path / "g" / "00000.png"), _arr(a.images[0]))
-    res = _invoke("generate", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "o", "--device", "cpu",
-                  "--steps", 2, "--cfg-schedule", "linear-reference", "--head-steps", "ddim10")  # fmt: skip
+    res = _invoke(
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red circle",
+        "--out",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+        "--steps",
+        2,
+        "--cfg-schedule",
+        "linear-reference",
+        "--head-steps",
+        "ddim10",
+    )
     assert res.exit_code == 0, res.output
     settings = json.loads((tmp_path / "o" / "generation.json").read_text())["settings"]
     assert (settings["steps"], settings["cfg"], settings["cfg_schedule"], settings["head_steps"]) == (
-        2, 2.5, "linear-reference", "ddim10",
-    )  # fmt: skip
-    res = _invoke("geneval", "--model", model, "--metadata", geneval_metadata, "--out", tmp_path / "ge", "--limit", 1,
-                  "--samples", 1, "--device", "cpu")  # fmt: skip
+        2,
+        2.5,
+        "linear-reference",
+        "ddim10",
+    )
+    res = _invoke(
+        "geneval",
+        "--model",
+        model,
+        "--metadata",
+        geneval_metadata,
+        "--out",
+        tmp_path / "ge",
+        "--limit",
+        1,
+        "--samples",
+        1,
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     ge = json.loads((tmp_path / "ge" / "geneval_settings.json").read_text())
     assert {k: ge[k] for k in rec} == rec
@@ -221,9 +318,25 @@ def test_inpaint_keeps_unmasked_pixels_and_matches_api(model_dir: Path, pipe: Li
     src.save(tmp_path / "in.png")
     mask = _square_mask((32, 32), (5, 19, 3, 14))  # not aligned to the 4-px tokens
     mask.save(tmp_path / "mask.png")
-    res = _invoke("inpaint", "--model", model_dir, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
-                  "--prompt", "a red circle", "--out", tmp_path / "out.png", "--steps", 5, "--seed", 3,
-                  "--device", "cpu")  # fmt: skip
+    res = _invoke(
+        "inpaint",
+        "--model",
+        model_dir,
+        "--image",
+        tmp_path / "in.png",
+        "--mask",
+        tmp_path / "mask.png",
+        "--prompt",
+        "a red circle",
+        "--out",
+        tmp_path / "out.png",
+        "--steps",
+        5,
+        "--seed",
+        3,
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     out, inp, m = _arr(tmp_path / "out.png"), _arr(src), np.asarray(mask) > 127
     assert np.array_equal(out[~m], inp[~m])  # pixel tokenizer: exactly the input outside the mask
@@ -251,15 +364,30 @@ def test_inpaint_batch_of_prompts_keeps_unmasked_region(pipe: LightGenPipeline) 
 
 @pytest.mark.parametrize(
     ("image_size", "mask_size", "message"),
-    [((32, 32), (32, 16), "mask size 16x32 (WxH) differs from image size 32x32"),
-     ((30, 32), (30, 32), "not a multiple of the model's token size 4 px"),
-     ((32, 32), None, "mask has no white")],
-)  # fmt: skip
+    [
+        ((32, 32), (32, 16), "mask size 16x32 (WxH) differs from image size 32x32"),
+        ((30, 32), (30, 32), "not a multiple of the model's token size 4 px"),
+        ((32, 32), None, "mask has no white"),
+    ],
+)
 def test_inpaint_bad_inputs(model_dir: Path, tmp_path: Path, image_size, mask_size, message: str) -> None:
     Image.new("RGB", image_size[::-1]).save(tmp_path / "in.png")
     Image.new("L", (mask_size or image_size)[::-1], 255 if mask_size else 0).save(tmp_path / "mask.png")
-    res = _invoke("inpaint", "--model", model_dir, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
-                  "--prompt", "a circle", "--out", tmp_path / "out.png", "--device", "cpu")  # fmt: skip
+    res = _invoke(
+        "inpaint",
+        "--model",
+        model_dir,
+        "--image",
+        tmp_path / "in.png",
+        "--mask",
+        tmp_path / "mask.png",
+        "--prompt",
+        "a circle",
+        "--out",
+        tmp_path / "out.png",
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "out.png").exists()
 
@@ -267,9 +395,14 @@ def test_inpaint_bad_inputs(model_dir: Path, tmp_path: Path, image_size, mask_si
 def test_inpaint_with_a_vae_keeps_its_round_trip(tmp_path: Path, bert_dir: Path) -> None:
     """With a diffusers VAE (shipped in the model folder, named relatively), outside the mask = decode(encode(x))."""
     model = _save_model(
-        tmp_path / "m", latent_channels=16, vae_stride=8, patch_size=1, text_dim=32,
-        text_encoder=str(bert_dir), vae="vae",
-    )  # fmt: skip
+        tmp_path / "m",
+        latent_channels=16,
+        vae_stride=8,
+        patch_size=1,
+        text_dim=32,
+        text_encoder=str(bert_dir),
+        vae="vae",
+    )
     make_tiny_vae(model / "vae")
     pipe = LightGenPipeline.from_pretrained(model, device="cpu")
     assert pipe.vae.stride == 8
@@ -301,8 +434,24 @@ def test_pipeline_refuses_mismatched_components(model_dir: Path, pipe: LightGenP
 
 
 def _geneval(model: Path, metadata: Path, out: Path, *extra) -> str:
-    res = _invoke("geneval", "--model", model, "--metadata", metadata, "--out", out, "--samples", 2,
-                  "--batch-size", 4, "--steps", 3, "--device", "cpu", *extra)  # fmt: skip
+    res = _invoke(
+        "geneval",
+        "--model",
+        model,
+        "--metadata",
+        metadata,
+        "--out",
+        out,
+        "--samples",
+        2,
+        "--batch-size",
+        4,
+        "--steps",
+        3,
+        "--device",
+        "cpu",
+        *extra,
+    )
     assert res.exit_code == 0, res.output
     return res.output
 
@@ -331,8 +480,9 @@ def test_geneval_resumes_and_equals_the_api(
     first = {p: p.read_bytes() for p in sorted(out.rglob("*.png"))}
     # prompts 2 and 3 form one group (batch 4 / 2 samples): their images are the API call with that group's seed
     prompts = [json.loads(line)["prompt"] for line in meta.read_text().splitlines()]
-    api = pipe(prompts[2:4], num_inference_steps=3, num_images_per_prompt=2, batch_size=4,
-               generator=_gen(group_seed(7, 2))).images  # fmt: skip
+    api = pipe(
+        prompts[2:4], num_inference_steps=3, num_images_per_prompt=2, batch_size=4, generator=_gen(group_seed(7, 2))
+    ).images
     for j, im in enumerate(api):
         assert np.array_equal(_arr(out / f"{2 + j // 2:05d}" / "samples" / f"{j % 2:04d}.png"), _arr(im))
     # a killed run: prompt 3 lost a sample, prompt 4 its metadata; the rest must stay untouched
@@ -344,8 +494,25 @@ def test_geneval_resumes_and_equals_the_api(
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert {p: p.read_bytes() for p in sorted(out.rglob("*.png"))} == first  # redrawn exactly
     assert not list(out.rglob(".tmp-*"))
-    res = _invoke("geneval", "--model", model_dir, "--metadata", meta, "--out", out, "--samples", 2,
-                  "--batch-size", 4, "--steps", 3, "--device", "cpu", "--seed", 8)  # fmt: skip
+    res = _invoke(
+        "geneval",
+        "--model",
+        model_dir,
+        "--metadata",
+        meta,
+        "--out",
+        out,
+        "--samples",
+        2,
+        "--batch-size",
+        4,
+        "--steps",
+        3,
+        "--device",
+        "cpu",
+        "--seed",
+        8,
+    )
     assert res.exit_code == 2 and "other settings" in res.output and "'seed': (7, 8)" in res.output, res.output
     assert "0 already done, 5 generated" in _geneval(model_dir, meta, out, "--seed", 8, "--overwrite")
 
@@ -367,11 +534,39 @@ def test_geneval_records_and_checks_which_weights_it_sampled(
     assert weights == {"e": "ema", "r": "raw"}
     image = "00000/samples/0000.png"
     assert not np.array_equal(_arr(tmp_path / "e" / image), _arr(tmp_path / "r" / image))
-    res = _invoke("geneval", "--model", model, "--metadata", meta, "--out", tmp_path / "e", "--samples", 2,
-                  "--batch-size", 4, "--steps", 3, "--device", "cpu", "--no-ema")  # fmt: skip
+    res = _invoke(
+        "geneval",
+        "--model",
+        model,
+        "--metadata",
+        meta,
+        "--out",
+        tmp_path / "e",
+        "--samples",
+        2,
+        "--batch-size",
+        4,
+        "--steps",
+        3,
+        "--device",
+        "cpu",
+        "--no-ema",
+    )
     assert res.exit_code == 2 and "'weights': ('ema', 'raw')" in res.output, res.output
-    res = _invoke("generate", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "g", "--steps", 2,
-                  "--device", "cpu", "--no-ema")  # fmt: skip
+    res = _invoke(
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red circle",
+        "--out",
+        tmp_path / "g",
+        "--steps",
+        2,
+        "--device",
+        "cpu",
+        "--no-ema",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]["weights"] == "raw"
 
@@ -382,8 +577,23 @@ def test_geneval_refuses_a_folder_of_other_metadata(model_dir: Path, tmp_path: P
     a.write_bytes(lines[0])
     b.write_bytes(lines[1])
     _geneval(model_dir, a, tmp_path / "g")
-    res = _invoke("geneval", "--model", model_dir, "--metadata", b, "--out", tmp_path / "g", "--samples", 2,
-                  "--batch-size", 4, "--steps", 3, "--device", "cpu")  # fmt: skip
+    res = _invoke(
+        "geneval",
+        "--model",
+        model_dir,
+        "--metadata",
+        b,
+        "--out",
+        tmp_path / "g",
+        "--samples",
+        2,
+        "--batch-size",
+        4,
+        "--steps",
+        3,
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 2 and "holds a different metadata line" in res.output, res.output
     b.write_text('{"tag": "x"}\n')
     res = _invoke("geneval", "--model", model_dir, "--metadata", b, "--out", tmp_path / "h", "--device", "cpu")

@@ -223,20 +223,36 @@ def _convert(ckpt: Path, tmp_path: Path):
     ("name", "make", "message"),
     [
         ("empty.pth", lambda marker: b"", "empty file"),
-        ("legacy.pth", lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, True), "not loaded: this checkpoint is a pickle"),
-        ("zip.pth", lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, False), "not loaded: this checkpoint is a pickle"),
-        ("raw5.pkl", lambda m: pickle.dumps({"model": {}, "x": Touch(m)}, protocol=5), "not loaded: this checkpoint is a pickle"),
+        (
+            "legacy.pth",
+            lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, True),
+            "not loaded: this checkpoint is a pickle",
+        ),
+        (
+            "zip.pth",
+            lambda m: _checkpoint_bytes({"model": {}, "x": Touch(m)}, False),
+            "not loaded: this checkpoint is a pickle",
+        ),
+        (
+            "raw5.pkl",
+            lambda m: pickle.dumps({"model": {}, "x": Touch(m)}, protocol=5),
+            "not loaded: this checkpoint is a pickle",
+        ),
         ("raw2.pkl", lambda m: pickle.dumps({"model": {"a": 1}}, protocol=2), "not a readable torch checkpoint"),
         ("text.pth", lambda m: b"just some text\n", "checkpoint"),
         # bytes that make torch's legacy unpickler raise IndexError, struct.error and KeyError
         ("index.pth", lambda m: b"\x80", "not a readable torch checkpoint (IndexError"),
         ("struct.pth", lambda m: b"Xj", "not a readable torch checkpoint (error"),
-        ("key.pth", lambda m: b"j\xaa#\x91\xc0\xf1\xff\x93\xdc7\xc2`\x1a\\\x03", "not a readable torch checkpoint (KeyError"),
+        (
+            "key.pth",
+            lambda m: b"j\xaa#\x91\xc0\xf1\xff\x93\xdc7\xc2`\x1a\\\x03",
+            "not a readable torch checkpoint (KeyError",
+        ),
         ("trunc.safetensors", lambda m: b"\x10\x00\x00\x00\x00\x00\x00\x00{", "not a readable torch checkpoint"),
         ("huge.safetensors", lambda m: (1 << 60).to_bytes(8, "little") + b"{}", "not a readable torch checkpoint"),
         ("header.safetensors", lambda m: (8).to_bytes(8, "little") + b'{"a": 1}', "not a readable torch checkpoint"),
     ],
-)  # fmt: skip
+)
 def test_convert_reference_refuses_damaged_or_foreign_files(tmp_path: Path, name: str, make, message: str) -> None:
     marker = tmp_path / "pwned"
     (tmp_path / name).write_bytes(make(marker))
@@ -245,8 +261,14 @@ def test_convert_reference_refuses_damaged_or_foreign_files(tmp_path: Path, name
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-UNSAFE_ADVICE = ("weights_only=False", "weights_only` set to `False", "safe_globals", "allowlist", "can still be loaded",
-                 "if you trust")  # fmt: skip
+UNSAFE_ADVICE = (
+    "weights_only=False",
+    "weights_only` set to `False",
+    "safe_globals",
+    "allowlist",
+    "can still be loaded",
+    "if you trust",
+)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -266,8 +288,13 @@ def test_a_refused_pickle_says_what_it_is_and_how_to_convert_never_to_unpickle(
     )
     assert not any(advice in line for advice in UNSAFE_ADVICE), line
     res = _fid(images, tmp_path / "c.pth")
-    line = assert_user_error(res.output, res.exit_code, "not loaded: this weights file is a pickle", ".safetensors",
-                             "`lightgen convert-reference`")  # fmt: skip
+    line = assert_user_error(
+        res.output,
+        res.exit_code,
+        "not loaded: this weights file is a pickle",
+        ".safetensors",
+        "`lightgen convert-reference`",
+    )
     assert not any(advice in line for advice in UNSAFE_ADVICE), line
     assert not marker.exists()
     for i, data in enumerate(mutations(_checkpoint_bytes(_reference_like(), legacy), 12, SEED + 7)):
@@ -393,9 +420,14 @@ def test_bad_flat_stack_key_of_an_earlier_config_json_is_named(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [(b"{", "not a JSON config"), (b"[1]", "must be a JSON object"), (b"\xff\xfe", "not a JSON config"),
-     (b"[" * 100_000 + b"]" * 100_000, "RecursionError"), (b'{"encoder_dimm": 3}', "unknown ModelConfig keys")],
-)  # fmt: skip
+    [
+        (b"{", "not a JSON config"),
+        (b"[1]", "must be a JSON object"),
+        (b"\xff\xfe", "not a JSON config"),
+        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),
+        (b'{"encoder_dimm": 3}', "unknown ModelConfig keys"),
+    ],
+)
 def test_unreadable_config_json(tmp_path: Path, text: bytes, message: str) -> None:
     (tmp_path / "config.json").write_bytes(text)
     res = invoke("model-info", "--model", tmp_path)
@@ -411,9 +443,31 @@ def test_absurd_sizes_are_refused_before_anything_is_built() -> None:
 
 
 HOSTILE_VALUES = [
-    "16", "", 2.5, 16.0, True, False, None, [], {}, [16], {"a": 1}, -1, 0, 10**9, 2**70, float("nan"),
-    float("inf"), -float("inf"), 1e308, "x" * 10_000, "ddim0", "ddim99999", "1,0", "-5",
-]  # fmt: skip
+    "16",
+    "",
+    2.5,
+    16.0,
+    True,
+    False,
+    None,
+    [],
+    {},
+    [16],
+    {"a": 1},
+    -1,
+    0,
+    10**9,
+    2**70,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    1e308,
+    "x" * 10_000,
+    "ddim0",
+    "ddim99999",
+    "1,0",
+    "-5",
+]
 
 
 def test_config_property_every_hostile_field_is_a_value_error_or_a_sane_config() -> None:
@@ -461,9 +515,14 @@ def test_weights_that_do_not_fit_are_a_short_line_and_all_keys_with_verbose(mode
     (d / "config.json").write_text(json.dumps(cfg | {"head_depth": 3}))  # 8 more keys than the file has
     args = ["generate", "--model", d, "--prompt", "a", "--out", tmp_path / "o", "--device", "cpu"]
     res = invoke(*args)
-    line = assert_user_error(res.output, res.exit_code, f"{d / 'model.safetensors'}: weights do not fit config.json: "
-                             "8 missing keys (diffloss.net.res_blocks.2.in_ln.weight, ", "and 5 more)",
-                             "--verbose lists them all")  # fmt: skip
+    line = assert_user_error(
+        res.output,
+        res.exit_code,
+        f"{d / 'model.safetensors'}: weights do not fit config.json: "
+        "8 missing keys (diffloss.net.res_blocks.2.in_ln.weight, ",
+        "and 5 more)",
+        "--verbose lists them all",
+    )
     assert len(line) < 300 and "res_blocks.2.mlp.2.bias" not in line, line
     res = invoke(*args, "--verbose")
     line = assert_user_error(res.output, res.exit_code, "8 missing keys", "(all 8 listed above)")
@@ -494,14 +553,23 @@ def test_trainer_weights_that_do_not_fit_name_counts_and_keys(model_dir: Path) -
 # ---------------------------------------------------------------------------------------------------- command-line numbers
 
 BAD_GENERATE_OPTIONS = [
-    (["--cfg", "inf"], "--cfg"), (["--cfg", "nan"], "--cfg"), (["--cfg", "-1"], "--cfg"),
-    (["--temperature", "inf"], "--temperature"), (["--temperature", "1e999"], "--temperature"),
-    (["--resolution", "0"], "--resolution"), (["--resolution", "-32"], "--resolution"),
-    (["--resolution", "99999"], "--resolution"), (["--height", "0"], "--height"), (["--width", "0"], "--width"),
-    (["--seed", "-1"], "--seed"), (["--seed", str(2**64)], "--seed"), (["--steps", "0"], "--steps"),
-    (["--steps", "1.5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+    (["--cfg", "inf"], "--cfg"),
+    (["--cfg", "nan"], "--cfg"),
+    (["--cfg", "-1"], "--cfg"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--temperature", "1e999"], "--temperature"),
+    (["--resolution", "0"], "--resolution"),
+    (["--resolution", "-32"], "--resolution"),
+    (["--resolution", "99999"], "--resolution"),
+    (["--height", "0"], "--height"),
+    (["--width", "0"], "--width"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "1.5"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"),
     (["--images-per-prompt", "0"], "--images-per-prompt"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -517,9 +585,12 @@ def test_generate_refuses_bad_numbers_before_writing(
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--temperature", "0"], "temperature must be a finite number > 0"),
-     (["--resolution", "30"], "not a positive multiple of 4"), (["--head-steps", "ddim0"], "num_sampling_steps")],
-)  # fmt: skip
+    [
+        (["--temperature", "0"], "temperature must be a finite number > 0"),
+        (["--resolution", "30"], "not a positive multiple of 4"),
+        (["--head-steps", "ddim0"], "num_sampling_steps"),
+    ],
+)
 def test_generate_refuses_bad_settings_with_one_error(
     model_dir: Path, tmp_path: Path, args: list, message: str
 ) -> None:
@@ -572,12 +643,19 @@ def test_every_float_option_refuses_inf_and_nan() -> None:
 
 @pytest.mark.parametrize(
     ("args", "option"),
-    [(["geneval", "--samples", "0"], "--samples"), (["geneval", "--limit", "0"], "--limit"),
-     (["geneval", "--resolution", "0"], "--resolution"), (["fid", "--batch-size", "0"], "--batch-size"),
-     (["convert-reference", "--heads", "0"], "--heads"), (["convert-reference", "--patch-size", "-2"], "--patch-size"),
-     (["shapes", "prompts", "--n", "0"], "--n"), (["shapes", "prompts", "--seed", "-1"], "--seed"),
-     (["shapes", "prompts", "--diversity", "2"], "--diversity"), (["shapes", "render", "--samples", "0"], "--samples")],
-)  # fmt: skip
+    [
+        (["geneval", "--samples", "0"], "--samples"),
+        (["geneval", "--limit", "0"], "--limit"),
+        (["geneval", "--resolution", "0"], "--resolution"),
+        (["fid", "--batch-size", "0"], "--batch-size"),
+        (["convert-reference", "--heads", "0"], "--heads"),
+        (["convert-reference", "--patch-size", "-2"], "--patch-size"),
+        (["shapes", "prompts", "--n", "0"], "--n"),
+        (["shapes", "prompts", "--seed", "-1"], "--seed"),
+        (["shapes", "prompts", "--diversity", "2"], "--diversity"),
+        (["shapes", "render", "--samples", "0"], "--samples"),
+    ],
+)
 def test_other_commands_refuse_out_of_range_numbers(args: list[str], option: str) -> None:
     res = invoke(*args)
     assert_usage_error(res.output, res.exit_code, option)
@@ -585,9 +663,12 @@ def test_other_commands_refuse_out_of_range_numbers(args: list[str], option: str
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [(b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: not"), (b'{"prompt": "a"}\n\xff\n', "utf-8"),
-     (b'{"prompt": 5}\n', "no non-empty string field 'prompt'")],
-)  # fmt: skip
+    [
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: not"),
+        (b'{"prompt": "a"}\n\xff\n', "utf-8"),
+        (b'{"prompt": 5}\n', "no non-empty string field 'prompt'"),
+    ],
+)
 @pytest.mark.parametrize("command", ["generate", "geneval"])
 def test_malformed_prompt_files_are_one_error(model_dir: Path, tmp_path: Path, command: str, text: bytes, message: str):
     (tmp_path / "p.jsonl").write_bytes(text)
@@ -608,8 +689,21 @@ def test_inpaint_refuses_decompression_bombs(
     Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
     Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
     (tmp_path / f"{which}.png").write_bytes(png_header(size, size))
-    res = invoke("inpaint", "--model", model_dir, "--image", tmp_path / "image.png", "--mask", tmp_path / "mask.png",
-                 "--prompt", "a", "--out", tmp_path / "out.png", "--device", "cpu")  # fmt: skip
+    res = invoke(
+        "inpaint",
+        "--model",
+        model_dir,
+        "--image",
+        tmp_path / "image.png",
+        "--mask",
+        tmp_path / "mask.png",
+        "--prompt",
+        "a",
+        "--out",
+        tmp_path / "out.png",
+        "--device",
+        "cpu",
+    )
     assert_user_error(res.output, res.exit_code, str(tmp_path / f"{which}.png"), message)
     assert not (tmp_path / "out.png").exists()
 
@@ -720,8 +814,25 @@ def test_encode_latents_rejects_surrogates_and_lying_tar_headers(tmp_path: Path)
     t5 = make_tiny_t5(tmp_path / "t5")
     srcs = _hostile_tars(tmp_path)
     out = tmp_path / "out"
-    res = script("lightgen-data", "encode-latents", "--input", srcs[0], "--input", srcs[1], "--output", out,
-                 "--vae", "pixel", "--text-encoder", t5, "--resolution", 32, "--workers", 0, "--quiet")  # fmt: skip
+    res = script(
+        "lightgen-data",
+        "encode-latents",
+        "--input",
+        srcs[0],
+        "--input",
+        srcs[1],
+        "--output",
+        out,
+        "--vae",
+        "pixel",
+        "--text-encoder",
+        t5,
+        "--resolution",
+        32,
+        "--workers",
+        0,
+        "--quiet",
+    )
     assert res.returncode == 0 and "Traceback" not in res.stderr and "MemoryError" not in res.stderr, res.stderr
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     reasons = {r["id"]: r["reason"] for r in rejects}
@@ -730,8 +841,22 @@ def test_encode_latents_rejects_surrogates_and_lying_tar_headers(tmp_path: Path)
 
 
 def _build_captions(src: Path, out: Path) -> subprocess.CompletedProcess:
-    return script("lightgen-data", "build-captions", "--input", src, "--output", out, "--n", 10, "--embedder", "hash",
-                  "--workers", 0, "--select", "random")  # fmt: skip
+    return script(
+        "lightgen-data",
+        "build-captions",
+        "--input",
+        src,
+        "--output",
+        out,
+        "--n",
+        10,
+        "--embedder",
+        "hash",
+        "--workers",
+        0,
+        "--select",
+        "random",
+    )
 
 
 def _kept_and_rejected(out: Path) -> tuple[set[str], int]:
@@ -779,8 +904,10 @@ def test_console_scripts_report_usage_errors_in_one_line(tmp_path: Path, argv: l
 # ---------------------------------------------------------------------------------------------------- invalid text
 
 # what a shell's $'a red \xff circle' becomes in Python's argv (surrogateescape), and a JSON "\ud800" escape
-BAD_TEXTS = [("a red \udcff circle", "byte 0xff at character 6 is not UTF-8"),
-             ("a red \ud800 circle", "lone surrogate U+D800 at character 6")]  # fmt: skip
+BAD_TEXTS = [
+    ("a red \udcff circle", "byte 0xff at character 6 is not UTF-8"),
+    ("a red \ud800 circle", "lone surrogate U+D800 at character 6"),
+]
 
 
 def _inpaint_inputs(tmp_path: Path) -> list[object]:
@@ -791,8 +918,20 @@ def _inpaint_inputs(tmp_path: Path) -> list[object]:
 
 def test_console_script_refuses_an_undecodable_prompt_argument(model_dir: Path, tmp_path: Path) -> None:
     """`lightgen generate --prompt $'a red \\xff circle'` as a shell runs it: argv bytes that are not UTF-8."""
-    argv = [BIN / "lightgen", "generate", "--model", model_dir, "--prompt", "fine", "--prompt", b"a red \xff circle",
-            "--out", tmp_path / "o", "--device", "cpu"]  # fmt: skip
+    argv = [
+        BIN / "lightgen",
+        "generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        "fine",
+        "--prompt",
+        b"a red \xff circle",
+        "--out",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+    ]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert_user_error(res.stderr, res.returncode, r"--prompt 2 'a red \udcff circle' is not valid text", "0xff")
     assert not (tmp_path / "o").exists()

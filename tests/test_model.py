@@ -48,8 +48,14 @@ def test_forward_reduction_sets_the_shape_and_draws_only_the_randomness(debug_mo
     assert torch.allclose(m(lat, text, mask, draws=draws, vlb=False), given.mean(), rtol=1e-6)
     assert torch.equal(given, m.eval()(lat, text, mask, draws=draws, reduction="none", vlb=False))  # no dropout
     assert not torch.equal(given, m(lat, text, mask, draws=draws, reduction="none"))  # the VLB term counts
-    twice = m(torch.cat([lat, lat]), torch.cat([text, text]), torch.cat([mask, mask]), reduction="none", vlb=False,
-              draws=tuple(torch.cat([x, x], dim=0 if i == 0 else 1) for i, x in enumerate(_draws(m, 3))))  # fmt: skip
+    twice = m(
+        torch.cat([lat, lat]),
+        torch.cat([text, text]),
+        torch.cat([mask, mask]),
+        reduction="none",
+        vlb=False,
+        draws=tuple(torch.cat([x, x], dim=0 if i == 0 else 1) for i, x in enumerate(_draws(m, 3))),
+    )
     assert torch.equal(twice[:3], twice[3:]) and torch.equal(twice[:3], given)  # rows are independent
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'none', got 'sum'"):
         m(lat, text, mask, reduction="sum")
@@ -113,8 +119,15 @@ def test_padded_text_has_no_effect(debug_model: LightGen) -> None:
         assert torch.equal(z1[1], z2[1])  # the unpadded sample is untouched either way
         assert torch.equal(z1[0], z2[0]) is same  # the reference is sensitive: proves the test can fail
     m = debug_model.train()
-    losses = [m(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), t, mask,
-                generator=torch.Generator().manual_seed(5)) for t in (text, text2)]  # fmt: skip
+    losses = [
+        m(
+            torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+            t,
+            mask,
+            generator=torch.Generator().manual_seed(5),
+        )
+        for t in (text, text2)
+    ]
     assert torch.equal(losses[0], losses[1])
 
 

@@ -93,8 +93,11 @@ def test_a_second_local_run_is_refused_while_the_first_runs_and_goes_on_after(tm
 
 def test_build_captions_is_refused_while_its_output_is_held(tmp_path):
     out = tmp_path / "captions"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD.format(repo=str(REPO))), str(out)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLD.format(repo=str(REPO))), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     args = ["build-captions", "--shapes", "40", "--n", "10", "--embedder", "hash", "--output", str(out), "--workers"]
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -113,8 +116,14 @@ def test_build_captions_is_refused_while_its_output_is_held(tmp_path):
 
 def write_lease(uri: str, age_s: float, pid: int = 4242, host: str = "other-host") -> None:
     """A lease of another run, refreshed `age_s` seconds ago."""
-    record = {"host": host, "pid": pid, "started": "2026-12-07T10:00:00Z", "refreshed_epoch": time.time() - age_s,
-              "ttl_s": 300, "token": "theirs"}  # fmt: skip
+    record = {
+        "host": host,
+        "pid": pid,
+        "started": "2026-12-07T10:00:00Z",
+        "refreshed_epoch": time.time() - age_s,
+        "ttl_s": 300,
+        "token": "theirs",
+    }
     Storage(uri).write_json(locks.LEASE, record)
 
 

@@ -128,9 +128,12 @@ def test_bad_rows_become_rejects(tmp_path):
     assert (report["inputs"], report["kept"]) == (8, 3)
     rej = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
     assert [(r["source"], r["reason"]) for r in rej] == [
-        ("a.jsonl:2", "bad_utf8"), ("a.jsonl:3", "bad_json"), ("b.csv:3", "bad_utf8"), ("c.parquet:1", "bad_utf8"),
+        ("a.jsonl:2", "bad_utf8"),
+        ("a.jsonl:3", "bad_json"),
+        ("b.csv:3", "bad_utf8"),
+        ("c.parquet:1", "bad_utf8"),
         ("c.parquet:2", "missing_field"),
-    ]  # fmt: skip
+    ]
 
 
 def test_jsonl_is_read_in_chunks_with_line_numbers(tmp_path):
@@ -258,8 +261,23 @@ def test_cli_build_captions_and_errors(tmp_path):
         assert result.exit_code == 2 and result.output.startswith("error: "), result.output
         assert re.search(message, result.output) and len(result.output.strip().splitlines()) == 1, result.output
     help_text = runner.invoke(app, ["build-captions", "--help"], terminal_width=200).output
-    for option in ["--input", "--output", "--n ", "--field", "--shapes", "--min-words", "--max-words", "--charset",
-                   "--near-dup-thresh", "--ngram", "--embedder", "--select", "--clusters", "--workers", "--seed"]:  # fmt: skip
+    for option in [
+        "--input",
+        "--output",
+        "--n ",
+        "--field",
+        "--shapes",
+        "--min-words",
+        "--max-words",
+        "--charset",
+        "--near-dup-thresh",
+        "--ngram",
+        "--embedder",
+        "--select",
+        "--clusters",
+        "--workers",
+        "--seed",
+    ]:
         assert option in help_text
     assert "[default: cluster]" in help_text and "[default: 0.8]" in help_text
 

@@ -79,8 +79,11 @@ def test_build_captions_help_keeps_its_options_and_leaves_out_the_unused_ones():
         "--batch-size INT Captions per embedding call. [default: 256]",
         "--workers INT Ray tasks in parallel (reading, de-duplication, embeddings); 0 = no Ray. [default: 0]",
         "--seed INT Random seed (selection, k-means, ShapesWorld). [default: 0]",
-        "--ray-address", "--overwrite", "--partitions", "--kmeans-sample",
-    ):  # fmt: skip
+        "--ray-address",
+        "--overwrite",
+        "--partitions",
+        "--kmeans-sample",
+    ):
         assert expected in text, expected
     for unused in ("--gpus-per-worker", "--cpus-per-worker", "--quiet", "--progress"):
         assert unused not in text, unused
@@ -97,9 +100,21 @@ def shapes_captions(tmp_path_factory) -> Path:
 def test_synthesize_then_build_dpo_pairs_from_the_command_line(tmp_path, shapes_captions):
     images = tmp_path / "images"
     result = invoke(
-        "synthesize", "--input", str(shapes_captions), "--output", str(images), "--teacher", "shapes",
-        "--resolution", "32", "--workers", "0", "--quiet", "--shard-size", "5",
-    )  # fmt: skip
+        "synthesize",
+        "--input",
+        str(shapes_captions),
+        "--output",
+        str(images),
+        "--teacher",
+        "shapes",
+        "--resolution",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--shard-size",
+        "5",
+    )
     assert result.exit_code == 0, result.output
     assert re.search(r"synthesize: 12 images in [\d.]+ s", result.output)
     report = json.loads(result.output.strip().splitlines()[-1])
@@ -107,9 +122,23 @@ def test_synthesize_then_build_dpo_pairs_from_the_command_line(tmp_path, shapes_
     model = tmp_path / "model"
     save_pretrained(LightGen(preset("debug")), model)
     result = invoke(
-        "build-dpo-pairs", "--input", str(images), "--output", str(tmp_path / "pairs"), "--model", str(model),
-        "--judge-backend", "shapes", "--min-judge-score", "0", "--steps", "2", "--workers", "0", "--quiet",
-    )  # fmt: skip
+        "build-dpo-pairs",
+        "--input",
+        str(images),
+        "--output",
+        str(tmp_path / "pairs"),
+        "--model",
+        str(model),
+        "--judge-backend",
+        "shapes",
+        "--min-judge-score",
+        "0",
+        "--steps",
+        "2",
+        "--workers",
+        "0",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["inputs"] == 12 and report["written"] + report["rejected"] == 12 and report["written"] > 0

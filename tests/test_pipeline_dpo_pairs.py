@@ -76,8 +76,15 @@ def loser_pixels(t: pa.Table) -> np.ndarray:
 
 def pipeline_alone(pipe: LightGenPipeline, caption: str, seed: int, steps: int, resolution: int = 32) -> np.ndarray:
     """What `LightGenPipeline` (and so `lightgen generate --seed`) draws for one caption: (H, W, 3) uint8."""
-    out = pipe(caption, num_inference_steps=steps, guidance_scale=4.0, guidance_schedule="linear", temperature=1.0,
-               resolution=resolution, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    out = pipe(
+        caption,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        guidance_schedule="linear",
+        temperature=1.0,
+        resolution=resolution,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return np.asarray(out.images[0])
 
 
@@ -150,13 +157,18 @@ def shapes_extras(path: Path) -> dict[str, str]:
     write_tar(
         path,
         [
-            ("noise.png", noise_png(1, (32, 32))), ("noise.json", js(single["prompt"], single)),
-            ("mirror.png", png_bytes(teacher(mirror_relation(pos), 7))), ("mirror.json", js(pos["prompt"], pos)),
-            ("nometa.png", png_bytes(teacher(single, 1))), ("nometa.json", js(single["prompt"])),
-            ("broken.png", b"not an image at all"), ("broken.json", js(single["prompt"], single)),
-            ("badmeta.png", png_bytes(teacher(single, 2))), ("badmeta.json", js("x", {"tag": "bogus", "include": []})),
+            ("noise.png", noise_png(1, (32, 32))),
+            ("noise.json", js(single["prompt"], single)),
+            ("mirror.png", png_bytes(teacher(mirror_relation(pos), 7))),
+            ("mirror.json", js(pos["prompt"], pos)),
+            ("nometa.png", png_bytes(teacher(single, 1))),
+            ("nometa.json", js(single["prompt"])),
+            ("broken.png", b"not an image at all"),
+            ("broken.json", js(single["prompt"], single)),
+            ("badmeta.png", png_bytes(teacher(single, 2))),
+            ("badmeta.json", js("x", {"tag": "bogus", "include": []})),
         ],
-    )  # fmt: skip
+    )
     reasons = ("judge_rejected", "judge_rejected", "missing_metadata", "undecodable", "bad_metadata")
     return {f"extra/{k}": r for k, r in zip(("noise", "mirror", "nometa", "broken", "badmeta"), reasons, strict=True)}
 
@@ -211,8 +223,16 @@ def test_shapes_two_stages_counts_pairs_losers_and_resume(tmp_path, shapes_image
     shutil.copytree(shapes_images, src / "imgs")
     expected = shapes_extras(src / "extra.tar")
     out = tmp_path / "pairs"
-    cfg = PairsConfig([str(src / "imgs"), str(src / "extra.tar")], str(out), model=debug_ckpt, judge_backend="shapes",
-                      steps=3, workers=0, batch_size=3, progress=False)  # fmt: skip
+    cfg = PairsConfig(
+        [str(src / "imgs"), str(src / "extra.tar")],
+        str(out),
+        model=debug_ckpt,
+        judge_backend="shapes",
+        steps=3,
+        workers=0,
+        batch_size=3,
+        progress=False,
+    )
     report = run_build_dpo_pairs(cfg)
     # Counts add up across both stages: every input is a pair or a reject of one of them, with its reason.
     judge = report["judge"]
@@ -288,8 +308,17 @@ def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images
     monkeypatch.setattr(PairsStage, "draw_losers", some_perfect)
     monkeypatch.setattr(ShapesJudge, "answers", refuse_black)
     out = tmp_path / "pairs"
-    cfg = PairsConfig([str(shapes_images)], str(out), model=debug_ckpt, judge_backend="shapes", steps=2,
-                      workers=0, batch_size=4, progress=False, judge_losers=True)  # fmt: skip
+    cfg = PairsConfig(
+        [str(shapes_images)],
+        str(out),
+        model=debug_ckpt,
+        judge_backend="shapes",
+        steps=2,
+        workers=0,
+        batch_size=4,
+        progress=False,
+        judge_losers=True,
+    )
     report = run_build_dpo_pairs(cfg)
     n_bad = len(perfect) + 1
     assert (report["inputs"], report["written"], report["rejected"]) == (10, 10 - n_bad, n_bad)
@@ -332,19 +361,26 @@ def mixed_sources(root: Path) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
     pq.write_table(laion, root / "laion.parquet", row_group_size=2)
     hf = pa.table(
         {
-            "image": [{"bytes": img["e"], "path": "e.png"}, {"bytes": img["f"], "path": "f.png"},
-                      {"bytes": b"junk", "path": "g.png"}],
+            "image": [
+                {"bytes": img["e"], "path": "e.png"},
+                {"bytes": img["f"], "path": "f.png"},
+                {"bytes": b"junk", "path": "g.png"},
+            ],
             "caption": ["two stars", "a green cross", "three squares"],
             "aesthetic": [6.9, 9.0, 7.0],
             "id": ["hf-a", "hf-b", "hf-a"],  # the third repeats the first's id
         }
-    )  # fmt: skip
+    )
     pq.write_table(hf, root / "hf.parquet")
     write_tar(
         root / "t.tar",
-        [("k0.png", img["h"]), ("k0.json", json.dumps({"caption": "a star above a cross", "aesthetic": 7.5}).encode()),
-         ("k1.png", img["i"]), ("k1.json", json.dumps({"caption": "a star", "aesthetic": "high"}).encode())],
-    )  # fmt: skip
+        [
+            ("k0.png", img["h"]),
+            ("k0.json", json.dumps({"caption": "a star above a cross", "aesthetic": 7.5}).encode()),
+            ("k1.png", img["i"]),
+            ("k1.json", json.dumps({"caption": "a star", "aesthetic": "high"}).encode()),
+        ],
+    )
     folder = root / "imgs"
     folder.mkdir()
     (folder / "x.png").write_bytes(img["j"])
@@ -354,11 +390,19 @@ def mixed_sources(root: Path) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
     )
     (folder / "y.txt").write_text("a cross")
     expected = [
-        ("laion/000000", "kept"), ("laion/000001", "below_min_aesthetic"), ("laion/000002", "missing_aesthetic"),
-        ("laion/000003", "missing_image"), ("laion/000004", "judge_rejected"), ("hf-a", "kept"),
-        ("hf-b", "judge_unparseable"), ("hf-a", "duplicate_id"), ("t/k0", "kept"), ("t/k1", "bad_aesthetic"),
-        ("imgs/x.png", "kept"), ("imgs/y.png", "missing_aesthetic"),
-    ]  # fmt: skip
+        ("laion/000000", "kept"),
+        ("laion/000001", "below_min_aesthetic"),
+        ("laion/000002", "missing_aesthetic"),
+        ("laion/000003", "missing_image"),
+        ("laion/000004", "judge_rejected"),
+        ("hf-a", "kept"),
+        ("hf-b", "judge_unparseable"),
+        ("hf-a", "duplicate_id"),
+        ("t/k0", "kept"),
+        ("t/k1", "bad_aesthetic"),
+        ("imgs/x.png", "kept"),
+        ("imgs/y.png", "missing_aesthetic"),
+    ]
     sources = {"laion/000000": img["a"], "hf-a": img["e"], "t/k0": img["h"], "imgs/x.png": img["j"]}
     return expected, sources
 
@@ -377,8 +421,19 @@ def test_mixed_sources_aesthetic_filter_and_stubbed_qwen_judge(tmp_path, bert_ck
     expected, images = mixed_sources(src)
     monkeypatch.setattr(TransformersJudge, "generate", stub_generate)
     out = tmp_path / "out"
-    cfg = PairsConfig([str(src)], str(out), model=bert_ckpt, judge_model=qwen_dir, min_aesthetic=6.5, steps=2,
-                      workers=0, shard_size=8, batch_size=2, device="cpu", progress=False)  # fmt: skip
+    cfg = PairsConfig(
+        [str(src)],
+        str(out),
+        model=bert_ckpt,
+        judge_model=qwen_dir,
+        min_aesthetic=6.5,
+        steps=2,
+        workers=0,
+        shard_size=8,
+        batch_size=2,
+        device="cpu",
+        progress=False,
+    )
     report = run_build_dpo_pairs(cfg)
     kept = sorted(k for k, v in expected if v == "kept")
     assert (report["inputs"], report["written"], report["rejected"]) == (12, 4, 8)
@@ -409,9 +464,19 @@ def test_random_tiny_qwen_through_the_stage_keeps_raw_answers(tmp_path, bert_ckp
         members += [(f"s{i}.png", noise_png(i)), (f"s{i}.json", json.dumps({"caption": f"a red circle {i}"}).encode())]
     write_tar(tmp_path / "in.tar", members)
     out = tmp_path / "out"
-    cfg = PairsConfig([str(tmp_path / "in.tar")], str(out), model=bert_ckpt, judge_model=qwen_dir,
-                      judge_max_new_tokens=6, judge_max_pixels=56 * 56, steps=2, workers=0, batch_size=4,
-                      device="cpu", progress=False)  # fmt: skip
+    cfg = PairsConfig(
+        [str(tmp_path / "in.tar")],
+        str(out),
+        model=bert_ckpt,
+        judge_model=qwen_dir,
+        judge_max_new_tokens=6,
+        judge_max_pixels=56 * 56,
+        steps=2,
+        workers=0,
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
     report = run_build_dpo_pairs(cfg)
     assert report["inputs"] == 4 == report["written"] + report["rejected"]
     judged = {r["id"]: r for r in read_judgements(out).to_pylist()}
@@ -430,8 +495,17 @@ def test_losers_of_a_text_key_mask_false_model_are_what_the_pipeline_draws(tmp_p
     (text padded to max_text_len with the encoder's own states), in a batch as alone."""
     model = bert_model(tmp_path, tiny_bert, text_key_mask=False)
     out = tmp_path / "out"
-    cfg = PairsConfig([str(shapes_images)], str(out), model=model, judge_backend="shapes", steps=2, workers=0,
-                      batch_size=4, device="cpu", progress=False)  # fmt: skip
+    cfg = PairsConfig(
+        [str(shapes_images)],
+        str(out),
+        model=model,
+        judge_backend="shapes",
+        steps=2,
+        workers=0,
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
     assert run_build_dpo_pairs(cfg)["written"] == 10
     t = read_rows(out)
     pipe = LightGenPipeline.from_pretrained(model, device="cpu", dtype="float32")
@@ -491,8 +565,16 @@ def test_ray_worker_gives_the_same_pairs(tmp_path, shapes_images, debug_ckpt):
         runs = {}
         for workers in (0, 1):
             out = tmp_path / f"w{workers}"
-            cfg = PairsConfig([str(shapes_images)], str(out), model=debug_ckpt, judge_backend="shapes", steps=2,
-                              workers=workers, batch_size=3, progress=False)  # fmt: skip
+            cfg = PairsConfig(
+                [str(shapes_images)],
+                str(out),
+                model=debug_ckpt,
+                judge_backend="shapes",
+                steps=2,
+                workers=workers,
+                batch_size=3,
+                progress=False,
+            )
             report = run_build_dpo_pairs(cfg)
             assert report["written"] == 10 and report["judge"]["written"] == 10
             runs[workers] = read_rows(out)

@@ -167,26 +167,43 @@ def poisoned_inputs(root: Path) -> tuple[list[Path], dict[str, str], set[str]]:
     good_json = cap("a red circle")
     buf = png(1)
     members = [
-        ("ok.png", png(0)), ("ok.json", good_json),
-        ("cmyk.jpg", png(2, mode="CMYK", fmt="JPEG")), ("cmyk.json", good_json),
-        ("pal.png", png(3, mode="P")), ("pal.txt", b"a blue square"),
-        ("gray16.png", png(4, mode="I;16")), ("gray16.json", good_json),
-        ("rgba.png", png(5, mode="RGBA")), ("rgba.json", good_json),
-        ("empty.png", b""), ("empty.json", good_json),
-        ("junk.png", b"this is not an image"), ("junk.json", good_json),
-        ("trunc.png", buf[: len(buf) // 2]), ("trunc.json", good_json),
-        ("bomb.png", png(6, size=(400, 300))), ("bomb.json", good_json),
-        ("tiny.png", png(7, size=(8, 8))), ("tiny.json", good_json),
+        ("ok.png", png(0)),
+        ("ok.json", good_json),
+        ("cmyk.jpg", png(2, mode="CMYK", fmt="JPEG")),
+        ("cmyk.json", good_json),
+        ("pal.png", png(3, mode="P")),
+        ("pal.txt", b"a blue square"),
+        ("gray16.png", png(4, mode="I;16")),
+        ("gray16.json", good_json),
+        ("rgba.png", png(5, mode="RGBA")),
+        ("rgba.json", good_json),
+        ("empty.png", b""),
+        ("empty.json", good_json),
+        ("junk.png", b"this is not an image"),
+        ("junk.json", good_json),
+        ("trunc.png", buf[: len(buf) // 2]),
+        ("trunc.json", good_json),
+        ("bomb.png", png(6, size=(400, 300))),
+        ("bomb.json", good_json),
+        ("tiny.png", png(7, size=(8, 8))),
+        ("tiny.json", good_json),
         ("nocap.png", png(8)),
-        ("nocap2.png", png(9)), ("nocap2.json", b'{"url": "http://x"}'),
-        ("blank.png", png(10)), ("blank.txt", b"  \n "),
-        ("latin1.png", png(11)), ("latin1.txt", "café".encode("latin-1")),
-        ("latin1j.png", png(12)), ("latin1j.json", b'{"caption": "caf\xe9"}'),
-        ("badjson.png", png(13)), ("badjson.json", b"{caption: oops"),
+        ("nocap2.png", png(9)),
+        ("nocap2.json", b'{"url": "http://x"}'),
+        ("blank.png", png(10)),
+        ("blank.txt", b"  \n "),
+        ("latin1.png", png(11)),
+        ("latin1.txt", "café".encode("latin-1")),
+        ("latin1j.png", png(12)),
+        ("latin1j.json", b'{"caption": "caf\xe9"}'),
+        ("badjson.png", png(13)),
+        ("badjson.json", b"{caption: oops"),
         ("noimage.json", good_json),
-        ("black.png", png(14, value=0)), ("black.json", good_json),  # the NaN tokenizer below poisons it
-        ("poison.png", png(15)), ("poison.json", cap("a poison star")),  # and this caption's text embedding
-    ]  # fmt: skip
+        ("black.png", png(14, value=0)),
+        ("black.json", good_json),  # the NaN tokenizer below poisons it
+        ("poison.png", png(15)),
+        ("poison.json", cap("a poison star")),  # and this caption's text embedding
+    ]
     tar = write_tar(root / "in.tar", members)
     members = [("ok2.png", png(16)), ("ok2.json", cap("\ud800 a lone surrogate"))]
     surrogate = write_tar(root / "surrogate.tar", members)
@@ -212,13 +229,24 @@ def poisoned_inputs(root: Path) -> tuple[list[Path], dict[str, str], set[str]]:
     (folder / "b.txt").write_text("from sidecar")
     (folder / "d.txt").write_text("fine caption, broken image")
     rejected = {
-        "in/empty": "empty_file", "in/junk": "undecodable", "in/trunc": "truncated", "in/bomb": "too_large",
-        "in/tiny": "too_small", "in/nocap": "missing_caption", "in/nocap2": "missing_caption",
-        "in/blank": "empty_caption", "in/latin1": "bad_caption_encoding", "in/latin1j": "bad_caption_encoding",
-        "in/badjson": "bad_caption_json", "in/noimage": "missing_image", "in/black": "nonfinite_latent",
-        "in/poison": "nonfinite_text", "broken/<unreadable>": "bad_tar", "folder/c.png": "missing_caption",
+        "in/empty": "empty_file",
+        "in/junk": "undecodable",
+        "in/trunc": "truncated",
+        "in/bomb": "too_large",
+        "in/tiny": "too_small",
+        "in/nocap": "missing_caption",
+        "in/nocap2": "missing_caption",
+        "in/blank": "empty_caption",
+        "in/latin1": "bad_caption_encoding",
+        "in/latin1j": "bad_caption_encoding",
+        "in/badjson": "bad_caption_json",
+        "in/noimage": "missing_image",
+        "in/black": "nonfinite_latent",
+        "in/poison": "nonfinite_text",
+        "broken/<unreadable>": "bad_tar",
+        "folder/c.png": "missing_caption",
         "folder/d.png": "undecodable",
-    }  # fmt: skip
+    }
     written = {"in/ok", "in/cmyk", "in/pal", "in/gray16", "in/rgba", "folder/a.png", "folder/b.png"}
     # tarfile stops listing at the lying header: the image loses its caption, the tar is reported as damaged.
     rejected.update(
@@ -404,8 +432,23 @@ def test_cli_encode_latents_and_errors(tmp_path, inputs, models):
         assert result.exit_code == 2 and result.output.startswith("error: "), result.output
         assert re.search(message, result.output), result.output
     help_text = runner.invoke(app, ["encode-latents", "--help"], terminal_width=200).output
-    for option in ["--input", "--output", "--vae", "--text-encoder", "--resolution", "--max-text-len", "--batch-size",
-                   "--shard-size", "--workers", "--gpus-per-worker", "--device", "--dtype", "--ray-address", "--seed",
-                   "--overwrite", "--max-pixels"]:  # fmt: skip
+    for option in [
+        "--input",
+        "--output",
+        "--vae",
+        "--text-encoder",
+        "--resolution",
+        "--max-text-len",
+        "--batch-size",
+        "--shard-size",
+        "--workers",
+        "--gpus-per-worker",
+        "--device",
+        "--dtype",
+        "--ray-address",
+        "--seed",
+        "--overwrite",
+        "--max-pixels",
+    ]:
         assert option in help_text
     assert "[default: pixel]" in help_text and "[default: 128]" in help_text

@@ -83,15 +83,31 @@ def test_tiny_flux_through_synthesize_reproduces_images(tmp_path, flux_dir):
     samples = read_tars(tmp_path / "out")
     assert sorted(samples) == ["p0", "p1", "p2"]
     meta = samples["p2"]["json"]
-    assert meta == {"id": "p2", "caption": captions[2], "teacher": "flux", "model": "tiny-flux",
-                    "seed": image_seed(0, "p2"), "steps": 2, "guidance": 3.5, "resolution": 32}  # fmt: skip
+    assert meta == {
+        "id": "p2",
+        "caption": captions[2],
+        "teacher": "flux",
+        "model": "tiny-flux",
+        "seed": image_seed(0, "p2"),
+        "steps": 2,
+        "guidance": 3.5,
+        "resolution": 32,
+    }
     assert samples["p2"]["png"].shape == (32, 32, 3) and samples["p2"]["png"].std() > 2
     # The image is what FluxPipeline draws alone for this caption with the recorded seed: batching does not matter.
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(flux_dir, dtype=torch.float32)
-    alone = pipe(captions[2], height=32, width=32, num_inference_steps=2, guidance_scale=3.5, output_type="np",
-                 generator=torch.Generator().manual_seed(meta["seed"]), max_sequence_length=512).images[0]  # fmt: skip
+    alone = pipe(
+        captions[2],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(meta["seed"]),
+        max_sequence_length=512,
+    ).images[0]
     assert np.abs(np.rint(alone * 255).astype(int) - samples["p2"]["png"].astype(int)).max() <= 1
     assert np.abs(samples["p0"]["png"].astype(int) - samples["p1"]["png"].astype(int)).mean() > 1  # seeds differ
     # The generic `diffusers` teacher loads the same directory through AutoPipelineForText2Image: same images.
@@ -123,15 +139,27 @@ def test_shapes_teacher_end_to_end(tmp_path, shapes_captions):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows_per_shard"] == [10, 10, 4]  # the caption shard's row ranges [0, 10), [10, 20), [20, 24)
     assert (manifest["format"], manifest["teacher"], manifest["teacher_model"], manifest["resolution"]) == (
-        "lightgen-images", "shapes", "shapes", 32)  # fmt: skip
+        "lightgen-images",
+        "shapes",
+        "shapes",
+        32,
+    )
     rows = pq.read_table(shapes_captions / "part-00000.parquet").to_pylist()
     samples = read_tars(out)
     teacher = ShapesTeacher(32)
     for row in rows:
         s = samples[row["id"]]
-        assert s["json"] == {"id": row["id"], "caption": row["caption"], "teacher": "shapes", "model": "shapes",
-                             "seed": image_seed(0, row["id"]), "steps": None, "guidance": None, "resolution": 32,
-                             "metadata": json.loads(row["metadata"])}  # fmt: skip
+        assert s["json"] == {
+            "id": row["id"],
+            "caption": row["caption"],
+            "teacher": "shapes",
+            "model": "shapes",
+            "seed": image_seed(0, row["id"]),
+            "steps": None,
+            "guidance": None,
+            "resolution": 32,
+            "metadata": json.loads(row["metadata"]),
+        }
         np.testing.assert_array_equal(s["png"], teacher(s["json"]["metadata"], image_seed(0, row["id"])))
     # Another --seed redraws every image.
     assert run_synthesize(config([shapes_captions], tmp_path / "s1", seed=1))["written"] == 24
@@ -146,8 +174,10 @@ class FakeTeacher:
 
     def __call__(self, captions, metadata, seeds):
         rng = np.random.default_rng(0)
-        imgs = [np.full((32, 32, 3), 128, np.uint8) if "blank" in c else rng.integers(0, 256, (32, 32, 3), np.uint8)
-                for c in captions]  # fmt: skip
+        imgs = [
+            np.full((32, 32, 3), 128, np.uint8) if "blank" in c else rng.integers(0, 256, (32, 32, 3), np.uint8)
+            for c in captions
+        ]
         return np.stack(imgs), ["nsfw" in c for c in captions]
 
 
@@ -200,7 +230,10 @@ def test_parquet_row_ranges_and_unit_rejects(tmp_path, fake_teacher):
     sources = [g.source if isinstance(g, Reject) else g["source"] for g in got]
     assert sources == [f"caps.parquet:{i}" for i in range(4, 9)]  # row groups 1-2, sliced
     assert [(g.reason, g.id) for g in got if isinstance(g, Reject)] == [
-        ("duplicate_id", "dup"), ("missing_field", "r7"), ("missing_metadata", "r8")]  # fmt: skip
+        ("duplicate_id", "dup"),
+        ("missing_field", "r7"),
+        ("missing_metadata", "r8"),
+    ]
     gone = list(stage.read(WorkUnit(1, "parquet", (str(tmp_path / "gone.parquet"),), 3, 6, str(tmp_path))))
     assert [(r.id, r.reason) for r in gone] == [(f"gone.parquet:{i}", "unreadable") for i in (3, 4, 5)]
     # End to end with --shard-size 4: units [0, 4), [4, 8), [8, 10); counts add up per shard and in total.
@@ -208,7 +241,10 @@ def test_parquet_row_ranges_and_unit_rejects(tmp_path, fake_teacher):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [(s["rows"], s["rejected"]) for s in manifest["shards"]] == [(4, 0), (2, 2), (2, 0)]
     assert (report["inputs"], report["written"], report["rejected_by_reason"]) == (
-        10, 8, {"duplicate_id": 1, "missing_field": 1})  # fmt: skip
+        10,
+        8,
+        {"duplicate_id": 1, "missing_field": 1},
+    )
     assert sorted(read_tars(tmp_path / "out")) == ["dup", "r0", "r1", "r3", "r4", "r8", "r9"]  # "dup" twice, 2 units
 
 

@@ -65,8 +65,10 @@ def test_h100_is_faster_than_a100_by_the_peak_ratio(tiny: Path):
 def test_train_stage_runs_the_trainer_dry_run(tmp_path: Path):
     """A train stage without stated FLOPs runs the trainer's dry run: the debug model's memory per GPU fits."""
     path = tmp_path / "r.yaml"
-    path.write_text(f"stages:\n  t:\n    kind: train\n    config: {ROOT / 'conf/debug.yaml'}\n    steps: 10\n"
-                    "    global_batch: 64\n    utilisation: 0.1\n")  # fmt: skip
+    path.write_text(
+        f"stages:\n  t:\n    kind: train\n    config: {ROOT / 'conf/debug.yaml'}\n    steps: 10\n"
+        "    global_batch: 64\n    utilisation: 0.1\n"
+    )
     stages, _ = load_recipe(path)
     (row,) = plan(stages, "h200", 2, {})
     assert row.flops_per_item > 0 and row.memory_gib is not None and row.fits

@@ -51,9 +51,17 @@ def test_cfg_scale_one_equals_conditional_only(debug_model: LightGen) -> None:
     text, mask = make_text(2, lengths=[7, 3])
     tokens, gen = torch.zeros(2, 64, 48), torch.ones(2, 64, dtype=torch.bool)
     run = lambda batched, cfg: masked_generation(
-        debug_model.eval(), tokens, gen, (8, 8), text, mask, num_iter=5, cfg=cfg,
-        generator=torch.Generator().manual_seed(4), batch_uncond=batched,
-    )  # fmt: skip
+        debug_model.eval(),
+        tokens,
+        gen,
+        (8, 8),
+        text,
+        mask,
+        num_iter=5,
+        cfg=cfg,
+        generator=torch.Generator().manual_seed(4),
+        batch_uncond=batched,
+    )
     assert torch.allclose(run(True, 1.0), run(False, 1.0), atol=1e-5)
     assert not torch.allclose(run(True, 3.0), run(False, 1.0), atol=1e-3)  # guidance does change the result
 
@@ -91,8 +99,9 @@ def test_inpainting_keeps_known_tokens_bit_identical(debug_model: LightGen) -> N
     masks[1, :, :3] = True  # a band: other samples have other region sizes
     masks[2, 7, 7] = True  # a single token
     text, tmask = make_text(3)
-    out = inpaint(debug_model.eval(), lat, masks, text, tmask, num_iter=8, cfg=2.0,
-                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = inpaint(
+        debug_model.eval(), lat, masks, text, tmask, num_iter=8, cfg=2.0, generator=torch.Generator().manual_seed(0)
+    )
     keep = ~masks.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None].expand_as(lat)
     assert torch.equal(out[keep], lat[keep])
     assert not torch.isclose(out[~keep], lat[~keep]).any()  # everything masked was regenerated

@@ -139,7 +139,7 @@ NON_SHAPES = {
             [(32, 6), (38, 24), (58, 24), (42, 36), (48, 56), (32, 44), (16, 56), (22, 36), (6, 24), (26, 24)],
             RED,
         )
-    ],  # fmt: skip
+    ],
     "bar": [("rectangle", (8, 28, 56, 36), RED)],
     "two-colored square": [("rectangle", (12, 12, 31, 50), RED), ("rectangle", (32, 12, 50, 50), COLORS["green"])],
 }

@@ -72,8 +72,18 @@ def test_resume_is_bit_exact(tmp_path, shards):
 
 
 # the keys of state.json as every version so far wrote them: the counters at the top level, the loader's position
-OLD_LAYOUT = {"step", "elapsed_s", "nonfinite", "loader", "schedule_total", "kind", "config", "optimizer", "files",
-              "checksum"}  # fmt: skip
+OLD_LAYOUT = {
+    "step",
+    "elapsed_s",
+    "nonfinite",
+    "loader",
+    "schedule_total",
+    "kind",
+    "config",
+    "optimizer",
+    "files",
+    "checksum",
+}
 
 
 def test_a_checkpoint_in_the_old_layout_resumes_bit_exact(tmp_path, shards):
@@ -87,8 +97,17 @@ def test_a_checkpoint_in_the_old_layout_resumes_bit_exact(tmp_path, shards):
     c5 = run / "checkpoints/step-00000005"
     doc = json.loads((c5 / "state.json").read_text())
     assert set(doc) == OLD_LAYOUT
-    old = {"step": 5, "elapsed_s": 1.25, "nonfinite": 0, "loader": {"epoch": 0, "index": 5}, "schedule_total": 10,
-           "kind": "pretrain", "config": doc["config"], "optimizer": doc["optimizer"], "files": doc["files"]}  # fmt: skip
+    old = {
+        "step": 5,
+        "elapsed_s": 1.25,
+        "nonfinite": 0,
+        "loader": {"epoch": 0, "index": 5},
+        "schedule_total": 10,
+        "kind": "pretrain",
+        "config": doc["config"],
+        "optimizer": doc["optimizer"],
+        "files": doc["files"],
+    }
     (c5 / "state.json").write_text(json.dumps(old | {ckpt_io.CHECKSUM: ckpt_io.state_checksum(old)}))
     assert ckpt_io.verify(c5) is None
     assert train(run, shards, "train.max_steps=10", "checkpoint.every_steps=5")["step"] == 10
@@ -132,9 +151,17 @@ def test_a_time_budget_anneals_by_its_end_on_a_slow_machine(tmp_path, shards, mo
     from training import trainer
 
     monkeypatch.setattr(trainer, "time", SlowClock(30.0))  # a step reads the clock twice: 30 s of training per step
-    summary = train(tmp_path / "timed", shards, "train.max_steps=1000", "train.budget_minutes=4", "optim.lr=1e-3",
-                    "optim.schedule=cosine", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1",
-                    "checkpoint.every_steps=1000")  # fmt: skip
+    summary = train(
+        tmp_path / "timed",
+        shards,
+        "train.max_steps=1000",
+        "train.budget_minutes=4",
+        "optim.lr=1e-3",
+        "optim.schedule=cosine",
+        "optim.warmup_steps=2",
+        "optim.min_lr_ratio=0.1",
+        "checkpoint.every_steps=1000",
+    )
     assert summary["stopped_by"] == "budget" and summary["step"] == 8  # 240 s / 30 s
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "timed/metrics.jsonl").read_text().splitlines()]
     shares = [30 * k / 240 for k in range(8)]  # elapsed share of the budget before each step
@@ -146,8 +173,16 @@ def test_a_time_budget_anneals_by_its_end_on_a_slow_machine(tmp_path, shards, mo
 @pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path, shards):
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "training/pretrain.py"), *BASE, f"data.shards=[{shards}]",
-           f"train.out_dir={out}", "train.max_steps=100000", "checkpoint.every_steps=0", "log.every=1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "training/pretrain.py"),
+        *BASE,
+        f"data.shards=[{shards}]",
+        f"train.out_dir={out}",
+        "train.max_steps=100000",
+        "checkpoint.every_steps=0",
+        "log.every=1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -171,9 +206,19 @@ def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path, shards):
 
 
 def torchrun(out: Path, shards: Path, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "training/pretrain.py"), *BASE, f"data.shards=[{shards}]", f"train.out_dir={out}",
-           "data.batch_size=4", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "training/pretrain.py"),
+        *BASE,
+        f"data.shards=[{shards}]",
+        f"train.out_dir={out}",
+        "data.batch_size=4",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -219,8 +264,13 @@ def test_flip_and_posterior_sampling(tmp_path):
     rng = np.random.default_rng(0)
     mean = rng.uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)
     logvar = np.full_like(mean, np.log(0.25))  # std 0.5
-    d = write_latent_shards(tmp_path / "s", np.concatenate([mean, logvar], 1),
-                            [np.ones((3, 4), np.float32)] * 8, ["c"] * 8, moments_flip=np.concatenate([-mean, logvar], 1))  # fmt: skip
+    d = write_latent_shards(
+        tmp_path / "s",
+        np.concatenate([mean, logvar], 1),
+        [np.ones((3, 4), np.float32)] * 8,
+        ["c"] * 8,
+        moments_flip=np.concatenate([-mean, logvar], 1),
+    )
     s = ShardSet([d])
     refs = np.array([[0, i] for i in range(8)])
     g = torch.Generator().manual_seed(0)
@@ -241,8 +291,16 @@ def test_finetune_initialises_from_a_256_checkpoint_at_a_new_resolution(tmp_path
     out = tmp_path / "ft"
     train(out, big, f"model.init_from={tmp_path / 'base/model'}", "optim.lr_scale=0.1", "train.max_steps=0")
     assert_same(weights(tmp_path / "base/model"), weights(out / "model"))  # 0 steps: exactly the loaded weights
-    train(out, big, "train.max_steps=2", "checkpoint.resume=never", f"model.init_from={tmp_path / 'base/model'}",
-          "optim.lr_scale=0.1", "optim.warmup_steps=0", f"train.out_dir={tmp_path / 'ft2'}")  # fmt: skip
+    train(
+        out,
+        big,
+        "train.max_steps=2",
+        "checkpoint.resume=never",
+        f"model.init_from={tmp_path / 'base/model'}",
+        "optim.lr_scale=0.1",
+        "optim.warmup_steps=0",
+        f"train.out_dir={tmp_path / 'ft2'}",
+    )
     rows = [json.loads(x) for x in (tmp_path / "ft2/metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-4])  # 0.1 x the base lr
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -312,8 +370,11 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, shards, monkeypatch, ca
     assert all(torch.isfinite(v).all() for v in w.values())  # a skipped step never touches the weights
 
     monkeypatch.setattr(pretrain.PretrainTrainer, "loss", lambda self, m, b: (real(self, m, b)[0] * float("inf"), {}))
-    user_error(capsys, lambda: train(tmp_path / "b", shards, "train.max_steps=10", "train.max_nonfinite=3"),
-               "3 consecutive steps with a non-finite loss")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: train(tmp_path / "b", shards, "train.max_steps=10", "train.max_nonfinite=3"),
+        "3 consecutive steps with a non-finite loss",
+    )
 
 
 def test_config_errors_name_the_bad_key(tmp_path):
@@ -358,8 +419,16 @@ def test_loss_falls_on_a_tiny_shapesworld_set(tmp_path):
     moments = np.concatenate([mean, np.full_like(mean, PIXEL_LOGVAR)], 1)
     texts = build_text_encoder("minilm")([r["caption"] for r in recs])
     d = write_latent_shards(tmp_path / "sw", moments, texts, [r["caption"] for r in recs], rows_per_shard=32)
-    train(tmp_path / "run", d, "model.preset=shapes", "train.max_steps=120", "data.batch_size=16",
-          "data.flip=false", "checkpoint.every_steps=0", "optim.warmup_steps=10")  # fmt: skip
+    train(
+        tmp_path / "run",
+        d,
+        "model.preset=shapes",
+        "train.max_steps=120",
+        "data.batch_size=16",
+        "data.flip=false",
+        "checkpoint.every_steps=0",
+        "optim.warmup_steps=10",
+    )
     curve = losses(tmp_path / "run")
     first, last = np.mean(curve[:10]), np.mean(curve[-20:])
     assert last < 0.6 * first, (first, last)
@@ -379,8 +448,16 @@ def test_sample_grid_and_tensorboard(tmp_path, shards):
 
 # ---------------------------------------------------------------------------- reference fidelity
 
-CAPTIONS = ["a red circle", "two blue squares left of a green cross", "a star", "three yellow triangles",
-            "a photo of a pink star above a gray square", "an orange cross", "two circles", "a white square"]  # fmt: skip
+CAPTIONS = [
+    "a red circle",
+    "two blue squares left of a green cross",
+    "a star",
+    "three yellow triangles",
+    "a photo of a pink star above a gray square",
+    "an orange cross",
+    "two circles",
+    "a white square",
+]
 
 
 @pytest.fixture(scope="module")
@@ -447,19 +524,34 @@ def test_training_pads_text_as_generation_does(bert_shards, key_mask):
         assert text.shape[1] == 16  # max_text_len
         pads = text[0, lengths[0] :]
         assert pads.abs().min() > 0 and not torch.allclose(pads[0], pads[1])  # the encoder's states, not zeros
-        torch.testing.assert_close(text[:, : zero.shape[1]][mask[:, : zero.shape[1]]], zero[zero.abs().sum(-1) > 0],
-                                   atol=5e-3, rtol=0)  # fmt: skip  # real tokens: the shards' fp16 states
+        torch.testing.assert_close(
+            text[:, : zero.shape[1]][mask[:, : zero.shape[1]]], zero[zero.abs().sum(-1) > 0], atol=5e-3, rtol=0
+        )  # real tokens: the shards' fp16 states
 
 
 def test_reference_padded_model_trains_and_checks_its_encoder(tmp_path, bert_shards, capsys):
     bert, d, models = bert_shards
-    summary = train(tmp_path / "run", d, f"model.init_from={models[False]}", f"data.text_encoder={bert}",
-                    "train.max_steps=2", "optim.weight_decay_groups=reference")  # fmt: skip
+    summary = train(
+        tmp_path / "run",
+        d,
+        f"model.init_from={models[False]}",
+        f"data.text_encoder={bert}",
+        "train.max_steps=2",
+        "optim.weight_decay_groups=reference",
+    )
     assert summary["step"] == 2 and all(np.isfinite(losses(tmp_path / "run")))
-    user_error(capsys, lambda: train(tmp_path / "x", d, f"model.init_from={models[False]}", "data.text_encoder=minilm",
-                                     "train.max_steps=1"), "is not the one the shards were encoded with")  # fmt: skip
-    user_error(capsys, lambda: train(tmp_path / "y", d, f"model.init_from={models[False]}", "train.max_steps=1"),
-               "set data.text_encoder=DIR")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: train(
+            tmp_path / "x", d, f"model.init_from={models[False]}", "data.text_encoder=minilm", "train.max_steps=1"
+        ),
+        "is not the one the shards were encoded with",
+    )
+    user_error(
+        capsys,
+        lambda: train(tmp_path / "y", d, f"model.init_from={models[False]}", "train.max_steps=1"),
+        "set data.text_encoder=DIR",
+    )
 
 
 def test_weight_decay_groups_default_and_reference():
@@ -475,8 +567,13 @@ def test_weight_decay_groups_default_and_reference():
     ref_decay, ref_none = param_groups(model, 0.02, "reference")
     spared = {n for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias") or "diffloss" in n}
     assert names(ref_none) == spared and ref_decay["weight_decay"] == 0.02 and ref_none["weight_decay"] == 0.0
-    tables = {"encoder_pos_embed_learned", "decoder_pos_embed_learned", "last_pos_embed_learned", "mask_token",
-              "fake_latent"}  # fmt: skip
+    tables = {
+        "encoder_pos_embed_learned",
+        "decoder_pos_embed_learned",
+        "last_pos_embed_learned",
+        "mask_token",
+        "fake_latent",
+    }
     decay, none = param_groups(model, 0.02)
     assert tables <= names(ref_decay) and tables <= names(none)
     assert names(decay) == names(ref_decay) - tables
@@ -501,8 +598,19 @@ def test_heldout_score_lands_in_metrics_and_equals_scoring_by_hand(tmp_path, sha
     from training.evaluate import save_grid
 
     out = tmp_path / "run"
-    train(out, shards, "train.max_steps=5", "checkpoint.every_steps=2", "eval.every=2", "eval.prompts=7",
-          "eval.seeds=[3,4]", "eval.steps=3", "eval.batch_size=4", "eval.cfg=2.0", "eval.temperature=0.7")  # fmt: skip
+    train(
+        out,
+        shards,
+        "train.max_steps=5",
+        "checkpoint.every_steps=2",
+        "eval.every=2",
+        "eval.prompts=7",
+        "eval.seeds=[3,4]",
+        "eval.steps=3",
+        "eval.batch_size=4",
+        "eval.cfg=2.0",
+        "eval.temperature=0.7",
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval" in r] == [2, 4, 5]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # the score joins its step's row
@@ -511,12 +619,20 @@ def test_heldout_score_lands_in_metrics_and_equals_scoring_by_hand(tmp_path, sha
         pipe = LightGenPipeline.from_pretrained(out / f"checkpoints/step-{step:08d}", device="cpu")  # EMA weights
         results, first = [], None
         for seed in (3, 4):
-            images = pipe([r["prompt"] for r in records], num_inference_steps=3, guidance_scale=2.0, temperature=0.7,
-                          batch_size=4, generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
+            images = pipe(
+                [r["prompt"] for r in records],
+                num_inference_steps=3,
+                guidance_scale=2.0,
+                temperature=0.7,
+                batch_size=4,
+                generator=torch.Generator().manual_seed(seed),
+            ).images
             arr = np.stack([np.asarray(im) for im in images])
             first = arr if first is None else first
-            results += [{"metadata": r, "tag": r["tag"], "correct": score_image(a, r).correct}
-                        for r, a in zip(records, arr, strict=True)]  # fmt: skip
+            results += [
+                {"metadata": r, "tag": r["tag"], "correct": score_image(a, r).correct}
+                for r, a in zip(records, arr, strict=True)
+            ]
         summary = summarize(results)
         expected = {"overall": summary["overall"]} | {t: v["accuracy"] for t, v in summary["tasks"].items()}
         got = next(r["eval"] for r in rows if r["step"] == step)

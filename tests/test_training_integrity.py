@@ -104,8 +104,11 @@ def test_a_changed_byte_in_a_shard_stops_the_run_naming_it(tmp_path, capsys):
     s.decoded(0)
     with pytest.raises(ValueError, match=r"part-00001\.parquet: sha256 [0-9a-f]{64} does not match the manifest"):
         s.decoded(1)
-    line = user_error(capsys, lambda: train(tmp_path / "run", d, "train.max_steps=20"),
-                      r"part-00001\.parquet: sha256 [0-9a-f]{64} does not match the manifest")  # fmt: skip
+    line = user_error(
+        capsys,
+        lambda: train(tmp_path / "run", d, "train.max_steps=20"),
+        r"part-00001\.parquet: sha256 [0-9a-f]{64} does not match the manifest",
+    )
     assert "changed after it was written" in line
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -114,8 +117,11 @@ def test_a_shard_of_another_size_is_refused_at_start(tmp_path, capsys):
     d = random_shards(tmp_path / "shards", n=32, rows_per_shard=16)
     with open(d / "part-00001.parquet", "ab") as f:
         f.write(b"\0")
-    user_error(capsys, lambda: train(tmp_path / "run", d, "train.max_steps=2"),
-               r"part-00001\.parquet: \d+ bytes, the manifest lists \d+")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: train(tmp_path / "run", d, "train.max_steps=2"),
+        r"part-00001\.parquet: \d+ bytes, the manifest lists \d+",
+    )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
 
 
@@ -139,8 +145,11 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_naming_the_first(tmp_pa
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        line = user_error(capsys, lambda: train(out, shards, "train.max_steps=8", "checkpoint.keep_last=1"),
-                          rf"train.out_dir=.* is in use by another trainer \(PID {holder.pid} on ")  # fmt: skip
+        line = user_error(
+            capsys,
+            lambda: train(out, shards, "train.max_steps=8", "checkpoint.keep_last=1"),
+            rf"train.out_dir=.* is in use by another trainer \(PID {holder.pid} on ",
+        )
         assert "train.lock" in line
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing deleted
     finally:
@@ -174,8 +183,12 @@ def _edit(doc: dict, how: str) -> object:
     if how == "no checksum":
         return {k: v for k, v in doc.items() if k != ckpt_io.CHECKSUM}
     escape = {"files": doc["files"] | {"../x": doc["files"]["config.json"]}}
-    bad = {"loader types": {"loader": {"epoch": "0", "index": 3}}, "step resealed": {"step": 12},
-           "missing field": {"nonfinite": None}, "file name": escape}  # fmt: skip
+    bad = {
+        "loader types": {"loader": {"epoch": "0", "index": 3}},
+        "step resealed": {"step": 12},
+        "missing field": {"nonfinite": None},
+        "file name": escape,
+    }
     edited = {k: v for k, v in (doc | bad[how]).items() if v is not None}
     return edited | {ckpt_io.CHECKSUM: ckpt_io.state_checksum(edited)}  # a checksum made to match: still refused
 
@@ -213,8 +226,11 @@ def test_a_named_bad_checkpoint_is_an_error(tmp_path, shards, straight, capsys):
     c4 = out / "checkpoints/step-00000004"
     doc = json.loads((c4 / "state.json").read_text())
     (c4 / "state.json").write_text(json.dumps(doc | {"elapsed_s": -1.0}))
-    user_error(capsys, lambda: train(tmp_path / "other", shards, f"checkpoint.resume={c4}"),
-               r"checkpoint.resume=.*step-00000004: state.json does not match its checksum")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: train(tmp_path / "other", shards, f"checkpoint.resume={c4}"),
+        r"checkpoint.resume=.*step-00000004: state.json does not match its checksum",
+    )
 
 
 # -- kill -9 -------------------------------------------------------------------------------------------------
@@ -245,9 +261,15 @@ def test_kill_between_checkpoints_then_resume_logs_every_step_once(tmp_path, sha
 
 # -- SIGTERM under torchrun ----------------------------------------------------------------------------------
 def _torchrun_until_signal(out: Path, shards: Path, target: str) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "training/pretrain.py"), *argv(out, shards, "data.batch_size=4", "train.max_steps=100000",
-                                                       "checkpoint.every_steps=0", "log.every=1")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(ROOT / "training/pretrain.py"),
+        *argv(out, shards, "data.batch_size=4", "train.max_steps=100000", "checkpoint.every_steps=0", "log.every=1"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     start = len(steps(out)) if (out / "metrics.jsonl").is_file() else 0
@@ -288,8 +310,11 @@ def test_a_run_of_nonfinite_steps_is_one_error_line(tmp_path, shards, monkeypatc
     real = pretrain.PretrainTrainer.loss
     monkeypatch.setattr(pretrain.PretrainTrainer, "loss", lambda self, m, b: (real(self, m, b)[0] * float("nan"), {}))
     monkeypatch.setattr(pretrain.Trainer, "_flops_per_image", lambda *a: None)
-    user_error(capsys, lambda: train(tmp_path / "run", shards, "train.max_steps=10", "train.max_nonfinite=4"),
-               r"4 consecutive steps with a non-finite loss or gradient .*lower optim.blr")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: train(tmp_path / "run", shards, "train.max_steps=10", "train.max_nonfinite=4"),
+        r"4 consecutive steps with a non-finite loss or gradient .*lower optim.blr",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -201,25 +201,38 @@ def test_a_damaged_cached_copy_is_detected_and_fetched_again(tmp_path, s3_server
 
 def test_remote_shard_errors_name_the_uri(tmp_path, s3_server, local_shards, capsys):
     bucket = s3_server.bucket()
-    user_error(capsys, lambda: pretrain.main([*BASE, f"data.shards=[{bucket}/nothing]", f"train.out_dir={tmp_path}"]),
-               f"no manifest.json in {bucket}/nothing")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: pretrain.main([*BASE, f"data.shards=[{bucket}/nothing]", f"train.out_dir={tmp_path}"]),
+        f"no manifest.json in {bucket}/nothing",
+    )
     uri = upload(local_shards, bucket + "/gone")
     storage.resolve(uri)[0].delete_file(storage.resolve(uri + "/part-00002.parquet")[1])
-    user_error(capsys, lambda: pretrain.main([*BASE, f"data.shards=[{uri}]", f"train.out_dir={tmp_path}"]),
-               rf"missing: \['{uri}/part-00002.parquet'\]")  # fmt: skip
-    line = user_error(capsys, lambda: pretrain.main([*BASE, "data.shards=[x]", "train.out_dir=s3://AKIA:SECRET@b/run"]),
-                      r"train.out_dir=s3://b/run: checkpoints are written to a local folder")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: pretrain.main([*BASE, f"data.shards=[{uri}]", f"train.out_dir={tmp_path}"]),
+        rf"missing: \['{uri}/part-00002.parquet'\]",
+    )
+    line = user_error(
+        capsys,
+        lambda: pretrain.main([*BASE, "data.shards=[x]", "train.out_dir=s3://AKIA:SECRET@b/run"]),
+        r"train.out_dir=s3://b/run: checkpoints are written to a local folder",
+    )
     assert "SECRET" not in line and "AKIA" not in line
-    user_error(capsys, lambda: pretrain.main([*BASE, "data.shards=[x]", "data.cache_bytes=lots"]),
-               "data.cache_bytes must be a byte count")  # fmt: skip
+    user_error(
+        capsys,
+        lambda: pretrain.main([*BASE, "data.shards=[x]", "data.cache_bytes=lots"]),
+        "data.cache_bytes must be a byte count",
+    )
 
 
 # -- the trainers ----------------------------------------------------------------------------------------------------
 def weights(d: Path) -> dict[str, torch.Tensor]:
     """The weights of a model folder, and its EMA weights when it has them."""
     ema = d / "model_ema.safetensors"
-    return load_file(str(d / "model.safetensors")) | ({f"ema.{k}": v for k, v in load_file(str(ema)).items()}
-                                                      if ema.is_file() else {})  # fmt: skip
+    return load_file(str(d / "model.safetensors")) | (
+        {f"ema.{k}": v for k, v in load_file(str(ema)).items()} if ema.is_file() else {}
+    )
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -236,8 +249,9 @@ def test_pretrain_init_from_and_dpo_pairs_from_s3_train_the_local_models(
 
     bucket = s3_server.bucket()
     s3 = upload(local_shards, bucket + "/latents")
-    run = lambda out, data, *extra: pretrain.main([*BASE, f"data.shards=[{data}]", f"train.out_dir={tmp_path / out}",
-                                                    "train.max_steps=3", *extra])  # fmt: skip
+    run = lambda out, data, *extra: pretrain.main(
+        [*BASE, f"data.shards=[{data}]", f"train.out_dir={tmp_path / out}", "train.max_steps=3", *extra]
+    )
     run("local", local_shards)
     run("s3", s3, f"data.cache_dir={tmp_path / 'cache'}")
     assert_same(weights(tmp_path / "local/model"), weights(tmp_path / "s3/model"))
@@ -253,8 +267,16 @@ def test_pretrain_init_from_and_dpo_pairs_from_s3_train_the_local_models(
     save_pretrained(LightGen(preset("debug")), tmp_path / "init")
     pairs = toy_pairs(tmp_path / "pairs")
     init, s3_pairs = upload(tmp_path / "init", bucket + "/init"), upload(pairs, bucket + "/pairs")
-    args = ["--config", str(ROOT / "conf/dpo_shapes.yaml"), "log.sample_count=0", "log.progress=false",
-            "log.tensorboard=false", "data.batch_size=8", "train.budget_minutes=null", "train.max_steps=2"]  # fmt: skip
+    args = [
+        "--config",
+        str(ROOT / "conf/dpo_shapes.yaml"),
+        "log.sample_count=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "data.batch_size=8",
+        "train.budget_minutes=null",
+        "train.max_steps=2",
+    ]
     dpo.main(
         [*args, f"model.init_from={tmp_path / 'init'}", f"dpo.pairs=[{pairs}]", f"train.out_dir={tmp_path / 'dl'}"]
     )
@@ -266,11 +288,31 @@ def test_pretrain_init_from_and_dpo_pairs_from_s3_train_the_local_models(
 def launch(nodes: str, out: Path, data: str, *extra: str, node_rank: int | None = None, port: int = 0) -> list:
     """torchrun as users start it: one node of two processes (`--standalone`), or node `node_rank` of two nodes of
     one process each meeting at a c10d rendezvous on 127.0.0.1:`port`."""
-    where = ["--standalone", "--nproc_per_node=2"] if nodes == "one" else [
-        "--nnodes=2", f"--node_rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=lightgen-test", "--nproc_per_node=1"]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", *where, str(ROOT / "training/pretrain.py"), *BASE,
-           f"data.shards=[{data}]", f"train.out_dir={out}", "data.batch_size=4", "train.threads=1", *extra]  # fmt: skip
+    where = (
+        ["--standalone", "--nproc_per_node=2"]
+        if nodes == "one"
+        else [
+            "--nnodes=2",
+            f"--node_rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=lightgen-test",
+            "--nproc_per_node=1",
+        ]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *where,
+        str(ROOT / "training/pretrain.py"),
+        *BASE,
+        f"data.shards=[{data}]",
+        f"train.out_dir={out}",
+        "data.batch_size=4",
+        "train.threads=1",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -299,8 +341,20 @@ def test_two_nodes_reading_s3_train_the_weights_of_one_node_reading_local(tmp_pa
 
     def two_nodes(*extra: str) -> list[str]:
         port = free_port()
-        return finish([launch("two", two, s3_shards, f"data.cache_dir={tmp_path / f'node{r}-cache'}", *extra,
-                              node_rank=r, port=port) for r in (0, 1)])  # fmt: skip
+        return finish(
+            [
+                launch(
+                    "two",
+                    two,
+                    s3_shards,
+                    f"data.cache_dir={tmp_path / f'node{r}-cache'}",
+                    *extra,
+                    node_rank=r,
+                    port=port,
+                )
+                for r in (0, 1)
+            ]
+        )
 
     outs = two_nodes("train.max_steps=2")
     assert sum(o.count("2 process(es)") for o in outs) == 1  # one main process (global rank 0) logs

@@ -35,8 +35,14 @@ def user_error(capsys: pytest.CaptureFixture, run: Callable[[], object], match: 
 def shard_entry(out: Path, index: int, name: str, rows: int) -> dict:
     """A manifest entry as the pipeline writes it: index, name, rows, rejected, bytes, sha256."""
     data = (out / name).read_bytes()
-    return {"index": index, "name": name, "rows": rows, "rejected": 0, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    return {
+        "index": index,
+        "name": name,
+        "rows": rows,
+        "rejected": 0,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def write_latent_shards(
@@ -83,10 +89,20 @@ def write_latent_shards(
         pq.write_table(table, out / name)
         entries.append(shard_entry(out, k, name, len(sl)))
     manifest = {
-        "format": schema.FORMAT, "schema_version": schema_version, "stage": "encode-latents", "complete": complete,
-        "rows": n, "rejected": 0, "inputs": n, "rows_per_shard": [e["rows"] for e in entries], "shards": entries,
-        "vae": vae, "text_encoder": text_encoder, "resolution": res, "config": {"resolution": res},
-    }  # fmt: skip
+        "format": schema.FORMAT,
+        "schema_version": schema_version,
+        "stage": "encode-latents",
+        "complete": complete,
+        "rows": n,
+        "rejected": 0,
+        "inputs": n,
+        "rows_per_shard": [e["rows"] for e in entries],
+        "shards": entries,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "resolution": res,
+        "config": {"resolution": res},
+    }
     (out / schema.MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
 
@@ -129,18 +145,33 @@ def write_pair_shards(
             "loser_moments_flip": [f16(losers[i][..., ::-1]) for i in sl],
             "text_len": pa.array([len(texts[i]) for i in sl], pa.int32()),
             "text_emb": [f16(texts[i]) for i in sl],
-            "vae": [vae] * len(sl), "text_encoder": [text_encoder] * len(sl), "judge": ["test"] * len(sl),
-            "judge_answer": ["yes"] * len(sl), "judge_score": pa.array([1.0] * len(sl), pa.float32()),
-            "loser_model": ["m"] * len(sl), "loser_seed": pa.array(list(sl), pa.int64()), "sampling": ["{}"] * len(sl),
-            "loser_judge_answer": pa.nulls(len(sl), pa.string()), "loser_judge_score": pa.nulls(len(sl), pa.float32()),
-        }  # fmt: skip
+            "vae": [vae] * len(sl),
+            "text_encoder": [text_encoder] * len(sl),
+            "judge": ["test"] * len(sl),
+            "judge_answer": ["yes"] * len(sl),
+            "judge_score": pa.array([1.0] * len(sl), pa.float32()),
+            "loser_model": ["m"] * len(sl),
+            "loser_seed": pa.array(list(sl), pa.int64()),
+            "sampling": ["{}"] * len(sl),
+            "loser_judge_answer": pa.nulls(len(sl), pa.string()),
+            "loser_judge_score": pa.nulls(len(sl), pa.float32()),
+        }
         name = f"part-{k:05d}.parquet"
         pq.write_table(pa.table(cols, schema=schema.PAIR_SCHEMA), out / name)
         entries.append(shard_entry(out, k, name, len(sl)))
     manifest = {
-        "format": schema.PAIR_FORMAT, "schema_version": schema.PAIR_SCHEMA_VERSION, "stage": "build-dpo-pairs",
-        "complete": True, "rows": n, "rejected": 0, "inputs": n, "shards": entries, "vae": vae,
-        "text_encoder": text_encoder, "resolution": res, "config": {"resolution": res},
-    }  # fmt: skip
+        "format": schema.PAIR_FORMAT,
+        "schema_version": schema.PAIR_SCHEMA_VERSION,
+        "stage": "build-dpo-pairs",
+        "complete": True,
+        "rows": n,
+        "rejected": 0,
+        "inputs": n,
+        "shards": entries,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "resolution": res,
+        "config": {"resolution": res},
+    }
     (out / schema.MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out

@@ -158,10 +158,12 @@ def state_problem(doc: Any, directory: Path) -> str | None:
     ok = {
         "loader": Loader.valid_state(doc.get("loader")),
         "kind": isinstance(doc.get("kind"), str),
-        "optimizer": isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
-        and all(isinstance(g, dict) for g in opt["param_groups"]) and isinstance(opt.get("scalars", {}), dict),
+        "optimizer": isinstance(opt, dict)
+        and isinstance(opt.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in opt["param_groups"])
+        and isinstance(opt.get("scalars", {}), dict),
         "files": _files_ok(doc.get("files")),
-    }  # fmt: skip
+    }
     bad = TrainState.problems(doc) + [k for k, good in ok.items() if not good or k not in doc]
     if bad:
         return f"{STATE}: {', '.join(bad)} missing or of the wrong type"

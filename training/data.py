@@ -213,8 +213,11 @@ class ShardSet:
                 if (digest := shard.mismatch(data)) is None:
                     return data
                 cache.drop(shard.sha256)
-                print(f"warning: the cached copy of {shard.name} ({cache.path(shard.sha256)}) has sha256 {digest}, "
-                      f"not the manifest's {shard.sha256}: dropped, fetching the shard again", file=sys.stderr)  # fmt: skip
+                print(
+                    f"warning: the cached copy of {shard.name} ({cache.path(shard.sha256)}) has sha256 {digest}, "
+                    f"not the manifest's {shard.sha256}: dropped, fetching the shard again",
+                    file=sys.stderr,
+                )
         data = shard.read()
         with self._lock:
             self.source_reads += 1
@@ -505,8 +508,9 @@ class Loader:
         epoch, index = self.epoch, self.index
         stop = threading.Event()
         if self.read_ahead:
-            threading.Thread(target=self._read_ahead, args=(epoch, index, stop), name="loader-read-ahead",
-                             daemon=True).start()  # fmt: skip
+            threading.Thread(
+                target=self._read_ahead, args=(epoch, index, stop), name="loader-read-ahead", daemon=True
+            ).start()
         try:
             while True:
                 while len(pending) < self.prefetch:

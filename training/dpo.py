@@ -60,9 +60,11 @@ def pair_batch(
     out: dict[str, Any] = {}
     for side in ("winner", "loser"):
         m = np.stack(
-            [shards.decoded(int(s)).moments[f"{side}_moments_flip" if f else f"{side}_moments"][int(r)]
-             for (s, r), f in zip(refs, use_flip, strict=True)]
-        )  # fmt: skip
+            [
+                shards.decoded(int(s)).moments[f"{side}_moments_flip" if f else f"{side}_moments"][int(r)]
+                for (s, r), f in zip(refs, use_flip, strict=True)
+            ]
+        )
         out[side] = sample_posterior(m, g)
     rows, out["captions"] = text_of(shards, refs)
     out["text"], out["text_mask"] = text_pad(rows, out["captions"])
@@ -95,10 +97,14 @@ class DPOTrainer(Trainer):
     def shard_set(self, mcfg: ModelConfig) -> ShardSet:
         """The `dpo.pairs` directories (build-dpo-pairs outputs; local paths or URIs)."""
         return ShardSet(
-            self.cfg.dpo.pairs, vae=mcfg.vae or None, text_encoder=mcfg.text_encoder or None,
-            allow_multi_resolution=self.cfg.data.allow_multi_resolution, kind="pairs", moment_columns=PAIR_COLUMNS,
+            self.cfg.dpo.pairs,
+            vae=mcfg.vae or None,
+            text_encoder=mcfg.text_encoder or None,
+            allow_multi_resolution=self.cfg.data.allow_multi_resolution,
+            kind="pairs",
+            moment_columns=PAIR_COLUMNS,
             cache=self.shard_cache(),
-        )  # fmt: skip
+        )
 
     def collate(self) -> Collate:
         """`pair_batch` with the configured flip and the model's text padding."""
@@ -136,8 +142,10 @@ class DPOTrainer(Trainer):
         ref_net = self.reference
         p = next(ref_net.parameters())
         with torch.no_grad():
-            moved = [x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
-                     for x in (lat, text, tmask, mask, t, noise)]  # fmt: skip
+            moved = [
+                x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
+                for x in (lat, text, tmask, mask, t, noise)
+            ]
             ref = ref_net.sample_losses(*moved).to(policy.device, policy.dtype)
         return dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.cfg.dpo.beta)
 

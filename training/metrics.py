@@ -151,8 +151,12 @@ class MetricsLog:
         window_s = max(time.time() - self.window_t, 1e-9)
         ips = self.window_imgs / window_s
         self.eta_s = self.eta(step, window_s / max(self.window_steps, 1), elapsed_s)
-        rec = {"loss": self.window_loss / max(self.window_n, 1), "lr": row["lr"], "grad_norm": row["grad_norm"],
-               "img_per_s": ips} | ({"mfu": ips * self.mfu_per_image} if self.mfu_per_image else {})  # fmt: skip
+        rec = {
+            "loss": self.window_loss / max(self.window_n, 1),
+            "lr": row["lr"],
+            "grad_norm": row["grad_norm"],
+            "img_per_s": ips,
+        } | ({"mfu": ips * self.mfu_per_image} if self.mfu_per_image else {})
         rec |= {k: v for k, v in row.items() if k not in ("step", "skipped", "eval", *STANDARD)}
         self.report(step, rec, nonfinite)
         self.file.flush()
@@ -160,8 +164,13 @@ class MetricsLog:
 
     def report(self, step: int, rec: dict[str, float], nonfinite: int) -> None:
         """One report line (stdout or above the progress bar) and its scalars under `train/` in TensorBoard."""
-        parts = [f"step {step}/{self.total}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}",
-                 f"gnorm {rec['grad_norm']:.3f}", f"{rec['img_per_s']:.1f} img/s"]  # fmt: skip
+        parts = [
+            f"step {step}/{self.total}",
+            f"loss {rec['loss']:.4f}",
+            f"lr {rec['lr']:.2e}",
+            f"gnorm {rec['grad_norm']:.3f}",
+            f"{rec['img_per_s']:.1f} img/s",
+        ]
         if "mfu" in rec:
             parts.append(f"MFU {100 * rec['mfu']:.1f}%")
         parts += [f"{k} {v:.4g}" for k, v in rec.items() if k not in STANDARD]

@@ -63,9 +63,13 @@ class LRSchedule:
     slower machine stops earlier but still anneals to the floor by the end of the budget."""
 
     def __init__(
-        self, cfg: OptimSection, peak: float, max_steps: int, budget_minutes: float | None,
+        self,
+        cfg: OptimSection,
+        peak: float,
+        max_steps: int,
+        budget_minutes: float | None,
         recorded_total: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.cfg, self.peak = cfg, peak
         self.total = recorded_total or cfg.schedule_steps or max_steps
         self.budget_s = 60 * budget_minutes if budget_minutes else None

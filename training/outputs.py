@@ -118,8 +118,15 @@ class Outputs:
         opt = self.weights.full_optimizer_state()
         if self.info.is_main:
             model = ckpt_io.holding(self.weights.mcfg, weights)
-            d = ckpt_io.save(self.out / "checkpoints", step, model=model, ema_state=ema, optimizer_state=opt,
-                             state=state, keep_last=self.cfg.checkpoint.keep_last)  # fmt: skip
+            d = ckpt_io.save(
+                self.out / "checkpoints",
+                step,
+                model=model,
+                ema_state=ema,
+                optimizer_state=opt,
+                state=state,
+                keep_last=self.cfg.checkpoint.keep_last,
+            )
             log(f"checkpoint: {d}", self.info)
         D.barrier(self.info)
 

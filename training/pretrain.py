@@ -40,9 +40,12 @@ class PretrainTrainer(Trainer):
         """The `data.shards` directories (encode-latents outputs; local paths or URIs)."""
         d = self.cfg.data
         return ShardSet(
-            d.shards, vae=mcfg.vae or None, text_encoder=mcfg.text_encoder or None,
-            allow_multi_resolution=d.allow_multi_resolution, cache=self.shard_cache(),
-        )  # fmt: skip
+            d.shards,
+            vae=mcfg.vae or None,
+            text_encoder=mcfg.text_encoder or None,
+            allow_multi_resolution=d.allow_multi_resolution,
+            cache=self.shard_cache(),
+        )
 
     def collate(self) -> Collate:
         """`latent_batch` with the configured flip and the model's text padding."""

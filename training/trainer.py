@@ -184,16 +184,20 @@ class Trainer:
             self.load_state_dict(loaded["state"])  # validated by `ckpt_io.load`
             log(f"resuming from {self.resumed_from} (step {self.state.step})", info)
         # 8. the lr schedule (its length fixed by the run that started it)
-        self.schedule = LRSchedule(cfg.optim, self.peak_lr, cfg.train.max_steps, cfg.train.budget_minutes,
-                                   self.state.schedule_total)  # fmt: skip
+        self.schedule = LRSchedule(
+            cfg.optim, self.peak_lr, cfg.train.max_steps, cfg.train.budget_minutes, self.state.schedule_total
+        )
         self.state.schedule_total = self.schedule.total
         # 9. outputs: the resolved config, metrics, sample grids, the held-out evaluation
         self._build_outputs()
 
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint's state.json body: the counters at its top level, the loader's position, kind and config."""
-        return self.state.state_dict() | {"loader": self.loader.state_dict(), "kind": self.kind,
-                                          "config": self.cfg.to_dict()}  # fmt: skip
+        return self.state.state_dict() | {
+            "loader": self.loader.state_dict(),
+            "kind": self.kind,
+            "config": self.cfg.to_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's state document: each component takes its own part."""
@@ -265,9 +269,12 @@ class Trainer:
             doc = {"train": cfg.to_dict(), "model": mcfg.to_dict()}
             (self.out / "train_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         params = sum(p.numel() for p in self.weights.model.parameters()) / 1e6
-        log(f"{self.kind}: {params:.2f} M params | {self.shards.rows} rows in {len(self.shards.shards)} shards | "
+        log(
+            f"{self.kind}: {params:.2f} M params | {self.shards.rows} rows in {len(self.shards.shards)} shards | "
             f"{info.world} process(es) on {info.device.type} | global batch {self.global_batch} | lr "
-            f"{self.peak_lr:.3g} | {self.loader.steps_per_epoch} steps/epoch", info)  # fmt: skip
+            f"{self.peak_lr:.3g} | {self.loader.steps_per_epoch} steps/epoch",
+            info,
+        )
         self.metrics = MetricsLog(cfg, info, self.kind, self.state.step, self.flops_per_image)
         self.signals = D.StopSignals()
         self.last_ckpt_step, self.last_ckpt_time = self.state.step, time.time()
@@ -418,8 +425,12 @@ class Trainer:
             if self.last_grid_step != s.step:
                 self.sample_grid(s.step)
             self.export()
-        summary = {"step": s.step, "elapsed_s": s.elapsed_s, "nonfinite": s.nonfinite,
-                   "stopped_by": self.stopped_by or "max_steps"}  # fmt: skip
+        summary = {
+            "step": s.step,
+            "elapsed_s": s.elapsed_s,
+            "nonfinite": s.nonfinite,
+            "stopped_by": self.stopped_by or "max_steps",
+        }
         if self.info.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
