@@ -38,9 +38,11 @@ class PairsConfig(DeviceOption, ImageLimits, StageConfig):
         "seed": (0, "Run seed; each loser's seed is a hash of it and the row id."),
     }
 
-    model: str = opt("", "LightGen checkpoint directory (save_pretrained) that draws the losers.", required=True)
+    model: str = opt(
+        "", "LightGen checkpoint directory (save_pretrained; a path or a URI) that draws the losers.", required=True
+    )
     judge_backend: str = opt("transformers", "transformers, vllm (Qwen2.5-VL), shapes (ShapesWorld).")
-    judge_model: str | None = opt(None, "Local Qwen2.5-VL directory (transformers, vllm).", show="none")
+    judge_model: str | None = opt(None, "Qwen2.5-VL directory, a path or a URI (transformers, vllm).", show="none")
     min_judge_score: float = opt(
         0.8, "Keep images the judge scores at least this, in [0, 1] ('Score: N' = N/10, yes = 1, no = 0)."
     )
@@ -65,10 +67,10 @@ class PairsConfig(DeviceOption, ImageLimits, StageConfig):
         None, "Image column of Parquet inputs (bytes or {bytes, path}).", show="image, jpg, png, ..."
     )
     vae: str | None = opt(
-        None, "Image tokenizer: 'pixel' or a local diffusers VAE directory.", show="the --model's vae"
+        None, "Image tokenizer: 'pixel' or a diffusers VAE directory (a path or a URI).", show="the --model's vae"
     )
     text_encoder: str | None = opt(
-        None, "'minilm' or a local transformers encoder directory.", show="the --model's text_encoder"
+        None, "'minilm' or a transformers encoder directory (a path or a URI).", show="the --model's text_encoder"
     )
     resolution: int | None = opt(
         None, "Side of winner crops and loser images, in pixels.", show="the --model's base_resolution"

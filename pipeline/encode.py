@@ -36,8 +36,8 @@ class EncodeConfig(DeviceOption, ImageLimits, StageConfig):
         "shard_size": (1000, "Loose image files per output shard (each input .tar is one output shard)."),
     }
 
-    vae: str = opt("pixel", "'pixel' (ShapesWorld) or a local diffusers AutoencoderKL directory.")
-    text_encoder: str = opt("minilm", "'minilm' or a local transformers encoder directory (T5, BERT).")
+    vae: str = opt("pixel", "'pixel' (ShapesWorld) or a diffusers AutoencoderKL directory (a path or a URI).")
+    text_encoder: str = opt("minilm", "'minilm' or a transformers encoder directory (T5, BERT; a path or a URI).")
     resolution: int = opt(256, "Side of the center-cropped square image, in pixels.")
     max_text_len: int = opt(128, "Text tokens kept per caption (longer captions are truncated).")
     dtype: str = opt("float32", "Encoder compute dtype: float32, bfloat16, float16 (storage is 16-bit).")
