@@ -58,4 +58,13 @@ def test_data_reading_tests_pass_in_a_bare_copy(tmp_path: Path) -> None:
     assert res.returncode == 0, tail
     passed = re.search(r"(\d+) passed", res.stdout)
     assert passed and int(passed.group(1)) >= 8, tail  # the GenEval-metadata tests ran, not skipped
-    assert str(REPO) not in res.stdout  # the copy's own modules were imported, not the working tree's
+    # the copy's own package (and its data) was imported, not the working tree's
+    where = subprocess.run(
+        [sys.executable, "-c", "import shapesworld; print(shapesworld.GENEVAL_METADATA)"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).resolve().is_relative_to(copy.resolve()), where
