@@ -34,8 +34,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.captions import CaptionsConfig, run_build_captions
-from pipeline.diversity import dedup_key
+from pipeline.stages.captions.build import CaptionsConfig, run_build_captions
+from pipeline.stages.captions.diversity import dedup_key
 
 _L = lambda s: [w.strip() for w in s.split(",") if w.strip()]
 COLORS = _L(

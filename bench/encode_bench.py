@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline import shards
-from pipeline.encode import EncodeConfig, run_encode_latents
-from pipeline.schema import LATENT_SCHEMA
+from pipeline.core import shards
+from pipeline.core.schema import LATENT_SCHEMA
+from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
 from shapesworld import GENEVAL_METADATA as GENEVAL
 
 
@@ -60,7 +60,7 @@ def plain_loop(tars: list[Path], args) -> dict[str, float]:
     import torch
 
     from lightgen_model.encoders import build_image_tokenizer, build_text_encoder, encode_with_flip
-    from pipeline.images import center_crop_resize, decode_image
+    from pipeline.io.decode import center_crop_resize, decode_image
 
     t0 = time.perf_counter()
     tok = build_image_tokenizer(args.vae)

@@ -75,7 +75,7 @@ def start_server() -> tuple[subprocess.Popen, dict[str, str]]:
 
 def delay_fetches(seconds: float) -> None:
     """Make every shard read from a URI take `seconds` longer (sleeping, as a thread waiting on a far store does)."""
-    from pipeline import storage
+    from pipeline.core import storage
 
     real = storage.read_bytes
 
@@ -90,7 +90,7 @@ def delay_fetches(seconds: float) -> None:
 def upload(local: Path, uri: str) -> str:
     import pyarrow.fs as pafs
 
-    from pipeline import storage
+    from pipeline.core import storage
 
     fs, path = storage.resolve(uri)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

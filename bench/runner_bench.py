@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import toy_stage  # noqa: E402
 from toy_stage import ToyConfig, ToyStage  # noqa: E402
 
-from pipeline.runner import run_stage  # noqa: E402
+from pipeline.core.runner import run_stage  # noqa: E402
 
 
 def make_inputs(root: Path, rows: int, per_file: int) -> None:

@@ -2,8 +2,8 @@
 
 A spec is a folder name under ``conf/models/`` (``FLUX.1-dev``, ``stable-diffusion-3.5-large``, ``flan-t5-xxl``,
 ``Qwen2.5-VL-7B-Instruct``, ``lightgen``) or a local model directory laid out as the real one (its config files
-are all that is read). The builders call the classes the real loaders call (`pipeline.teachers` loads Flux with
-diffusers' ``FluxPipeline``, `pipeline.judge` Qwen with ``Qwen2_5_VLForConditionalGeneration``,
+are all that is read). The builders call the classes the real loaders call (`pipeline.models.teachers` loads Flux with
+diffusers' ``FluxPipeline``, `pipeline.models.judges` Qwen with ``Qwen2_5_VLForConditionalGeneration``,
 `lightgen_model.encoders` the VAE and text encoders) with the same config keys, under ``torch.device("meta")``.
 """
 

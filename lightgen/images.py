@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 # pixels an input image may have, read from its header before any pixel is decoded: a decompression bomb (a small
-# file declaring a huge image) is refused, as in pipeline/images.py
+# file declaring a huge image) is refused, as in pipeline/io/decode.py
 MAX_PIXELS = 64_000_000
 
 

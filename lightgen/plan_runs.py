@@ -65,21 +65,21 @@ PAIRS = {
 
 def synthesize(s: dict[str, Any]) -> dict[str, Any]:
     """The synthesize dry run with the recipe's settings."""
-    from pipeline.dryrun import dry_synthesize
+    from pipeline.core.dryrun import dry_synthesize
 
     return dry_synthesize(SimpleNamespace(**(SYNTH | s)))
 
 
 def encode(s: dict[str, Any]) -> dict[str, Any]:
     """The encode-latents dry run."""
-    from pipeline.dryrun import dry_encode
+    from pipeline.core.dryrun import dry_encode
 
     return dry_encode(SimpleNamespace(**(ENCODE | s)))
 
 
 def pairs(s: dict[str, Any]) -> dict[str, Any]:
     """The build-dpo-pairs dry run."""
-    from pipeline.dryrun import dry_pairs
+    from pipeline.core.dryrun import dry_pairs
 
     return dry_pairs(SimpleNamespace(**(PAIRS | s)))
 
@@ -90,7 +90,14 @@ def sample(s: dict[str, Any]) -> dict[str, Any]:
 
     from lightgen.fullsize import lightgen_config, lightgen_model
     from lightgen.meta import measure
-    from pipeline.dryrun import check_lightgen_pairing, encoders, item_figures, resolve_spec, sample_items, stage_report
+    from pipeline.core.dryrun import (
+        check_lightgen_pairing,
+        encoders,
+        item_figures,
+        resolve_spec,
+        sample_items,
+        stage_report,
+    )
 
     mcfg = lightgen_config(resolve_spec(s.get("model", "lightgen")))
     res, B = s.get("resolution", mcfg.base_resolution), s.get("batch_size", 64)

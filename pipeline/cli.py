@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from lightgen.errors import user_errors
-from pipeline.options import command
-from pipeline.storage import masked_errors
+from pipeline.core.options import command
+from pipeline.core.storage import masked_errors
 
 app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_completion=False)
 
@@ -32,7 +32,7 @@ def _stage_command(name: str, config: str, run: str, doc: str, summary: str | No
         mod, fn = run.rsplit(".", 1)
         with user_errors(), masked_errors():  # no storage endpoint or key in the error line
             if getattr(cfg, "dry_run", False):  # models on the meta device; nothing read or written
-                from pipeline.dryrun import dry_run
+                from pipeline.core.dryrun import dry_run
 
                 typer.echo(json.dumps(dry_run(cfg)))
                 return
@@ -46,15 +46,15 @@ def _stage_command(name: str, config: str, run: str, doc: str, summary: str | No
 
 _stage_command(
     "encode-latents",
-    "pipeline.encode.EncodeConfig",
-    "pipeline.encode.run_encode_latents",
+    "pipeline.stages.encode_latents.EncodeConfig",
+    "pipeline.stages.encode_latents.run_encode_latents",
     "VAE moments (image + flip) and unpadded text embeddings, 16-bit, into Parquet training shards.",
 )
 
 
 def _run_build_captions(cfg: object) -> None:
     """build-captions: the diversity table, then the report as JSON."""
-    from pipeline.captions import format_table, run_build_captions
+    from pipeline.stages.captions.build import format_table, run_build_captions
 
     with user_errors(), masked_errors():  # no storage endpoint or key in the error line
         report = run_build_captions(cfg)
@@ -65,7 +65,7 @@ def _run_build_captions(cfg: object) -> None:
 def _build_captions_command() -> None:
     """Register build-captions (global phases on the runner's executor, not per-shard units; options from its
     config)."""
-    from pipeline.captions import CaptionsConfig
+    from pipeline.stages.captions.build import CaptionsConfig
 
     doc = "Clean, de-duplicate and diversity-select captions into Parquet caption shards, with a diversity report."
     app.command("build-captions")(command(CaptionsConfig, _run_build_captions, doc, optional=("inputs",)))
@@ -76,8 +76,8 @@ _build_captions_command()
 
 _stage_command(
     "synthesize",
-    "pipeline.synthesize.SynthConfig",
-    "pipeline.synthesize.run_synthesize",
+    "pipeline.stages.synthesize.SynthConfig",
+    "pipeline.stages.synthesize.run_synthesize",
     "Teacher images for captions into webdataset .tar shards (image + .json), resumable, seeded per caption.",
     "synthesize: {images_this_run} images in {seconds} s ({images_per_s} images/s)",
 )
@@ -85,8 +85,8 @@ _stage_command(
 
 _stage_command(
     "build-dpo-pairs",
-    "pipeline.dpo_config.PairsConfig",
-    "pipeline.dpo_pairs.run_build_dpo_pairs",
+    "pipeline.stages.dpo_pairs.config.PairsConfig",
+    "pipeline.stages.dpo_pairs.pairs.run_build_dpo_pairs",
     "DPO pairs: judge-kept source images (winners) + the model's own images (losers), as Parquet pair shards.",
     "build-dpo-pairs: {written} pairs of {inputs} inputs ({rejected} rejected), {written_this_run} made in "
     "{seconds_total} s",
@@ -104,7 +104,7 @@ def inspect_output(
     vae: str = typer.Option(None, help="Local VAE directory that made the latents.", show_default="pixel only"),
 ) -> None:
     """One self-contained HTML page showing a stage output: counts, samples, plots, rejects. Prints its path."""
-    from pipeline.inspect import inspect_dataset
+    from pipeline.inspect.page import inspect_dataset
 
     with user_errors(), masked_errors():
         typer.echo(str(inspect_dataset(directory, out=out, limit=limit, seed=seed, vae=vae)))

@@ -15,8 +15,8 @@ import pyarrow.fs as pafs
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import storage
 from pipeline.cli import app
+from pipeline.core import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("captions", "images", "latents", "pairs", "pairs/judgements")

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from toy_stage import ToyConfig, ToyStage
 from train_utils import random_shards
 
-from pipeline.runner import run_stage
-from pipeline.stage import Output
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import Output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def two_nodes():
     import ray.cloudpickle
     from ray.cluster_utils import Cluster
 
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     ray.cloudpickle.register_pickle_by_value(toy_stage)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

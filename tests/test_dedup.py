@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import caption_sources, dedup, textsig
-from pipeline.captions import CaptionsConfig, run_build_captions
+from pipeline.io import caption_sources
+from pipeline.stages.captions import dedup, textsig
+from pipeline.stages.captions.build import CaptionsConfig, run_build_captions
 
 
 def lev(a: list[str], b: list[str]) -> int:
@@ -162,7 +163,7 @@ def test_adjacent_transposition_is_one_edit(tmp_path):
         rej = pq.read_table(tmp_path / "o" / "rejects.parquet").to_pylist()
         return {r["detail"].split(": ", 1)[1]: r["detail"].split(": ", 1)[0] for r in rej if r["reason"] == "near_dup"}
 
-    from pipeline.captions import caption_id
+    from pipeline.stages.captions.build import caption_id
 
     assert near() == {swap: f"~ {caption_id(base)} (jaccard 0.600) two words swapped"}
     assert near(near_dup_change_words=0) == near()  # the swap rule is the edit-words rule, not the change rule

@@ -17,9 +17,9 @@ from lightgen.fullsize import MODELS_DIR, lightgen_config, lightgen_model
 from lightgen.meta import measure
 from lightgen_model import preset
 from pipeline.cli import app as data_app
-from pipeline.dpo_config import PairsConfig
-from pipeline.dryrun import dry_pairs, dry_synthesize
-from pipeline.synthesize import SynthConfig
+from pipeline.core.dryrun import dry_pairs, dry_synthesize
+from pipeline.stages.dpo_pairs.config import PairsConfig
+from pipeline.stages.synthesize import SynthConfig
 from training import pretrain
 from training.config import load_config
 from training.dryrun import dry_train, expected_mask_ratio

@@ -27,13 +27,13 @@ from tiny_models import make_tiny_vae, png_bytes, write_tar
 from typer.testing import CliRunner
 
 from lightgen_model import LightGen, preset, save_pretrained
-from pipeline.captions import CaptionsConfig, caption_id, run_build_captions
 from pipeline.cli import app
-from pipeline.dpo_pairs import PairsConfig, run_build_dpo_pairs
-from pipeline.encode import EncodeConfig, run_encode_latents
-from pipeline.inspect_read import sample_positions
-from pipeline.schema import moments_array
-from pipeline.synthesize import SynthConfig, run_synthesize
+from pipeline.core.schema import moments_array
+from pipeline.inspect.read import sample_positions
+from pipeline.stages.captions.build import CaptionsConfig, caption_id, run_build_captions
+from pipeline.stages.dpo_pairs.pairs import PairsConfig, run_build_dpo_pairs
+from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
+from pipeline.stages.synthesize import SynthConfig, run_synthesize
 from recipes.shapes import cli as demo_cli
 from recipes.shapes.commands import tool
 from recipes.shapes.demo import Demo
@@ -402,7 +402,7 @@ def test_reads_only_the_shards_holding_the_sample(chain, tmp_path):
 
 
 def test_parquet_rows_are_read_from_their_row_groups_only(tmp_path, monkeypatch):
-    from pipeline import inspect_read
+    from pipeline.inspect import read as inspect_read
 
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(100)]}), path, row_group_size=10)

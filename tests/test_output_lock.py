@@ -19,10 +19,10 @@ import pytest
 from toy_stage import ToyConfig, ToyStage
 from typer.testing import CliRunner
 
-from pipeline import locks, storage
 from pipeline.cli import app
-from pipeline.runner import run_stage
-from pipeline.storage import Storage
+from pipeline.core import locks, storage
+from pipeline.core.runner import run_stage
+from pipeline.core.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -48,15 +48,15 @@ FIRST = """
 import sys
 sys.path[:0] = [{tests!r}, {repo!r}]
 from toy_stage import ToyConfig, ToyStage
-from pipeline.runner import run_stage
+from pipeline.core.runner import run_stage
 run_stage(ToyStage(ToyConfig(inputs=[{src!r}], output={out!r}, workers=0, progress=False, batch_size=1)))
 """
 
 HOLD = """
 import sys, time
 sys.path[:0] = [{repo!r}]
-from pipeline import locks
-from pipeline.storage import Storage
+from pipeline.core import locks
+from pipeline.core.storage import Storage
 with locks.hold(Storage(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)

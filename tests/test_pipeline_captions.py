@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import diversity as dv
-from pipeline.caption_sources import plan_reads, read_captions, read_task
-from pipeline.captions import CaptionsConfig, caption_id, run_build_captions
 from pipeline.cli import app
+from pipeline.io.caption_sources import plan_reads, read_captions, read_task
+from pipeline.stages.captions import diversity as dv
+from pipeline.stages.captions.build import CaptionsConfig, caption_id, run_build_captions
 
 NEAR_A = "a big blue square on the left side of a green triangle"
 NEAR_B = NEAR_A + " today"  # 11 of 12 word bigrams shared: Jaccard 11/12
@@ -216,7 +216,7 @@ def test_shapes_source_and_selection_beats_random(tmp_path):
 def test_farthest_and_random_selection_and_kmeans_on_a_sample(tmp_path, monkeypatch):
     """farthest: greedy k-center on the pool (on a sample of FARTHEST_POOL, the rest at random beyond it); random;
     k-means fitted on --kmeans-sample captions still labels every caption."""
-    import pipeline.captions as captions
+    import pipeline.stages.captions.build as captions
 
     def run(**kw) -> dict:
         cfg = CaptionsConfig([], str(tmp_path / "o"), shapes=400, embedder="hash", clusters=6, overwrite=True, **kw)
@@ -284,7 +284,7 @@ def test_cli_build_captions_and_errors(tmp_path):
 
 def _upload(local: Path, uri: str) -> None:
     """Copy a local file to a URI."""
-    from pipeline import storage
+    from pipeline.core import storage
 
     fs, path = storage.resolve(uri)
     with fs.open_output_stream(path) as f:
@@ -295,7 +295,7 @@ def test_s3_output_and_inputs_equal_a_local_run(tmp_path, s3_bucket):
     """build-captions publishes through the runner's writer to any filesystem: to `s3://` (moto's S3 server) the
     caption shards are the same bytes (sha256 in the manifest) as on the local disk, and caption files read from
     `s3://` (JSONL, CSV, Parquet, tar; a caption-shard folder) give the same rows as read locally."""
-    from pipeline import storage
+    from pipeline.core import storage
 
     kw = dict(n=100, shapes=600, embedder="hash", clusters=4, shard_size=40)
     local = run_build_captions(CaptionsConfig([], str(tmp_path / "local"), **kw))

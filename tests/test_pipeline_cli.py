@@ -12,12 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from lightgen_model import LightGen, preset, save_pretrained
-from pipeline.captions import CaptionsConfig
 from pipeline.cli import app
-from pipeline.dpo_config import PairsConfig
-from pipeline.encode import EncodeConfig
-from pipeline.options import StageConfig
-from pipeline.synthesize import SynthConfig
+from pipeline.core.options import StageConfig
+from pipeline.stages.captions.build import CaptionsConfig
+from pipeline.stages.dpo_pairs.config import PairsConfig
+from pipeline.stages.encode_latents import EncodeConfig
+from pipeline.stages.synthesize import SynthConfig
 
 runner = CliRunner()
 

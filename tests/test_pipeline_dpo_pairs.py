@@ -26,10 +26,7 @@ from tiny_models import make_tiny_bert, make_tiny_qwen25vl, png_bytes, write_tar
 
 from lightgen.api import LightGenPipeline
 from lightgen_model import LightGen, encoders, preset, save_pretrained
-from pipeline.dpo_pairs import PairsConfig, loser_seed, run_build_dpo_pairs
-from pipeline.images import center_crop_resize, decode_image
-from pipeline.judge import TransformersJudge
-from pipeline.schema import (
+from pipeline.core.schema import (
     JUDGEMENT_SCHEMA,
     PAIR_SCHEMA,
     IncompatibleShardsError,
@@ -38,6 +35,9 @@ from pipeline.schema import (
     text_arrays,
     training_shards,
 )
+from pipeline.io.decode import center_crop_resize, decode_image
+from pipeline.models.judges import TransformersJudge
+from pipeline.stages.dpo_pairs.pairs import PairsConfig, loser_seed, run_build_dpo_pairs
 from shapesworld.render import ShapesTeacher
 from shapesworld.world import CATEGORIES, enumerate_scenes, mirror_relation
 
@@ -140,7 +140,7 @@ def qwen_dir(tmp_path_factory) -> str:
 
 
 def test_schema_module_needs_only_pyarrow_and_numpy():
-    code = "import sys; sys.modules['torch'] = sys.modules['PIL'] = None; from pipeline.schema import pair_shards"
+    code = "import sys; sys.modules['torch'] = sys.modules['PIL'] = None; from pipeline.core.schema import pair_shards"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -283,8 +283,8 @@ def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images
     """With --judge-losers a loser the judge finds as good as its winner makes no pair (`loser_not_worse`), one it
     refuses neither (`loser_judge_error`, the rest of its batch judged one by one); the kept pairs record the judge on
     their loser; counts still add up."""
-    from pipeline.dpo_pairs import PairsStage
-    from pipeline.judge import ShapesJudge
+    from pipeline.models.judges import ShapesJudge
+    from pipeline.stages.dpo_pairs.pairs import PairsStage
 
     pixels, key_of = teacher_pixels(shapes_images), {}
     with tarfile.open(shapes_images / "part-00000.tar") as tf:
@@ -336,7 +336,7 @@ def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images
     metas = [json.loads(m) for m in judged["metadata"].to_pylist()]
     assert [m["prompt"] for m in metas] == judged["caption"].to_pylist()
     # `inspect` shows the judge's answer on each loser beside the pair.
-    from pipeline.inspect import inspect_dataset
+    from pipeline.inspect.page import inspect_dataset
 
     page = inspect_dataset(out, out=tmp_path / "pairs.html", limit=20).read_text()
     assert page.count("judge on the loser: score 0") == len(t)
@@ -558,7 +558,7 @@ def test_settings_errors_name_the_bad_value_before_any_work(tmp_path, shapes_ima
 def test_ray_worker_gives_the_same_pairs(tmp_path, shapes_images, debug_ckpt):
     import ray
 
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     runtime.init_ray(None, num_cpus=2)
     try:

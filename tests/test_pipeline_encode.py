@@ -24,11 +24,11 @@ from tiny_models import make_tiny_t5, make_tiny_vae, write_tar
 from typer.testing import CliRunner
 
 from lightgen_model import encoders
-from pipeline import runtime
 from pipeline.cli import app
-from pipeline.encode import EncodeConfig, run_encode_latents
-from pipeline.images import center_crop_resize, decode_image
-from pipeline.schema import IncompatibleShardsError, moments_array, text_arrays, training_shards
+from pipeline.core import runtime
+from pipeline.core.schema import IncompatibleShardsError, moments_array, text_arrays, training_shards
+from pipeline.io.decode import center_crop_resize, decode_image
+from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -337,14 +337,14 @@ def test_resume_redoes_only_changed_or_broken_shards(tmp_path, models):
 
 KILLED_RUN = """
 import sys, time
-from pipeline import runner
+from pipeline.core import runner
 
 write = runner._ShardOut.write
 def slow_write(self, rows):  # slow enough for the parent to kill us between and inside shards
     write(self, rows)
     time.sleep(0.4)
 runner._ShardOut.write = slow_write
-from pipeline.encode import EncodeConfig, run_encode_latents
+from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
 run_encode_latents(EncodeConfig([sys.argv[1]], sys.argv[2], text_encoder=sys.argv[3], resolution=32, workers=0,
                                 batch_size=1, progress=False))
 """

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import RejectError, center_crop_resize, decode_image, to_rgb
+from pipeline.io.decode import RejectError, center_crop_resize, decode_image, to_rgb
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

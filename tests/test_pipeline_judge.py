@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tiny_models import make_tiny_qwen25vl
 
-from pipeline import judge as J
+from pipeline.models import judges as J
 from shapesworld.render import ShapesTeacher
 from shapesworld.world import CATEGORIES, enumerate_scenes, mirror_relation
 
@@ -110,7 +110,7 @@ def test_verdict_routes_kept_rejected_and_unparseable_with_raw_text():
 
 def test_judge_modules_import_no_heavy_library():
     code = (
-        "import sys; import pipeline.judge, pipeline.judge_stage, pipeline.dpo_config, pipeline.dpo_pairs; "
+        "import sys; import pipeline.models.judges, pipeline.stages.dpo_pairs.judging, pipeline.stages.dpo_pairs.config, pipeline.stages.dpo_pairs.pairs; "
         "heavy = [m for m in ('vllm', 'transformers', 'torch', 'qwen_vl_utils') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
@@ -277,9 +277,9 @@ class RefusingJudge:
 
 
 def test_judge_stage_batch_rows_kept_or_not_and_refused_images(tmp_path):
-    from pipeline.dpo_pairs import PairsConfig
-    from pipeline.judge_stage import JudgeStage, Raw, Sample
-    from pipeline.schema import JUDGEMENT_SCHEMA
+    from pipeline.core.schema import JUDGEMENT_SCHEMA
+    from pipeline.stages.dpo_pairs.judging import JudgeStage, Raw, Sample
+    from pipeline.stages.dpo_pairs.pairs import PairsConfig
 
     stage = JudgeStage(PairsConfig(output=str(tmp_path), judge_backend="shapes"))
     stage.judge = RefusingJudge()

@@ -18,11 +18,11 @@ import pytest
 from s3_server import FAKE_KEYS, free_port
 from typer.testing import CliRunner
 
-from pipeline import storage
-from pipeline.caption_sources import shapes_captions
 from pipeline.cli import app
-from pipeline.encode import EncodeConfig, run_encode_latents
-from pipeline.synthesize import SynthConfig, SynthStage, run_synthesize
+from pipeline.core import storage
+from pipeline.io.caption_sources import shapes_captions
+from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
+from pipeline.stages.synthesize import SynthConfig, SynthStage, run_synthesize
 
 SECRET = FAKE_KEYS["AWS_SECRET_ACCESS_KEY"]
 
@@ -196,7 +196,7 @@ def test_store_down_mid_stage_one_error_line_then_rerun_resumes(
     assert shas(out) == shas(local_run)  # nothing lost, nothing doubled
     assert not [n for n in listing(out) if storage.TMP_MARK in n]
     # Reading inputs from a store that goes away: an error (never rejects of the unread inputs), then a resume.
-    from pipeline.encode import LatentEncoder
+    from pipeline.stages.encode_latents import LatentEncoder
 
     encode_read = LatentEncoder.read
 
@@ -262,7 +262,7 @@ def s3_cluster(s3_server, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     env = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
     try:
@@ -302,7 +302,7 @@ def test_build_dpo_pairs_with_images_model_and_output_on_s3(local_run, s3_bucket
     from conftest import wake_head
 
     from lightgen_model import LightGen, preset, save_pretrained
-    from pipeline.dpo_pairs import PairsConfig, run_build_dpo_pairs
+    from pipeline.stages.dpo_pairs.pairs import PairsConfig, run_build_dpo_pairs
 
     monkeypatch.setenv("LIGHTGEN_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)

@@ -10,9 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import write_tar
 
-from pipeline import runner, shards
-from pipeline.images import RejectError
-from pipeline.schema import (
+from pipeline.core import runner, shards
+from pipeline.core.schema import (
     LATENT_SCHEMA,
     IncompatibleShardsError,
     check_compatible,
@@ -22,8 +21,9 @@ from pipeline.schema import (
     text_arrays,
     training_shards,
 )
-from pipeline.sources import BlobReader, Record, list_records, parse_caption
-from pipeline.storage import Storage
+from pipeline.core.storage import Storage
+from pipeline.io.decode import RejectError
+from pipeline.io.image_sources import BlobReader, Record, list_records, parse_caption
 
 
 def latent_rows(ids: list[str], text_lens: list[int], dim: int = 4, shape=(4, 2, 2)) -> pa.Table:
@@ -260,8 +260,8 @@ def test_parse_caption_fields():
 
 
 def test_declared_sizes_are_judged_before_reading(tmp_path):
-    from pipeline.images import RejectError
-    from pipeline.sources import MAX_MEMBER_BYTES, Blob, BlobReader
+    from pipeline.io.decode import RejectError
+    from pipeline.io.image_sources import MAX_MEMBER_BYTES, Blob, BlobReader
 
     path = tmp_path / "small.bin"
     path.write_bytes(b"x" * 100)
@@ -277,8 +277,8 @@ def test_declared_sizes_are_judged_before_reading(tmp_path):
 
 
 def test_captions_utf8_cannot_encode_are_rejected():
-    from pipeline.images import RejectError
-    from pipeline.sources import check_caption, parse_caption
+    from pipeline.io.decode import RejectError
+    from pipeline.io.image_sources import check_caption, parse_caption
 
     assert check_caption("  a red circle ") == "a red circle"
     for data, kind in ((b'{"caption": "\\ud800 x"}', "json"), (b'{"caption": "ok \\udfff"}', "json")):

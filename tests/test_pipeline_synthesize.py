@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from tiny_models import make_tiny_flux
 
-import pipeline.synthesize as synth
-from pipeline.captions import CaptionsConfig, run_build_captions
-from pipeline.encode import EncodeConfig, run_encode_latents
-from pipeline.schema import moments_array
-from pipeline.stage import Reject, WorkUnit
-from pipeline.synthesize import SynthConfig, SynthStage, image_seed, run_synthesize, sample_key
-from pipeline.teachers import DiffusersTeacher, build_teacher
+import pipeline.stages.synthesize as synth
+from pipeline.core.schema import moments_array
+from pipeline.core.stage import Reject, WorkUnit
+from pipeline.models.teachers import DiffusersTeacher, build_teacher
+from pipeline.stages.captions.build import CaptionsConfig, run_build_captions
+from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
+from pipeline.stages.synthesize import SynthConfig, SynthStage, image_seed, run_synthesize, sample_key
 from shapesworld.render import ShapesTeacher
 
 
@@ -309,7 +309,7 @@ def test_chain_build_captions_synthesize_encode_latents(tmp_path):
 def test_ray_worker_gives_the_same_samples(tmp_path, shapes_captions):
     import ray
 
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     extra = tmp_path / "extra.jsonl"  # rejects too: no metadata, empty caption
     extra.write_text(json.dumps({"caption": "no metadata"}) + "\n" + json.dumps({"caption": " "}) + "\n")

@@ -18,9 +18,9 @@ import pytest
 import toy_stage
 from toy_stage import ToyConfig, ToyStage
 
-from pipeline import inputs
-from pipeline.runner import run_stage
-from pipeline.stage import WorkUnit
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import WorkUnit
+from pipeline.io import inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_in_process_never_imports_ray(tmp_path):
 import sys
 sys.path.insert(0, {str(REPO / "tests")!r})
 from toy_stage import ToyConfig, ToyStage
-from pipeline.runner import run_stage
+from pipeline.core.runner import run_stage
 run_stage(ToyStage(ToyConfig(inputs=[{str(src)!r}], output={str(tmp_path / "out")!r}, workers=0, progress=False)))
 assert "ray" not in sys.modules, "ray was imported"
 """
@@ -113,7 +113,7 @@ KILLED = """
 import sys
 sys.path.insert(0, {tests!r})
 from toy_stage import ToyConfig, ToyStage
-from pipeline.runner import run_stage
+from pipeline.core.runner import run_stage
 run_stage(ToyStage(ToyConfig(inputs=[{src!r}], output={out!r}, workers=0, progress=False, batch_size=1)))
 """
 
@@ -187,7 +187,7 @@ def ray_cluster():
     import ray.cloudpickle
     from ray.cluster_utils import Cluster
 
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     ray.cloudpickle.register_pickle_by_value(toy_stage)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -221,7 +221,7 @@ def test_same_output_in_process_2_workers_and_2_nodes_and_a_lost_worker_is_retri
 
 
 def test_storage_must_be_shared_on_a_cluster(monkeypatch, tmp_path):
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     nodes = [
         {"Alive": True, "NodeID": c * 56, "NodeManagerAddress": f"10.0.0.{i}", "Resources": {"CPU": 2}}
@@ -251,7 +251,7 @@ def test_stage_command_options_come_from_the_config(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from pipeline.options import command
+    from pipeline.core.options import command
 
     app = typer.Typer()
     seen = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import inputs, storage
+from pipeline.core import storage
+from pipeline.io import inputs
 
 
 def _put(uri: str, data: bytes = b"x") -> None:

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from train_utils import random_shards, user_error
 
 from lightgen_model import LightGen, preset, save_pretrained
-from pipeline import storage
-from pipeline.schema import IncompatibleShardsError
+from pipeline.core import storage
+from pipeline.core.schema import IncompatibleShardsError
 from training import dpo, pretrain
 from training.data import Loader, ShardSet, latent_batch
 from training.sources import ShardCache
@@ -57,7 +57,7 @@ def s3_shards(s3_server, local_shards) -> str:
 
 @pytest.fixture
 def reads(monkeypatch) -> list[str]:
-    """Every shard file read from the object store, by URI (reads through pipeline.storage are counted)."""
+    """Every shard file read from the object store, by URI (reads through pipeline.core.storage are counted)."""
     seen: list[str] = []
     real = storage.read_bytes
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import inputs, storage
-from pipeline.options import StageConfig, opt
-from pipeline.stage import Output, Reject, Stage, WorkUnit
+from pipeline.core import storage
+from pipeline.core.options import StageConfig, opt
+from pipeline.core.stage import Output, Reject, Stage, WorkUnit
+from pipeline.io import inputs
 
 TOY_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("value", pa.int64()), pa.field("square", pa.int64())])
 

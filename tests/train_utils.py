@@ -1,4 +1,4 @@
-"""Training-shard directories written directly (no Ray): the contract of pipeline/schema.py, small and fast."""
+"""Training-shard directories written directly (no Ray): the contract of pipeline/core/schema.py, small and fast."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
 
 PIXEL_LOGVAR = -30.0
 

@@ -63,7 +63,7 @@ class Shard:
         """The file's bytes, checked against the manifest's sha256 (IncompatibleShardsError naming the shard)."""
         data = read_source(self.path)
         if (digest := self.mismatch(data)) is not None:
-            from pipeline.schema import IncompatibleShardsError
+            from pipeline.core.schema import IncompatibleShardsError
 
             raise IncompatibleShardsError(
                 f"{self.name}: sha256 {digest} does not match the manifest ({self.sha256}): the shard changed after "
@@ -121,7 +121,7 @@ class ShardSet:
         extra_columns: tuple[str, ...] = (),
         cache: ShardCache | None = None,
     ) -> None:
-        from pipeline import schema  # pyarrow is imported only where shards are really read
+        from pipeline.core import schema  # pyarrow is imported only where shards are really read
 
         if not directories:
             raise ValueError("no shard directory given")
@@ -152,7 +152,7 @@ class ShardSet:
 
     def _add_directory(self, d: str | Path, kind: str, vae: str | None, text_encoder: str | None) -> None:
         """The validated shards of one directory (local, or a URI listed through its filesystem), with rows."""
-        from pipeline import schema
+        from pipeline.core import schema
 
         sizes: list[int | None]
         if is_uri(d):  # s3://, gs://, file://, ...: listed through its filesystem (training/sources.py)
@@ -229,7 +229,7 @@ class ShardSet:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline import schema
+        from pipeline.core import schema
 
         shard = self.shards[i]
         table = pq.read_table(pa.BufferReader(self.read(i)))
@@ -313,7 +313,7 @@ def listed_shard(path: str | Path, entry: dict[str, Any], resolution: int, actua
     """The Shard of a manifest entry; IncompatibleShardsError when the entry's sha256 or size is malformed or the
     file's size (`actual`, else the local file's) differs from the listed one (a cheap check of every shard at
     start-up)."""
-    from pipeline.schema import IncompatibleShardsError
+    from pipeline.core.schema import IncompatibleShardsError
 
     digest, size, shown = entry.get("sha256"), entry.get("bytes"), describe(path)
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
@@ -331,7 +331,7 @@ def listed_shard(path: str | Path, entry: dict[str, Any], resolution: int, actua
 def check_shards(shards: ShardSet, mcfg: ModelConfig) -> None:
     """IncompatibleShardsError when the shards' latent channels or text width differ from the model's, or a
     resolution does not tile into its tokens (ValueError)."""
-    from pipeline.schema import IncompatibleShardsError
+    from pipeline.core.schema import IncompatibleShardsError
 
     dec = shards.decoded(0)
     m = dec.moments[shards.moment_columns[0]]
@@ -354,7 +354,7 @@ def reference_text_pad(spec: str, mcfg: ModelConfig, shards: ShardSet, device: s
     to ``max_text_len`` with the encoder's own padding states, so every batch's captions are re-encoded; ``spec``
     (minilm or a local directory) must be the encoder the shards were made with."""
     from lightgen_model.encoders import build_text_encoder, text_encoder_name
-    from pipeline.schema import IncompatibleShardsError
+    from pipeline.core.schema import IncompatibleShardsError
 
     if spec != "minilm" and not Path(spec).is_dir():
         raise FileNotFoundError(

@@ -69,7 +69,7 @@ def collective_timeout_s() -> float:
     """How long a collective waits for a peer that does not answer (frozen, or its node gone without closing its
     connections; a peer that dies is seen at once): `LIGHTGEN_DIST_TIMEOUT_S`, default 1800 (a checkpoint of a large
     model on a slow disk keeps the other ranks waiting in a barrier)."""
-    from pipeline.storage import env_positive
+    from pipeline.core.storage import env_positive
 
     return env_positive("LIGHTGEN_DIST_TIMEOUT_S", 1800.0, "seconds")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.locks import flock_exclusive, flock_release
+from pipeline.core.locks import flock_exclusive, flock_release
 
 from . import dist as D
 from .metrics import log

@@ -1,7 +1,7 @@
 """Where the trainer reads from: shard directories and model folders as local paths or filesystem URIs (`s3://`,
-`gs://`, `hdfs://`, `file://`, through `pipeline.storage`), and a bounded local cache of verified shard files.
+`gs://`, `hdfs://`, `file://`, through `pipeline.core.storage`), and a bounded local cache of verified shard files.
 
-A remote shard directory is validated as a local one is (`pipeline.schema`): its manifest's format, schema version,
+A remote shard directory is validated as a local one is (`pipeline.core.schema`): its manifest's format, schema version,
 encoder names and a finished run, and every listed shard present with its listed size (one listing call per
 directory). Credentials and endpoints come from the environment and never appear in messages (`storage.public`).
 
@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.storage import is_uri  # noqa: F401 (one definition of a URI; imported from here by the trainer)
+from pipeline.core.storage import is_uri  # noqa: F401 (one definition of a URI; imported from here by the trainer)
 
 TMP = ".tmp-"
 SUFFIX = ".shard"
@@ -49,9 +49,9 @@ def byte_count(value: int | str, key: str) -> int:
 
 
 def remote_listing(directory: str, kind: str, vae: str | None, text_encoder: str | None) -> tuple[dict, list, list]:
-    """A shard directory on a filesystem URI, validated as `pipeline.schema.training_shards` / `pair_shards`
+    """A shard directory on a filesystem URI, validated as `pipeline.core.schema.training_shards` / `pair_shards`
     validate a local one: (manifest, shard URIs in order, their sizes on the store)."""
-    from pipeline import schema, storage
+    from pipeline.core import schema, storage
 
     fs, root = storage.resolve(directory)
     shown = storage.public(directory)
@@ -75,10 +75,10 @@ def remote_listing(directory: str, kind: str, vae: str | None, text_encoder: str
 
 def read_source(spec: str | Path) -> bytes:
     """The bytes of a shard file: a local path read directly, a URI through its pyarrow filesystem (an error names
-    the URI without credentials, endpoint or keys: `pipeline.storage`)."""
+    the URI without credentials, endpoint or keys: `pipeline.core.storage`)."""
     if not is_uri(spec):
         return Path(spec).read_bytes()
-    from pipeline import storage
+    from pipeline.core import storage
 
     try:
         return storage.read_bytes(str(spec))
@@ -168,11 +168,11 @@ MODEL_FILES = ("config.json", "model.safetensors", "model_ema.safetensors")
 
 def local_model_dir(spec: str) -> str:
     """A model or checkpoint folder as a local path: `spec` itself when it is one, else its config and weights
-    copied once into the node's model cache (`pipeline.storage.local_copy`, `$LIGHTGEN_CACHE`; every process may ask,
+    copied once into the node's model cache (`pipeline.core.storage.local_copy`, `$LIGHTGEN_CACHE`; every process may ask,
     the copy is published whole). Errors name the URI without credentials."""
     if not is_uri(spec):
         return spec
-    from pipeline import storage
+    from pipeline.core import storage
 
     local = storage.local_copy(spec, MODEL_FILES)
     if not (Path(local) / "config.json").is_file():
@@ -183,7 +183,7 @@ def local_model_dir(spec: str) -> str:
 def describe(value: Any) -> str:
     """A location for a message: a URI without its credentials, a path as it is."""
     if is_uri(str(value)):
-        from pipeline import storage
+        from pipeline.core import storage
 
         return storage.public(str(value))
     return str(value)

@@ -1,5 +1,5 @@
 """<out>/report.html: targets, scores before and after DPO, sample grids, curves, data counts and stage timings,
-built with the HTML helpers of `lightgen-data inspect` (pipeline/inspect_html.py)."""
+built with the HTML helpers of `lightgen-data inspect` (pipeline/inspect/html.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inspect_html import cells, esc, img, line_chart, page, table, tag
+from pipeline.inspect.html import cells, esc, img, line_chart, page, table, tag
 from recipes.shapes.commands import HELDOUT_SEED
 from recipes.shapes.results import CATEGORIES, read_jsonl
 

@@ -17,8 +17,8 @@ from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
-from pipeline import storage
-from pipeline.stage import WorkUnit
+from pipeline.core import storage
+from pipeline.core.stage import WorkUnit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 # Files the pipeline writes beside its shards: never inputs.

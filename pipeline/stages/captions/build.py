@@ -30,15 +30,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import caption_stages as st
-from pipeline import dedup, runner, shards, storage
-from pipeline import diversity as dv
-from pipeline import workfiles as wf
-from pipeline.caption_sources import CAPTIONS_FORMAT, check_fields, plan_reads, shapes_task
-from pipeline.caption_stages import CaptionEmbedder  # noqa: F401 (the embedding stage, public here)
-from pipeline.options import StageConfig, opt
-from pipeline.schema import MANIFEST, REJECT_SCHEMA
-from pipeline.storage import Storage
+from pipeline.core import runner, shards, storage
+from pipeline.core import workfiles as wf
+from pipeline.core.options import StageConfig, opt
+from pipeline.core.schema import MANIFEST, REJECT_SCHEMA
+from pipeline.core.storage import Storage
+from pipeline.io.caption_sources import CAPTIONS_FORMAT, check_fields, plan_reads, shapes_task
+from pipeline.stages.captions import dedup
+from pipeline.stages.captions import diversity as dv
+from pipeline.stages.captions import phases as st
+from pipeline.stages.captions.phases import CaptionEmbedder  # noqa: F401 (the embedding stage, public here)
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -155,7 +156,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_build_captions(cfg: CaptionsConfig) -> dict[str, Any]:
     """Run the stage end to end; returns the report (also written to `report.json`, diversity in `diversity.json`)."""
-    from pipeline import locks, runtime
+    from pipeline.core import locks, runtime
 
     validate(cfg)
     with locks.hold(Storage(cfg.output)):  # one run at a time; a refused run touches nothing, its work folder neither
@@ -194,7 +195,7 @@ class CaptionBuild:
 
     def check_shared(self) -> None:
         """On a multi-node Ray cluster: every node must see the output and the work folder."""
-        from pipeline import runtime
+        from pipeline.core import runtime
 
         runtime.check_shared_storage(self.cfg.output)
         self.work.mkdir(parents=True, exist_ok=True)

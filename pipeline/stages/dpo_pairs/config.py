@@ -1,7 +1,7 @@
 """`build-dpo-pairs` settings: `PairsConfig` (the command's options), their up-front checks, and what the LightGen
 checkpoint implies (`resolve`: encoders, resolution, sampling) — all without loading weights.
 
-The judge stage (`pipeline.judge_stage`) and the pairs stage (`pipeline.dpo_pairs`) share this config; each
+The judge stage (`pipeline.stages.dpo_pairs.judging`) and the pairs stage (`pipeline.stages.dpo_pairs.pairs`) share this config; each
 checks and digests the settings that determine its own rows (`check_judge_options` / `judge_content`,
 `resolve` / `PairsStage.content`).
 """
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import shards, storage
-from pipeline.judge import BACKENDS, PROMPT_VERSION, judge_name
-from pipeline.options import DeviceOption, ImageLimits, StageConfig, opt
-from pipeline.schema import JUDGEMENT_SCHEMA_VERSION
+from pipeline.core import shards, storage
+from pipeline.core.options import DeviceOption, ImageLimits, StageConfig, opt
+from pipeline.core.schema import JUDGEMENT_SCHEMA_VERSION
+from pipeline.models.judges import BACKENDS, PROMPT_VERSION, judge_name
 
 MODEL_DEFAULT = "the --model's recorded sampling settings (config.json), else 64, 4.0, linear, 1.0"
 

@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import dedup, runner, shards, textsig
-from pipeline import diversity as dv
-from pipeline import workfiles as wf
-from pipeline.caption_sources import READ_ERRORS, ReadTask, field_counts, read_task
-from pipeline.storage import Storage
+from pipeline.core import runner, shards
+from pipeline.core import workfiles as wf
+from pipeline.core.storage import Storage
+from pipeline.io.caption_sources import READ_ERRORS, ReadTask, field_counts, read_task
+from pipeline.stages.captions import dedup, textsig
+from pipeline.stages.captions import diversity as dv
 
 FILTERS = ("empty", "too_short", "too_long", "bad_charset")
 REASONS = ("", *FILTERS, *READ_ERRORS, "exact_dup", "near_dup", "not_selected")  # status codes, 0 = kept

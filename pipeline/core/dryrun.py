@@ -1,7 +1,7 @@
 """`--dry-run` of the stages that run a model: their models at full size on the meta device, one batch.
 
 No weights are read and nothing is written. Each stage builds its models with the loaders it uses for real runs
-(`pipeline.encode.Encoders`, diffusers' ``FluxPipeline``, ``Qwen2_5_VLForConditionalGeneration``,
+(`pipeline.stages.encode_latents.Encoders`, diffusers' ``FluxPipeline``, ``Qwen2_5_VLForConditionalGeneration``,
 `lightgen_model`'s sampler) from config files only: a local model directory or a folder of ``conf/models``. Per
 model call the report gives FLOPs (counted), parameter bytes, the activation peak (estimated: see lightgen/meta.py)
 and output shapes. A wrong pairing (a text encoder whose width the model does not expect, a VAE with other
@@ -136,7 +136,7 @@ def dry_synthesize(cfg: Any) -> dict[str, Any]:
 
 def encoders(vae: str, text_encoder: str, dtype: str, max_text_len: int, resolution: int) -> Any:
     """The stage's own `Encoders` on the meta device."""
-    from pipeline.encode import Encoders
+    from pipeline.stages.encode_latents import Encoders
 
     return Encoders(resolve_spec(vae), resolve_spec(text_encoder), "meta", dtype, max_text_len, resolution)
 
@@ -219,7 +219,7 @@ def _betas(mcfg: Any) -> Any:
 def judge_items(spec: str, batch: int, max_pixels: int, prompt_tokens: int = 120) -> dict[str, Any]:
     """Qwen2.5-VL's prefill of one batch: images resized (as Qwen's processor does) to at most ``max_pixels``, 28-px
     patches merged 2x2 into tokens, plus ``prompt_tokens`` of chat template and prompt (an estimate: the prompt of
-    pipeline/judge.py with a caption). The answer's few decoding steps are not run (under 1 % of the prefill)."""
+    pipeline/models/judges.py with a caption). The answer's few decoding steps are not run (under 1 % of the prefill)."""
     model = qwen_vl(resolve_spec(spec))
     vc = model.config.vision_config
     side = int((max_pixels**0.5) // 28) * 28  # smart_resize of a square image within max_pixels

@@ -13,7 +13,7 @@ a reason instead of an error at listing time.
   else a sidecar `<stem>.txt`, else `<stem>.json`.
 Ids are `<path relative to the common parent of all sources>` (tars: without `.tar`, then `/<key>`).
 
-Every file is read through `pipeline.storage`: sources may be local paths or URIs (`s3://...`); on a remote store a
+Every file is read through `pipeline.core.storage`: sources may be local paths or URIs (`s3://...`); on a remote store a
 read error other than a missing file ends the run (rerun to resume) instead of rejecting the input.
 """
 
@@ -27,9 +27,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.images import RejectError
-from pipeline.stage import Reject, WorkUnit
+from pipeline.core import storage
+from pipeline.core.stage import Reject, WorkUnit
+from pipeline.io.decode import RejectError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("caption", "prompt", "text")
@@ -95,7 +95,7 @@ def list_records(inputs: Sequence[str | Path]) -> list[Record]:
 
     For small inputs and tests; stages read per work unit (`unit_records`) so that no process lists everything.
     """
-    from pipeline import inputs as inputs_mod
+    from pipeline.io import inputs as inputs_mod
 
     files = inputs_mod.expand(inputs, keep=inputs_mod.is_tar_or_image)
     if not files:

@@ -172,7 +172,7 @@ class Judge(Protocol):
 def _model_name(model: str) -> str:
     """`<directory name>-<config hash>` of a local model directory (the pipeline's encoder naming)."""
     from lightgen_model.encoders import config_name
-    from pipeline import storage
+    from pipeline.core import storage
 
     if storage.is_remote(model) and not storage.is_file(storage.join(model, "config.json")):
         raise ValueError(f"--judge-model {storage.public(model)!r} is not a model directory (no config.json)")

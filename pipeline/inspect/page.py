@@ -6,7 +6,7 @@ judgement shards alone. Every page has a header (stage, code version, config dig
 rejected, rejects by reason, sizes), the stage's own samples and plots, and the rejects by reason with examples.
 
 Sampling is seeded (`seed`) and bounded (`limit` rows per section): only the shards and row groups holding the
-sampled rows are read (see `pipeline/inspect_read.py`). Count elements carry `data-count` attributes and every
+sampled rows are read (see `pipeline/inspect/read.py`). Count elements carry `data-count` attributes and every
 sampled row a `data-id`, so the page can be checked by a program as well as read.
 """
 
@@ -17,10 +17,10 @@ import os
 import posixpath
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.inspect_captions import captions_sections
-from pipeline.inspect_html import cells, esc, page, table, tag
-from pipeline.inspect_media import (
+from pipeline.core import storage
+from pipeline.inspect.captions import captions_sections
+from pipeline.inspect.html import cells, esc, page, table, tag
+from pipeline.inspect.media import (
     images_section,
     judged_rejected_section,
     judgements_section,
@@ -28,7 +28,7 @@ from pipeline.inspect_media import (
     pairs_judgements,
     pairs_section,
 )
-from pipeline.inspect_read import InspectError, RejectSample, StageDir, open_stage, sample_rejects
+from pipeline.inspect.read import InspectError, RejectSample, StageDir, open_stage, sample_rejects
 
 FORMATS = ("lightgen-captions", "lightgen-images", "lightgen-latents", "lightgen-dpo-pairs", "lightgen-judgements")
 EXAMPLES_PER_REASON = 5

@@ -2,7 +2,7 @@
 
 1. The driver plans: `stage.validate()`, `stage.plan()` (file lists and row ranges, one unit per output shard).
 2. It holds the output folder (one run at a time: an flock on a local folder, a lease on object storage;
-   `pipeline/locks.py`) and prepares it: `--overwrite` clears it; temporaries of a killed run and shards beyond the
+   `pipeline/core/locks.py`) and prepares it: `--overwrite` clears it; temporaries of a killed run and shards beyond the
    plan go; a folder made with other settings is refused.
 3. Every unit goes to a worker (`UnitRunner`), which keeps a finished shard only if its receipt matches the unit and
    config digests and the shard's sha256 still matches the receipt, and otherwise reads its inputs, calls
@@ -31,9 +31,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import locks
-from pipeline.schema import MANIFEST, REJECT_SCHEMA, with_metadata
-from pipeline.shards import (
+from pipeline.core import locks
+from pipeline.core.schema import MANIFEST, REJECT_SCHEMA, with_metadata
+from pipeline.core.shards import (
     DIVERSITY,
     REJECTS,
     REPORT,
@@ -44,8 +44,8 @@ from pipeline.shards import (
     rejects_table,
     shard_name,
 )
-from pipeline.stage import Output, Reject, Stage, WorkUnit, batched
-from pipeline.storage import TMP_MARK, Storage, public, public_values
+from pipeline.core.stage import Output, Reject, Stage, WorkUnit, batched
+from pipeline.core.storage import TMP_MARK, Storage, public, public_values
 
 
 def receipt_name(index: int) -> str:
@@ -269,7 +269,7 @@ def execute(
         return
     if not tasks:
         return
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     with runtime.ray_session(ray_address):  # shut down after the run if this call started it
         yield from _ray_execute(make_worker, tasks, workers, cpus, gpus, actors, shared)
@@ -287,7 +287,7 @@ def _ray_execute(
     """The Ray Data job of `execute`."""
     import ray.data
 
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     for folder in shared:
         runtime.check_shared_storage(folder)
@@ -441,7 +441,7 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     if not units:
         raise ValueError(f"no inputs to {stage.name} in {list(stage.cfg.inputs)}")
     config_digest = digest(stage.content())
-    # 2. Hold the output folder (one run at a time: `pipeline/locks.py`), then prepare it; an incomplete manifest
+    # 2. Hold the output folder (one run at a time: `pipeline/core/locks.py`), then prepare it; an incomplete manifest
     # marks the folder as this stage's while it runs.
     store = Storage(stage.cfg.output)
     with locks.hold(store):

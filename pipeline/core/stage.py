@@ -1,4 +1,4 @@
-"""What a pipeline stage is: its own logic only. `pipeline.runner` does the rest for every stage.
+"""What a pipeline stage is: its own logic only. `pipeline.core.runner` does the rest for every stage.
 
 A stage class declares its name, output kind (Parquet with an Arrow schema, or webdataset tar), its config
 dataclass, and four methods:
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.options import RUN_FIELDS, StageConfig
+from pipeline.core.options import RUN_FIELDS, StageConfig
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class WorkUnit:
     def digest(self) -> str:
         """Identifies the unit's inputs across runs: paths, sizes and modification times (through the input's
         filesystem: a local disk or a URI's store), and the row range. A store that does not answer is an error."""
-        from pipeline import storage
+        from pipeline.core import storage
 
         stats = []
         for p in self.paths:

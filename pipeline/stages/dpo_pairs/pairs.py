@@ -1,8 +1,8 @@
 """`build-dpo-pairs`: source images the judge keeps (winners) + the current model's images (losers) -> pair shards.
 
-Two stages on `pipeline.runner`, one after the other (`run_build_dpo_pairs`):
+Two stages on `pipeline.core.runner`, one after the other (`run_build_dpo_pairs`):
 
-1. `JudgeStage` ("judge-images", `pipeline.judge_stage`): the inputs, screened and judged, into
+1. `JudgeStage` ("judge-images", `pipeline.stages.dpo_pairs.judging`): the inputs, screened and judged, into
    `<output>/judgements/` (one row per image the judge saw, kept or not; screened-out inputs are its rejects).
 2. `PairsStage` ("build-dpo-pairs"): one unit per judgement shard. The judge stage's rejects of that shard pass
    through, so `<output>/rejects.parquet` lists every input that did not become a pair with its reason; images the
@@ -32,16 +32,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import shards, storage
-from pipeline.dpo_config import PairsConfig, judge_content, loser_seed, resolve
-from pipeline.encode import Encoders, f16_column
-from pipeline.images import RejectError, center_crop_resize, decode_image
-from pipeline.judge import judge_name
-from pipeline.judge_stage import JudgeStage, ask_judge, judgements_dir, load_judge
-from pipeline.schema import JUDGEMENT_FORMAT, MANIFEST, PAIR_FORMAT, PAIR_SCHEMA, PAIR_SCHEMA_VERSION
-from pipeline.shards import rejects_name, shard_name
-from pipeline.stage import Output, Reject, Stage, WorkUnit, quiet_hf
-from pipeline.storage import Storage
+from pipeline.core import shards, storage
+from pipeline.core.schema import JUDGEMENT_FORMAT, MANIFEST, PAIR_FORMAT, PAIR_SCHEMA, PAIR_SCHEMA_VERSION
+from pipeline.core.shards import rejects_name, shard_name
+from pipeline.core.stage import Output, Reject, Stage, WorkUnit, quiet_hf
+from pipeline.core.storage import Storage
+from pipeline.io.decode import RejectError, center_crop_resize, decode_image
+from pipeline.models.judges import judge_name
+from pipeline.stages.dpo_pairs.config import PairsConfig, judge_content, loser_seed, resolve
+from pipeline.stages.dpo_pairs.judging import JudgeStage, ask_judge, judgements_dir, load_judge
+from pipeline.stages.encode_latents import Encoders, f16_column
 
 __all__ = ["PairsConfig", "PairsStage", "loser_seed", "run_build_dpo_pairs"]
 
@@ -290,8 +290,8 @@ def _free_memory() -> None:
 
 def run_build_dpo_pairs(cfg: PairsConfig) -> dict[str, Any]:
     """Run both stages (each resuming unless `cfg.overwrite`); returns the pairs report with the judge's inside."""
-    from pipeline import locks, runtime
-    from pipeline.runner import run_stage
+    from pipeline.core import locks, runtime
+    from pipeline.core.runner import run_stage
 
     # 1. Check every setting of both stages before any work.
     cfg.check()

@@ -1,6 +1,6 @@
 """`synthesize`: captions -> teacher images in webdataset `.tar` shards (`<key>.png` + `<key>.json`).
 
-`SynthStage` holds the stage's own logic; `pipeline.runner` plans, resumes, runs it (in this process or on Ray)
+`SynthStage` holds the stage's own logic; `pipeline.core.runner` plans, resumes, runs it (in this process or on Ray)
 and writes the manifest, rejects and report. Units: the `part-*.parquet` files of a build-captions folder (or any
 Parquet caption file) are cut into row ranges of `--shard-size`; a JSONL / JSON / CSV caption file (or a webdataset
 tar with `.json` members) is one unit. Each image's seed is a hash of (`--seed`, caption id), so a rerun redraws the
@@ -31,14 +31,15 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline import inputs, runner, shards, storage
-from pipeline.caption_sources import CaptionRecord, read_captions
-from pipeline.captions import caption_id
-from pipeline.images import RejectError
-from pipeline.options import DeviceOption, StageConfig, opt
-from pipeline.sources import check_caption, raise_if_store_failed
-from pipeline.stage import Output, Reject, Stage, WorkUnit
-from pipeline.teachers import TEACHERS, build_teacher, is_blank
+from pipeline.core import runner, shards, storage
+from pipeline.core.options import DeviceOption, StageConfig, opt
+from pipeline.core.stage import Output, Reject, Stage, WorkUnit
+from pipeline.io import inputs
+from pipeline.io.caption_sources import CaptionRecord, read_captions
+from pipeline.io.decode import RejectError
+from pipeline.io.image_sources import check_caption, raise_if_store_failed
+from pipeline.models.teachers import TEACHERS, build_teacher, is_blank
+from pipeline.stages.captions.build import caption_id
 
 FORMAT = "lightgen-images"
 FILTERS = ("blank", "nsfw")

@@ -1,6 +1,6 @@
 """Where the pipeline meets Ray: starting it, sizing workers, checking shared storage.
 
-With `pipeline/runner.py` (the executor: the Ray Data jobs of the stages and of build-captions' phases) the only
+With `pipeline/core/runner.py` (the executor: the Ray Data jobs of the stages and of build-captions' phases) the only
 Ray-aware module; Ray is imported inside the functions, so `--workers 0` never imports it.
 """
 
@@ -37,7 +37,7 @@ def init_ray(address: str | None = None, *, quiet: bool = True, num_cpus: int | 
 def storage_env() -> dict[str, str]:
     """The driver's storage settings (endpoint, region, keys, retries, model cache) that its Ray workers get, so that
     they reach the same store as the driver; nodes with their own credentials (an instance role) need none of them."""
-    from pipeline.storage import STORAGE_ENV
+    from pipeline.core.storage import STORAGE_ENV
 
     names = (*STORAGE_ENV, "AWS_EC2_METADATA_DISABLED", "GOOGLE_APPLICATION_CREDENTIALS", "LIGHTGEN_CACHE")
     return {k: os.environ[k] for k in names if os.environ.get(k)}
@@ -121,7 +121,7 @@ def worker_resources(workers: int, cpus_per_worker: float | None, gpus_per_worke
 def _probe_visible(uri: str, name: str) -> bool:
     """Whether file `name` exists in the output folder, as seen from the node this runs on (False where that node
     cannot reach the store: no credentials, no route)."""
-    from pipeline.storage import Storage
+    from pipeline.core.storage import Storage
 
     try:
         return Storage(uri).exists(name)
@@ -137,7 +137,7 @@ def check_shared_storage(uri: str) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.storage import Storage, public
+    from pipeline.core.storage import Storage, public
 
     nodes = _alive_nodes()
     if len(nodes) < 2:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import textsig
-from pipeline import workfiles as wf
+from pipeline.core import workfiles as wf
+from pipeline.stages.captions import textsig
 
 CHUNKS, EXACT, EXACT_OUT, TOKENS, NEAR, EDGES = "chunks", "exact", "exact-out", "tokens", "near", "edges"
 

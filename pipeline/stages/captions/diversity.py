@@ -10,7 +10,7 @@ import unicodedata
 
 import numpy as np
 
-from pipeline import textsig
+from pipeline.stages.captions import textsig
 
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)

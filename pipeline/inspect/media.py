@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.inspect_html import esc, histogram, image_file_uri, img, png_uri, tag
-from pipeline.inspect_read import (
+from pipeline.core import storage
+from pipeline.core.schema import JUDGEMENT_FORMAT, moments_array
+from pipeline.inspect.html import esc, histogram, image_file_uri, img, png_uri, tag
+from pipeline.inspect.read import (
     InspectError,
     StageDir,
     open_stage,
@@ -20,7 +21,6 @@ from pipeline.inspect_read import (
     sample_positions,
     scan_column,
 )
-from pipeline.schema import JUDGEMENT_FORMAT, moments_array
 
 SETTINGS = ("teacher", "model", "seed", "steps", "guidance", "resolution")  # a synthesize sample's settings
 

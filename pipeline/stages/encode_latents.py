@@ -1,6 +1,6 @@
 """`encode-latents`: images + captions -> VAE moments (image and flip) and unpadded text embeddings, in shards.
 
-`LatentEncoder` is the stage; `pipeline.runner` plans, resumes, runs it (in this process or on Ray) and writes the
+`LatentEncoder` is the stage; `pipeline.core.runner` plans, resumes, runs it (in this process or on Ray) and writes the
 manifest. Each input tar shard becomes one output shard; loose image files are grouped `--shard-size` at a time.
 """
 
@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import inputs, storage
-from pipeline.images import RejectError, center_crop_resize, decode_image
-from pipeline.options import DeviceOption, ImageLimits, StageConfig, opt
-from pipeline.schema import FORMAT, LATENT_SCHEMA, SCHEMA_VERSION
-from pipeline.sources import BlobReader, JsonlIndex, Raw, input_folders, read_raws, unit_records
-from pipeline.stage import Output, Reject, Stage, WorkUnit, quiet_hf
+from pipeline.core import storage
+from pipeline.core.options import DeviceOption, ImageLimits, StageConfig, opt
+from pipeline.core.schema import FORMAT, LATENT_SCHEMA, SCHEMA_VERSION
+from pipeline.core.stage import Output, Reject, Stage, WorkUnit, quiet_hf
+from pipeline.io import inputs
+from pipeline.io.decode import RejectError, center_crop_resize, decode_image
+from pipeline.io.image_sources import BlobReader, JsonlIndex, Raw, input_folders, read_raws, unit_records
 
 # Settings whose change changes the rows: a resume refuses to mix shards made with different values.
 CONTENT_KEYS = ("vae", "text_encoder", "resolution", "max_text_len", "dtype", "max_pixels", "min_size")
@@ -233,6 +234,6 @@ class LatentEncoder(Stage):
 
 def run_encode_latents(cfg: EncodeConfig) -> dict[str, Any]:
     """Run the stage end to end (resuming unless `cfg.overwrite`); returns the report also written to disk."""
-    from pipeline.runner import run_stage
+    from pipeline.core.runner import run_stage
 
     return run_stage(LatentEncoder(cfg))

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.schema import MANIFEST, IncompatibleShardsError, read_manifest
-from pipeline.shards import DIVERSITY, REJECTS, REPORT
+from pipeline.core import storage
+from pipeline.core.schema import MANIFEST, IncompatibleShardsError, read_manifest
+from pipeline.core.shards import DIVERSITY, REJECTS, REPORT
 
 SCAN_ROWS = 1_000_000  # rows of one small column read for a whole-set statistic (a histogram, a cluster index)
 DEDUP_REASONS = ("exact_dup", "near_dup")

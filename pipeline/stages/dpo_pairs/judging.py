@@ -2,11 +2,11 @@
 
 Per input: the caption, the image's bytes, the optional aesthetic score and ShapesWorld metadata are read and
 screened (aesthetic filter, metadata for the shapes judge, decoding and size checks); what fails becomes a `Reject`
-with a reason. The rest go to the judge (`pipeline.judge`) a batch at a time. Every image the judge saw is a row of
+with a reason. The rest go to the judge (`pipeline.models.judges`) a batch at a time. Every image the judge saw is a row of
 `JUDGEMENT_SCHEMA` (kept or not, with the raw answer and the image's bytes) in `<output>/judgements/`, which the
-pairs stage (`pipeline.dpo_pairs`) reads.
+pairs stage (`pipeline.stages.dpo_pairs.pairs`) reads.
 
-Inputs: webdataset `.tar` shards and image folders (`pipeline.sources`: captions and extra fields from the `.json`
+Inputs: webdataset `.tar` shards and image folders (`pipeline.io.image_sources`: captions and extra fields from the `.json`
 member, a `captions.jsonl` line or a sidecar) and Parquet files with an image column (bytes, or a struct with
 `bytes` as Hugging Face datasets store it), a caption column and optional aesthetic, `metadata` and `id` columns.
 One unit per tar, per `--shard-size` image files and per `--shard-size` rows of a Parquet file; a repeated id
@@ -29,17 +29,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import inputs, storage
-from pipeline.dpo_config import PairsConfig, check_judge_options, judge_content
-from pipeline.images import RejectError, decode_image
-from pipeline.judge import Judge, Judgement, build_judge, judge_batch
-from pipeline.schema import (
+from pipeline.core import storage
+from pipeline.core.schema import (
     JUDGEMENT_FORMAT,
     JUDGEMENT_SCHEMA,
     JUDGEMENT_SCHEMA_VERSION,
     PAIR_FORMAT,
 )
-from pipeline.sources import (
+from pipeline.core.stage import Output, Reject, Stage, WorkUnit, quiet_hf
+from pipeline.io import inputs
+from pipeline.io.decode import RejectError, decode_image
+from pipeline.io.image_sources import (
     BlobReader,
     JsonlIndex,
     Raw,
@@ -50,7 +50,8 @@ from pipeline.sources import (
     read_raws,
     unit_records,
 )
-from pipeline.stage import Output, Reject, Stage, WorkUnit, quiet_hf
+from pipeline.models.judges import Judge, Judgement, build_judge, judge_batch
+from pipeline.stages.dpo_pairs.config import PairsConfig, check_judge_options, judge_content
 
 JUDGEMENTS = "judgements"  # sub-folder of the pairs output holding the judge stage's output
 CAPTION_FIELDS = ("caption", "prompt", "text", "TEXT")

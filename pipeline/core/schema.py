@@ -136,7 +136,7 @@ def read_manifest(directory: str | Path, formats: tuple[str, ...], what: str) ->
     """Read `<directory>/manifest.json` (a local folder or a URI) and check that its `format` is one of `formats`;
     `what` names the directory kind in errors (FileNotFoundError when there is none, IncompatibleShardsError
     otherwise). Errors name URIs without credentials."""
-    from pipeline import storage
+    from pipeline.core import storage
 
     path = storage.join(str(directory), MANIFEST)
     shown = storage.public(path)

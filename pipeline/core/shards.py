@@ -1,6 +1,6 @@
 """Shard files: deterministic names, digests, the one Parquet writer setup, rejects tables, the code version.
 
-Publishing (atomic writes, receipts, manifests) is the runner's (`pipeline.runner`, on `pipeline.storage`).
+Publishing (atomic writes, receipts, manifests) is the runner's (`pipeline.core.runner`, on `pipeline.core.storage`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import REJECT_SCHEMA, with_metadata
+from pipeline.core.schema import REJECT_SCHEMA, with_metadata
 
 REJECTS = "rejects.parquet"
 REPORT = "report.json"

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.storage import Storage
+    from pipeline.core.storage import Storage
 
 LOCK = ".lock"
 LEASE = ".lease.json"
@@ -77,7 +77,7 @@ def flock_release(fd: int) -> None:
 
 def lease_ttl() -> float:
     """Seconds after its last refresh that a lease expires: `LIGHTGEN_LEASE_TTL`, default 300."""
-    from pipeline.storage import env_positive
+    from pipeline.core.storage import env_positive
 
     return env_positive("LIGHTGEN_LEASE_TTL", 300.0, "seconds")
 
@@ -107,7 +107,7 @@ class _FolderFlock:
 
     def acquire(self) -> None:
         """Take the lock, or raise `OutputInUseError` naming its holder."""
-        from pipeline.storage import public
+        from pipeline.core.storage import public
 
         self.created = not os.path.isdir(self.store.root)
         self.store.makedirs()
@@ -159,7 +159,7 @@ class _Lease:
         }
 
     def _refused(self, lease: dict[str, Any], age: float) -> OutputInUseError:
-        from pipeline.storage import public
+        from pipeline.core.storage import public
 
         return OutputInUseError(
             f"--output {public(self.store.uri)} is in use by another run (PID {lease.get('pid')} on "
@@ -240,7 +240,7 @@ def hold(store: Storage) -> Iterator[None]:
     try:
         yield
         if isinstance(lock, _Lease) and lock.lost is not None:
-            from pipeline.storage import public
+            from pipeline.core.storage import public
 
             raise OutputInUseError(
                 f"--output {public(store.uri)}: this run lost its lease to PID {lock.lost.get('pid')} on "

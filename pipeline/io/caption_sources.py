@@ -28,8 +28,8 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.inputs import expand, ext
+from pipeline.core import storage
+from pipeline.io.inputs import expand, ext
 
 CAPTIONS_FORMAT = "lightgen-captions"
 CAPTION_EXTS = ("jsonl", "json", "parquet", "csv", "tar")

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inspect_html import bar_chart, cells, esc, table, tag
-from pipeline.inspect_read import (
+from pipeline.inspect.html import bar_chart, cells, esc, table, tag
+from pipeline.inspect.read import (
     DEDUP_REASONS,
     RejectSample,
     StageDir,
