@@ -7,7 +7,7 @@ adjacent different words swapped: one edit too) of a random subset, placed after
 edits removed as duplicates, per edit kind and caption length; false removal = distinct captions removed as near
 duplicates (the report also says by which rule each went: one word changed, inserted / deleted or two words swapped
 from the distinct caption kept in its place, the generator's own near duplicates, or Jaccard). Every run of
-`run_build_captions` selects everything (`--n` = inputs), so only de-duplication removes captions.
+`CaptionsStage.run` selects everything (`--n` = inputs), so only de-duplication removes captions.
 
 Scale: N inputs (generator captions + 8 % exact copies with case / punctuation changes + 4 % one-word edits + bad
 rows) in 4 JSONL and 4 Parquet files; `lightgen-data build-captions --embedder hash` timed under /usr/bin/time -v
@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.stages.captions.build import CaptionsConfig, run_build_captions
+from pipeline.stages.captions.build import CaptionsConfig, CaptionsStage
 from pipeline.stages.captions.diversity import dedup_key
 
 _L = lambda s: [w.strip() for w in s.split(",") if w.strip()]
@@ -334,7 +334,7 @@ def score_planted(path: Path, out: Path, **kw) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     cfg = CaptionsConfig([str(path)], str(out), n=len(rows), embedder="hash", clusters=8, overwrite=True, **kw)
     t0 = time.perf_counter()
-    report = run_build_captions(cfg)
+    report = CaptionsStage.run(cfg)
     seconds = time.perf_counter() - t0
     rej = pq.read_table(out / "rejects.parquet").to_pylist()
     removed = {int(r["source"].rsplit(":", 1)[1]) - 1: r for r in rej if r["reason"] in ("near_dup", "exact_dup")}

@@ -2,7 +2,7 @@
 
 Throughput: ShapesWorld teacher renders (with their captions) are written as webdataset tars; the same inputs
 are then encoded (1) by a plain loop in this process (same models, same batch size, no validation, no shards,
-results kept in memory), (2) by `run_encode_latents` in process (`--workers 0`) and (3) on Ray with 1 and 2
+results kept in memory), (2) by `EncodeStage.run` in process (`--workers 0`) and (3) on Ray with 1 and 2
 workers. End-to-end rows/s includes model loading and Ray start-up; "steady" rows/s counts only the shards
 finished after the first one per worker.
 
@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from pipeline.core import shards
 from pipeline.core.schema import LATENT_SCHEMA
-from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
+from pipeline.stages.encode_latents import EncodeConfig, EncodeStage
 from shapesworld import GENEVAL_METADATA as GENEVAL
 
 
@@ -105,7 +105,7 @@ def warm_up(args) -> None:
 
 
 def pipeline_run(tars: list[Path], out: Path, workers: int, args) -> dict[str, float]:
-    """`run_encode_latents` end to end; "steady" rows/s from the shards' own compute time (receipts)."""
+    """`EncodeStage.run` end to end; "steady" rows/s from the shards' own compute time (receipts)."""
     cfg = EncodeConfig(
         [str(t) for t in tars],
         str(out),
@@ -120,7 +120,7 @@ def pipeline_run(tars: list[Path], out: Path, workers: int, args) -> dict[str, f
         progress=False,
     )
     t0 = time.perf_counter()
-    report = run_encode_latents(cfg)
+    report = EncodeStage.run(cfg)
     seconds = time.perf_counter() - t0
     manifest = json.loads((out / "manifest.json").read_text())
     receipts = [json.loads((out / f"part-{s['index']:05d}.done.json").read_text()) for s in manifest["shards"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -141,18 +142,8 @@ def geneval_cmd(
 
     sampling.check()
     pipe = load.pipeline(model)
-    res = run_geneval(
-        pipe,
-        metadata,
-        out,
-        **sampling.run_keywords(pipe),
-        samples=samples,
-        resolution=resolution,
-        batch_size=batch_size,
-        limit=limit,
-        field=field,
-        overwrite=overwrite,
-    )
+    grid: dict[str, Any] = {"samples": samples, "resolution": resolution, "batch_size": batch_size, "limit": limit}
+    res = run_geneval(pipe, metadata, out, **sampling.run_keywords(pipe), **grid, field=field, overwrite=overwrite)
     speed = f", {res['images_per_second']} images/s" if res["images"] else ""
     typer.echo(
         f"{res['prompts']} prompts: {res['skipped']} already done, {res['generated']} generated "

@@ -102,18 +102,16 @@ def _pick(option: Any, args: dict[str, Any], names: tuple[str, ...], default: An
     return next((args[n] for n in names if args.get(n) is not None), default)
 
 
-def infer_config(
+def _latent_grid(
     state: dict[str, Tensor],
     args: dict[str, Any],
-    heads: int | None = None,
-    latent_channels: int | None = None,
-    patch_size: int | None = None,
-    vae_stride: int | None = None,
-    vae: str = PRESETS["lightgen"]["vae"],
-    text_encoder: str = PRESETS["lightgen"]["text_encoder"],
-) -> ModelConfig:
-    """The ModelConfig of a reference state dict: widths and depths from shapes, the rest from args/options."""
-    enc_dim, token_dim = _shape(state, "z_proj.weight", 2)
+    token_dim: int,
+    latent_channels: int | None,
+    patch_size: int | None,
+    vae_stride: int | None,
+) -> tuple[int, int, int, int]:
+    """Latent channels, patch size, VAE stride (options, else args, else defaults) and the side of the encoder's
+    square token grid; an error when they do not fit `token_dim` or the grid is not square."""
     C = _number(_pick(latent_channels, args, ("vae_embed_dim",), 16), "vae_embed_dim", int)
     p = _number(_pick(patch_size, args, ("patch_size",), 2), "patch_size", int)
     stride = _number(_pick(vae_stride, args, ("vae_stride",), 8), "vae_stride", int)
@@ -126,16 +124,44 @@ def infer_config(
     g = math.isqrt(L0)
     if g * g != L0:
         raise ValueError(f"encoder_pos_embed_learned has {L0} positions, not a square grid")
+    return C, p, stride, g
+
+
+def _heads(args: dict[str, Any], heads: int | None) -> int:
+    """The number of attention heads: `heads`, else args' num_heads / encoder_num_heads, else by args.model."""
     n_heads = heads or next((_number(args[n], n, int) for n in ("num_heads", "encoder_num_heads") if args.get(n)), None)
     n_heads = n_heads or HEADS_BY_MODEL.get(str(args.get("model")))
     if n_heads is None:
         raise ValueError(f"cannot tell the number of attention heads (args.model={args.get('model')!r}): pass --heads")
-    enc_depth = _depth(state, "encoder_blocks")
-    ratio = _shape(state, "encoder_blocks.0.mlp.fc1.weight", 2)[0] / enc_dim if enc_depth else 4.0
-    head_width, head_in = _shape(state, "diffloss.net.input_proj.weight", 2)
+    return n_heads
+
+
+def _head_widths(state: dict[str, Tensor], token_dim: int) -> tuple[int, int]:
+    """The diffusion head's width and output channels (`token_dim`, or twice that when it learns sigma)."""
+    head_width = _shape(state, "diffloss.net.input_proj.weight", 2)[0]
     out_ch = _shape(state, "diffloss.net.final_layer.linear.weight", 2)[0]
     if out_ch not in (token_dim, 2 * token_dim):
         raise ValueError(f"diffloss.net.final_layer.linear has {out_ch} outputs for {token_dim}-dim tokens")
+    return head_width, out_ch
+
+
+def infer_config(
+    state: dict[str, Tensor],
+    args: dict[str, Any],
+    heads: int | None = None,
+    latent_channels: int | None = None,
+    patch_size: int | None = None,
+    vae_stride: int | None = None,
+    vae: str = PRESETS["lightgen"]["vae"],
+    text_encoder: str = PRESETS["lightgen"]["text_encoder"],
+) -> ModelConfig:
+    """The ModelConfig of a reference state dict: widths and depths from shapes, the rest from args/options."""
+    enc_dim, token_dim = _shape(state, "z_proj.weight", 2)
+    C, p, stride, g = _latent_grid(state, args, token_dim, latent_channels, patch_size, vae_stride)
+    n_heads = _heads(args, heads)
+    enc_depth = _depth(state, "encoder_blocks")
+    ratio = _shape(state, "encoder_blocks.0.mlp.fc1.weight", 2)[0] / enc_dim if enc_depth else 4.0
+    head_width, out_ch = _head_widths(state, token_dim)
     return ModelConfig(
         latent_channels=C,
         vae_stride=stride,

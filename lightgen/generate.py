@@ -62,21 +62,22 @@ def components(pipe: LightGenPipeline) -> dict[str, Any]:
     }
 
 
+def _sampling_kwargs(st: SamplingDefaults) -> dict[str, Any]:
+    """The keyword arguments of ``pipe(...)`` / ``pipe.inpaint(...)`` that the sampling settings ``st`` give."""
+    return {
+        "num_inference_steps": st.steps,
+        "guidance_scale": st.cfg,
+        "guidance_schedule": st.cfg_schedule,
+        "temperature": st.temperature,
+    }
+
+
 def timed_call(
     pipe: LightGenPipeline, prompts: list[str], st: SamplingDefaults, size: tuple[int, int], **kwargs: Any
 ) -> tuple[list[Image.Image], float]:
     """``pipe(prompts, ...)`` with the sampling settings ``st`` at ``size`` (H, W): its images and seconds."""
     t0 = time.perf_counter()
-    res = pipe(
-        prompts,
-        num_inference_steps=st.steps,
-        guidance_scale=st.cfg,
-        guidance_schedule=st.cfg_schedule,
-        temperature=st.temperature,
-        height=size[0],
-        width=size[1],
-        **kwargs,
-    )
+    res = pipe(prompts, **_sampling_kwargs(st), height=size[0], width=size[1], **kwargs)
     return res.images, time.perf_counter() - t0
 
 
@@ -152,16 +153,7 @@ def run_inpaint(
     """Write ``pipe.inpaint(image, mask, prompt, generator=torch.Generator().manual_seed(seed), ...)`` to the PNG
     ``out`` and its settings to the ``.json`` beside it (``settings`` default to the model's recorded ones)."""
     st = settings or pipe.sampling_settings()
-    res = pipe.inpaint(
-        image,
-        mask,
-        prompt,
-        num_inference_steps=st.steps,
-        guidance_scale=st.cfg,
-        guidance_schedule=st.cfg_schedule,
-        temperature=st.temperature,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    res = pipe.inpaint(image, mask, prompt, **_sampling_kwargs(st), generator=torch.Generator().manual_seed(seed))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res.images[0].save(out, format="PNG")

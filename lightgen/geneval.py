@@ -98,6 +98,37 @@ def _check_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> Non
     path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
+def _generate_groups(
+    pipe: LightGenPipeline,
+    lines: list[tuple[bytes, str]],
+    folders: list[Path],
+    todo: list[int],
+    st: SamplingDefaults,
+    size: tuple[int, int],
+    samples: int,
+    batch_size: int,
+    seed: int,
+    done: Callable[[int], Any],
+) -> float:
+    """Generate every group of ``batch_size // samples`` prompts that holds a line of ``todo`` and write the folders
+    of those lines (``done(1)`` after each); returns the seconds spent generating."""
+    per_group = max(1, batch_size // samples)
+    pending, seconds = set(todo), 0.0
+    for first in sorted({i - i % per_group for i in todo}):
+        idx = range(first, min(first + per_group, len(lines)))
+        generator = torch.Generator().manual_seed(group_seed(seed, first))
+        prompts = [lines[i][1] for i in idx]
+        images, took = timed_call(
+            pipe, prompts, st, size, num_images_per_prompt=samples, batch_size=batch_size, generator=generator
+        )
+        seconds += took
+        for j, i in enumerate(idx):
+            if i in pending:  # a folder finished in an earlier run is never touched again
+                _write_prompt(folders[i], lines[i][0], images[j * samples : (j + 1) * samples])
+                done(1)
+    return seconds
+
+
 def run_geneval(
     pipe: LightGenPipeline,
     metadata: str | Path,
@@ -129,28 +160,10 @@ def run_geneval(
     record |= {"model_config": pipe.model.cfg.to_dict(), "samples": samples, **dataclasses.asdict(st)}
     record |= {"height": size[0], "width": size[1], "seed": seed, "batch_size": batch_size, "field": field}
     _check_settings(out, record, overwrite)
-    per_group = max(1, batch_size // samples)
     folders = [out / f"{i:05d}" for i in range(len(lines))]
     todo = [i for i in range(len(lines)) if not _finished(folders[i], lines[i][0], samples)]
-    pending, seconds = set(todo), 0.0
     with tqdm(total=len(todo), unit="prompt", desc="geneval", disable=not progress) as bar:
-        for first in sorted({i - i % per_group for i in todo}):
-            idx = range(first, min(first + per_group, len(lines)))
-            generator = torch.Generator().manual_seed(group_seed(seed, first))
-            images, took = timed_call(
-                pipe,
-                [lines[i][1] for i in idx],
-                st,
-                size,
-                num_images_per_prompt=samples,
-                batch_size=batch_size,
-                generator=generator,
-            )
-            seconds += took
-            for j, i in enumerate(idx):
-                if i in pending:  # a folder finished in an earlier run is never touched again
-                    _write_prompt(folders[i], lines[i][0], images[j * samples : (j + 1) * samples])
-                    bar.update(1)
+        seconds = _generate_groups(pipe, lines, folders, todo, st, size, samples, batch_size, seed, bar.update)
     return {
         "prompts": len(lines),
         "skipped": len(lines) - len(todo),

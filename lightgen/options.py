@@ -136,15 +136,11 @@ class LoadOptions:
         from lightgen_model.hub import WeightsMismatchError
 
         steps = self.head_steps
+        head_steps = int(steps) if steps is not None and steps.strip().isdigit() else steps
+        overrides = {"vae": self.vae, "text_encoder": self.text_encoder, "head_steps": head_steps}
         try:
             return LightGenPipeline.from_pretrained(
-                model,
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                device=self.device,
-                dtype=self.dtype,
-                use_ema=self.ema,
-                head_steps=int(steps) if steps is not None and steps.strip().isdigit() else steps,
+                model, **overrides, device=self.device, dtype=self.dtype, use_ema=self.ema
             )
         except WeightsMismatchError as e:
             if self.verbose:

@@ -1,4 +1,5 @@
-"""`lightgen-data`: the offline data pipeline (Ray Data jobs)."""
+"""`lightgen-data`: the offline data pipeline. One command per registered stage (`pipeline/stages/registry.py`),
+its options the fields of the stage's config, plus `inspect`."""
 
 from __future__ import annotations
 
@@ -9,91 +10,27 @@ import typer
 
 from lightgen.errors import user_errors
 from pipeline.core.options import command
+from pipeline.core.stage import Stage
 from pipeline.core.storage import masked_errors
-
-app = typer.Typer(help="LightGen data pipeline.", no_args_is_help=True, add_completion=False)
-
-
-@app.callback()
-def _root() -> None:
-    """LightGen data pipeline: build-captions, synthesize, encode-latents, build-dpo-pairs."""
+from pipeline.stages.registry import STAGES
 
 
-def _stage_command(name: str, config: str, run: str, doc: str, summary: str | None = None) -> None:
-    """Register command `name`: options from `pipeline.<module>.<config>`, calling `<run>(cfg)` and printing the
-    report (after the report's `summary` line template, if given). Stage modules are imported when the CLI starts,
-    their heavy libraries only when a command runs."""
-    import importlib
-
-    module, cls = config.rsplit(".", 1)
-    config_cls = getattr(importlib.import_module(module), cls)
+def stage_command(stage: type[Stage]) -> typer.models.CommandFunctionType:
+    """The command of `stage`: its options from `stage.config`; it runs the stage (or its dry run) and prints the
+    report. Stage modules are imported when the CLI starts, their heavy libraries only when a command runs."""
 
     def run_cfg(cfg: object) -> None:
-        mod, fn = run.rsplit(".", 1)
         with user_errors(), masked_errors():  # no storage endpoint or key in the error line
             if getattr(cfg, "dry_run", False):  # models on the meta device; nothing read or written
-                from pipeline.core.dryrun import dry_run
-
-                typer.echo(json.dumps(dry_run(cfg)))
+                typer.echo(json.dumps(stage.dry_run(cfg)))
                 return
-            report = getattr(importlib.import_module(mod), fn)(cfg)
-        if summary:
-            typer.echo(summary.format(**report))
-        typer.echo(json.dumps(report))
+            report = stage.run(cfg)
+        for line in stage.report_lines(report):
+            typer.echo(line)
 
-    app.command(name)(command(config_cls, run_cfg, doc))
-
-
-_stage_command(
-    "encode-latents",
-    "pipeline.stages.encode_latents.EncodeConfig",
-    "pipeline.stages.encode_latents.run_encode_latents",
-    "VAE moments (image + flip) and unpadded text embeddings, 16-bit, into Parquet training shards.",
-)
+    return command(stage.config, run_cfg, stage.help, optional=stage.optional_options)
 
 
-def _run_build_captions(cfg: object) -> None:
-    """build-captions: the diversity table, then the report as JSON."""
-    from pipeline.stages.captions.build import format_table, run_build_captions
-
-    with user_errors(), masked_errors():  # no storage endpoint or key in the error line
-        report = run_build_captions(cfg)
-    typer.echo(format_table(report))
-    typer.echo(json.dumps({k: v for k, v in report.items() if k != "diversity"}))
-
-
-def _build_captions_command() -> None:
-    """Register build-captions (global phases on the runner's executor, not per-shard units; options from its
-    config)."""
-    from pipeline.stages.captions.build import CaptionsConfig
-
-    doc = "Clean, de-duplicate and diversity-select captions into Parquet caption shards, with a diversity report."
-    app.command("build-captions")(command(CaptionsConfig, _run_build_captions, doc, optional=("inputs",)))
-
-
-_build_captions_command()
-
-
-_stage_command(
-    "synthesize",
-    "pipeline.stages.synthesize.SynthConfig",
-    "pipeline.stages.synthesize.run_synthesize",
-    "Teacher images for captions into webdataset .tar shards (image + .json), resumable, seeded per caption.",
-    "synthesize: {images_this_run} images in {seconds} s ({images_per_s} images/s)",
-)
-
-
-_stage_command(
-    "build-dpo-pairs",
-    "pipeline.stages.dpo_pairs.config.PairsConfig",
-    "pipeline.stages.dpo_pairs.pairs.run_build_dpo_pairs",
-    "DPO pairs: judge-kept source images (winners) + the model's own images (losers), as Parquet pair shards.",
-    "build-dpo-pairs: {written} pairs of {inputs} inputs ({rejected} rejected), {written_this_run} made in "
-    "{seconds_total} s",
-)
-
-
-@app.command("inspect")
 def inspect_output(
     directory: str = typer.Argument(
         ..., metavar="DIR", help="A finished stage output folder (with manifest.json): a local path or a URI."
@@ -108,6 +45,23 @@ def inspect_output(
 
     with user_errors(), masked_errors():
         typer.echo(str(inspect_dataset(directory, out=out, limit=limit, seed=seed, vae=vae)))
+
+
+def make_app() -> typer.Typer:
+    """The `lightgen-data` application: a command per registered stage that has one, and `inspect`."""
+    commands = [s for s in STAGES if s.has_command]
+    app = typer.Typer(
+        help="LightGen data pipeline: " + ", ".join(s.name for s in commands) + "; inspect.",
+        no_args_is_help=True,
+        add_completion=False,
+    )
+    for stage in commands:
+        app.command(stage.name)(stage_command(stage))
+    app.command("inspect")(inspect_output)
+    return app
+
+
+app = make_app()
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.io import caption_sources
 from pipeline.stages.captions import dedup, textsig
-from pipeline.stages.captions.build import CaptionsConfig, run_build_captions
+from pipeline.stages.captions.build import CaptionsConfig, CaptionsStage
 
 
 def lev(a: list[str], b: list[str]) -> int:
@@ -235,7 +235,7 @@ def planted(root: Path, n: int = 600, seed: int = 0) -> tuple[Path, dict]:
 
 def run(path: Path, out: Path, **kw) -> dict:
     cfg = CaptionsConfig([str(path)], str(out), n=10_000, embedder="hash", clusters=4, overwrite=True, **kw)
-    return run_build_captions(cfg)
+    return CaptionsStage.run(cfg)
 
 
 def removed_rows(out: Path) -> dict[int, str]:

@@ -197,7 +197,7 @@ def test_lightgen_data_uses_the_same_wrapper(tmp_path: Path, monkeypatch: pytest
     def explode(cfg: object) -> None:
         raise csv.Error("field larger than field limit (131072)")
 
-    monkeypatch.setattr("pipeline.stages.encode_latents.run_encode_latents", explode)
+    monkeypatch.setattr("pipeline.stages.encode_latents.EncodeStage.run", explode)
     res = runner.invoke(data_cli.app, ["encode-latents", "--input", str(tmp_path), "--output", str(tmp_path)])
     assert_user_error(res.output, res.exit_code, "field larger than field limit")
 

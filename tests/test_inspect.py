@@ -30,10 +30,10 @@ from lightgen_model import LightGen, preset, save_pretrained
 from pipeline.cli import app
 from pipeline.core.schema import moments_array
 from pipeline.inspect.read import sample_positions
-from pipeline.stages.captions.build import CaptionsConfig, caption_id, run_build_captions
-from pipeline.stages.dpo_pairs.pairs import PairsConfig, run_build_dpo_pairs
-from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
-from pipeline.stages.synthesize import SynthConfig, run_synthesize
+from pipeline.stages.captions.build import CaptionsConfig, CaptionsStage, caption_id
+from pipeline.stages.dpo_pairs.pairs import PairsConfig, PairsStage
+from pipeline.stages.encode_latents import EncodeConfig, EncodeStage
+from pipeline.stages.synthesize import SynthConfig, SynthStage
 from recipes.shapes import cli as demo_cli
 from recipes.shapes.commands import tool
 from recipes.shapes.demo import Demo
@@ -87,7 +87,7 @@ def chain(tmp_path_factory) -> Path:
     extra = root / "extra.jsonl"
     lines = [NEAR_A, NEAR_B, XSS, XSS, "", "a small red circle"]
     extra.write_text("\n".join(json.dumps({"caption": c}) for c in lines) + "\n{not json\n")
-    run_build_captions(
+    CaptionsStage.run(
         CaptionsConfig(
             [str(extra)],
             str(root / "captions"),
@@ -99,7 +99,7 @@ def chain(tmp_path_factory) -> Path:
             seed=1,
         )
     )
-    run_synthesize(
+    SynthStage.run(
         SynthConfig(
             [str(root / "captions")],
             str(root / "images"),
@@ -111,14 +111,14 @@ def chain(tmp_path_factory) -> Path:
         )
     )
     enc_bad, dpo_bad = bad_inputs(root)
-    run_encode_latents(
+    EncodeStage.run(
         EncodeConfig(
             [str(root / "images"), str(enc_bad)], str(root / "latents"), resolution=32, workers=0, progress=False
         )
     )
     torch.manual_seed(0)
     ckpt = save_pretrained(wake_head(LightGen(preset("debug"))), root / "ckpt")
-    run_build_dpo_pairs(
+    PairsStage.run(
         PairsConfig(
             [str(root / "images"), str(dpo_bad)],
             str(root / "pairs"),
@@ -484,7 +484,7 @@ def test_vae_latents_are_decoded_with_the_given_vae(chain, tmp_path):
 
     vae = str(make_tiny_vae(tmp_path / "tiny-vae"))
     d = tmp_path / "latents"
-    run_encode_latents(EncodeConfig([str(chain / "images")], str(d), vae=vae, resolution=32, workers=0, progress=False))
+    EncodeStage.run(EncodeConfig([str(chain / "images")], str(d), vae=vae, resolution=32, workers=0, progress=False))
     _, page = inspect(d, tmp_path / "plain.html", "--limit", "2")  # no --vae: rows without images, and a hint
     assert (
         len(page.find("figure", "sample")) == 2

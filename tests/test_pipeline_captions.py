@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.io.caption_sources import plan_reads, read_captions, read_task
 from pipeline.stages.captions import diversity as dv
-from pipeline.stages.captions.build import CaptionsConfig, caption_id, run_build_captions
+from pipeline.stages.captions.build import CaptionsConfig, CaptionsStage, caption_id
 
 NEAR_A = "a big blue square on the left side of a green triangle"
 NEAR_B = NEAR_A + " today"  # 11 of 12 word bigrams shared: Jaccard 11/12
@@ -61,7 +61,7 @@ def cfg(tmp_path: Path, inputs, **kw) -> CaptionsConfig:
 
 def test_filters_and_duplicates_exact_counts(tmp_path):
     srcs, expected = write_sources(tmp_path)
-    report = run_build_captions(cfg(tmp_path, srcs))
+    report = CaptionsStage.run(cfg(tmp_path, srcs))
     kept = ["a red circle", NEAR_A, FAR, "a blue circle", "a red square", "two green crosses"]
     assert report["removed_by_reason"] == expected
     assert (report["inputs"], report["kept"], report["removed"]) == (17, len(kept), 11)
@@ -79,11 +79,11 @@ def test_filters_and_duplicates_exact_counts(tmp_path):
     assert manifest["complete"] and (manifest["rows"], manifest["rejected"], manifest["inputs"]) == (6, 11, 17)
     assert manifest["config"]["shard_size"] == 100_000 and "progress" not in manifest["config"]  # no unused options
     # Selecting 2 of the 6 adds exactly 4 not_selected; counts still add up.
-    again = run_build_captions(cfg(tmp_path, srcs, n=2, overwrite=True))
+    again = CaptionsStage.run(cfg(tmp_path, srcs, n=2, overwrite=True))
     assert again["kept"] == 2 and again["removed_by_reason"] == {**expected, "not_selected": 4}
     assert again["inputs"] == again["kept"] + again["removed"] == 17
     with pytest.raises(ValueError, match="other settings.*--overwrite"):
-        run_build_captions(cfg(tmp_path, srcs, n=3))
+        CaptionsStage.run(cfg(tmp_path, srcs, n=3))
 
 
 def test_near_duplicate_rules_keep_first_and_details(tmp_path):
@@ -99,7 +99,7 @@ def test_near_duplicate_rules_keep_first_and_details(tmp_path):
     src.write_text("".join(json.dumps({"caption": t}) + "\n" for t in texts))
 
     def near(**kw) -> dict[str, str]:
-        run_build_captions(CaptionsConfig([str(src)], str(tmp_path / "o"), embedder="hash", overwrite=True, **kw))
+        CaptionsStage.run(CaptionsConfig([str(src)], str(tmp_path / "o"), embedder="hash", overwrite=True, **kw))
         rej = pq.read_table(tmp_path / "o" / "rejects.parquet").to_pylist()
         return {r["detail"].split(": ", 1)[1]: r["detail"].split(": ", 1)[0] for r in rej if r["reason"] == "near_dup"}
 
@@ -123,7 +123,7 @@ def test_bad_rows_become_rejects(tmp_path):
     pq.write_table(
         pa.table({"caption": pa.array([b"green cross", b"\xff\xfe", None], pa.binary())}), tmp_path / "c.parquet"
     )
-    report = run_build_captions(cfg(tmp_path, [tmp_path / f for f in ("a.jsonl", "b.csv", "c.parquet")], min_words=1))
+    report = CaptionsStage.run(cfg(tmp_path, [tmp_path / f for f in ("a.jsonl", "b.csv", "c.parquet")], min_words=1))
     assert report["removed_by_reason"] == {"bad_json": 1, "bad_utf8": 3, "missing_field": 1}
     assert (report["inputs"], report["kept"]) == (8, 3)
     rej = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
@@ -186,7 +186,7 @@ def test_diversity_numbers_on_a_hand_made_set():
 def test_report_on_a_hand_made_set(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(json.dumps({"caption": c}) for c in ["a red circle", "a red square", "a blue circle"]))
-    report = run_build_captions(CaptionsConfig([str(src)], str(tmp_path / "o"), n=3, embedder="hash", clusters=2))
+    report = CaptionsStage.run(CaptionsConfig([str(src)], str(tmp_path / "o"), n=3, embedder="hash", clusters=2))
     sel = report["diversity"]["selected"]
     assert (sel["captions"], sel["distinct_1"], sel["distinct_2"], sel["distinct_3"]) == (3, 0.5556, 0.8333, 1.0)
     assert sum(sel["cluster_histogram"]) == 3 and sel["clusters_hit"] == 2
@@ -197,7 +197,7 @@ def test_report_on_a_hand_made_set(tmp_path):
 
 
 def test_shapes_source_and_selection_beats_random(tmp_path):
-    report = run_build_captions(
+    report = CaptionsStage.run(
         CaptionsConfig([], str(tmp_path / "o"), n=60, shapes=600, embedder="hash", clusters=12, seed=3)
     )
     assert report["inputs"] == 600 and report["kept"] == 60
@@ -220,7 +220,7 @@ def test_farthest_and_random_selection_and_kmeans_on_a_sample(tmp_path, monkeypa
 
     def run(**kw) -> dict:
         cfg = CaptionsConfig([], str(tmp_path / "o"), shapes=400, embedder="hash", clusters=6, overwrite=True, **kw)
-        report = run_build_captions(cfg)
+        report = CaptionsStage.run(cfg)
         clusters = pq.read_table(tmp_path / "o" / "part-00000.parquet").column("cluster").to_pylist()
         assert report["inputs"] == report["kept"] + report["removed"] and all(0 <= c < 6 for c in clusters)
         return report
@@ -298,9 +298,9 @@ def test_s3_output_and_inputs_equal_a_local_run(tmp_path, s3_bucket):
     from pipeline.core import storage
 
     kw = dict(n=100, shapes=600, embedder="hash", clusters=4, shard_size=40)
-    local = run_build_captions(CaptionsConfig([], str(tmp_path / "local"), **kw))
+    local = CaptionsStage.run(CaptionsConfig([], str(tmp_path / "local"), **kw))
     out = f"{s3_bucket}/captions"
-    remote = run_build_captions(CaptionsConfig([], out, **kw))
+    remote = CaptionsStage.run(CaptionsConfig([], out, **kw))
     manifest = lambda m: {k: v for k, v in m.items() if k not in ("config", "code_version")}
     m_local = json.loads((tmp_path / "local" / "manifest.json").read_text())
     m_s3 = json.loads(storage.read_bytes(f"{out}/manifest.json"))
@@ -311,13 +311,13 @@ def test_s3_output_and_inputs_equal_a_local_run(tmp_path, s3_bucket):
     assert [r.caption for r in read_captions([out])] == [r.caption for r in read_captions([tmp_path / "local"])]
     assert not any(".build-captions-work" in n for n in storage.Storage(out).list())  # scratch stays local
     with pytest.raises(ValueError, match="other settings.*--overwrite"):
-        run_build_captions(CaptionsConfig([], out, **{**kw, "n": 90}))
+        CaptionsStage.run(CaptionsConfig([], out, **{**kw, "n": 90}))
     # Inputs on S3: the same rows but the `source` column (where each file lives), the same rejects.
     srcs, _ = write_sources(tmp_path)
     for p in srcs:
         _upload(p, f"{s3_bucket}/src/{p.name}")
-    a = run_build_captions(cfg(tmp_path / "s3", [f"{s3_bucket}/src"], n=4))  # -> tmp_path / "s3" / "out"
-    b = run_build_captions(cfg(tmp_path, srcs, n=4))
+    a = CaptionsStage.run(cfg(tmp_path / "s3", [f"{s3_bucket}/src"], n=4))  # -> tmp_path / "s3" / "out"
+    b = CaptionsStage.run(cfg(tmp_path, srcs, n=4))
     rows = lambda o: pq.read_table(o / "part-00000.parquet").drop_columns(["source"]).to_pylist()
     assert rows(tmp_path / "s3" / "out") == rows(tmp_path / "out") and a["removed_by_reason"] == b["removed_by_reason"]
     rejects = lambda o: pq.read_table(o / "rejects.parquet").to_pylist()  # sources there are file:row

@@ -1,4 +1,4 @@
-"""`build-dpo-pairs` as two runner stages (judge-images, then pairs), through `run_build_dpo_pairs(PairsConfig(...))`:
+"""`build-dpo-pairs` as two runner stages (judge-images, then pairs), through `PairsStage.run(PairsConfig(...))`:
 the ShapesWorld chain with the shapes judge and a saved `debug` model (counts across both stages, reasons, winners,
 losers = `LightGenPipeline` with the recorded seed, per-stage resume), mixed Parquet / tar / folder sources with
 aesthetic filtering and a stubbed Qwen judge, the random tiny Qwen, a `text_key_mask=False` model, settings errors,
@@ -37,7 +37,7 @@ from pipeline.core.schema import (
 )
 from pipeline.io.decode import center_crop_resize, decode_image
 from pipeline.models.judges import TransformersJudge
-from pipeline.stages.dpo_pairs.pairs import PairsConfig, loser_seed, run_build_dpo_pairs
+from pipeline.stages.dpo_pairs.pairs import PairsConfig, PairsStage, loser_seed
 from shapesworld.render import ShapesTeacher
 from shapesworld.world import CATEGORIES, enumerate_scenes, mirror_relation
 
@@ -233,7 +233,7 @@ def test_shapes_two_stages_counts_pairs_losers_and_resume(tmp_path, shapes_image
         batch_size=3,
         progress=False,
     )
-    report = run_build_dpo_pairs(cfg)
+    report = PairsStage.run(cfg)
     # Counts add up across both stages: every input is a pair or a reject of one of them, with its reason.
     judge = report["judge"]
     assert (report["inputs"], report["written"], report["rejected"], report["shards"]) == (15, 10, 5, 2)
@@ -261,21 +261,21 @@ def test_shapes_two_stages_counts_pairs_losers_and_resume(tmp_path, shapes_image
 
     # Resume per stage: a rerun judges and draws nothing.
     stamp = {p: p.stat().st_mtime_ns for p in [*out.glob("part-*"), *out.glob("judgements/part-*")]}
-    again = run_build_dpo_pairs(cfg)
+    again = PairsStage.run(cfg)
     assert (again["judge"]["shards_skipped"], again["shards_skipped"], again["written"]) == (2, 2, 10)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     # A lost pair shard is remade from its judgements (not judged again); a lost judgement shard is judged again.
     (out / "part-00001.parquet").unlink()
-    again = run_build_dpo_pairs(cfg)
+    again = PairsStage.run(cfg)
     assert (again["judge"]["shards_run"], again["shards_run"], again["written"]) == (0, 1, 10)
     (out / "judgements" / "part-00000.parquet").unlink()
-    again = run_build_dpo_pairs(cfg)
+    again = PairsStage.run(cfg)
     assert (again["judge"]["shards_run"], again["shards_run"], again["inputs"]) == (1, 1, 15)
     assert read_rows(out).equals(t)
     # Other loser settings are refused without --overwrite (the judge stage resumes: its settings did not change).
     with pytest.raises(ValueError, match="other settings.*--overwrite"):
-        run_build_dpo_pairs(PairsConfig(**{**vars(cfg), "steps": 2}))
-    redone = run_build_dpo_pairs(PairsConfig(**{**vars(cfg), "steps": 2, "overwrite": True}))
+        PairsStage.run(PairsConfig(**{**vars(cfg), "steps": 2}))
+    redone = PairsStage.run(PairsConfig(**{**vars(cfg), "steps": 2, "overwrite": True}))
     assert redone["written"] == 10 and pair_shards(out)[0]["sampling"]["steps"] == 2
 
 
@@ -319,7 +319,7 @@ def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images
         progress=False,
         judge_losers=True,
     )
-    report = run_build_dpo_pairs(cfg)
+    report = PairsStage.run(cfg)
     n_bad = len(perfect) + 1
     assert (report["inputs"], report["written"], report["rejected"]) == (10, 10 - n_bad, n_bad)
     assert report["rejected_by_reason"] == {"loser_not_worse": len(perfect), "loser_judge_error": 1}
@@ -342,7 +342,7 @@ def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images
     assert page.count("judge on the loser: score 0") == len(t)
     # Other --judge-losers settings are other pairs: refused without --overwrite.
     with pytest.raises(ValueError, match="other settings.*--overwrite"):
-        run_build_dpo_pairs(PairsConfig(**{**vars(cfg), "judge_losers": False}))
+        PairsStage.run(PairsConfig(**{**vars(cfg), "judge_losers": False}))
 
 
 # ------------------------------------------------------------------------------ Parquet / tar / folder sources
@@ -434,7 +434,7 @@ def test_mixed_sources_aesthetic_filter_and_stubbed_qwen_judge(tmp_path, bert_ck
         device="cpu",
         progress=False,
     )
-    report = run_build_dpo_pairs(cfg)
+    report = PairsStage.run(cfg)
     kept = sorted(k for k, v in expected if v == "kept")
     assert (report["inputs"], report["written"], report["rejected"]) == (12, 4, 8)
     assert report["judge"]["inputs"] == 12 and report["judge"]["written"] == 6  # 4 kept + 2 the judge did not keep
@@ -477,7 +477,7 @@ def test_random_tiny_qwen_through_the_stage_keeps_raw_answers(tmp_path, bert_ckp
         device="cpu",
         progress=False,
     )
-    report = run_build_dpo_pairs(cfg)
+    report = PairsStage.run(cfg)
     assert report["inputs"] == 4 == report["written"] + report["rejected"]
     judged = {r["id"]: r for r in read_judgements(out).to_pylist()}
     assert len(judged) == 4 and report["rejected_by_reason"].get("judge_unparseable", 0) >= 3, judged
@@ -506,7 +506,7 @@ def test_losers_of_a_text_key_mask_false_model_are_what_the_pipeline_draws(tmp_p
         device="cpu",
         progress=False,
     )
-    assert run_build_dpo_pairs(cfg)["written"] == 10
+    assert PairsStage.run(cfg)["written"] == 10
     t = read_rows(out)
     pipe = LightGenPipeline.from_pretrained(model, device="cpu", dtype="float32")
     assert not pipe.model.cfg.text_key_mask
@@ -547,7 +547,7 @@ def test_settings_errors_name_the_bad_value_before_any_work(tmp_path, shapes_ima
     ]
     for bad, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            run_build_dpo_pairs(PairsConfig(**{**base, **bad, "workers": 0, "progress": False}))
+            PairsStage.run(PairsConfig(**{**base, **bad, "workers": 0, "progress": False}))
     assert not (tmp_path / "o").exists()  # every check runs before either stage writes (the judge's too)
 
 
@@ -575,7 +575,7 @@ def test_ray_worker_gives_the_same_pairs(tmp_path, shapes_images, debug_ckpt):
                 batch_size=3,
                 progress=False,
             )
-            report = run_build_dpo_pairs(cfg)
+            report = PairsStage.run(cfg)
             assert report["written"] == 10 and report["judge"]["written"] == 10
             runs[workers] = read_rows(out)
     finally:

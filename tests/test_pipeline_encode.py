@@ -28,7 +28,7 @@ from pipeline.cli import app
 from pipeline.core import runtime
 from pipeline.core.schema import IncompatibleShardsError, moments_array, text_arrays, training_shards
 from pipeline.io.decode import center_crop_resize, decode_image
-from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
+from pipeline.stages.encode_latents import EncodeConfig, EncodeStage
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -102,7 +102,7 @@ def config(out: Path, inputs: list, models: dict, **kw) -> EncodeConfig:
 
 
 def test_tiny_vae_t5_roundtrip_flip_and_text(tmp_path, inputs, models):
-    report = run_encode_latents(config(tmp_path, [inputs], models, vae=models["vae"]))
+    report = EncodeStage.run(config(tmp_path, [inputs], models, vae=models["vae"]))
     assert (report["inputs"], report["written"], report["rejected"], report["shards"]) == (7, 7, 0, 2)  # one per tar
     t = read_rows(tmp_path)
     assert t.column("id").to_pylist() == [
@@ -143,7 +143,7 @@ def test_pixel_minilm_folder_truncation(tmp_path):
         (src / f"im{i}.png").write_bytes(png(i, size=(64, 40)))
         (src / f"im{i}.txt").write_text(cap)
     out = tmp_path / "out"
-    report = run_encode_latents(
+    report = EncodeStage.run(
         EncodeConfig([str(src)], str(out), text_encoder="minilm", resolution=32, max_text_len=8, workers=0)
     )
     assert report["written"] == 3
@@ -292,7 +292,7 @@ def test_poisoned_inputs_are_quarantined_and_counted(tmp_path, models, monkeypat
     srcs, rejected, written = poisoned_inputs(tmp_path)
     poison_encoders(monkeypatch)
     out = tmp_path / "out"
-    report = run_encode_latents(config(out, srcs, models, shard_size=7, batch_size=4, max_pixels=100_000))
+    report = EncodeStage.run(config(out, srcs, models, shard_size=7, batch_size=4, max_pixels=100_000))
     n_in = len(rejected) + len(written)
     assert (report["inputs"], report["written"], report["rejected"]) == (n_in, len(written), len(rejected))
     rej = pq.read_table(out / "rejects.parquet")
@@ -313,7 +313,7 @@ def test_resume_redoes_only_changed_or_broken_shards(tmp_path, models):
         clean_tar(src / f"{k:03d}.tar", 2, start=2 * k)
     out = tmp_path / "out"
     cfg = config(out, [src], models)
-    first = run_encode_latents(cfg)
+    first = EncodeStage.run(cfg)
     reference = read_rows(out)
     stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
     (out / "part-00001.parquet").write_bytes((out / "part-00001.parquet").read_bytes()[:100])  # truncated
@@ -322,7 +322,7 @@ def test_resume_redoes_only_changed_or_broken_shards(tmp_path, models):
     (out / "part-00002.parquet").write_bytes(bytes(data))
     (out / "part-00003.parquet.tmp-999").write_bytes(b"half")  # a killed writer's leftover
     (out / "part-00009.parquet").write_bytes(b"stale")  # beyond the shard count: deleted
-    again = run_encode_latents(cfg)
+    again = EncodeStage.run(cfg)
     assert (again["shards_skipped"], again["shards_run"], again["inputs_this_run"]) == (2, 2, 4)
     assert read_rows(out).equals(reference) and again["written"] == first["written"] == 8
     redone = ("00001", "00002")
@@ -331,8 +331,8 @@ def test_resume_redoes_only_changed_or_broken_shards(tmp_path, models):
     }
     assert not list(out.glob("*.tmp-*")) and not (out / "part-00009.parquet").exists()
     with pytest.raises(ValueError, match="other settings.*--overwrite"):
-        run_encode_latents(config(out, [src], models, resolution=64))
-    assert run_encode_latents(config(out, [src], models, resolution=64, overwrite=True))["written"] == 8
+        EncodeStage.run(config(out, [src], models, resolution=64))
+    assert EncodeStage.run(config(out, [src], models, resolution=64, overwrite=True))["written"] == 8
 
 
 KILLED_RUN = """
@@ -344,8 +344,8 @@ def slow_write(self, rows):  # slow enough for the parent to kill us between and
     write(self, rows)
     time.sleep(0.4)
 runner._ShardOut.write = slow_write
-from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
-run_encode_latents(EncodeConfig([sys.argv[1]], sys.argv[2], text_encoder=sys.argv[3], resolution=32, workers=0,
+from pipeline.stages.encode_latents import EncodeConfig, EncodeStage
+EncodeStage.run(EncodeConfig([sys.argv[1]], sys.argv[2], text_encoder=sys.argv[3], resolution=32, workers=0,
                                 batch_size=1, progress=False))
 """
 
@@ -369,11 +369,11 @@ def test_resume_after_kill_no_duplicate_no_loss(tmp_path, models):
     finished = sorted(p.name for p in out.glob("part-*.done.json"))
     assert 3 <= len(finished) < 7
     assert not json.loads((out / "manifest.json").read_text())["complete"]
-    report = run_encode_latents(config(out, [src], models, text_encoder=models["t5"], batch_size=1))
+    report = EncodeStage.run(config(out, [src], models, text_encoder=models["t5"], batch_size=1))
     assert report["shards_skipped"] == len(finished) and report["written"] == 7
     resumed = read_rows(out)
     clean = tmp_path / "clean"
-    run_encode_latents(config(clean, [src], models, batch_size=1))
+    EncodeStage.run(config(clean, [src], models, batch_size=1))
     ids = resumed.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 7 and resumed.equals(read_rows(clean))
     assert not list(out.glob("*.tmp-*"))
@@ -394,7 +394,7 @@ def test_one_and_two_ray_workers_give_the_same_rows(tmp_path, inputs, models, lo
     runs = {}
     for workers in (0, 1, 2):
         out = tmp_path / f"w{workers}"
-        report = run_encode_latents(config(out, [inputs], models, vae=models["vae"], workers=workers, shard_size=2))
+        report = EncodeStage.run(config(out, [inputs], models, vae=models["vae"], workers=workers, shard_size=2))
         assert report["written"] == 7
         runs[workers] = (
             read_rows(out),

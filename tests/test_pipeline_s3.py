@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.core import storage
 from pipeline.io.caption_sources import shapes_captions
-from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
-from pipeline.stages.synthesize import SynthConfig, SynthStage, run_synthesize
+from pipeline.stages.encode_latents import EncodeConfig, EncodeStage
+from pipeline.stages.synthesize import SynthConfig, SynthStage
 
 SECRET = FAKE_KEYS["AWS_SECRET_ACCESS_KEY"]
 
@@ -85,7 +85,7 @@ def captions(tmp_path_factory) -> Path:
 def synth(inputs: list[str], output: str, **kw) -> dict:
     """A quiet in-process synthesize run at 32 px, 4 captions per shard."""
     cfg = SynthConfig(inputs, output, **{"resolution": 32, "shard_size": 4, "workers": 0, "progress": False, **kw})
-    return run_synthesize(cfg)
+    return SynthStage.run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,8 @@ def test_synthesize_and_encode_read_and_write_s3_as_local(captions, local_run, s
     assert synth([f"{caps}/*.parquet", f"{caps}/b.jsonl"], f"{s3_bucket}/images")["shards_skipped"] == 4
     # encode-latents reads the tar shards on s3:// (pixel VAE, MiniLM) and writes training shards to s3://.
     kw = dict(vae="pixel", text_encoder="minilm", resolution=32, workers=0, progress=False, batch_size=8)
-    run_encode_latents(EncodeConfig(inputs=[local_run], output=str(tmp_path / "latents"), **kw))
-    report = run_encode_latents(EncodeConfig(inputs=[f"{s3_bucket}/images"], output=f"{s3_bucket}/latents", **kw))
+    EncodeStage.run(EncodeConfig(inputs=[local_run], output=str(tmp_path / "latents"), **kw))
+    report = EncodeStage.run(EncodeConfig(inputs=[f"{s3_bucket}/images"], output=f"{s3_bucket}/latents", **kw))
     assert report["written"] == 17 and report["rejected"] == 0
     local = pq.read_table(tmp_path / "latents" / "part-00000.parquet")
     remote = pq.read_table(storage.open_input(f"{s3_bucket}/latents/part-00000.parquet"))
@@ -196,16 +196,16 @@ def test_store_down_mid_stage_one_error_line_then_rerun_resumes(
     assert shas(out) == shas(local_run)  # nothing lost, nothing doubled
     assert not [n for n in listing(out) if storage.TMP_MARK in n]
     # Reading inputs from a store that goes away: an error (never rejects of the unread inputs), then a resume.
-    from pipeline.stages.encode_latents import LatentEncoder
+    from pipeline.stages.encode_latents import EncodeStage
 
-    encode_read = LatentEncoder.read
+    encode_read = EncodeStage.read
 
     def encode_then_fail(self, unit):
         if unit.index == 1:
             s3_server.stop()
         yield from encode_read(self, unit)
 
-    monkeypatch.setattr(LatentEncoder, "read", encode_then_fail)
+    monkeypatch.setattr(EncodeStage, "read", encode_then_fail)
     latents = tmp_path / "latents"
     args = [
         "encode-latents",
@@ -225,7 +225,7 @@ def test_store_down_mid_stage_one_error_line_then_rerun_resumes(
         s3_server.start()
     assert f"{out}/part-00001.tar" in line and "127.0.0.1" not in line, line
     assert not (latents / "part-00001.done.json").exists()
-    monkeypatch.setattr(LatentEncoder, "read", encode_read)
+    monkeypatch.setattr(EncodeStage, "read", encode_read)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -289,10 +289,10 @@ def test_synthesize_and_encode_on_a_2_node_cluster_to_s3(captions, local_run, s3
     # encode-latents: the text encoder is a folder on s3:// too (each node copies it once).
     t5 = upload(make_tiny_t5(tmp_path / "t5"), f"{s3_bucket}/models/t5")
     kw = dict(vae="pixel", text_encoder=t5, resolution=32, progress=False, batch_size=8, shard_size=4)
-    run_encode_latents(EncodeConfig(inputs=[f"{s3_bucket}/images"], output=str(tmp_path / "latents"), workers=0, **kw))
+    EncodeStage.run(EncodeConfig(inputs=[f"{s3_bucket}/images"], output=str(tmp_path / "latents"), workers=0, **kw))
     cfg = EncodeConfig(inputs=[f"{s3_bucket}/images"], output=f"{s3_bucket}/latents", workers=2, **kw)
     cfg.ray_address = s3_cluster.address
-    assert run_encode_latents(cfg)["written"] == 17
+    assert EncodeStage.run(cfg)["written"] == 17
     assert shas(f"{s3_bucket}/latents") == shas(str(tmp_path / "latents"))
     assert manifest(f"{s3_bucket}/latents")["config"]["text_encoder"] == t5
 
@@ -302,7 +302,7 @@ def test_build_dpo_pairs_with_images_model_and_output_on_s3(local_run, s3_bucket
     from conftest import wake_head
 
     from lightgen_model import LightGen, preset, save_pretrained
-    from pipeline.stages.dpo_pairs.pairs import PairsConfig, run_build_dpo_pairs
+    from pipeline.stages.dpo_pairs.pairs import PairsConfig, PairsStage
 
     monkeypatch.setenv("LIGHTGEN_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -310,11 +310,9 @@ def test_build_dpo_pairs_with_images_model_and_output_on_s3(local_run, s3_bucket
     remote_model = upload(Path(model), f"{s3_bucket}/models/debug")
     images = upload(Path(local_run), f"{s3_bucket}/images")
     kw = dict(judge_backend="shapes", steps=2, workers=0, batch_size=4, progress=False)
-    run_build_dpo_pairs(
-        PairsConfig([f"{local_run}/part-0000[01].tar"], str(tmp_path / "pairs"), model=str(model), **kw)
-    )
+    PairsStage.run(PairsConfig([f"{local_run}/part-0000[01].tar"], str(tmp_path / "pairs"), model=str(model), **kw))
     cfg = PairsConfig([f"{images}/part-0000[01].tar"], f"{s3_bucket}/pairs", model=remote_model, **kw)
-    report = run_build_dpo_pairs(cfg)
+    report = PairsStage.run(cfg)
     assert report["written"] == 8 and report["judge"]["inputs"] == 8
     local = pq.read_table(tmp_path / "pairs" / "part-00000.parquet")
     remote = pq.read_table(storage.open_input(f"{s3_bucket}/pairs/part-00000.parquet"))
@@ -324,4 +322,4 @@ def test_build_dpo_pairs_with_images_model_and_output_on_s3(local_run, s3_bucket
     shas = lambda m: [e["sha256"] for e in m["shards"]]
     assert shas(manifest(f"{s3_bucket}/pairs")) == shas(json.loads((tmp_path / "pairs" / "manifest.json").read_text()))
     assert manifest(f"{s3_bucket}/pairs")["config"]["model"] == remote_model
-    assert run_build_dpo_pairs(cfg)["shards_skipped"] == 2  # resumes on s3://
+    assert PairsStage.run(cfg)["shards_skipped"] == 2  # resumes on s3://

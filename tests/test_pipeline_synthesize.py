@@ -22,9 +22,9 @@ import pipeline.stages.synthesize as synth
 from pipeline.core.schema import moments_array
 from pipeline.core.stage import Reject, WorkUnit
 from pipeline.models.teachers import DiffusersTeacher, build_teacher
-from pipeline.stages.captions.build import CaptionsConfig, run_build_captions
-from pipeline.stages.encode_latents import EncodeConfig, run_encode_latents
-from pipeline.stages.synthesize import SynthConfig, SynthStage, image_seed, run_synthesize, sample_key
+from pipeline.stages.captions.build import CaptionsConfig, CaptionsStage
+from pipeline.stages.encode_latents import EncodeConfig, EncodeStage
+from pipeline.stages.synthesize import SynthConfig, SynthStage, image_seed, sample_key
 from shapesworld.render import ShapesTeacher
 
 
@@ -62,7 +62,7 @@ def flux_dir(tmp_path_factory) -> str:
 def shapes_captions(tmp_path_factory) -> Path:
     """24 ShapesWorld captions with metadata, as build-captions writes them."""
     out = tmp_path_factory.mktemp("caps") / "captions"
-    run_build_captions(CaptionsConfig([], str(out), n=24, shapes=40, embedder="hash", clusters=6, seed=1))
+    CaptionsStage.run(CaptionsConfig([], str(out), n=24, shapes=40, embedder="hash", clusters=6, seed=1))
     return out
 
 
@@ -78,7 +78,7 @@ def test_tiny_flux_through_synthesize_reproduces_images(tmp_path, flux_dir):
     src = tmp_path / "caps.jsonl"
     src.write_text("\n".join(json.dumps({"prompt": c, "id": f"p{i}"}) for i, c in enumerate(captions)))
     kw = dict(teacher="flux", model=flux_dir, field="prompt", steps=2, batch_size=2)
-    report = run_synthesize(config([src], tmp_path / "out", **kw))
+    report = SynthStage.run(config([src], tmp_path / "out", **kw))
     assert (report["written"], report["rejected"], report["images_this_run"]) == (3, 0, 3)
     samples = read_tars(tmp_path / "out")
     assert sorted(samples) == ["p0", "p1", "p2"]
@@ -111,7 +111,7 @@ def test_tiny_flux_through_synthesize_reproduces_images(tmp_path, flux_dir):
     assert np.abs(np.rint(alone * 255).astype(int) - samples["p2"]["png"].astype(int)).max() <= 1
     assert np.abs(samples["p0"]["png"].astype(int) - samples["p1"]["png"].astype(int)).mean() > 1  # seeds differ
     # The generic `diffusers` teacher loads the same directory through AutoPipelineForText2Image: same images.
-    again = run_synthesize(config([src], tmp_path / "auto", **{**kw, "teacher": "diffusers"}))
+    again = SynthStage.run(config([src], tmp_path / "auto", **{**kw, "teacher": "diffusers"}))
     assert again["written"] == 3
     auto = read_tars(tmp_path / "auto")
     assert all(np.array_equal(auto[k]["png"], samples[k]["png"]) for k in samples)
@@ -134,7 +134,7 @@ def test_teacher_loading_resolves_device_and_dtype(tmp_path, flux_dir):
 
 def test_shapes_teacher_end_to_end(tmp_path, shapes_captions):
     out = tmp_path / "out"
-    report = run_synthesize(config([shapes_captions], out, shard_size=10))
+    report = SynthStage.run(config([shapes_captions], out, shard_size=10))
     assert (report["inputs"], report["written"], report["shards"], report["images_this_run"]) == (24, 24, 3, 24)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows_per_shard"] == [10, 10, 4]  # the caption shard's row ranges [0, 10), [10, 20), [20, 24)
@@ -162,7 +162,7 @@ def test_shapes_teacher_end_to_end(tmp_path, shapes_captions):
         }
         np.testing.assert_array_equal(s["png"], teacher(s["json"]["metadata"], image_seed(0, row["id"])))
     # Another --seed redraws every image.
-    assert run_synthesize(config([shapes_captions], tmp_path / "s1", seed=1))["written"] == 24
+    assert SynthStage.run(config([shapes_captions], tmp_path / "s1", seed=1))["written"] == 24
     other = read_tars(tmp_path / "s1")
     assert all(not np.array_equal(samples[k]["png"], other[k]["png"]) for k in samples)
 
@@ -195,7 +195,7 @@ def test_post_filter_and_bad_captions_are_counted(tmp_path, fake_teacher):
     lines = ["a red circle", "a blank one", "an nsfw one", "", "a red circle", "a blue square"]
     tail = json.dumps({"x": 1}) + "\n{bad\n" + '{"caption": "a \\ud800 surrogate"}\n'
     src.write_text("\n".join(json.dumps({"caption": c}) for c in lines) + "\n" + tail)
-    report = run_synthesize(config([src], tmp_path / "out", **fake_teacher, batch_size=2))
+    report = SynthStage.run(config([src], tmp_path / "out", **fake_teacher, batch_size=2))
     expected = {"blank_image": 1, "nsfw": 1, "empty_caption": 1, "duplicate_id": 1, "missing_field": 1, "bad_json": 1}
     assert report["rejected_by_reason"] == {**expected, "bad_caption_encoding": 1}
     assert (report["inputs"], report["written"], report["rejected"]) == (9, 2, 7)
@@ -206,7 +206,7 @@ def test_post_filter_and_bad_captions_are_counted(tmp_path, fake_teacher):
     assert got["duplicate_id"] == ("c.jsonl:5", "a red circle") and got["empty_caption"] == ("c.jsonl:4", "")
     assert got["blank_image"] == ("c.jsonl:2", "pixel std 0.00 < 2") and got["nsfw"][0] == "c.jsonl:3"
     assert got["missing_field"][0] == "c.jsonl:7" and got["bad_json"][0] == "c.jsonl:8"
-    off = run_synthesize(config([src], tmp_path / "off", **fake_teacher, post_filter="none"))
+    off = SynthStage.run(config([src], tmp_path / "off", **fake_teacher, post_filter="none"))
     assert off["written"] == 4 and off["inputs"] == 9 and "blank_image" not in off["rejected_by_reason"]
 
 
@@ -237,7 +237,7 @@ def test_parquet_row_ranges_and_unit_rejects(tmp_path, fake_teacher):
     gone = list(stage.read(WorkUnit(1, "parquet", (str(tmp_path / "gone.parquet"),), 3, 6, str(tmp_path))))
     assert [(r.id, r.reason) for r in gone] == [(f"gone.parquet:{i}", "unreadable") for i in (3, 4, 5)]
     # End to end with --shard-size 4: units [0, 4), [4, 8), [8, 10); counts add up per shard and in total.
-    report = run_synthesize(config([path], tmp_path / "out", **fake_teacher, shard_size=4))
+    report = SynthStage.run(config([path], tmp_path / "out", **fake_teacher, shard_size=4))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [(s["rows"], s["rejected"]) for s in manifest["shards"]] == [(4, 0), (2, 2), (2, 0)]
     assert (report["inputs"], report["written"], report["rejected_by_reason"]) == (
@@ -272,19 +272,19 @@ def test_settings_are_checked_up_front(tmp_path, shapes_captions):
         ([shapes_captions], {"batch_size": 0}, "--batch-size must be >= 1"),
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            run_synthesize(config(inputs, tmp_path / "o", **kw, overwrite=True))
+            SynthStage.run(config(inputs, tmp_path / "o", **kw, overwrite=True))
 
 
 def test_resume_depends_on_the_image_settings_only(tmp_path, shapes_captions):
     out = tmp_path / "out"
-    first = run_synthesize(config([shapes_captions], out, shard_size=12))
+    first = SynthStage.run(config([shapes_captions], out, shard_size=12))
     before = read_tars(out)
     # The device does not name the images: a rerun on another device keeps every shard.
-    again = run_synthesize(config([shapes_captions], out, shard_size=12, device="cpu"))
+    again = SynthStage.run(config([shapes_captions], out, shard_size=12, device="cpu"))
     assert (again["shards_skipped"], again["written"], again["images_this_run"]) == (2, 24, 0)
     with pytest.raises(ValueError, match="other settings"):  # another seed draws other images
-        run_synthesize(config([shapes_captions], out, shard_size=12, seed=3))
-    redo = run_synthesize(config([shapes_captions], out, shard_size=12, seed=3, overwrite=True))
+        SynthStage.run(config([shapes_captions], out, shard_size=12, seed=3))
+    redo = SynthStage.run(config([shapes_captions], out, shard_size=12, seed=3, overwrite=True))
     assert (first["shards_skipped"], redo["shards_skipped"], redo["images_this_run"]) == (0, 0, 24)
     assert all(not np.array_equal(before[k]["png"], s["png"]) for k, s in read_tars(out).items())
 
@@ -292,9 +292,9 @@ def test_resume_depends_on_the_image_settings_only(tmp_path, shapes_captions):
 @pytest.mark.slow
 def test_chain_build_captions_synthesize_encode_latents(tmp_path):
     caps, imgs, lat = tmp_path / "caps", tmp_path / "imgs", tmp_path / "lat"
-    run_build_captions(CaptionsConfig([], str(caps), n=30, shapes=80, embedder="hash", clusters=8))
-    assert run_synthesize(config([caps], imgs, shard_size=16))["written"] == 30
-    report = run_encode_latents(EncodeConfig([str(imgs)], str(lat), resolution=32, workers=0, shard_size=16))
+    CaptionsStage.run(CaptionsConfig([], str(caps), n=30, shapes=80, embedder="hash", clusters=8))
+    assert SynthStage.run(config([caps], imgs, shard_size=16))["written"] == 30
+    report = EncodeStage.run(EncodeConfig([str(imgs)], str(lat), resolution=32, workers=0, shard_size=16))
     assert (report["inputs"], report["written"], report["rejected"]) == (30, 30, 0)
     t = pq.read_table(lat / "part-00000.parquet")
     samples = read_tars(imgs)
@@ -315,7 +315,7 @@ def test_ray_worker_gives_the_same_samples(tmp_path, shapes_captions):
     extra.write_text(json.dumps({"caption": "no metadata"}) + "\n" + json.dumps({"caption": " "}) + "\n")
     runtime.init_ray(None, num_cpus=2)
     try:
-        reports = [run_synthesize(config([shapes_captions, extra], tmp_path / f"w{w}", workers=w)) for w in (0, 1)]
+        reports = [SynthStage.run(config([shapes_captions, extra], tmp_path / f"w{w}", workers=w)) for w in (0, 1)]
     finally:
         ray.shutdown()
     assert [(r["written"], r["rejected"], r["shards"]) for r in reports] == [(24, 2, 2)] * 2

@@ -103,6 +103,14 @@ class CheckpointSection:
     resume: str = "auto"  # auto (newest valid checkpoint in out_dir) | never | a checkpoint directory
 
 
+_SAMPLING_KEYS = ("steps", "cfg", "cfg_schedule", "temperature")  # the keywords of `SamplingDefaults.replace`
+
+
+def _sampling_keywords(section: Any, prefix: str = "") -> dict[str, Any]:
+    """The fields `prefix + key` of `section`, for each of `_SAMPLING_KEYS`, as `SamplingDefaults.replace` keywords."""
+    return {key: getattr(section, prefix + key) for key in _SAMPLING_KEYS}
+
+
 @dataclass
 class LogSection:
     """stdout / TensorBoard reports and the sample grids of fixed captions."""
@@ -121,12 +129,7 @@ class LogSection:
 
     def sampling(self) -> dict[str, Any]:
         """The grids' sampling settings as `SamplingDefaults.replace` keywords (None = the model's)."""
-        return {
-            "steps": self.sample_steps,
-            "cfg": self.sample_cfg,
-            "cfg_schedule": self.sample_cfg_schedule,
-            "temperature": self.sample_temperature,
-        }
+        return _sampling_keywords(self, "sample_")
 
 
 @dataclass
@@ -148,12 +151,7 @@ class EvalSection:
 
     def sampling(self) -> dict[str, Any]:
         """The sampling settings as `SamplingDefaults.replace` keywords (None = the model's)."""
-        return {
-            "steps": self.steps,
-            "cfg": self.cfg,
-            "cfg_schedule": self.cfg_schedule,
-            "temperature": self.temperature,
-        }
+        return _sampling_keywords(self)
 
 
 @dataclass

@@ -263,12 +263,3 @@ def dry_pairs(cfg: Any) -> dict[str, Any]:
     for name, v in encode_items(enc, 2 * cfg.batch_size, res).items():  # winners and losers
         items[name + " (winner + loser)"] = v
     return stage_report("build-dpo-pairs", cfg.batch_size, items)
-
-
-def dry_run(cfg: Any) -> dict[str, Any]:
-    """The dry run of the stage whose config ``cfg`` is."""
-    runs = {"SynthConfig": dry_synthesize, "EncodeConfig": dry_encode, "PairsConfig": dry_pairs}
-    name = type(cfg).__name__
-    if name not in runs:
-        raise ValueError(f"--dry-run is not available for {name}")
-    return runs[name](cfg)

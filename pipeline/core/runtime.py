@@ -1,7 +1,7 @@
 """Where the pipeline meets Ray: starting it, sizing workers, checking shared storage.
 
-With `pipeline/core/runner.py` (the executor: the Ray Data jobs of the stages and of build-captions' phases) the only
-Ray-aware module; Ray is imported inside the functions, so `--workers 0` never imports it.
+With `pipeline/core/executors.py` (the executor: the Ray Data jobs of the stages and of build-captions' phases) the
+only Ray-aware module; Ray is imported inside the functions, so `--workers 0` never imports it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """What a pipeline stage is: its own logic only. `pipeline.core.runner` does the rest for every stage.
 
-A stage class declares its name, output kind (Parquet with an Arrow schema, or webdataset tar), its config
-dataclass, and four methods:
+A stage is one module plus one line in `pipeline/stages/registry.py`; its command (`lightgen-data <name>`) and its
+`inspect` page are generated from the class. A stage class declares its name, output `format`, output kind (Parquet
+with an Arrow `schema`, or webdataset tar), its `config` dataclass (the command's options), its `help` line, and
+four methods:
 
 - `validate()` (driver): check the settings up front, with errors that name the bad value; no models loaded.
 - `plan()` (driver): the work units, one per output shard (`WorkUnit`: file paths and row ranges, never rows).
@@ -11,7 +13,10 @@ dataclass, and four methods:
 
 Optional: `content()` (the settings that determine the rows, digested into the config digest; default: every
 config field but the run options), `shard_meta()` (extra per-shard metadata such as encoder names, merged into the
-manifest when every shard agrees), `report(counts)` (extra report fields).
+manifest when every shard agrees), `report(counts)` (extra report fields), `summary` (a line printed before the
+JSON report), `inspect_sections(...)` (the inspect page's own part; default: a table of sampled rows), `dry_run(cfg)`
+(full-size models on the meta device) and `run(cfg)` (default: the runner's plan/resume/run; a stage made of global
+phases, like build-captions, runs them itself).
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.core.options import RUN_FIELDS, StageConfig
+
+if TYPE_CHECKING:
+    from pipeline.inspect.read import RejectSample, StageDir
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,37 @@ class Stage:
     schema_version: ClassVar[int] = 1
     schema: ClassVar[pa.Schema | None] = None  # Parquet output schema; None: webdataset tar output
     dictionary_columns: ClassVar[tuple[str, ...]] = ()  # Parquet columns worth dictionary encoding
+    # What the registry makes a command of:
+    config: ClassVar[type[StageConfig]]  # the settings dataclass: its fields are the command's options
+    help: ClassVar[str] = ""  # the command's --help text
+    summary: ClassVar[str | None] = None  # a line printed before the JSON report: a template over the report's keys
+    has_command: ClassVar[bool] = True  # False: run inside another stage's command (its output still gets inspected)
+    optional_options: ClassVar[tuple[str, ...]] = ()  # of "inputs" / "output", those the command does not require
+
+    @classmethod
+    def run(cls, cfg: StageConfig) -> dict[str, Any]:
+        """Run the stage end to end (resuming unless `cfg.overwrite`); returns the report also written to disk."""
+        from pipeline.core.runner import run_stage
+
+        return run_stage(cls(cfg))
+
+    @classmethod
+    def dry_run(cls, cfg: StageConfig) -> dict[str, Any]:
+        """`--dry-run`: the stage's models at full size on the meta device (only stages that run a model)."""
+        raise ValueError(f"--dry-run is not available for {cls.name}")
+
+    @classmethod
+    def report_lines(cls, report: dict[str, Any]) -> list[str]:
+        """What the command prints when the run ends: the `summary` line, then the report as JSON."""
+        head = [cls.summary.format(**report)] if cls.summary else []
+        return [*head, json.dumps(report)]
+
+    @classmethod
+    def inspect_sections(cls, folder: StageDir, rejects: RejectSample, limit: int, seed: int, vae: str | None) -> str:
+        """This stage's part of its output's inspect page (HTML); default: a table of sampled rows."""
+        from pipeline.inspect.rows import rows_section
+
+        return rows_section(folder, limit, seed)
 
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg

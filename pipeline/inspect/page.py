@@ -1,9 +1,10 @@
 """`lightgen-data inspect`: one self-contained HTML page that shows a finished stage output.
 
-The stage is read from the folder's manifest (`format`): caption shards (build-captions), image shards
-(synthesize), training shards (encode-latents), DPO pair shards (build-dpo-pairs, with its `judgements/`) or the
-judgement shards alone. Every page has a header (stage, code version, config digest, counts in = written +
-rejected, rejects by reason, sizes), the stage's own samples and plots, and the rejects by reason with examples.
+The stage is found from the folder's manifest (`format`) among the registered stages (`pipeline.stages.registry`):
+caption shards (build-captions), image shards (synthesize), training shards (encode-latents), DPO pair shards
+(build-dpo-pairs, with its `judgements/`), the judgement shards alone, or a stage registered later. Every page has a
+header (stage, code version, config digest, counts in = written + rejected, rejects by reason, sizes), the stage's
+own samples and plots (`Stage.inspect_sections`), and the rejects by reason with examples.
 
 Sampling is seeded (`seed`) and bounded (`limit` rows per section): only the shards and row groups holding the
 sampled rows are read (see `pipeline/inspect/read.py`). Count elements carry `data-count` attributes and every
@@ -18,21 +19,12 @@ import posixpath
 from pathlib import Path
 
 from pipeline.core import storage
-from pipeline.inspect.captions import captions_sections
 from pipeline.inspect.html import cells, esc, page, table, tag
-from pipeline.inspect.media import (
-    images_section,
-    judged_rejected_section,
-    judgements_section,
-    latents_section,
-    pairs_judgements,
-    pairs_section,
-)
 from pipeline.inspect.read import InspectError, RejectSample, StageDir, open_stage, sample_rejects
+from pipeline.stages import registry
 
-FORMATS = ("lightgen-captions", "lightgen-images", "lightgen-latents", "lightgen-dpo-pairs", "lightgen-judgements")
 EXAMPLES_PER_REASON = 5
-__all__ = ["FORMATS", "InspectError", "default_output", "inspect_dataset"]
+__all__ = ["InspectError", "default_output", "inspect_dataset"]
 
 
 def default_output(directory: str | Path) -> Path:
@@ -50,9 +42,10 @@ def inspect_dataset(
     """Write the inspection page of the stage output in `directory` to `out`; returns its path."""
     if limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    stage = open_stage(directory, FORMATS)
+    stage = open_stage(directory, registry.formats())
     rejects = sample_rejects(stage, max(EXAMPLES_PER_REASON, limit // 4), seed)
-    body = header(stage, rejects, limit, seed) + stage_sections(stage, rejects, limit, seed, vae)
+    sections = registry.by_format(stage.manifest["format"]).inspect_sections(stage, rejects, limit, seed, vae)
+    body = header(stage, rejects, limit, seed) + sections
     body += rejects_section(rejects)
     fmt = stage.manifest["format"]
     doc = page(f"inspect {stage.name} ({fmt})", body, data_format=fmt, data_stage=stage.manifest.get("stage"))
@@ -62,22 +55,6 @@ def inspect_dataset(
     tmp.write_text(doc, encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def stage_sections(stage: StageDir, rejects: RejectSample, limit: int, seed: int, vae: str | None) -> str:
-    """The samples and plots of the folder's own stage."""
-    fmt = stage.manifest["format"]
-    if fmt == "lightgen-captions":
-        return captions_sections(stage, rejects, limit, seed)
-    if fmt == "lightgen-images":
-        return images_section(stage, limit, seed)
-    if fmt == "lightgen-latents":
-        return latents_section(stage, limit, seed, vae)
-    if fmt == "lightgen-judgements":
-        return judgements_section(stage, limit, seed) + judged_rejected_section(stage, limit, seed)
-    judged = pairs_judgements(stage)
-    rejected = judged_rejected_section(judged, limit, seed) if judged else tag("p", "no judgements/ folder")
-    return pairs_section(stage, limit, seed, vae) + rejected
 
 
 def header(stage: StageDir, rejects: RejectSample, limit: int, seed: int) -> str:

@@ -93,7 +93,7 @@ def open_stage(directory: str | Path, formats: tuple[str, ...]) -> StageDir:
     return StageDir(root, manifest, report, shards)
 
 
-def _source(path: str) -> str | IO[bytes]:
+def source(path: str) -> str | IO[bytes]:
     """What pyarrow's Parquet readers take for `path`: a local path, or an open file on the URI's store."""
     return storage.open_input(path) if storage.is_uri(path) else path
 
@@ -135,7 +135,7 @@ def scan_shards(rows_per_shard: list[int], seed: int, budget: int | None = None)
 
 def read_parquet_rows(path: str, rows: list[int], columns: list[str]) -> pa.Table:
     """Rows `rows` (sorted, within the file) of `columns`, reading only the row groups that hold them."""
-    f = pq.ParquetFile(_source(path))
+    f = pq.ParquetFile(source(path))
     sizes = [f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups)]
     starts = np.cumsum([0, *sizes])
     parts = []
@@ -155,7 +155,7 @@ def scan_column(stage: StageDir, column: str, seed: int) -> tuple[pa.Table, int]
     """One column over a seeded subset of shards (`scan_shards`): (table of shard, row, value; rows read)."""
     parts = []
     for s in scan_shards(stage.rows_per_shard, seed):
-        values = pq.read_table(_source(stage.shards[s]), columns=[column]).column(column)
+        values = pq.read_table(source(stage.shards[s]), columns=[column]).column(column)
         index = {"shard": pa.array(np.full(len(values), s, np.int32)), "row": pa.array(np.arange(len(values)))}
         parts.append(pa.table({**index, column: values}))
     if not parts:
@@ -209,7 +209,7 @@ class RejectSample:
 def _batches(path: str, columns: list[str]):
     """Record batches of a Parquet file's `columns` (nothing when the file is absent)."""
     if storage.is_file(path):
-        yield from pq.ParquetFile(_source(path)).iter_batches(batch_size=65_536, columns=columns)
+        yield from pq.ParquetFile(source(path)).iter_batches(batch_size=65_536, columns=columns)
 
 
 def sample_rejects(stage: StageDir, per_reason: int, seed: int) -> RejectSample:

@@ -1,0 +1,1 @@
+"""Reading inputs: files, folders and globs into work units; images, tar shards and caption files into records."""

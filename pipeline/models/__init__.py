@@ -1,0 +1,1 @@
+"""The models stages load once per worker: teachers (synthesize), judges (build-dpo-pairs), encoders (VAE, text)."""

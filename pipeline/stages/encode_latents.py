@@ -1,6 +1,6 @@
 """`encode-latents`: images + captions -> VAE moments (image and flip) and unpadded text embeddings, in shards.
 
-`LatentEncoder` is the stage; `pipeline.core.runner` plans, resumes, runs it (in this process or on Ray) and writes the
+`EncodeStage` is the stage; `pipeline.core.runner` plans, resumes, runs it (in this process or on Ray) and writes the
 manifest. Each input tar shard becomes one output shard; loose image files are grouped `--shard-size` at a time.
 """
 
@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,10 @@ from pipeline.core import storage
 from pipeline.core.options import DeviceOption, ImageLimits, StageConfig, opt
 from pipeline.core.schema import FORMAT, LATENT_SCHEMA, SCHEMA_VERSION
 from pipeline.core.stage import Output, Reject, Stage, WorkUnit, quiet_hf
+from pipeline.models.encoders import Encoders, f16_column
+
+if TYPE_CHECKING:
+    from pipeline.inspect.read import RejectSample, StageDir
 from pipeline.io import inputs
 from pipeline.io.decode import RejectError, center_crop_resize, decode_image
 from pipeline.io.image_sources import BlobReader, JsonlIndex, Raw, input_folders, read_raws, unit_records
@@ -84,60 +88,17 @@ def _vae_stride(spec: str) -> int:
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
-def f16_column(arrays: Sequence[np.ndarray]) -> pa.LargeListArray:
-    """Flattened float16 arrays -> a large_list<float16> column without copying per row."""
-    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float16)
-    offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float16), pa.float16()))
-
-
-class Encoders:
-    """The image tokenizer and text encoder of a worker, and what their shards record about them."""
-
-    def __init__(self, vae: str, text_encoder: str, device: str, dtype: str, max_text_len: int, resolution: int):
-        from lightgen_model.encoders import build_image_tokenizer, build_text_encoder
-
-        self.tokenizer = build_image_tokenizer(vae, device=device, dtype=dtype)
-        self.text = build_text_encoder(text_encoder, device=device, dtype=dtype, max_len=max_text_len)
-        self.resolution = resolution
-        side = resolution // self.tokenizer.stride
-        self.moments_shape = [2 * self.tokenizer.latent_channels, side, side]  # (2C, h, w)
-
-    def columns(self, ids: list[str], captions: list[str], texts: list[np.ndarray]) -> dict[str, pa.Array]:
-        """The columns every shard of encoded rows has: id, caption, resolution, moments_shape, text, encoder names."""
-        n = len(ids)
-        return {
-            "id": pa.array(ids, pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "resolution": pa.array([self.resolution] * n, pa.int32()),
-            "moments_shape": pa.array([self.moments_shape] * n, pa.list_(pa.int32(), 3)),
-            "text_len": pa.array([t.shape[0] for t in texts], pa.int32()),
-            "text_emb": f16_column(texts),
-            "vae": pa.array([self.tokenizer.name] * n, pa.string()),
-            "text_encoder": pa.array([self.text.name] * n, pa.string()),
-        }
-
-    def meta(self) -> dict[str, Any]:
-        """Encoder names and shapes (the trainer checks them)."""
-        return {
-            "vae": self.tokenizer.name,
-            "text_encoder": self.text.name,
-            "text_dim": self.text.dim,
-            "max_text_len": self.text.max_len,
-            "resolution": self.resolution,
-            "moments_shape": self.moments_shape,
-        }
-
-
 def _reject(rec: Raw, reason: str, detail: str) -> Reject:
     """A rejected input record."""
     return Reject(rec.id, rec.source, reason, detail)
 
 
-class LatentEncoder(Stage):
+class EncodeStage(Stage):
     """Stage: records -> rows of `LATENT_SCHEMA`. Loads the image tokenizer and text encoder once per worker."""
 
     name = "encode-latents"
+    help = "VAE moments (image + flip) and unpadded text embeddings, 16-bit, into Parquet training shards."
+    config = EncodeConfig
     format = FORMAT
     schema_version = SCHEMA_VERSION
     schema = LATENT_SCHEMA
@@ -231,9 +192,16 @@ class LatentEncoder(Stage):
         """`rows_per_s`: encoded inputs per second of this run."""
         return {"rows_per_s": counts["inputs_per_s"]}
 
+    @classmethod
+    def dry_run(cls, cfg: EncodeConfig) -> dict[str, Any]:
+        """The image tokenizer and text encoder at full size on the meta device, one batch."""
+        from pipeline.core.dryrun import dry_encode
 
-def run_encode_latents(cfg: EncodeConfig) -> dict[str, Any]:
-    """Run the stage end to end (resuming unless `cfg.overwrite`); returns the report also written to disk."""
-    from pipeline.core.runner import run_stage
+        return dry_encode(cfg)
 
-    return run_stage(LatentEncoder(cfg))
+    @classmethod
+    def inspect_sections(cls, folder: StageDir, rejects: RejectSample, limit: int, seed: int, vae: str | None) -> str:
+        """Decoded round trips (image and flip) of sampled rows."""
+        from pipeline.inspect.media import latents_section
+
+        return latents_section(folder, limit, seed, vae)

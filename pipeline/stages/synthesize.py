@@ -25,13 +25,13 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.core import runner, shards, storage
+from pipeline.core import shards, storage
 from pipeline.core.options import DeviceOption, StageConfig, opt
 from pipeline.core.stage import Output, Reject, Stage, WorkUnit
 from pipeline.io import inputs
@@ -40,6 +40,9 @@ from pipeline.io.decode import RejectError
 from pipeline.io.image_sources import check_caption, raise_if_store_failed
 from pipeline.models.teachers import TEACHERS, build_teacher, is_blank
 from pipeline.stages.captions.build import caption_id
+
+if TYPE_CHECKING:
+    from pipeline.inspect.read import RejectSample, StageDir
 
 FORMAT = "lightgen-images"
 FILTERS = ("blank", "nsfw")
@@ -209,6 +212,9 @@ class SynthStage(Stage):
     """Captions -> teacher images: the teacher is loaded once per worker; one batch of captions per teacher call."""
 
     name = "synthesize"
+    help = "Teacher images for captions into webdataset .tar shards (image + .json), resumable, seeded per caption."
+    summary = "synthesize: {images_this_run} images in {seconds} s ({images_per_s} images/s)"
+    config = SynthConfig
     format = FORMAT
     schema = None  # webdataset tars
     cfg: SynthConfig
@@ -312,7 +318,16 @@ class SynthStage(Stage):
         drawn, seconds = counts["written_this_run"], counts["seconds"]
         return {"images_this_run": drawn, "images_per_s": round(drawn / seconds, 3) if seconds > 0 else None}
 
+    @classmethod
+    def dry_run(cls, cfg: SynthConfig) -> dict[str, Any]:
+        """The teacher at full size on the meta device, one batch."""
+        from pipeline.core.dryrun import dry_synthesize
 
-def run_synthesize(cfg: SynthConfig) -> dict[str, Any]:
-    """Run the stage end to end (resuming unless `cfg.overwrite`); returns the report also written to disk."""
-    return runner.run_stage(SynthStage(cfg))
+        return dry_synthesize(cfg)
+
+    @classmethod
+    def inspect_sections(cls, folder: StageDir, rejects: RejectSample, limit: int, seed: int, vae: str | None) -> str:
+        """A grid of sampled teacher images, their captions and settings."""
+        from pipeline.inspect.media import images_section
+
+        return images_section(folder, limit, seed)

@@ -1,0 +1,1 @@
+"""build-captions: reading, cleaning, exact and near de-duplication, embedding, clustering and selection."""

@@ -2,7 +2,7 @@
 
 Built for millions of captions: inputs (local paths or URIs such as `s3://bucket/captions`) are read in chunks
 (`caption_sources.ReadTask`), every phase is a function over chunk or partition files in a work folder
-(`caption_stages`, `dedup`), run by the runner's executor (`runner.execute`, as the stages' units) in this process
+(`phases`, `dedup`), run by the runner's executor (`executors.execute`, as the stages' units) in this process
 (`--workers 0`, no Ray) or as Ray Data tasks (`--workers N`); the driver keeps only per-row arrays (status,
 cluster) and small statistics. The work folder is local scratch: under `--output` when that is a local path, else
 `--work-dir` (a temporary folder by default); on a Ray cluster of several nodes it must be a path every node sees.
@@ -19,12 +19,13 @@ reason), `diversity.json`, `report.json`, `manifest.json`. Counts add up: inputs
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,14 +33,19 @@ import pyarrow.parquet as pq
 
 from pipeline.core import runner, shards, storage
 from pipeline.core import workfiles as wf
+from pipeline.core.executors import calls, execute
 from pipeline.core.options import StageConfig, opt
 from pipeline.core.schema import MANIFEST, REJECT_SCHEMA
+from pipeline.core.stage import Stage
 from pipeline.core.storage import Storage
 from pipeline.io.caption_sources import CAPTIONS_FORMAT, check_fields, plan_reads, shapes_task
 from pipeline.stages.captions import dedup
 from pipeline.stages.captions import diversity as dv
 from pipeline.stages.captions import phases as st
 from pipeline.stages.captions.phases import CaptionEmbedder  # noqa: F401 (the embedding stage, public here)
+
+if TYPE_CHECKING:
+    from pipeline.inspect.read import RejectSample, StageDir
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -76,7 +82,7 @@ class CaptionsConfig(StageConfig):
         "seed": (0, "Random seed (selection, k-means, ShapesWorld)."),
         "overwrite": (False, "Replace earlier outputs; without it other settings are refused."),
     }
-    # A global job of plain one-CPU tasks per phase (`runner.execute(actors=False)`), not a pool of model-holding
+    # A global job of plain one-CPU tasks per phase (`executors.execute(actors=False)`), not a pool of model-holding
     # workers with a progress bar over shards: these options have no effect here.
     shared_unused = ("gpus_per_worker", "cpus_per_worker", "progress")
 
@@ -154,22 +160,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_build_captions(cfg: CaptionsConfig) -> dict[str, Any]:
-    """Run the stage end to end; returns the report (also written to `report.json`, diversity in `diversity.json`)."""
-    from pipeline.core import locks, runtime
-
-    validate(cfg)
-    with locks.hold(Storage(cfg.output)):  # one run at a time; a refused run touches nothing, its work folder neither
-        build = CaptionBuild(cfg)
-        try:
-            with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
-                if cfg.workers > 0:
-                    build.check_shared()
-                return build.run()
-        finally:
-            wf.remove(build.work)
-
-
 def work_folder(cfg: CaptionsConfig) -> Path:
     """The scratch folder of a run: `--work-dir`, else under a local `--output`, else a new temporary folder."""
     if cfg.work_dir:
@@ -210,8 +200,8 @@ class CaptionBuild:
     def _map(self, fn: Any, args: list[tuple], key: str = "chunk") -> list[dict[str, Any]]:
         """Run a phase over its tasks with the runner's executor (in process or Ray Data); results in task order."""
         cfg = self.cfg
-        results = runner.execute(
-            runner.calls(fn), args, workers=cfg.workers, ray_address=cfg.ray_address, cpus=1.0, gpus=0.0, actors=False
+        results = execute(
+            calls(fn), args, workers=cfg.workers, ray_address=cfg.ray_address, cpus=1.0, gpus=0.0, actors=False
         )
         return sorted(results, key=lambda r: r[key])
 
@@ -470,3 +460,46 @@ class CaptionBuild:
 def _resolved(spec: str) -> str:
     """A local path made absolute (links resolved), a URI without credentials."""
     return storage.public(spec) if storage.is_uri(spec) else str(Path(spec).resolve())
+
+
+class CaptionsStage(Stage):
+    """The registry's entry for build-captions: global phases (exact and near duplicates, clustering, selection) over
+    all captions, run by `CaptionBuild` on the runner's executor rather than as per-shard units."""
+
+    name = "build-captions"
+    help = "Clean, de-duplicate and diversity-select captions into Parquet caption shards, with a diversity report."
+    config = CaptionsConfig
+    format = CAPTIONS_FORMAT
+    schema_version = CAPTION_SCHEMA_VERSION
+    schema = CAPTION_SCHEMA
+    optional_options = ("inputs",)  # --shapes N makes ShapesWorld captions without inputs
+
+    @classmethod
+    def run(cls, cfg: CaptionsConfig) -> dict[str, Any]:
+        """Run the stage end to end; returns the report (also in `report.json`, diversity in `diversity.json`)."""
+        from pipeline.core import locks, runtime
+
+        validate(cfg)
+        with locks.hold(
+            Storage(cfg.output)
+        ):  # one run at a time; a refused run touches nothing, its work folder neither
+            build = CaptionBuild(cfg)
+            try:
+                with runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
+                    if cfg.workers > 0:
+                        build.check_shared()
+                    return build.run()
+            finally:
+                wf.remove(build.work)
+
+    @classmethod
+    def report_lines(cls, report: dict[str, Any]) -> list[str]:
+        """The diversity table, then the report as JSON (the diversity figures are in the table and the file)."""
+        return [format_table(report), json.dumps({k: v for k, v in report.items() if k != "diversity"})]
+
+    @classmethod
+    def inspect_sections(cls, folder: StageDir, rejects: RejectSample, limit: int, seed: int, vae: str | None) -> str:
+        """The diversity report as plots, samples per cluster and the near-duplicate groups."""
+        from pipeline.inspect.captions import captions_sections
+
+        return captions_sections(folder, rejects, limit, seed)

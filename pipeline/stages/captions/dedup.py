@@ -1,7 +1,7 @@
 """Exact and near-duplicate removal as shuffles over partition files, for millions of captions.
 
 The phases are plain functions of small arguments that read and write files in the work folder (`workfiles`), so
-the same code runs in this process or as Ray Data tasks (`runner.execute`); none holds more than one partition.
+the same code runs in this process or as Ray Data tasks (`executors.execute`); none holds more than one partition.
 
 1. Exact: the read phase writes each chunk's (key hash, row, caption id) split by `key hash % parts`;
    `exact_partition` finds, per key, the first row in input order (global row number) and lists the others.

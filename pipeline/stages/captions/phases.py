@@ -1,7 +1,7 @@
 """The per-chunk phases of `build-captions`: read + clean, embed, label, finalise (rejects + statistics), shards.
 
 Each phase is a plain function of small arguments (a chunk number, its first global row, settings) that reads and
-writes files in the work folder and returns small metadata, so the runner's executor (`runner.execute`) runs it in
+writes files in the work folder and returns small metadata, so the runner's executor (`executors.execute`) runs it in
 this process or as a Ray Data task; `write_shard` publishes with the runner's writer (`runner.publish_shard`).
 Global per-row state (status, cluster, selection) lives in `.npy` arrays the driver writes and the tasks
 memory-map. A chunk is the rows of one `ReadTask`, in input order; global row = chunk offset + local row.

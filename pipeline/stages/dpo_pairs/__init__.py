@@ -1,0 +1,1 @@
+"""build-dpo-pairs: its settings (`config`), the judge stage (`judging`) and the pairs stage (`pairs`)."""

@@ -23,7 +23,7 @@ import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,6 +52,9 @@ from pipeline.io.image_sources import (
 )
 from pipeline.models.judges import Judge, Judgement, build_judge, judge_batch
 from pipeline.stages.dpo_pairs.config import PairsConfig, check_judge_options, judge_content
+
+if TYPE_CHECKING:
+    from pipeline.inspect.read import RejectSample, StageDir
 
 JUDGEMENTS = "judgements"  # sub-folder of the pairs output holding the judge stage's output
 CAPTION_FIELDS = ("caption", "prompt", "text", "TEXT")
@@ -250,11 +253,20 @@ class JudgeStage(Stage):
     Its config is the run's `PairsConfig` with `output` set to `judgements_dir(<pairs output>)`."""
 
     name = "judge-images"
+    has_command = False  # run by build-dpo-pairs, into <output>/judgements/
+    config = PairsConfig
     format = JUDGEMENT_FORMAT
     schema_version = JUDGEMENT_SCHEMA_VERSION
     schema = JUDGEMENT_SCHEMA
     dictionary_columns = ("judge",)
     cfg: PairsConfig
+
+    @classmethod
+    def inspect_sections(cls, folder: StageDir, rejects: RejectSample, limit: int, seed: int, vae: str | None) -> str:
+        """Sampled judgements (kept or not) with their images and answers, then the images turned down."""
+        from pipeline.inspect.media import judged_rejected_section, judgements_section
+
+        return judgements_section(folder, limit, seed) + judged_rejected_section(folder, limit, seed)
 
     def validate(self) -> None:
         """Check the judge's settings up front (no weights loaded)."""

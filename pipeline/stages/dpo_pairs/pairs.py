@@ -1,6 +1,6 @@
 """`build-dpo-pairs`: source images the judge keeps (winners) + the current model's images (losers) -> pair shards.
 
-Two stages on `pipeline.core.runner`, one after the other (`run_build_dpo_pairs`):
+Two stages on `pipeline.core.runner`, one after the other (`PairsStage.run`):
 
 1. `JudgeStage` ("judge-images", `pipeline.stages.dpo_pairs.judging`): the inputs, screened and judged, into
    `<output>/judgements/` (one row per image the judge saw, kept or not; screened-out inputs are its rejects).
@@ -26,7 +26,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,12 +38,15 @@ from pipeline.core.shards import rejects_name, shard_name
 from pipeline.core.stage import Output, Reject, Stage, WorkUnit, quiet_hf
 from pipeline.core.storage import Storage
 from pipeline.io.decode import RejectError, center_crop_resize, decode_image
+from pipeline.models.encoders import Encoders, f16_column
 from pipeline.models.judges import judge_name
 from pipeline.stages.dpo_pairs.config import PairsConfig, judge_content, loser_seed, resolve
 from pipeline.stages.dpo_pairs.judging import JudgeStage, ask_judge, judgements_dir, load_judge
-from pipeline.stages.encode_latents import Encoders, f16_column
 
-__all__ = ["PairsConfig", "PairsStage", "loser_seed", "run_build_dpo_pairs"]
+if TYPE_CHECKING:
+    from pipeline.inspect.read import RejectSample, StageDir
+
+__all__ = ["PairsConfig", "PairsStage", "loser_seed"]
 
 
 @dataclass
@@ -63,6 +66,12 @@ class PairsStage(Stage):
     """Judgement shards -> pair rows (`PAIR_SCHEMA`); loads a `LightGenPipeline` with its encoders once per worker."""
 
     name = "build-dpo-pairs"
+    help = "DPO pairs: judge-kept source images (winners) + the model's own images (losers), as Parquet pair shards."
+    summary = (
+        "build-dpo-pairs: {written} pairs of {inputs} inputs ({rejected} rejected), {written_this_run} made in "
+        "{seconds_total} s"
+    )
+    config = PairsConfig
     format = PAIR_FORMAT
     schema_version = PAIR_SCHEMA_VERSION
     schema = PAIR_SCHEMA
@@ -71,8 +80,46 @@ class PairsStage(Stage):
 
     def __init__(self, cfg: PairsConfig) -> None:
         super().__init__(cfg)
-        self.judge_report: dict[str, Any] | None = None  # the judge stage's report, set by `run_build_dpo_pairs`
+        self.judge_report: dict[str, Any] | None = None  # the judge stage's report, set by `run`
         self._content: dict[str, Any] | None = None
+
+    @classmethod
+    def run(cls, cfg: PairsConfig) -> dict[str, Any]:
+        """Run both stages (each resuming unless `cfg.overwrite`); returns the pairs report with the judge's inside."""
+        from pipeline.core import locks, runtime
+        from pipeline.core.runner import run_stage
+
+        # 1. Check every setting of both stages before any work.
+        cfg.check()
+        judge = JudgeStage(dataclasses.replace(cfg, output=judgements_dir(cfg.output)))
+        pairs = cls(cfg)
+        judge.validate()
+        pairs.validate()
+        # The output folder, judgements included, is held for both stages (`run_stage`'s own hold of it nests).
+        with locks.hold(Storage(cfg.output)), runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
+            # 2. Judge every input into <output>/judgements/.
+            pairs.judge_report = run_stage(judge)
+            del judge
+            _free_memory()
+            # 3. Winners, losers and moments from the judgements.
+            return run_stage(pairs)
+
+    @classmethod
+    def dry_run(cls, cfg: PairsConfig) -> dict[str, Any]:
+        """The judge, the loser model and its encoders at full size on the meta device, one batch."""
+        from pipeline.core.dryrun import dry_pairs
+
+        return dry_pairs(cfg)
+
+    @classmethod
+    def inspect_sections(cls, folder: StageDir, rejects: RejectSample, limit: int, seed: int, vae: str | None) -> str:
+        """Winner and loser side by side, then the images the judge turned down (from `judgements/`)."""
+        from pipeline.inspect.html import tag
+        from pipeline.inspect.media import judged_rejected_section, pairs_judgements, pairs_section
+
+        judged = pairs_judgements(folder)
+        turned_down = judged_rejected_section(judged, limit, seed) if judged else tag("p", "no judgements/ folder")
+        return pairs_section(folder, limit, seed, vae) + turned_down
 
     # ---- driver side
     def validate(self) -> None:
@@ -104,7 +151,7 @@ class PairsStage(Stage):
         store = Storage(judgements_dir(self.cfg.output))
         manifest = store.read_json(MANIFEST)
         if not (isinstance(manifest, dict) and manifest.get("complete") and manifest.get("format") == JUDGEMENT_FORMAT):
-            raise ValueError(f"{store.uri} holds no finished judge-images run (run_build_dpo_pairs runs it first)")
+            raise ValueError(f"{store.uri} holds no finished judge-images run (PairsStage.run runs it first)")
         return [
             WorkUnit(i, "judgements", (store.spec(shard_name(i)), store.spec(rejects_name(i))), base=store.uri)
             for i in range(manifest["n_shards"])
@@ -286,24 +333,3 @@ def _free_memory() -> None:
     torch = sys.modules.get("torch")  # only if this process used it
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def run_build_dpo_pairs(cfg: PairsConfig) -> dict[str, Any]:
-    """Run both stages (each resuming unless `cfg.overwrite`); returns the pairs report with the judge's inside."""
-    from pipeline.core import locks, runtime
-    from pipeline.core.runner import run_stage
-
-    # 1. Check every setting of both stages before any work.
-    cfg.check()
-    judge = JudgeStage(dataclasses.replace(cfg, output=judgements_dir(cfg.output)))
-    pairs = PairsStage(cfg)
-    judge.validate()
-    pairs.validate()
-    # The output folder, judgements included, is held for both stages (`run_stage`'s own hold of it nests).
-    with locks.hold(Storage(cfg.output)), runtime.ray_session(cfg.ray_address, enabled=cfg.workers > 0):
-        # 2. Judge every input into <output>/judgements/.
-        pairs.judge_report = run_stage(judge)
-        del judge
-        _free_memory()
-        # 3. Winners, losers and moments from the judgements.
-        return run_stage(pairs)
