@@ -105,9 +105,9 @@ def _ray_execute(
             num_cpus=cpus,
             num_gpus=gpus,
             # A dead actor (an OOM kill, a lost node) is restarted, on another node if its own is gone, and its task
-            # retried: tasks are idempotent. Ray Data's defaults too, set here so that no change of them goes unseen.
-            max_restarts=-1,
-            max_task_retries=-1,
+            # retried: tasks are idempotent. Ray Data's defaults (max_restarts=-1, max_task_retries=-1), no longer
+            # passed: `ray_remote_args` goes in Ray 2.64; tests/test_runner.py and test_cluster_faults.py would see
+            # a change of them.
         )
     else:
         ds = ds.map_batches(
