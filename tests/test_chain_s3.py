@@ -6,13 +6,11 @@ train the same weights."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from train_utils import run_torchrun
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -39,17 +37,7 @@ def stage(*args: str) -> None:
 
 def torchrun(script: str, *overrides: str) -> None:
     """A 2-process run of a trainer, as the README starts it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "training" / script),
-        *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    res = run_torchrun(ROOT / "training" / script, *overrides, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 

@@ -22,7 +22,7 @@ import toy_stage
 from s3_server import free_port
 from safetensors.torch import load_file
 from toy_stage import ToyConfig, ToyStage
-from train_utils import random_shards
+from train_utils import STANDALONE, finish, random_shards, torchrun_cmd, torchrun_env, two_node_launch
 
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Output
@@ -163,31 +163,12 @@ TRAIN = [
 def torchrun(out: Path, shards: Path, node_rank: int | None = None, port: int = 0, **env: str) -> subprocess.Popen:
     """One node of two of one process each at a c10d rendezvous on 127.0.0.1:`port` (`node_rank` None: one launcher
     of two processes), in a session of its own so that a launcher can be killed as a machine dies."""
-    where = (
-        ["--standalone", "--nproc_per_node=2"]
-        if node_rank is None
-        else [
-            "--nnodes=2",
-            f"--node_rank={node_rank}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=lightgen-fault",
-            "--nproc_per_node=1",
-        ]
+    where = STANDALONE if node_rank is None else two_node_launch(node_rank, port, "lightgen-fault")
+    cmd = torchrun_cmd(
+        REPO / "training/pretrain.py", *TRAIN, f"data.shards=[{shards}]", f"train.out_dir={out}", launch=where
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *where,
-        str(REPO / "training/pretrain.py"),
-        *TRAIN,
-        f"data.shards=[{shards}]",
-        f"train.out_dir={out}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=torchrun_env(**env), start_new_session=True
     )
 
 
@@ -209,7 +190,7 @@ def stops_alone(node: subprocess.Popen, within: float) -> tuple[float, str]:
     try:
         _, err = node.communicate(timeout=within)
     except subprocess.TimeoutExpired:
-        os.killpg(node.pid, signal.SIGKILL)
+        kill_group(node)
         raise
     return time.time() - t0, err
 
@@ -224,19 +205,9 @@ def assert_one_error_line(node: subprocess.Popen, err: str, cause: str) -> None:
     assert "training/trainer.py" not in err, err[-3000:]
 
 
-def finish(procs: list[subprocess.Popen]) -> list[str]:
-    """Wait for every launcher (at most 300 s); their stdout. A failure shows their output."""
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                os.killpg(q.pid, signal.SIGKILL)
-            raise
-        assert p.returncode == 0, out[-3000:] + err[-3000:]
-        outs.append(out)
-    return outs
+def kill_group(launcher: subprocess.Popen) -> None:
+    """SIGKILL a launcher's process group (it runs in a session of its own)."""
+    os.killpg(launcher.pid, signal.SIGKILL)
 
 
 def children(pid: int) -> list[int]:
@@ -262,7 +233,7 @@ def weights(model: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_a_launcher_killed_mid_run_stops_the_other_in_one_line_and_both_rerun_resume_exactly(tmp_path):
     shards = random_shards(tmp_path / "shards", n=48, rows_per_shard=16)
-    finish([torchrun(tmp_path / "straight", shards)])  # the uninterrupted run: 2 processes, 40 steps
+    finish([torchrun(tmp_path / "straight", shards)], kill_group)  # the uninterrupted run: 2 processes, 40 steps
     out = tmp_path / "two"
     node0, node1 = two_launchers_at_step_10(out, shards)
     # Node 1 dies as a machine does: its launcher and its training process, kill -9.
@@ -277,7 +248,7 @@ def test_a_launcher_killed_mid_run_stops_the_other_in_one_line_and_both_rerun_re
     assert not (out / "model").exists()  # stopped mid-run
     # Both launchers again: they resume from the last checkpoint and end with the uninterrupted run's weights.
     port = free_port()
-    outs = finish([torchrun(out, shards, r, port) for r in (0, 1)])
+    outs = finish([torchrun(out, shards, r, port) for r in (0, 1)], kill_group)
     resumed = [int(m) for o in outs for m in re.findall(r"resuming from .*\(step (\d+)\)", o)]
     assert len(resumed) == 1 and 10 <= resumed[0] < 40, outs
     a, b = weights(tmp_path / "straight/model"), weights(out / "model")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_utils import PIXEL_LOGVAR, user_error, write_pair_shards
+from train_utils import PIXEL_LOGVAR, random_pair_shards, run_torchrun, user_error, write_pair_shards
 
 from lightgen_model import LightGen, preset, save_pretrained
 from training import dpo
@@ -128,18 +128,9 @@ def test_dpo_needs_a_starting_model(setup, capsys):
 
 @pytest.mark.slow
 def test_two_process_dpo(setup):
-    import os
-    import subprocess
-    import sys
-
     root, _ = setup
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "training/dpo.py"),
+    r = run_torchrun(
+        ROOT / "training/dpo.py",
         "--config",
         str(ROOT / "conf/dpo_shapes.yaml"),
         f"model.init_from={root / 'init'}",
@@ -151,8 +142,8 @@ def test_two_process_dpo(setup):
         "data.batch_size=4",
         "train.max_steps=3",
         "train.budget_minutes=null",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [json.loads(x) for x in (root / "ddp/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -171,27 +162,15 @@ def test_offloaded_bf16_reference(setup):
 def test_reference_padded_model_dpo_starts_at_log2(tmp_path, capsys):
     """A text_key_mask=False (converted-reference) model: pairs' text is re-encoded and padded to max_text_len as
     the reference did (data.text_encoder), and the frozen reference equals the policy at the start."""
-    from tiny_models import make_tiny_bert
+    from tiny_models import make_tiny_bert, save_bert_debug_model
 
     from lightgen_model.encoders import HFTextEncoder
 
     bert = make_tiny_bert(tmp_path / "bert")
     enc = HFTextEncoder(bert)
     captions = ["a red circle", "two blue squares", "a green cross above a star"] * 4
-    rng = np.random.default_rng(0)
-    win, lose = (rng.uniform(-1, 1, (12, 3, 32, 32)).astype(np.float32) for _ in range(2))
-    lv = np.full_like(win, PIXEL_LOGVAR)
-    pairs = write_pair_shards(
-        tmp_path / "pairs",
-        np.concatenate([win, lv], 1),
-        np.concatenate([lose, lv], 1),
-        enc(captions),
-        captions,
-        text_encoder=enc.name,
-    )
-    torch.manual_seed(0)
-    cfg = preset("debug", text_dim=32, max_text_len=16, text_key_mask=False, buffer_size=0, text_encoder=enc.name)
-    save_pretrained(LightGen(cfg), tmp_path / "init")
+    pairs = random_pair_shards(tmp_path / "pairs", enc(captions), captions, text_encoder=enc.name)
+    save_bert_debug_model(tmp_path / "init", enc.name, text_key_mask=False)
     dpo.main(
         [
             "--config",

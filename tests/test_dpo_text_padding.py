@@ -10,52 +10,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_utils import PIXEL_LOGVAR, write_pair_shards
+from tiny_models import BERT_CAPTIONS, make_tiny_bert, save_bert_debug_model
+from train_utils import bind_text_padding, random_pair_shards
 
-from lightgen_model import LightGen, pad_text, preset, save_pretrained
-from training import dist as D
+from lightgen_model import pad_text
 from training import dpo
 from training.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTIONS = [
-    "a red circle",
-    "two blue squares left of a green cross",
-    "a star",
-    "three yellow triangles",
-    "a photo of a pink star above a gray square",
-    "an orange cross",
-]
+CAPTIONS = BERT_CAPTIONS[:6]
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> tuple[Path, Path, dict[bool, Path]]:
     """Pair shards whose text a tiny BERT encoded, and two debug models naming it: text_key_mask False and True."""
-    from tiny_models import make_tiny_bert
-
     from lightgen_model.encoders import HFTextEncoder
 
     root = tmp_path_factory.mktemp("dpo-text")
     bert = make_tiny_bert(root / "bert")
     enc = HFTextEncoder(bert)
-    rng = np.random.default_rng(0)
-    win, lose = (rng.uniform(-1, 1, (len(CAPTIONS), 3, 32, 32)).astype(np.float32) for _ in range(2))
-    lv = np.full_like(win, PIXEL_LOGVAR)
-    d = write_pair_shards(
-        root / "pairs",
-        np.concatenate([win, lv], 1),
-        np.concatenate([lose, lv], 1),
-        enc(CAPTIONS),
-        CAPTIONS,
-        text_encoder=enc.name,
-    )
-    models = {}
-    for key_mask in (False, True):
-        torch.manual_seed(0)
-        cfg = preset(
-            "debug", text_dim=32, max_text_len=16, text_key_mask=key_mask, buffer_size=0, text_encoder=enc.name
-        )
-        models[key_mask] = save_pretrained(LightGen(cfg), root / f"model-{key_mask}")
+    d = random_pair_shards(root / "pairs", enc(CAPTIONS), CAPTIONS, text_encoder=enc.name)
+    models = {k: save_bert_debug_model(root / f"model-{k}", enc.name, text_key_mask=k) for k in (False, True)}
     return bert, d, models
 
 
@@ -66,9 +41,7 @@ def test_dpo_pair_batch_pads_text_as_generation_does(pairs, key_mask: bool) -> N
     bert, d, models = pairs
     overrides = [f"model.init_from={models[key_mask]}", f"dpo.pairs=[{d}]", f"data.text_encoder={bert}"]
     trainer = dpo.DPOTrainer(load_config(ROOT / "conf/dpo_shapes.yaml", overrides))
-    mcfg = trainer.model_config(None)
-    shard_set = trainer.shard_set(mcfg)
-    trainer.text_pad = trainer.text_padding(mcfg, shard_set, D.DistInfo())  # bound as the trainer's build binds it
+    shard_set = bind_text_padding(trainer)  # trainer.text_pad bound as the trainer's build binds it
     refs = np.array(shard_set.first_rows(len(CAPTIONS)))
     batch = trainer.collate()(shard_set, refs, torch.Generator().manual_seed(0))
     pipe = LightGenPipeline.from_pretrained(models[key_mask], vae="pixel", text_encoder=str(bert), device="cpu")

@@ -13,12 +13,17 @@ import torch
 from PIL import Image
 from scipy import linalg
 from torch import nn
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from lightgen.cli import app
 from lightgen.fid import compute_fid, list_images, load_inception
 
 runner = CliRunner()
+
+
+def _fid(tmp_path: Path, *options: str) -> Result:
+    """`lightgen fid --real TMP/real --fake TMP/fake OPTIONS` through the CLI runner: its result."""
+    return runner.invoke(app, ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), *options])
 
 
 class RandomFeatures(nn.Module):
@@ -102,25 +107,18 @@ def test_fid_cli_with_local_inception_weights(tmp_path: Path) -> None:
     net = load_inception(weights, feature=64)
     loaded = net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())  # the file's weights, not a fresh init
-    res = runner.invoke(
-        app,
-        [
-            "fid",
-            "--real",
-            str(tmp_path / "real"),
-            "--fake",
-            str(tmp_path / "fake"),
-            "--inception-weights",
-            str(weights),
-            "--feature",
-            "64",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-            "--json",
-            str(tmp_path / "fid.json"),
-        ],
+    res = _fid(
+        tmp_path,
+        "--inception-weights",
+        str(weights),
+        "--feature",
+        "64",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        str(tmp_path / "fid.json"),
     )
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "fid.json").read_text())
@@ -133,7 +131,7 @@ def test_fid_without_weights_fails_clearly(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("LIGHTGEN_INCEPTION_WEIGHTS", raising=False)
     _write_images(tmp_path / "real", 3, 0, 0, 200)
     _write_images(tmp_path / "fake", 3, 1, 0, 200)
-    res = runner.invoke(app, ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")])
+    res = _fid(tmp_path)
     assert res.exit_code == 2
     assert "cannot be downloaded here: pass --inception-weights PATH" in res.output, res.output
 
@@ -153,18 +151,12 @@ def test_weights_that_are_not_plain_tensors_are_refused_unexecuted(tmp_path: Pat
     _write_images(tmp_path / "fake", 3, 1, 0, 200)
     marker, bad = tmp_path / "pwned", tmp_path / "bad.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": _Touch(marker)}, bad)
-    res = runner.invoke(
-        app,
-        ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--inception-weights", str(bad)],
-    )
+    res = _fid(tmp_path, "--inception-weights", str(bad))
     assert res.exit_code == 2 and "refused by torch.load(weights_only=True)" in res.output, res.output
     assert not marker.exists()
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
-    res = runner.invoke(
-        app,
-        ["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--inception-weights", str(wrong)],
-    )
+    res = _fid(tmp_path, "--inception-weights", str(wrong))
     assert res.exit_code == 2 and "not Inception-v3 FID weights" in res.output, res.output
     assert "Conv2d_1a_3x3.conv.weight" in res.output  # names a missing key
 
@@ -174,16 +166,5 @@ def test_fid_bad_folders(tmp_path: Path, n_fake: int | None, message: str) -> No
     _write_images(tmp_path / "real", 3, 0, 0, 200)
     if n_fake:
         _write_images(tmp_path / "fake", n_fake, 1, 0, 200)
-    res = runner.invoke(
-        app,
-        [
-            "fid",
-            "--real",
-            str(tmp_path / "real"),
-            "--fake",
-            str(tmp_path / "fake"),
-            "--inception-weights",
-            str(tmp_path / "w.pth"),
-        ],
-    )
+    res = _fid(tmp_path, "--inception-weights", str(tmp_path / "w.pth"))
     assert res.exit_code == 2 and message in res.output, res.output

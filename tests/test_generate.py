@@ -11,7 +11,7 @@ import torch
 from conftest import wake_head
 from PIL import Image
 from tiny_models import make_tiny_bert, make_tiny_vae
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from lightgen.api import LightGenPipeline, to_pil
 from lightgen.cli import app
@@ -53,6 +53,11 @@ def _gen(g: int) -> torch.Generator:
 
 def _invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
+
+
+def _generate(model: Path, prompt: str, out: Path, *options: object) -> Result:
+    """`lightgen generate --model MODEL --prompt PROMPT --out OUT OPTIONS`: its result."""
+    return _invoke("generate", "--model", model, "--prompt", prompt, "--out", out, *options)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -186,29 +191,15 @@ def test_generate_bad_inputs_give_clear_errors(model_dir: Path, tmp_path: Path, 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:
-    res = _invoke("generate", "--model", model_dir, "--prompt", "a", "--out", tmp_path, "--device", "cuda")
+    res = _generate(model_dir, "a", tmp_path, "--device", "cuda")
     assert res.exit_code == 2 and "no CUDA GPU is visible" in res.output, res.output
 
 
 def test_component_named_in_config_must_be_local(tmp_path: Path, bert_dir: Path) -> None:
     model = _save_model(tmp_path / "m", text_dim=32, text_encoder=str(bert_dir), vae="stabilityai/sd35/vae")
-    res = _invoke("generate", "--model", model, "--prompt", "a", "--out", tmp_path / "o", "--device", "cpu")
+    res = _generate(model, "a", tmp_path / "o", "--device", "cpu")
     assert res.exit_code == 2 and "'stabilityai/sd35/vae'" in res.output and "--vae" in res.output, res.output
-    res = _invoke(
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "a",
-        "--out",
-        tmp_path / "o",
-        "--device",
-        "cpu",
-        "--vae",
-        "pixel",
-        "--steps",
-        2,
-    )
+    res = _generate(model, "a", tmp_path / "o", "--device", "cpu", "--vae", "pixel", "--steps", 2)
     assert res.exit_code == 0, res.output
 
 
@@ -243,18 +234,14 @@ def test_recorded_sampling_defaults_are_used_unless_overridden(
     )
     assert torch.equal(a.latents, explicit.latents)
     assert not torch.equal(a.latents, pipe("a red circle", guidance_schedule="linear", generator=_gen(0)).latents)
-    res = _invoke("generate", "--model", model, "--prompt", "a red circle", "--out", tmp_path / "g", "--device", "cpu")
+    res = _generate(model, "a red circle", tmp_path / "g", "--device", "cpu")
     assert res.exit_code == 0, res.output
     settings = json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]
     assert {k: settings[k] for k in rec} == rec and settings["head_steps"] == 20
     assert np.array_equal(_arr(tmp_path / "g" / "00000.png"), _arr(a.images[0]))
-    res = _invoke(
-        "generate",
-        "--model",
+    res = _generate(
         model,
-        "--prompt",
         "a red circle",
-        "--out",
         tmp_path / "o",
         "--device",
         "cpu",
@@ -300,7 +287,7 @@ def test_recorded_sampling_defaults_are_used_unless_overridden(
     assert LightGenPipeline.from_pretrained(old, device="cpu").sampling_settings() == SamplingDefaults(
         steps=64, cfg=4.0, cfg_schedule="linear", temperature=1.0
     )
-    res = _invoke("generate", "--model", model, "--prompt", "a", "--out", tmp_path / "x", "--head-steps", "ddim37")
+    res = _generate(model, "a", tmp_path / "x", "--head-steps", "ddim37")
     assert res.exit_code == 2 and "no integer stride gives exactly 37" in res.output, res.output
 
 
@@ -313,30 +300,32 @@ def _square_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image
     return Image.fromarray(m)
 
 
-def test_inpaint_keeps_unmasked_pixels_and_matches_api(model_dir: Path, pipe: LightGenPipeline, tmp_path: Path) -> None:
-    src = pipe("two blue squares", num_inference_steps=4, generator=_gen(0)).images[0]
-    src.save(tmp_path / "in.png")
-    mask = _square_mask((32, 32), (5, 19, 3, 14))  # not aligned to the 4-px tokens
-    mask.save(tmp_path / "mask.png")
-    res = _invoke(
+def _inpaint(model: Path, tmp_path: Path, prompt: str, *options: object) -> Result:
+    """`lightgen inpaint` of TMP/in.png under TMP/mask.png into TMP/out.png (OPTIONS, then --device cpu): its result."""
+    return _invoke(
         "inpaint",
         "--model",
-        model_dir,
+        model,
         "--image",
         tmp_path / "in.png",
         "--mask",
         tmp_path / "mask.png",
         "--prompt",
-        "a red circle",
+        prompt,
         "--out",
         tmp_path / "out.png",
-        "--steps",
-        5,
-        "--seed",
-        3,
+        *options,
         "--device",
         "cpu",
     )
+
+
+def test_inpaint_keeps_unmasked_pixels_and_matches_api(model_dir: Path, pipe: LightGenPipeline, tmp_path: Path) -> None:
+    src = pipe("two blue squares", num_inference_steps=4, generator=_gen(0)).images[0]
+    src.save(tmp_path / "in.png")
+    mask = _square_mask((32, 32), (5, 19, 3, 14))  # not aligned to the 4-px tokens
+    mask.save(tmp_path / "mask.png")
+    res = _inpaint(model_dir, tmp_path, "a red circle", "--steps", 5, "--seed", 3)
     assert res.exit_code == 0, res.output
     out, inp, m = _arr(tmp_path / "out.png"), _arr(src), np.asarray(mask) > 127
     assert np.array_equal(out[~m], inp[~m])  # pixel tokenizer: exactly the input outside the mask
@@ -373,21 +362,7 @@ def test_inpaint_batch_of_prompts_keeps_unmasked_region(pipe: LightGenPipeline) 
 def test_inpaint_bad_inputs(model_dir: Path, tmp_path: Path, image_size, mask_size, message: str) -> None:
     Image.new("RGB", image_size[::-1]).save(tmp_path / "in.png")
     Image.new("L", (mask_size or image_size)[::-1], 255 if mask_size else 0).save(tmp_path / "mask.png")
-    res = _invoke(
-        "inpaint",
-        "--model",
-        model_dir,
-        "--image",
-        tmp_path / "in.png",
-        "--mask",
-        tmp_path / "mask.png",
-        "--prompt",
-        "a circle",
-        "--out",
-        tmp_path / "out.png",
-        "--device",
-        "cpu",
-    )
+    res = _inpaint(model_dir, tmp_path, "a circle")
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "out.png").exists()
 
@@ -433,8 +408,9 @@ def test_pipeline_refuses_mismatched_components(model_dir: Path, pipe: LightGenP
 # ------------------------------------------------------------------------------------------------- geneval
 
 
-def _geneval(model: Path, metadata: Path, out: Path, *extra) -> str:
-    res = _invoke(
+def _geneval_result(model: Path, metadata: Path, out: Path, *extra: object) -> Result:
+    """`lightgen geneval` of `model` on `metadata` into `out`: 2 samples a prompt, batch 4, 3 steps, CPU; its result."""
+    return _invoke(
         "geneval",
         "--model",
         model,
@@ -452,6 +428,10 @@ def _geneval(model: Path, metadata: Path, out: Path, *extra) -> str:
         "cpu",
         *extra,
     )
+
+
+def _geneval(model: Path, metadata: Path, out: Path, *extra) -> str:
+    res = _geneval_result(model, metadata, out, *extra)
     assert res.exit_code == 0, res.output
     return res.output
 
@@ -494,25 +474,7 @@ def test_geneval_resumes_and_equals_the_api(
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert {p: p.read_bytes() for p in sorted(out.rglob("*.png"))} == first  # redrawn exactly
     assert not list(out.rglob(".tmp-*"))
-    res = _invoke(
-        "geneval",
-        "--model",
-        model_dir,
-        "--metadata",
-        meta,
-        "--out",
-        out,
-        "--samples",
-        2,
-        "--batch-size",
-        4,
-        "--steps",
-        3,
-        "--device",
-        "cpu",
-        "--seed",
-        8,
-    )
+    res = _geneval_result(model_dir, meta, out, "--seed", 8)
     assert res.exit_code == 2 and "other settings" in res.output and "'seed': (7, 8)" in res.output, res.output
     assert "0 already done, 5 generated" in _geneval(model_dir, meta, out, "--seed", 8, "--overwrite")
 
@@ -534,39 +496,9 @@ def test_geneval_records_and_checks_which_weights_it_sampled(
     assert weights == {"e": "ema", "r": "raw"}
     image = "00000/samples/0000.png"
     assert not np.array_equal(_arr(tmp_path / "e" / image), _arr(tmp_path / "r" / image))
-    res = _invoke(
-        "geneval",
-        "--model",
-        model,
-        "--metadata",
-        meta,
-        "--out",
-        tmp_path / "e",
-        "--samples",
-        2,
-        "--batch-size",
-        4,
-        "--steps",
-        3,
-        "--device",
-        "cpu",
-        "--no-ema",
-    )
+    res = _geneval_result(model, meta, tmp_path / "e", "--no-ema")
     assert res.exit_code == 2 and "'weights': ('ema', 'raw')" in res.output, res.output
-    res = _invoke(
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "a red circle",
-        "--out",
-        tmp_path / "g",
-        "--steps",
-        2,
-        "--device",
-        "cpu",
-        "--no-ema",
-    )
+    res = _generate(model, "a red circle", tmp_path / "g", "--steps", 2, "--device", "cpu", "--no-ema")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]["weights"] == "raw"
 

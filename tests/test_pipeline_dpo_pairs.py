@@ -94,6 +94,11 @@ def assert_same_image(batched: np.ndarray, alone: np.ndarray) -> None:
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
+def pairs_config(inputs: list[str], out: Path, model: str, **settings: object) -> PairsConfig:
+    """The `PairsConfig` of a run into `out` in this process (workers 0) with no progress bar; `settings` add to it."""
+    return PairsConfig(inputs, str(out), model=model, **{"workers": 0, "progress": False, **settings})
+
+
 @pytest.fixture(scope="module")
 def shapes_images(tmp_path_factory) -> Path:
     """10 ShapesWorld teacher renders at 32 px with their captions and metadata, as synthesize writes them."""
@@ -223,15 +228,8 @@ def test_shapes_two_stages_counts_pairs_losers_and_resume(tmp_path, shapes_image
     shutil.copytree(shapes_images, src / "imgs")
     expected = shapes_extras(src / "extra.tar")
     out = tmp_path / "pairs"
-    cfg = PairsConfig(
-        [str(src / "imgs"), str(src / "extra.tar")],
-        str(out),
-        model=debug_ckpt,
-        judge_backend="shapes",
-        steps=3,
-        workers=0,
-        batch_size=3,
-        progress=False,
+    cfg = pairs_config(
+        [str(src / "imgs"), str(src / "extra.tar")], out, debug_ckpt, judge_backend="shapes", steps=3, batch_size=3
     )
     report = PairsStage.run(cfg)
     # Counts add up across both stages: every input is a pair or a reject of one of them, with its reason.
@@ -308,16 +306,8 @@ def test_judge_losers_keeps_only_pairs_the_judge_prefers(tmp_path, shapes_images
     monkeypatch.setattr(PairsStage, "draw_losers", some_perfect)
     monkeypatch.setattr(ShapesJudge, "answers", refuse_black)
     out = tmp_path / "pairs"
-    cfg = PairsConfig(
-        [str(shapes_images)],
-        str(out),
-        model=debug_ckpt,
-        judge_backend="shapes",
-        steps=2,
-        workers=0,
-        batch_size=4,
-        progress=False,
-        judge_losers=True,
+    cfg = pairs_config(
+        [str(shapes_images)], out, debug_ckpt, judge_backend="shapes", steps=2, batch_size=4, judge_losers=True
     )
     report = PairsStage.run(cfg)
     n_bad = len(perfect) + 1
@@ -421,18 +411,16 @@ def test_mixed_sources_aesthetic_filter_and_stubbed_qwen_judge(tmp_path, bert_ck
     expected, images = mixed_sources(src)
     monkeypatch.setattr(TransformersJudge, "generate", stub_generate)
     out = tmp_path / "out"
-    cfg = PairsConfig(
+    cfg = pairs_config(
         [str(src)],
-        str(out),
-        model=bert_ckpt,
+        out,
+        bert_ckpt,
         judge_model=qwen_dir,
         min_aesthetic=6.5,
         steps=2,
-        workers=0,
         shard_size=8,
         batch_size=2,
         device="cpu",
-        progress=False,
     )
     report = PairsStage.run(cfg)
     kept = sorted(k for k, v in expected if v == "kept")
@@ -464,18 +452,16 @@ def test_random_tiny_qwen_through_the_stage_keeps_raw_answers(tmp_path, bert_ckp
         members += [(f"s{i}.png", noise_png(i)), (f"s{i}.json", json.dumps({"caption": f"a red circle {i}"}).encode())]
     write_tar(tmp_path / "in.tar", members)
     out = tmp_path / "out"
-    cfg = PairsConfig(
+    cfg = pairs_config(
         [str(tmp_path / "in.tar")],
-        str(out),
-        model=bert_ckpt,
+        out,
+        bert_ckpt,
         judge_model=qwen_dir,
         judge_max_new_tokens=6,
         judge_max_pixels=56 * 56,
         steps=2,
-        workers=0,
         batch_size=4,
         device="cpu",
-        progress=False,
     )
     report = PairsStage.run(cfg)
     assert report["inputs"] == 4 == report["written"] + report["rejected"]
@@ -495,17 +481,7 @@ def test_losers_of_a_text_key_mask_false_model_are_what_the_pipeline_draws(tmp_p
     (text padded to max_text_len with the encoder's own states), in a batch as alone."""
     model = bert_model(tmp_path, tiny_bert, text_key_mask=False)
     out = tmp_path / "out"
-    cfg = PairsConfig(
-        [str(shapes_images)],
-        str(out),
-        model=model,
-        judge_backend="shapes",
-        steps=2,
-        workers=0,
-        batch_size=4,
-        device="cpu",
-        progress=False,
-    )
+    cfg = pairs_config([str(shapes_images)], out, model, judge_backend="shapes", steps=2, batch_size=4, device="cpu")
     assert PairsStage.run(cfg)["written"] == 10
     t = read_rows(out)
     pipe = LightGenPipeline.from_pretrained(model, device="cpu", dtype="float32")
@@ -565,15 +541,8 @@ def test_ray_worker_gives_the_same_pairs(tmp_path, shapes_images, debug_ckpt):
         runs = {}
         for workers in (0, 1):
             out = tmp_path / f"w{workers}"
-            cfg = PairsConfig(
-                [str(shapes_images)],
-                str(out),
-                model=debug_ckpt,
-                judge_backend="shapes",
-                steps=2,
-                workers=workers,
-                batch_size=3,
-                progress=False,
+            cfg = pairs_config(
+                [str(shapes_images)], out, debug_ckpt, judge_backend="shapes", steps=2, workers=workers, batch_size=3
             )
             report = PairsStage.run(cfg)
             assert report["written"] == 10 and report["judge"]["written"] == 10

@@ -4,7 +4,6 @@ checkpoints, non-finite steps, data order."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import PIXEL_LOGVAR, random_shards, user_error, write_latent_shards
+from tiny_models import BERT_CAPTIONS, make_tiny_bert, save_bert_debug_model
+from train_utils import (
+    PIXEL_LOGVAR,
+    bind_text_padding,
+    random_shards,
+    run_torchrun,
+    user_error,
+    write_latent_shards,
+)
 
 from lightgen_model import preset
 from training import checkpoint as ckpt_io
@@ -206,21 +213,9 @@ def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path, shards):
 
 
 def torchrun(out: Path, shards: Path, *extra: str) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "training/pretrain.py"),
-        *BASE,
-        f"data.shards=[{shards}]",
-        f"train.out_dir={out}",
-        "data.batch_size=4",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    script = ROOT / "training/pretrain.py"
+    args = [*BASE, f"data.shards=[{shards}]", f"train.out_dir={out}", "data.batch_size=4", *extra]
+    r = run_torchrun(script, *args, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -448,25 +443,13 @@ def test_sample_grid_and_tensorboard(tmp_path, shards):
 
 # ---------------------------------------------------------------------------- reference fidelity
 
-CAPTIONS = [
-    "a red circle",
-    "two blue squares left of a green cross",
-    "a star",
-    "three yellow triangles",
-    "a photo of a pink star above a gray square",
-    "an orange cross",
-    "two circles",
-    "a white square",
-]
+CAPTIONS = BERT_CAPTIONS
 
 
 @pytest.fixture(scope="module")
 def bert_shards(tmp_path_factory):
     """Shards whose text a tiny BERT encoded, and two debug models naming that encoder: one reference-shaped
     (text_key_mask=False, attends to padding), one key-masked."""
-    from tiny_models import make_tiny_bert
-
-    from lightgen_model import LightGen, preset, save_pretrained
     from lightgen_model.encoders import HFTextEncoder
 
     root = tmp_path_factory.mktemp("bert")
@@ -476,28 +459,17 @@ def bert_shards(tmp_path_factory):
     mean = rng.uniform(-1, 1, (len(CAPTIONS), 3, 32, 32)).astype(np.float32)
     moments = np.concatenate([mean, np.full_like(mean, PIXEL_LOGVAR)], 1)
     d = write_latent_shards(root / "shards", moments, enc(CAPTIONS), CAPTIONS, text_encoder=enc.name)
-    models = {}
-    for key_mask in (False, True):
-        torch.manual_seed(0)
-        cfg = preset(
-            "debug", text_dim=32, max_text_len=16, text_key_mask=key_mask, buffer_size=0, text_encoder=enc.name
-        )
-        models[key_mask] = save_pretrained(LightGen(cfg), root / f"model-{key_mask}")
+    models = {k: save_bert_debug_model(root / f"model-{k}", enc.name, text_key_mask=k) for k in (False, True)}
     return bert, d, models
 
 
 def _bound_trainer(model: Path, shards: Path, bert: Path):
     """A pretraining trainer for `model` with its text padding bound as `_run` binds it."""
-    from training import dist as D
-
     cfg = load_config(
         ROOT / "conf/debug.yaml", [f"model.init_from={model}", f"data.shards=[{shards}]", f"data.text_encoder={bert}"]
     )
     trainer = pretrain.PretrainTrainer(cfg)
-    mcfg = trainer.model_config(None)
-    shard_set = trainer.shard_set(mcfg)
-    trainer.text_pad = trainer.text_padding(mcfg, shard_set, D.DistInfo())
-    return trainer, shard_set
+    return trainer, bind_text_padding(trainer)
 
 
 @pytest.mark.parametrize("key_mask", [False, True])

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 import torch
 from s3_server import free_port
 from safetensors.torch import load_file
-from train_utils import random_shards, user_error
+from train_utils import STANDALONE, finish, random_shards, torchrun_cmd, torchrun_env, two_node_launch, user_error
 
 from lightgen_model import LightGen, preset, save_pretrained
 from pipeline.core import storage
@@ -288,47 +286,10 @@ def test_pretrain_init_from_and_dpo_pairs_from_s3_train_the_local_models(
 def launch(nodes: str, out: Path, data: str, *extra: str, node_rank: int | None = None, port: int = 0) -> list:
     """torchrun as users start it: one node of two processes (`--standalone`), or node `node_rank` of two nodes of
     one process each meeting at a c10d rendezvous on 127.0.0.1:`port`."""
-    where = (
-        ["--standalone", "--nproc_per_node=2"]
-        if nodes == "one"
-        else [
-            "--nnodes=2",
-            f"--node_rank={node_rank}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=lightgen-test",
-            "--nproc_per_node=1",
-        ]
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *where,
-        str(ROOT / "training/pretrain.py"),
-        *BASE,
-        f"data.shards=[{data}]",
-        f"train.out_dir={out}",
-        "data.batch_size=4",
-        "train.threads=1",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finish(procs: list) -> list[str]:
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, out[-3000:] + err[-3000:]
-        outs.append(out)
-    return outs
+    where = STANDALONE if nodes == "one" else two_node_launch(node_rank, port, "lightgen-test")
+    args = [*BASE, f"data.shards=[{data}]", f"train.out_dir={out}", "data.batch_size=4", "train.threads=1", *extra]
+    cmd = torchrun_cmd(ROOT / "training/pretrain.py", *args, launch=where)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=torchrun_env())
 
 
 @pytest.mark.slow

@@ -23,6 +23,17 @@ WORDS = [
     *["circle", "circles", "square", "squares", "triangle", "triangles", "star", "stars", "cross", "crosses"],
     *["left", "right", "above", "below", "top", "bottom", "next", "side"],
 ]
+# Captions of 2 to 10 of those words (tiny BERT: one token a word), for text padding tests.
+BERT_CAPTIONS = [
+    "a red circle",
+    "two blue squares left of a green cross",
+    "a star",
+    "three yellow triangles",
+    "a photo of a pink star above a gray square",
+    "an orange cross",
+    "two circles",
+    "a white square",
+]
 
 
 def make_tiny_vae(dir: str | Path, seed: int = 0) -> Path:
@@ -130,6 +141,17 @@ def make_tiny_bert(dir: str | Path, seed: int = 0) -> Path:
     specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
     _save_tokenizer(out, tok, {**specials, "mask_token": "[MASK]"}, 64)
     return out
+
+
+def save_bert_debug_model(path: str | Path, text_encoder: str, text_key_mask: bool) -> Path:
+    """Save the `debug` preset over 32-dim tiny-BERT states (max_text_len 16, no buffer), seeded 0, at `path`."""
+    from lightgen_model import LightGen, preset, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = preset(
+        "debug", text_dim=32, max_text_len=16, text_key_mask=text_key_mask, buffer_size=0, text_encoder=text_encoder
+    )
+    return save_pretrained(LightGen(cfg), path)
 
 
 CLIP_SPECIALS = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core import schema
+
+if TYPE_CHECKING:
+    from training.data import ShardSet
+    from training.trainer import Trainer
 
 PIXEL_LOGVAR = -30.0
 
@@ -43,6 +51,34 @@ def shard_entry(out: Path, index: int, name: str, rows: int) -> dict:
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
+
+
+def write_manifest(
+    out: Path,
+    head: dict,
+    n: int,
+    entries: list[dict],
+    vae: str,
+    text_encoder: str,
+    res: int,
+    *,
+    rows_per_shard: bool = False,
+) -> Path:
+    """Write `out`/manifest.json as a stage does: `head`, n of n inputs kept, the shards, encoders, resolution."""
+    counts = {"rows": n, "rejected": 0, "inputs": n}
+    if rows_per_shard:
+        counts["rows_per_shard"] = [e["rows"] for e in entries]
+    manifest = {
+        **head,
+        **counts,
+        "shards": entries,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "resolution": res,
+        "config": {"resolution": res},
+    }
+    (out / schema.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
 
 
 def write_latent_shards(
@@ -88,23 +124,8 @@ def write_latent_shards(
         name = f"part-{k:05d}.parquet"
         pq.write_table(table, out / name)
         entries.append(shard_entry(out, k, name, len(sl)))
-    manifest = {
-        "format": schema.FORMAT,
-        "schema_version": schema_version,
-        "stage": "encode-latents",
-        "complete": complete,
-        "rows": n,
-        "rejected": 0,
-        "inputs": n,
-        "rows_per_shard": [e["rows"] for e in entries],
-        "shards": entries,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "resolution": res,
-        "config": {"resolution": res},
-    }
-    (out / schema.MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
+    head = {"format": schema.FORMAT, "schema_version": schema_version, "stage": "encode-latents", "complete": complete}
+    return write_manifest(out, head, n, entries, vae, text_encoder, res, rows_per_shard=True)
 
 
 def random_shards(out: str | Path, n: int = 48, res: int = 32, dim: int = 384, seed: int = 0, **kw) -> Path:
@@ -159,19 +180,78 @@ def write_pair_shards(
         name = f"part-{k:05d}.parquet"
         pq.write_table(pa.table(cols, schema=schema.PAIR_SCHEMA), out / name)
         entries.append(shard_entry(out, k, name, len(sl)))
-    manifest = {
+    head = {
         "format": schema.PAIR_FORMAT,
         "schema_version": schema.PAIR_SCHEMA_VERSION,
         "stage": "build-dpo-pairs",
         "complete": True,
-        "rows": n,
-        "rejected": 0,
-        "inputs": n,
-        "shards": entries,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "resolution": res,
-        "config": {"resolution": res},
     }
-    (out / schema.MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
+    return write_manifest(out, head, n, entries, vae, text_encoder, res)
+
+
+def random_pair_shards(out: str | Path, texts: list[np.ndarray], captions: list[str], res: int = 32, **kw) -> Path:
+    """Random pixel-like winner and loser moments (seed 0) for each caption -> write_pair_shards."""
+    rng = np.random.default_rng(0)
+    win, lose = (rng.uniform(-1, 1, (len(captions), 3, res, res)).astype(np.float32) for _ in range(2))
+    lv = np.full_like(win, PIXEL_LOGVAR)
+    return write_pair_shards(out, np.concatenate([win, lv], 1), np.concatenate([lose, lv], 1), texts, captions, **kw)
+
+
+def bind_text_padding(trainer: Trainer) -> ShardSet:
+    """The trainer's shard set, its text padding (`trainer.text_pad`) bound as the trainer's build binds it."""
+    from training import dist as D
+
+    mcfg = trainer.model_config(None)
+    shard_set = trainer.shard_set(mcfg)
+    trainer.text_pad = trainer.text_padding(mcfg, shard_set, D.DistInfo())
+    return shard_set
+
+
+# -- torchrun --------------------------------------------------------------------------------------------------------
+STANDALONE = ("--standalone", "--nproc_per_node=2")  # torchrun's options for one node of two processes
+
+
+def torchrun_cmd(script: Path, *args: str, launch: Sequence[str] = STANDALONE) -> list[str]:
+    """`python -m torch.distributed.run LAUNCH SCRIPT ARGS`: a trainer under torchrun (default: 2 processes here)."""
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(script), *args]
+
+
+def torchrun_env(**env: str) -> dict[str, str]:
+    """This process's environment with one OpenMP thread a process (OMP_NUM_THREADS=1), and `env`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **env}
+
+
+def run_torchrun(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """A 2-process torchrun of `script` to its end (at most `timeout` s), one OpenMP thread each; output captured."""
+    return subprocess.run(
+        torchrun_cmd(script, *args), capture_output=True, text=True, timeout=timeout, env=torchrun_env()
+    )
+
+
+def two_node_launch(node_rank: int, port: int, rdzv_id: str) -> list[str]:
+    """torchrun's options for node `node_rank` of 2 (a process each) at a c10d rendezvous on 127.0.0.1:`port`."""
+    return [
+        "--nnodes=2",
+        f"--node_rank={node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={rdzv_id}",
+        "--nproc_per_node=1",
+    ]
+
+
+def finish(
+    procs: list[subprocess.Popen], kill: Callable[[subprocess.Popen], object] = subprocess.Popen.kill
+) -> list[str]:
+    """Each launcher's stdout once it exits 0 (a wait over 300 s: `kill` stops them all); a failure shows its output."""
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                kill(q)
+            raise
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+        outs.append(out)
+    return outs
