@@ -110,6 +110,13 @@ def test_registry_refuses_a_clash_and_names_unknown_formats() -> None:
     clash = type("Clash", (registry.STAGES[1],), {"format": "new-format"})
     with pytest.raises(ValueError, match="clashes with 'synthesize'"):
         registry.register(clash)
+    without_config = type("NoConfig", (registry.Stage,), {"name": "no-config", "format": "no-config"})
+    with pytest.raises(ValueError, match="'?NoConfig.*lacks config"):
+        registry.register(without_config)
+    not_dataclass = type("BadConfig", (registry.Stage,), {"name": "bad", "format": "bad", "config": dict})
+    with pytest.raises(ValueError, match="'bad'.*not a StageConfig dataclass"):
+        registry.register(not_dataclass)
+    assert without_config not in registry.STAGES and not_dataclass not in registry.STAGES
     with pytest.raises(KeyError, match="no registered stage writes 'nope'"):
         registry.by_format("nope")
 
@@ -133,3 +140,13 @@ def test_pipeline_is_laid_out_by_role() -> None:
     ]
     stage_modules = {s.__module__ for s in registry.STAGES}
     assert all(m.startswith("pipeline.stages.") for m in stage_modules), stage_modules
+
+
+def test_inspect_names_a_damaged_shard(tmp_path: Path, count_words) -> None:
+    out = tmp_path / "words"
+    args = ["count-words", "--input", str(notes(tmp_path / "notes")), "--output", str(out), "--workers", "0"]
+    assert CliRunner().invoke(make_app(), [*args, "--quiet"]).exit_code == 0
+    (out / "part-00000.parquet").write_bytes(b"garbage")
+    result = CliRunner().invoke(make_app(), ["inspect", str(out), "--out", str(tmp_path / "p.html")])
+    assert result.exit_code != 0 and "part-00000.parquet is not a readable Parquet shard" in result.output
+    assert not (tmp_path / "p.html").exists()

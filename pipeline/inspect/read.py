@@ -133,9 +133,17 @@ def scan_shards(rows_per_shard: list[int], seed: int, budget: int | None = None)
     return sorted(chosen)
 
 
+def parquet_file(path: str) -> pq.ParquetFile:
+    """A shard opened for reading; `InspectError` naming it when it is not a readable Parquet file."""
+    try:
+        return pq.ParquetFile(source(path))
+    except pa.ArrowInvalid as e:
+        raise InspectError(f"{storage.public(path)} is not a readable Parquet shard: {e}") from e
+
+
 def read_parquet_rows(path: str, rows: list[int], columns: list[str]) -> pa.Table:
     """Rows `rows` (sorted, within the file) of `columns`, reading only the row groups that hold them."""
-    f = pq.ParquetFile(source(path))
+    f = parquet_file(path)
     sizes = [f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups)]
     starts = np.cumsum([0, *sizes])
     parts = []

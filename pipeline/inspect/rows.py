@@ -9,10 +9,9 @@ from __future__ import annotations
 import posixpath
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.inspect.html import cells, esc, table, tag
-from pipeline.inspect.read import StageDir, read_sampled_rows, read_tar_samples, sample_positions, source
+from pipeline.inspect.read import StageDir, parquet_file, read_sampled_rows, read_tar_samples, sample_positions
 
 MAX_COLUMNS = 8  # scalar columns shown; the rest are named under the table
 MAX_TEXT = 200  # characters of a text cell
@@ -45,7 +44,7 @@ def _cell(value: object) -> object:
 
 def _parquet_rows(folder: StageDir, limit: int, seed: int) -> str:
     """Sampled rows' scalar columns."""
-    schema = pq.read_schema(source(folder.shards[0]))
+    schema = parquet_file(folder.shards[0]).schema_arrow
     scalar = [f.name for f in schema if _scalar(f.type)]
     columns = sorted(scalar, key=lambda c: c != "id")[:MAX_COLUMNS]
     t = read_sampled_rows(folder, sample_positions(folder.rows_per_shard, limit, seed), columns)
